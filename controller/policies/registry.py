@@ -1,0 +1,35 @@
+"""Policies by name: the YAML `planner.policy` value is a key here."""
+
+from __future__ import annotations
+
+from qlmserve.controller.policies.base import SchedulingPolicy
+from qlmserve.controller.policy import PolicyConfig
+
+_REGISTRY: dict[str, type[SchedulingPolicy]] = {}
+
+
+def register(cls: type[SchedulingPolicy]) -> type[SchedulingPolicy]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"policy {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def create_policy(name: str, config: PolicyConfig) -> SchedulingPolicy:
+    _load_builtin()
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}") from None
+    return cls(config)
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their classes; kept lazy so that importing the
+    # registry does not pull in PuLP and SciPy.
+    from qlmserve.controller.policies import heuristics  # noqa: F401

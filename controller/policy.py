@@ -1,0 +1,191 @@
+"""The YAML SLO policy: typed, validated, and loaded only here.
+
+Downstream code receives a `PolicyConfig`, never a dict. Errors name the file, the
+line and the field (`PolicyError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OPERATION_NAMES = ("evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt")
+OperationName = Literal["evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdmissionLimits(_Strict):
+    max_queued: int = Field(default=100_000, ge=1)
+    """Requests of this class that may wait at once; past it Submit answers RESOURCE_EXHAUSTED."""
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    """Longest prompt accepted for this class (the model's own context limit applies too)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Largest max_tokens a request of this class may ask for."""
+
+
+class SloClass(_Strict):
+    ttft_s: float = Field(gt=0)
+    """Time-to-first-token target, seconds from arrival."""
+    tpot_s: float | None = Field(default=None, gt=0)
+    """Optional time-per-output-token target, seconds."""
+    priority: int = 0
+    """Higher is more urgent: strict-priority ordering and who may preempt whom."""
+    weight: float = Field(default=1.0, gt=0)
+    """Weight of one request of this class in the planner's objective."""
+    latency_sensitive: bool = False
+    """Latency-sensitive requests may preempt best-effort ones inside a worker."""
+    admission: AdmissionLimits = AdmissionLimits()
+
+
+class OutputPrior(_Strict):
+    mean: float = Field(default=128.0, gt=0)
+    """Prior mean of output tokens per request until enough requests have finished."""
+    std: float = Field(default=128.0, ge=0)
+    """Prior standard deviation of output tokens."""
+    weight: int = Field(default=20, ge=0)
+    """How many observed requests the prior counts as (a pseudo-count)."""
+
+
+class ModelSpec(_Strict):
+    path: str | None = None
+    """Local folder for `from_pretrained` (HF engine); relative paths resolve against the policy file."""
+    kind: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama"] = "mixtral"
+    """Model family, used to build tiny models and choose the engine's layer walk."""
+    max_context: int = Field(default=2048, ge=16)
+    """Longest prompt + output the model serves."""
+    weight_bytes: int | None = Field(default=None, ge=0)
+    """Size of the weights; used by the model-swap cost model when the worker has not measured it."""
+    output_prior: OutputPrior = OutputPrior()
+
+
+class PlannerConfig(_Strict):
+    policy: str = "qlm"
+    """Registry name: qlm, edf, fcfs, fcfs-oblivious, sjf, priority."""
+    operations: list[OperationName] = list(OPERATION_NAMES)
+    """Operations the planner may use; leave some out to measure their contribution."""
+    solve_budget_ms: float = Field(default=50.0, gt=0)
+    """Time budget of one solve; past it the best plan so far or the EDF heuristic stands."""
+    method: Literal["chance", "saa"] = "chance"
+    """Chance-constrained MILP (normal quantile) or sample-average approximation."""
+    beta: float = Field(default=0.9, gt=0, lt=1)
+    """Quantile of the waiting-time distribution a plan is judged at."""
+    scenarios: int = Field(default=16, ge=1)
+    """Output-length scenarios for method=saa."""
+    aging_s: float = Field(default=5.0, ge=0)
+    """SJF: a request waiting longer than this is promoted (priority aging)."""
+    max_pause_s: float = Field(default=2.0, ge=0)
+    """Longest a best-effort batch may stay paused by expert-level preemption."""
+    drop_hopeless: bool = False
+    """Serve requests that can no longer meet their SLO last (named in results when on)."""
+
+
+class GroupingConfig(_Strict):
+    window_s: float = Field(default=2.0, gt=0)
+    """Requests of one (model, class) arriving within this window share a group."""
+    max_group_size: int = Field(default=64, ge=1)
+    """A group is closed once it holds this many requests."""
+
+
+class PolicyConfig(_Strict):
+    tick_interval_ms: float = Field(default=100.0, gt=0)
+    """How often the controller re-plans (it also re-plans when a request at risk arrives)."""
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    """A worker silent this long is declared dead and its requests go back to the queue."""
+    max_running_per_worker: int = Field(default=16, ge=1)
+    """Requests the controller hands a worker at once (its batch); the rest wait in Redis."""
+    slo_classes: dict[str, SloClass]
+    models: dict[str, ModelSpec]
+    planner: PlannerConfig = PlannerConfig()
+    grouping: GroupingConfig = GroupingConfig()
+    default_slo_class: str | None = None
+    """Class of a request that names none; must be one of slo_classes."""
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> PolicyConfig:
+        if not self.slo_classes:
+            raise ValueError("slo_classes must name at least one class")
+        if not self.models:
+            raise ValueError("models must name at least one model")
+        if self.default_slo_class is not None and self.default_slo_class not in self.slo_classes:
+            raise ValueError(
+                f"default_slo_class {self.default_slo_class!r} is not one of "
+                f"{sorted(self.slo_classes)}"
+            )
+        return self
+
+    def slo(self, name: str) -> SloClass:
+        return self.slo_classes[name]
+
+
+class PolicyError(ValueError):
+    """An invalid policy file; the message names the file, line and field."""
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Walk the YAML node tree along a pydantic error location to find its line."""
+    line = None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == key:
+                    line = k.start_mark.line + 1
+                    nxt = v
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_policy(text: str, source: str = "<string>", base_dir: Path | None = None) -> PolicyConfig:
+    """Parse and validate policy YAML; raises PolicyError naming source, line and field."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise PolicyError(f"{where}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}:1: the policy must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = PolicyConfig.model_validate(data)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _line_of(node, loc)
+            field = ".".join(str(p) for p in loc) or "<root>"
+            where = f"{source}:{line}" if line else source
+            msgs.append(f"{where}: field '{field}': {err['msg']}")
+        raise PolicyError("\n".join(msgs)) from None
+    if base_dir is not None:
+        models = {}
+        for name, spec in cfg.models.items():
+            if spec.path and not Path(spec.path).is_absolute():
+                spec = spec.model_copy(update={"path": str((base_dir / spec.path).resolve())})
+            models[name] = spec
+        cfg = cfg.model_copy(update={"models": models})
+    return cfg
+
+
+def load_policy(path: str | Path) -> PolicyConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from None
+    return parse_policy(text, source=str(path), base_dir=path.parent)

@@ -1,0 +1,127 @@
+"""A frozen picture of the cluster that every scheduling policy reads.
+
+The controller builds it from Redis each tick; the simulator builds it from its
+in-memory fleet. Policies are pure functions of it: nothing here touches Redis,
+gRPC or the clock (`now` is a field, taken from the injected clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlmserve.operations.costs import WorkerProfile
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Output-length distribution of one (model, SLO class): what the RWT estimator learned."""
+
+    mean: float
+    var: float
+    count: int  # finished requests observed (the prior counts as its pseudo-count)
+
+    @property
+    def std(self) -> float:
+        return self.var**0.5
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Waiting requests of one (model, SLO class) that arrived close together."""
+
+    group_id: str
+    model: str
+    slo_class: str
+    request_ids: tuple[str, ...]  # waiting requests, oldest first
+    arrivals: tuple[float, ...]  # arrival time of each request in request_ids (clock seconds)
+    prompt_tokens: tuple[int, ...]  # prompt length of each request in request_ids
+    max_tokens: tuple[int, ...]  # max_tokens of each request in request_ids
+    ttft_s: float  # the class's TTFT target
+    priority: int  # the class's priority
+    weight: float  # the class's weight in the objective
+    latency_sensitive: bool
+    worker_id: str | None = None  # virtual queue it sits in now; None before its first plan
+    position: int = 0  # index in that virtual queue
+    created_at: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def deadline(self) -> float:
+        """When the oldest request's TTFT target runs out."""
+        return min(self.arrivals) + self.ttft_s
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return sum(self.prompt_tokens)
+
+
+@dataclass(frozen=True)
+class RunningRequest:
+    """A request a worker holds (KV on the device, or swapped to host memory)."""
+
+    request_id: str
+    group_id: str
+    model: str
+    slo_class: str
+    prompt_tokens: int
+    generated_tokens: int
+    max_tokens: int
+    latency_sensitive: bool
+    arrival: float
+    first_token_at: float | None  # None until its first token is out
+    swapped: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    worker_id: str
+    active_model: str | None  # the model on the device
+    warm_models: frozenset[str]  # weights kept in host RAM (fast swap-in)
+    kv_capacity_tokens: int
+    kv_used_tokens: int
+    max_batch_size: int
+    running: tuple[RunningRequest, ...]
+    profile: WorkerProfile  # measured or calibrated cost model
+    healthy: bool = True
+    draining: bool = False  # takes no new work; finishes what it has
+    gpu: str = "cpu"
+    host_ram_models: int = 2  # how many models it may keep warm at once
+    loading_model: str | None = None  # a model swap in progress
+
+    @property
+    def free_slots(self) -> int:
+        active = sum(1 for r in self.running if not r.swapped)
+        return max(0, self.max_batch_size - active)
+
+    @property
+    def accepts_work(self) -> bool:
+        return self.healthy and not self.draining
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    now: float
+    groups: tuple[GroupState, ...]
+    workers: tuple[WorkerState, ...]
+    # (model, slo_class) -> learned output-length distribution
+    length_stats: dict[tuple[str, str], LengthStats] = field(default_factory=dict)
+    # model name -> weight bytes (model-swap cost)
+    model_bytes: dict[str, int] = field(default_factory=dict)
+
+    def worker(self, worker_id: str) -> WorkerState:
+        for w in self.workers:
+            if w.worker_id == worker_id:
+                return w
+        raise KeyError(worker_id)
+
+    def group(self, group_id: str) -> GroupState:
+        for g in self.groups:
+            if g.group_id == group_id:
+                return g
+        raise KeyError(group_id)
+
+    def lengths(self, model: str, slo_class: str) -> LengthStats:
+        return self.length_stats.get((model, slo_class), LengthStats(mean=128.0, var=128.0**2, count=0))

@@ -1,0 +1,141 @@
+"""LLM serving operations (LSOs) as data: what to do, to which request, model or
+worker. Nothing here talks to a network; the controller turns them into worker
+commands at the edge (controller/service/convert.py), the simulator applies them
+to simulated workers.
+
+Each operation has `estimated_cost(profile, ...)`, the time it costs the worker,
+which the planner weighs against the SLO time it buys.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+from qlmserve.operations.costs import WorkerProfile
+
+
+class OpKind(str, enum.Enum):
+    EVICT = "evict"  # stop a running request, keep its tokens, requeue it (recompute KV later)
+    SWAP_OUT = "swap_out"  # KV to host memory; the request stays on the worker, paused
+    SWAP_IN = "swap_in"  # KV back to the device; continues where it stopped
+    LOAD_MODEL = "load_model"  # model swap: make another model the active one
+    WARM_MODEL = "warm_model"  # warm start: keep a model's weights in host RAM
+    DROP_WARM = "drop_warm"  # release a warm copy
+    MOVE_GROUP = "move_group"  # load balancing: a group changes virtual queue
+    SET_PREEMPTION = "set_preemption"  # expert-level preemption on/off for a worker
+
+
+@dataclass(frozen=True)
+class Evict:
+    worker_id: str
+    request_ids: tuple[str, ...]
+    reason: str = ""
+    kind: OpKind = OpKind.EVICT
+
+    def estimated_cost(self, profile: WorkerProfile, recompute_tokens: int = 0) -> float:
+        """Eviction is free now; the cost is recomputing the KV when the request runs again."""
+        return profile.prefill_time(recompute_tokens)
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    worker_id: str
+    request_ids: tuple[str, ...]
+    reason: str = ""
+    kind: OpKind = OpKind.SWAP_OUT
+
+    def estimated_cost(self, profile: WorkerProfile, kv_tokens: int = 0) -> float:
+        return profile.kv_swap_time(kv_tokens)
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    worker_id: str
+    request_ids: tuple[str, ...]
+    reason: str = ""
+    kind: OpKind = OpKind.SWAP_IN
+
+    def estimated_cost(self, profile: WorkerProfile, kv_tokens: int = 0) -> float:
+        return profile.kv_swap_time(kv_tokens)
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    worker_id: str
+    model: str
+    reason: str = ""
+    kind: OpKind = OpKind.LOAD_MODEL
+
+    def estimated_cost(self, profile: WorkerProfile, weight_bytes: int = 0, warm: bool = False) -> float:
+        return profile.model_load_time(weight_bytes, warm)
+
+
+@dataclass(frozen=True)
+class WarmModel:
+    worker_id: str
+    model: str
+    reason: str = ""
+    kind: OpKind = OpKind.WARM_MODEL
+
+    def estimated_cost(self, profile: WorkerProfile, weight_bytes: int = 0) -> float:
+        """Runs beside serving (disk -> host RAM); it costs host memory, not device time."""
+        return 0.0
+
+
+@dataclass(frozen=True)
+class DropWarm:
+    worker_id: str
+    model: str
+    reason: str = ""
+    kind: OpKind = OpKind.DROP_WARM
+
+    def estimated_cost(self, profile: WorkerProfile) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class MoveGroup:
+    group_id: str
+    src_worker_id: str | None
+    dst_worker_id: str
+    reason: str = ""
+    kind: OpKind = OpKind.MOVE_GROUP
+
+    @property
+    def worker_id(self) -> str:
+        return self.dst_worker_id
+
+    def estimated_cost(self, profile: WorkerProfile) -> float:
+        """Waiting requests live in Redis, so moving a group between virtual queues is free."""
+        return 0.0
+
+
+@dataclass(frozen=True)
+class SetPreemption:
+    worker_id: str
+    mode: str  # backends.engine.PreemptionMode value: none | iteration | expert
+    max_pause_s: float = 2.0
+    reason: str = ""
+    kind: OpKind = OpKind.SET_PREEMPTION
+
+    def estimated_cost(self, profile: WorkerProfile) -> float:
+        return 0.0
+
+
+Operation = Union[Evict, SwapOut, SwapIn, LoadModel, WarmModel, DropWarm, MoveGroup, SetPreemption]
+
+# Operations a worker carries out (MOVE_GROUP is carried out by the controller alone).
+WORKER_OPS = (OpKind.EVICT, OpKind.SWAP_OUT, OpKind.SWAP_IN, OpKind.LOAD_MODEL,
+              OpKind.WARM_MODEL, OpKind.DROP_WARM, OpKind.SET_PREEMPTION)
+
+# Policy operation names (controller/policy.py OPERATION_NAMES) -> the op kinds they allow.
+OPS_BY_POLICY_NAME: dict[str, tuple[OpKind, ...]] = {
+    "evict": (OpKind.EVICT,),
+    "kv_swap": (OpKind.SWAP_OUT, OpKind.SWAP_IN),
+    "model_swap": (OpKind.LOAD_MODEL,),
+    "warm_start": (OpKind.WARM_MODEL, OpKind.DROP_WARM),
+    "load_balance": (OpKind.MOVE_GROUP,),
+    "preempt": (OpKind.SET_PREEMPTION,),
+}

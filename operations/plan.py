@@ -1,0 +1,39 @@
+"""The plan: the only thing that crosses from a scheduling policy to the mechanism
+that carries it out (controller actuation, or the simulator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlmserve.operations.ops import Operation
+
+
+@dataclass
+class Plan:
+    # worker_id -> group ids in the order that worker serves them (head first)
+    virtual_queues: dict[str, list[str]] = field(default_factory=dict)
+    # operations to carry out now, in order (e.g. SwapOut before LoadModel on one worker)
+    operations: list[Operation] = field(default_factory=list)
+    # which policy/method produced it: "qlm-chance", "qlm-saa", "edf", "fcfs", "fallback-edf", "last-plan"
+    source: str = "empty"
+    # wall seconds the policy spent building it
+    solve_time_s: float = 0.0
+    # group_id -> predicted fraction of its requests that meet their SLO under this plan
+    predicted_attainment: dict[str, float] = field(default_factory=dict)
+    # objective value of the program when one was solved
+    objective: float | None = None
+    # why a fallback was taken ("timeout", "infeasible", ...), empty when none
+    note: str = ""
+
+    @classmethod
+    def make_empty(cls) -> Plan:
+        return cls()
+
+    def queue_of(self, group_id: str) -> str | None:
+        for worker_id, groups in self.virtual_queues.items():
+            if group_id in groups:
+                return worker_id
+        return None
+
+    def ops_for(self, worker_id: str) -> list[Operation]:
+        return [op for op in self.operations if op.worker_id == worker_id]
