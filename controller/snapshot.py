@@ -90,6 +90,15 @@ class WorkerState:
     gpu: str = "cpu"
     host_ram_models: int = 2  # how many models it may keep warm at once
     loading_model: str | None = None  # a model swap in progress
+    # models this worker can hold (device memory, engine support); None = any model of the policy
+    servable_models: frozenset[str] | None = None
+    preemption_mode: str = "none"  # backends.engine.PreemptionMode value now in force
+    # host RAM set aside for swapped-out KV (GPU-CPU state swap); None = not limited
+    host_kv_capacity_tokens: int | None = None
+    host_kv_used_tokens: int = 0
+
+    def can_serve(self, model: str) -> bool:
+        return self.servable_models is None or model in self.servable_models
 
     @property
     def free_slots(self) -> int:
