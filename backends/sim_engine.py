@@ -1,0 +1,604 @@
+"""A simulated engine: the `Engine` interface on a calibrated cost model, in real time.
+
+A worker process runs it like a GPU engine: `step()` takes as long as the cost model
+says one iteration takes (it sleeps on its clock) and returns deterministic
+pseudo-random tokens. It keeps the books a real engine keeps: KV-cache capacity in
+tokens, running / waiting / swapped requests, the active model, warm copies in host
+RAM, and it charges every operation its cost from the `WorkerProfile`.
+
+Iteration semantics (continuous batching, one iteration per `step()`):
+  - admitted requests are prefilled (prompt plus any tokens kept from an earlier run)
+    in the same iteration as one decode step of the running ones; each emits one token;
+  - iteration time = prefill_time(prefill tokens) + decode_step_time(batch, context);
+  - when the KV cache cannot hold the next decode step, the most recently admitted
+    request is preempted by recomputation (back to the front of the waiting queue,
+    tokens kept), as vLLM does.
+
+Preemption modes (`set_preemption`):
+  - NONE: admission in arrival order; a new request waits for the running iteration.
+  - ITERATION: latency-sensitive (then higher-priority) requests are admitted first, and
+    an iteration that admits latency-sensitive requests prefills only them (their
+    first token does not wait for the best-effort decode step).
+  - EXPERT (QLLM): as ITERATION, and a latency-sensitive request that arrives while an
+    iteration runs pauses it at the next layer boundary (iteration time / num_layers);
+    its prefill runs and its first token is returned at once; the paused iteration
+    resumes in a later `step()` without recomputation. A batch stays paused at most
+    `max_pause_s`, then it resumes before further latency-sensitive work.
+
+The time source is injected (`clock`): `RealClock` in a worker, an `EventClock` in
+tests, where `sleep` advances simulated time and fires scheduled callbacks (for
+instance an `add_request` that lands in the middle of an iteration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from qlmserve.backends.engine import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    OpCost,
+    PreemptionMode,
+    TokenEvent,
+)
+from qlmserve.operations.costs import WorkerProfile
+from qlmserve.sim.clock import Clock, RealClock
+
+
+def _stable_u64(*parts: object) -> int:
+    """A process-independent 64-bit hash (Python's hash() is salted per process)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\x1f")
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass(frozen=True)
+class OutputLengths:
+    """How many tokens a simulated request produces before its stop token.
+
+    kind:
+      - "max_tokens": run to max_tokens (finish reason LENGTH);
+      - "fixed": always `mean` tokens;
+      - "lognormal": lognormal with the given mean and std (a heavy right tail, like
+        chat traces);
+      - "empirical": uniform draw from `values` (e.g. a trace's output lengths).
+    The draw is a function of (seed, request id) only, so a request that is evicted and
+    resumed, or replayed on another worker, stops at the same length.
+    """
+
+    kind: Literal["max_tokens", "fixed", "lognormal", "empirical"] = "max_tokens"
+    mean: float = 128.0
+    std: float = 128.0
+    values: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind in ("fixed", "lognormal") and self.mean < 1:
+            raise ValueError(f"OutputLengths.mean must be >= 1, got {self.mean}")
+        if self.kind == "lognormal" and self.std < 0:
+            raise ValueError(f"OutputLengths.std must be >= 0, got {self.std}")
+        if self.kind == "empirical" and not self.values:
+            raise ValueError("OutputLengths(kind='empirical') needs values")
+
+    def draw(self, seed: int, request_id: str, max_tokens: int) -> int:
+        if self.kind == "max_tokens":
+            n = max_tokens
+        elif self.kind == "fixed":
+            n = int(round(self.mean))
+        else:
+            rng = np.random.default_rng(_stable_u64("len", seed, request_id))
+            if self.kind == "empirical":
+                n = int(self.values[int(rng.integers(len(self.values)))])
+            else:
+                sigma2 = math.log1p((self.std / self.mean) ** 2)
+                n = int(round(rng.lognormal(math.log(self.mean) - sigma2 / 2, math.sqrt(sigma2))))
+        return max(1, min(n, max_tokens))
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """A model the simulated engine can serve."""
+
+    name: str
+    weight_bytes: int  # model-swap cost: bytes moved from disk (cold) or host RAM (warm)
+    num_layers: int = 32  # expert-level preemption pauses at one of these boundaries
+    profile: WorkerProfile | None = None  # speed of this model on this worker; engine default if None
+    kv_capacity_tokens: int | None = None  # KV tokens that fit next to its weights; engine default if None
+    vocab_size: int = 32000
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: EngineRequest
+    target_len: int  # tokens it will have produced when it finishes
+    finish_reason: FinishReason
+    generated: list[int]
+    admitted_order: int = 0
+    prefilled: bool = False  # KV on the device covers prompt + generated
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+    @property
+    def kv_tokens(self) -> int:
+        return len(self.req.prompt_token_ids) + len(self.generated)
+
+
+@dataclass(eq=False)
+class _Iteration:
+    prefill: list[_Seq]  # sequences prefilled in this iteration
+    decode: list[_Seq]  # sequences taking one decode step
+    duration_s: float
+    num_layers: int
+    layers_done: int = 0
+    paused_at: float | None = None  # clock time it was first paused (expert-level preemption)
+
+    @property
+    def layer_s(self) -> float:
+        return self.duration_s / max(1, self.num_layers)
+
+    def seqs(self) -> list[_Seq]:
+        return self.prefill + self.decode
+
+
+@dataclass
+class SimEngineCounters:
+    """What the engine did; tests and the worker's metrics read it."""
+
+    iterations: int = 0
+    tokens: int = 0
+    expert_preemptions: int = 0
+    recompute_preemptions: int = 0
+    swaps_out: int = 0
+    swaps_in: int = 0
+    loads: int = 0
+    busy_s: float = 0.0
+    op_s: float = 0.0
+    per_op: dict[str, int] = field(default_factory=dict)
+
+
+class SimEngine(Engine):
+    """The `Engine` interface on a `WorkerProfile` cost model (see the module docstring)."""
+
+    def __init__(
+        self,
+        profile: WorkerProfile,
+        models: Mapping[str, SimModel] | list[SimModel],
+        *,
+        active_model: str | None = None,
+        kv_capacity_tokens: int = 100_000,
+        max_batch_size: int = 16,
+        host_ram_bytes: int = 0,
+        clock: Clock | None = None,
+        seed: int = 0,
+        output_lengths: OutputLengths | None = None,
+        preemption: PreemptionMode = PreemptionMode.NONE,
+        max_pause_s: float = 2.0,
+        device: str = "sim",
+    ) -> None:
+        if isinstance(models, Mapping):
+            self._models = dict(models)
+        else:
+            self._models = {m.name: m for m in models}
+        if not self._models:
+            raise ValueError("SimEngine needs at least one model")
+        if active_model is not None and active_model not in self._models:
+            raise ValueError(f"active_model {active_model!r} is not one of {sorted(self._models)}")
+        if kv_capacity_tokens < 1 or max_batch_size < 1:
+            raise ValueError(f"kv_capacity_tokens and max_batch_size must be >= 1, got "
+                             f"{kv_capacity_tokens}, {max_batch_size}")
+        self._default_profile = profile
+        self._default_kv = kv_capacity_tokens
+        self.max_batch_size = max_batch_size
+        self.host_ram_bytes = host_ram_bytes
+        self.clock: Clock = clock if clock is not None else RealClock()
+        self.seed = seed
+        self.output_lengths = output_lengths or OutputLengths()
+        self.mode = PreemptionMode(preemption)
+        self.max_pause_s = max_pause_s
+        self.device = device
+        self.active_model = active_model
+        self.counters = SimEngineCounters()
+
+        self._lock = threading.Lock()
+        self._inbox: list[EngineRequest] = []  # added from any thread, taken in by step()
+        self._aborts: set[str] = set()
+        self._ls_signal = threading.Event()  # a latency-sensitive request wants in
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._swapped: dict[str, _Seq] = {}
+        self._paused: _Iteration | None = None
+        self._admit_seq = 0
+        self._warm: dict[str, float] = {}  # model -> clock time its host copy is ready
+        self._prefill_tps = 0.0
+        self._decode_tps = 0.0
+
+    # ---- thread-safe entry points ----------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        if request.model != self.active_model:
+            raise EngineError(f"request {request.request_id}: model {request.model!r} is not the active "
+                              f"model {self.active_model!r}")
+        need = len(request.prompt_token_ids) + len(request.generated_token_ids) + 1
+        if need > self.kv_capacity_tokens:
+            raise EngineError(f"request {request.request_id}: {need} tokens cannot fit the KV capacity "
+                              f"of {self.kv_capacity_tokens} tokens")
+        if request.max_tokens <= len(request.generated_token_ids):
+            raise EngineError(f"request {request.request_id}: already has {len(request.generated_token_ids)} "
+                              f"of max_tokens={request.max_tokens} tokens")
+        with self._lock:
+            self._inbox.append(request)
+        if request.latency_sensitive:
+            self._ls_signal.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def request_preemption_check(self) -> None:
+        """Ask a running iteration to look for latency-sensitive work at its next layer
+        boundary (any thread)."""
+        self._ls_signal.set()
+
+    # ---- properties --------------------------------------------------------------------
+
+    @property
+    def profile(self) -> WorkerProfile:
+        """Cost model of the active model."""
+        return self._profile_of(self.active_model)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        m = self._models.get(self.active_model) if self.active_model else None
+        return m.kv_capacity_tokens if m and m.kv_capacity_tokens else self._default_kv
+
+    @property
+    def kv_used_tokens(self) -> int:
+        # Admitted sequences hold (or are filling) their KV blocks.
+        return sum(s.kv_tokens for s in self._running)
+
+    def _profile_of(self, model: str | None) -> WorkerProfile:
+        m = self._models.get(model) if model else None
+        return m.profile if m and m.profile else self._default_profile
+
+    def _num_layers(self) -> int:
+        m = self._models.get(self.active_model) if self.active_model else None
+        return m.num_layers if m else 32
+
+    # ---- the iteration loop --------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            if self._inbox:
+                return True
+        return bool(self._waiting or self._running or self._paused)
+
+    def step(self) -> list[TokenEvent]:
+        self._take_inbox()
+        events: list[TokenEvent] = []
+        if self._paused is not None:
+            if self._pause_expired(self._paused) or not self._ls_admissible():
+                it, self._paused = self._paused, None
+                return self._run(it, events)
+        it = self._plan_iteration(ls_only=self._paused is not None)
+        if it is None:
+            if self._paused is not None:  # nothing latency-sensitive fits after all: resume
+                it, self._paused = self._paused, None
+                return self._run(it, events)
+            return events
+        return self._run(it, events)
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for req in inbox:
+            target = self.output_lengths.draw(self.seed, req.request_id, req.max_tokens)
+            reason = FinishReason.LENGTH if target >= req.max_tokens else FinishReason.STOP
+            target = max(target, len(req.generated_token_ids) + 1)
+            self._waiting.append(_Seq(req, target, reason, list(req.generated_token_ids)))
+        for rid in aborts:
+            self._remove(rid)
+
+    def _admission_order(self) -> list[_Seq]:
+        if self.mode == PreemptionMode.NONE:
+            return list(self._waiting)
+        # Stable: FCFS within (latency-sensitive first, then priority).
+        return sorted(self._waiting, key=lambda s: (not s.req.latency_sensitive, -s.req.priority))
+
+    def _ls_admissible(self) -> bool:
+        self._take_inbox()
+        free_kv = self.kv_capacity_tokens - self.kv_used_tokens
+        slots = self.max_batch_size - len(self._running)
+        for s in self._waiting:
+            if s.req.latency_sensitive and s.req.model == self.active_model and slots > 0 \
+                    and s.kv_tokens + 1 <= free_kv:
+                return True
+        return False
+
+    def _plan_iteration(self, ls_only: bool = False) -> _Iteration | None:
+        """Admit what fits and build the next iteration (None when there is nothing to do)."""
+        free_kv = self.kv_capacity_tokens - self.kv_used_tokens
+        slots = self.max_batch_size - len(self._running)
+        admitted: list[_Seq] = []
+        for s in self._admission_order():
+            if slots <= 0:
+                break
+            if ls_only and not s.req.latency_sensitive:
+                continue
+            if s.req.model != self.active_model:
+                continue
+            need = s.kv_tokens + 1
+            if need > free_kv:
+                if self.mode == PreemptionMode.NONE:
+                    break  # FCFS: no overtaking a request that does not fit yet
+                continue
+            admitted.append(s)
+            free_kv -= need
+            slots -= 1
+        for s in admitted:
+            self._waiting.remove(s)
+            self._admit_seq += 1
+            s.admitted_order = self._admit_seq
+            self._running.append(s)
+        ls_prefill = [s for s in admitted if s.req.latency_sensitive]
+        paused = set(id(s) for s in self._paused.seqs()) if self._paused else set()
+        if ls_only or (self.mode != PreemptionMode.NONE and ls_prefill):
+            # Latency-sensitive prefill runs on its own; best-effort work follows in the
+            # next iteration (admitted best-effort requests go back, in order).
+            prefill, decode = ls_prefill, []
+            rest = [s for s in admitted if not s.req.latency_sensitive]
+            for s in rest:
+                self._running.remove(s)
+            self._waiting.extendleft(reversed(rest))
+        else:
+            prefill = admitted
+            decode = [s for s in self._running if s.prefilled and id(s) not in paused]
+            decode = self._fit_decode(decode)
+        if not prefill and not decode:
+            return None
+        prof = self.profile
+        dur = 0.0
+        if prefill:
+            dur += prof.prefill_time(sum(s.kv_tokens for s in prefill))
+        if decode:
+            ctx = sum(s.kv_tokens for s in decode)
+            dur += prof.decode_step_time(len(decode), ctx)
+        return _Iteration(prefill, decode, dur, self._num_layers())
+
+    def _fit_decode(self, decode: list[_Seq]) -> list[_Seq]:
+        """Preempt (recompute) the latest-admitted sequences until one decode step fits."""
+        while decode and self.kv_used_tokens + len(decode) > self.kv_capacity_tokens:
+            victim = max(decode, key=lambda s: (not s.req.latency_sensitive, s.admitted_order))
+            decode.remove(victim)
+            self._running.remove(victim)
+            victim.prefilled = False
+            self._waiting.appendleft(victim)
+            self.counters.recompute_preemptions += 1
+        return decode
+
+    def _run(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
+        """Execute an iteration layer by layer (checking for latency-sensitive arrivals
+        under EXPERT mode), then emit its tokens."""
+        expert = self.mode == PreemptionMode.EXPERT
+        has_ls_prefill = any(s.req.latency_sensitive for s in it.prefill)
+        if not expert or has_ls_prefill:
+            remaining = it.duration_s - it.layers_done * it.layer_s
+            self._sleep(remaining)
+            it.layers_done = it.num_layers
+        else:
+            self._ls_signal.clear()
+            while it.layers_done < it.num_layers:
+                self._sleep(it.layer_s)
+                it.layers_done += 1
+                if it.layers_done < it.num_layers and self._ls_signal.is_set():
+                    self._ls_signal.clear()
+                    if not self._pause_expired(it) and self._ls_admissible():
+                        first_pause = it.paused_at is None
+                        if first_pause:
+                            it.paused_at = self.clock.now()
+                        self._paused = it
+                        ls_it = self._plan_iteration(ls_only=True)
+                        if ls_it is None:  # nothing fits after all; keep going
+                            self._paused = None
+                            if first_pause:
+                                it.paused_at = None
+                            continue
+                        self.counters.expert_preemptions += 1
+                        return self._run(ls_it, events)
+        self.counters.iterations += 1
+        self._account(it)
+        return self._emit(it, events)
+
+    def _pause_expired(self, it: _Iteration) -> bool:
+        """A batch paused for `max_pause_s` in all may not be paused again (starvation bound)."""
+        return it.paused_at is not None and self.clock.now() - it.paused_at >= self.max_pause_s
+
+    def _account(self, it: _Iteration) -> None:
+        self.counters.busy_s += it.duration_s
+        a = 0.2  # smoothing of the measured rates
+        if it.prefill and it.duration_s > 0:
+            tps = sum(s.kv_tokens for s in it.prefill) / it.duration_s
+            self._prefill_tps = tps if self._prefill_tps == 0 else (1 - a) * self._prefill_tps + a * tps
+        if it.decode and it.duration_s > 0:
+            tps = 1.0 / it.duration_s  # per sequence
+            self._decode_tps = tps if self._decode_tps == 0 else (1 - a) * self._decode_tps + a * tps
+
+    def _emit(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
+        for s in it.seqs():
+            if s not in self._running:  # evicted, swapped out or aborted while paused
+                continue
+            s.prefilled = True
+            idx = len(s.generated)
+            last = idx + 1 >= s.target_len
+            tok = self._token(s, idx, last)
+            s.generated.append(tok)
+            self.counters.tokens += 1
+            if last:
+                events.append(TokenEvent(s.rid, tok, idx, True, s.finish_reason))
+                self._running.remove(s)
+            else:
+                events.append(TokenEvent(s.rid, tok, idx))
+        return events
+
+    def _token(self, s: _Seq, index: int, last: bool) -> int:
+        stops = s.req.stop_token_ids
+        if last and s.finish_reason == FinishReason.STOP and stops:
+            return stops[0]
+        vocab = self._models[s.req.model].vocab_size
+        tok = _stable_u64("tok", self.seed, s.rid, index) % vocab
+        while tok in stops:
+            tok = (tok + 1) % vocab
+        return int(tok)
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self.clock.sleep(seconds)
+
+    def _remove(self, rid: str) -> _Seq | None:
+        for s in list(self._waiting):
+            if s.rid == rid:
+                self._waiting.remove(s)
+                return s
+        for s in self._running:
+            if s.rid == rid:
+                self._running.remove(s)
+                return s
+        return self._swapped.pop(rid, None)
+
+    def _find_running(self, rid: str) -> _Seq:
+        for s in self._running:
+            if s.rid == rid:
+                return s
+        raise EngineError(f"request {rid} is not running on this engine")
+
+    # ---- operations ------------------------------------------------------------------------
+
+    def evict(self, request_id: str) -> list[int]:
+        self._take_inbox()
+        s = self._remove(request_id)
+        if s is None:
+            raise EngineError(f"request {request_id} is not on this engine")
+        self._count("evict")
+        return list(s.generated)
+
+    def swap_out(self, request_id: str) -> OpCost:
+        self._take_inbox()
+        s = self._find_running(request_id)
+        if not s.prefilled:
+            # Nothing on the device yet: parking it costs no copy.
+            self._running.remove(s)
+            self._swapped[request_id] = s
+            self._count("swap_out")
+            return OpCost(0.0, 0, "not prefilled yet; nothing to copy")
+        nbytes = s.kv_tokens * self.profile.kv_bytes_per_token
+        cost = self.profile.kv_swap_time(s.kv_tokens)
+        self._sleep(cost)
+        self._running.remove(s)
+        self._swapped[request_id] = s
+        self.counters.swaps_out += 1
+        self.counters.op_s += cost
+        self._count("swap_out")
+        return OpCost(cost, nbytes, f"{s.kv_tokens} KV tokens to host")
+
+    def swap_in(self, request_id: str) -> OpCost:
+        s = self._swapped.get(request_id)
+        if s is None:
+            raise EngineError(f"request {request_id} is not swapped out")
+        if s.req.model != self.active_model:
+            raise EngineError(f"request {request_id} needs model {s.req.model!r}; active is {self.active_model!r}")
+        if len(self._running) >= self.max_batch_size:
+            raise EngineError(f"request {request_id}: no free batch slot to swap into")
+        if s.prefilled and self.kv_used_tokens + s.kv_tokens > self.kv_capacity_tokens:
+            raise EngineError(f"request {request_id}: {s.kv_tokens} KV tokens do not fit "
+                              f"({self.kv_used_tokens}/{self.kv_capacity_tokens} used)")
+        cost = self.profile.kv_swap_time(s.kv_tokens) if s.prefilled else 0.0
+        self._sleep(cost)
+        del self._swapped[request_id]
+        self._running.append(s)
+        self.counters.swaps_in += 1
+        self.counters.op_s += cost
+        self._count("swap_in")
+        return OpCost(cost, s.kv_tokens * self.profile.kv_bytes_per_token if s.prefilled else 0,
+                      f"{s.kv_tokens} KV tokens to device")
+
+    def load_model(self, model: str) -> OpCost:
+        self._take_inbox()
+        if model not in self._models:
+            raise EngineError(f"unknown model {model!r}; this engine serves {sorted(self._models)}")
+        if model == self.active_model:
+            return OpCost(0.0, 0, "already active")
+        if self._running or self._waiting or self._paused:
+            busy = [s.rid for s in self._running] + [s.rid for s in self._waiting]
+            raise EngineError(f"cannot load {model!r}: requests of {self.active_model!r} still hold the "
+                              f"device ({', '.join(busy[:5])}); finish, evict or swap them out first")
+        warm = self._is_warm(model)
+        nbytes = self._models[model].weight_bytes
+        cost = self._profile_of(model).model_load_time(nbytes, warm)
+        self._sleep(cost)
+        self.active_model = model
+        self.counters.loads += 1
+        self.counters.op_s += cost
+        self._count("load_model")
+        return OpCost(cost, nbytes, "warm (host RAM)" if warm else "cold (disk)")
+
+    def warm_model(self, model: str) -> OpCost:
+        if model not in self._models:
+            raise EngineError(f"unknown model {model!r}; this engine serves {sorted(self._models)}")
+        if model in self._warm:
+            return OpCost(0.0, 0, "already warm")
+        nbytes = self._models[model].weight_bytes
+        used = sum(self._models[m].weight_bytes for m in self._warm)
+        if used + nbytes > self.host_ram_bytes:
+            raise EngineError(f"warm {model!r}: {nbytes} bytes do not fit host RAM "
+                              f"({used}/{self.host_ram_bytes} bytes held by {sorted(self._warm)})")
+        # The copy runs beside serving (disk -> host RAM); it is ready once it has been read.
+        seconds = nbytes / self._profile_of(model).load_cold_bytes_per_s
+        self._warm[model] = self.clock.now() + seconds
+        self._count("warm_model")
+        return OpCost(seconds, nbytes, "disk to host RAM, in the background")
+
+    def drop_warm(self, model: str) -> None:
+        self._warm.pop(model, None)
+        self._count("drop_warm")
+
+    def _is_warm(self, model: str) -> bool:
+        ready = self._warm.get(model)
+        return ready is not None and ready <= self.clock.now()
+
+    def set_preemption(self, mode: PreemptionMode, max_pause_s: float) -> None:
+        self.mode = PreemptionMode(mode)
+        self.max_pause_s = max_pause_s
+        self._count("set_preemption")
+
+    def _count(self, op: str) -> None:
+        self.counters.per_op[op] = self.counters.per_op.get(op, 0) + 1
+
+    def stats(self) -> EngineStats:
+        self._take_inbox()
+        return EngineStats(
+            active_model=self.active_model,
+            warm_models=sorted(m for m in self._warm if self._is_warm(m)),
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            kv_used_tokens=self.kv_used_tokens,
+            running=[s.rid for s in self._running],
+            swapped=sorted(self._swapped),
+            waiting=[s.rid for s in self._waiting],
+            max_batch_size=self.max_batch_size,
+            prefill_tokens_per_s=self._prefill_tps,
+            decode_tokens_per_s=self._decode_tps,
+            device=self.device,
+        )
