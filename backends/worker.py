@@ -1,0 +1,438 @@
+"""`qlm worker`: a worker process. It dials the controller, runs one engine, and writes
+generated tokens straight to Redis.
+
+Threads:
+  - the asyncio thread keeps the gRPC session (reconnecting with backoff while the
+    controller restarts), receives requests and operations, sends state reports;
+  - the engine thread runs `engine.step()` in a loop, carries out operations between
+    steps, and writes each step's tokens to Redis in one script call.
+
+The engine keeps generating while the controller is away: tokens go to Redis, and on
+reconnection the worker tells the controller what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import redis
+import yaml
+
+from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, PreemptionMode, TokenEvent
+from qlmserve.backends.factory import create_engine
+from qlmserve.backends.token_sink import TokenSink
+from qlmserve.controller.policy import ModelSpec
+from qlmserve.pb import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("qlm.worker")
+
+STATE_INTERVAL_S = 0.25
+
+
+@dataclass
+class WorkerOptions:
+    controller: str  # host:port of the controller
+    worker_id: str = ""
+    engine: str = "hf"  # hf | sim
+    device: str = "auto"
+    max_batch_size: int = 16
+    kv_capacity_tokens: int | None = None
+    preload: str | None = None  # model to load before taking work
+    preemption: str = "none"
+    max_pause_s: float = 2.0
+    sim_profile: str | None = None  # WorkerProfile YAML for the sim engine
+    seed: int = 0
+
+    def resolved_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class _Held:
+    """What the worker knows of a request it runs."""
+
+    attempt: int
+    model: str
+    ids: list[int] = field(default_factory=list)  # generated so far (for detokenization)
+    text: str = ""  # text emitted so far
+
+
+class EngineLoop(threading.Thread):
+    """Owns the engine; every engine call except add_request/abort happens here."""
+
+    def __init__(self, engine: Engine, sink_factory: Callable[[], TokenSink], tokenizers: dict[str, object],
+                 on_handback: Callable[[str, list[str]], None]) -> None:
+        super().__init__(name="engine", daemon=True)
+        self.engine = engine
+        self.sink_factory = sink_factory
+        self.sink: TokenSink | None = None
+        self.tokenizers = tokenizers
+        self.on_handback = on_handback  # (reason, request ids) -> tell the controller
+        self.commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.held: dict[str, _Held] = {}
+        self.lock = threading.Lock()
+        self.stats: EngineStats = engine.stats()
+        self._stats_at = 0.0
+        self._stop = threading.Event()
+        self._pending: list[tuple[TokenEvent, int, str]] = []
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.commands.put(lambda: None)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self.commands.put(fn)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._run_commands(block=not self.engine.has_work() and not self._pending)
+                if self._pending:
+                    self._flush()
+                    continue
+                if self.engine.has_work():
+                    events = self.engine.step()
+                    if events:
+                        self._pending = self._with_text(events)
+                        self._flush()
+                now = time.monotonic()
+                if now - self._stats_at > STATE_INTERVAL_S / 2:
+                    self.stats = self.engine.stats()
+                    self._stats_at = now
+            except Exception:  # noqa: BLE001 - keep the worker alive; the failure is logged
+                log.exception("engine loop error")
+                time.sleep(0.1)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            fn = self.commands.get(timeout=0.05) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn()
+            try:
+                fn = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _with_text(self, events: list[TokenEvent]) -> list[tuple[TokenEvent, int, str]]:
+        out = []
+        with self.lock:
+            for ev in events:
+                h = self.held.get(ev.request_id)
+                if h is None:
+                    continue  # aborted meanwhile
+                h.ids.append(ev.token_id)
+                piece = self._detok(h)
+                out.append((ev, h.attempt, piece))
+                if ev.finished:
+                    del self.held[ev.request_id]
+        return out
+
+    def _detok(self, h: _Held) -> str:
+        tok = self.tokenizers.get(h.model)
+        if tok is None:
+            return ""
+        text = tok.decode(h.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(h.text):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        piece, h.text = text[len(h.text):], text
+        return piece
+
+    def _flush(self) -> None:
+        """Write pending tokens; while Redis is away, keep them and retry (the engine waits)."""
+        try:
+            if self.sink is None:
+                self.sink = self.sink_factory()
+            refused = self.sink.write(self._pending)
+            self._pending = []
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis unavailable, holding %d tokens: %s", len(self._pending), exc)
+            time.sleep(0.5)
+            return
+        for rid in refused:
+            # The controller gave this request to someone else (we were presumed dead).
+            log.info("request %s no longer ours: dropping it", rid)
+            self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        with self.lock:
+            self.held.pop(rid, None)
+        try:
+            self.engine.abort(rid)
+        except EngineError:
+            pass
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.worker_id = opts.resolved_id()
+        self.loop_thread: EngineLoop | None = None
+        self.outbox: asyncio.Queue[worker_pb2.WorkerMessage] | None = None
+        self.aio_loop: asyncio.AbstractEventLoop | None = None
+        self.models: dict[str, ModelSpec] = {}
+        self._stopping = asyncio.Event()
+
+    # ---- session ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.aio_loop = asyncio.get_running_loop()
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                backoff = 0.2
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                log.warning("controller link lost (%s); reconnecting in %.1fs", exc.code().name, backoff)
+            except (ConnectionError, OSError) as exc:
+                log.warning("controller link error (%s); reconnecting in %.1fs", exc, backoff)
+            if self._stopping.is_set():
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.loop_thread:
+            self.loop_thread.stop()
+
+    async def _session(self) -> None:
+        self.outbox = asyncio.Queue()
+        async with grpc.aio.insecure_channel(self.opts.controller, options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]) as channel:
+            stub = worker_pb2_grpc.WorkerLinkStub(channel)
+            call = stub.Connect(self._outgoing())
+            await self.outbox.put(worker_pb2.WorkerMessage(hello=self._hello()))
+            reporter = asyncio.create_task(self._report_loop())
+            try:
+                async for msg in call:
+                    self._on_message(msg)
+            finally:
+                reporter.cancel()
+
+    async def _outgoing(self):
+        assert self.outbox is not None
+        while True:
+            yield await self.outbox.get()
+
+    def _hello(self) -> worker_pb2.Hello:
+        running = []
+        if self.loop_thread is not None:
+            with self.loop_thread.lock:
+                for rid, h in self.loop_thread.held.items():
+                    running.append(worker_pb2.RunningEntry(request_id=rid, attempt=h.attempt))
+        return worker_pb2.Hello(worker_id=self.worker_id, engine=self.opts.engine, device=self.opts.device,
+                                models=sorted(self.models), running=running)
+
+    def _send(self, msg: worker_pb2.WorkerMessage) -> None:
+        """Thread-safe: queue a message for the controller."""
+        if self.aio_loop is None or self.outbox is None:
+            return
+        outbox = self.outbox
+        self.aio_loop.call_soon_threadsafe(outbox.put_nowait, msg)
+
+    async def _report_loop(self) -> None:
+        while True:
+            if self.loop_thread is not None:
+                await self.outbox.put(worker_pb2.WorkerMessage(state=self._state()))
+            await asyncio.sleep(STATE_INTERVAL_S)
+
+    def _state(self) -> worker_pb2.WorkerState:
+        lt = self.loop_thread
+        s = lt.stats
+        with lt.lock:
+            held = dict(lt.held)
+        swapped = set(s.swapped)
+        running = [worker_pb2.RunningEntry(request_id=rid, attempt=h.attempt, swapped=rid in swapped)
+                   for rid, h in held.items()]
+        return worker_pb2.WorkerState(
+            active_model=s.active_model or "", warm_models=s.warm_models, kv_capacity_tokens=s.kv_capacity_tokens,
+            kv_used_tokens=s.kv_used_tokens, running=running, waiting=s.waiting, max_batch_size=s.max_batch_size,
+            prefill_tokens_per_s=s.prefill_tokens_per_s, decode_tokens_per_s=s.decode_tokens_per_s, device=s.device,
+            loading_model=self._loading or "", preemption=self._preemption)
+
+    _loading: str | None = None
+    _preemption: str = "none"
+
+    # ---- messages from the controller -------------------------------------------------
+
+    def _on_message(self, msg: worker_pb2.ControllerMessage) -> None:
+        body = msg.WhichOneof("body")
+        if body == "welcome":
+            self._on_welcome(msg.welcome)
+        elif body == "run":
+            self._on_run(msg.run)
+        elif body == "op":
+            self._on_op(msg.op)
+
+    def _on_welcome(self, w: worker_pb2.Welcome) -> None:
+        models = {name: ModelSpec.model_validate(spec) for name, spec in (yaml.safe_load(w.models_yaml) or {}).items()}
+        if self.loop_thread is None:
+            self.models = models
+            self._start_engine(w.redis_url, w.redis_prefix, w.max_batch_size)
+        for rid in w.abort_request_ids:
+            self.loop_thread._drop(rid)
+        log.info("worker %s connected to %s", self.worker_id, self.opts.controller)
+
+    def _start_engine(self, redis_url: str, prefix: str, max_batch: int) -> None:
+        o = self.opts
+        batch = min(o.max_batch_size, max_batch) if max_batch else o.max_batch_size
+        engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
+                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed)
+        engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
+        self._preemption = o.preemption
+        tokenizers = {}
+        if o.engine == "hf":
+            from transformers import AutoTokenizer
+
+            for name, spec in self.models.items():
+                if spec.path:
+                    tokenizers[name] = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+
+        def sink() -> TokenSink:
+            return TokenSink(redis.Redis.from_url(redis_url, socket_timeout=10), prefix, self.worker_id)
+
+        self.loop_thread = EngineLoop(engine, sink, tokenizers, self._handback)
+        if o.preload:
+            model = o.preload
+            self.loop_thread.call(lambda: engine.load_model(model))
+        self.loop_thread.start()
+
+    def _handback(self, reason: str, rids: list[str]) -> None:
+        self._send(worker_pb2.WorkerMessage(op_result=worker_pb2.OpResult(
+            op_id="", kind="evict", ok=True, request_ids=rids, error=reason)))
+
+    def _on_run(self, r: worker_pb2.RunRequest) -> None:
+        lt = self.loop_thread
+        req = EngineRequest(
+            request_id=r.request_id, model=r.model, prompt_token_ids=list(r.prompt_token_ids),
+            max_tokens=r.max_tokens, generated_token_ids=list(r.generated_token_ids), temperature=r.temperature,
+            top_p=r.top_p if r.top_p > 0 else 1.0, seed=r.seed if r.HasField("seed") else None,
+            stop_token_ids=tuple(r.stop_token_ids), latency_sensitive=r.latency_sensitive, priority=r.priority)
+        held = _Held(r.attempt, r.model, ids=list(r.generated_token_ids))
+        tok = lt.tokenizers.get(r.model)
+        if tok is not None and held.ids:
+            held.text = tok.decode(held.ids, skip_special_tokens=True)
+        with lt.lock:
+            lt.held[r.request_id] = held
+        try:
+            # Thread-safe by the Engine contract, so a latency-sensitive request can
+            # preempt a step that is running right now.
+            lt.engine.add_request(req)
+        except EngineError as exc:
+            with lt.lock:
+                lt.held.pop(r.request_id, None)
+            if "model" in str(exc).lower():
+                self._handback(str(exc), [r.request_id])  # wrong model loaded: back to the queue
+            else:
+                self._send(worker_pb2.WorkerMessage(failed=worker_pb2.RequestFailed(
+                    request_id=r.request_id, attempt=r.attempt, error=str(exc))))
+
+    def _on_op(self, op: worker_pb2.WorkerOp) -> None:
+        lt = self.loop_thread
+        if op.kind == "abort":
+            for rid in op.request_ids:
+                lt._drop(rid)
+            return
+        if op.kind == "load_model":
+            self._loading = op.model
+        lt.call(lambda: self._run_op(op))
+
+    def _run_op(self, op: worker_pb2.WorkerOp) -> None:
+        """On the engine thread, between steps."""
+        lt = self.loop_thread
+        eng = lt.engine
+        handed_back: list[str] = []
+        seconds = 0.0
+        nbytes = 0
+        try:
+            if op.kind in ("evict", "drain"):
+                rids = list(op.request_ids) or list(lt.held)
+                for rid in rids:
+                    handed_back += self._evict(rid)
+            elif op.kind == "swap_out":
+                for rid in op.request_ids:
+                    c = eng.swap_out(rid)
+                    seconds += c.seconds
+                    nbytes += c.bytes_moved
+                    handed_back.append(rid)
+            elif op.kind == "swap_in":
+                for rid in op.request_ids:
+                    c = eng.swap_in(rid)
+                    seconds += c.seconds
+                    nbytes += c.bytes_moved
+                    handed_back.append(rid)
+            elif op.kind == "load_model":
+                with lt.lock:
+                    others = [rid for rid, h in lt.held.items() if h.model != op.model]
+                for rid in others:  # a model swap hands the old model's requests back
+                    handed_back += self._evict(rid)
+                c = eng.load_model(op.model)
+                seconds, nbytes = c.seconds, c.bytes_moved
+            elif op.kind == "warm_model":
+                c = eng.warm_model(op.model)
+                seconds, nbytes = c.seconds, c.bytes_moved
+            elif op.kind == "drop_warm":
+                eng.drop_warm(op.model)
+            elif op.kind == "set_preemption":
+                eng.set_preemption(PreemptionMode(op.mode), op.max_pause_s)
+                self._preemption = op.mode
+            else:
+                raise EngineError(f"unknown operation {op.kind!r}")
+            ok, err = True, ""
+        except (EngineError, ValueError, KeyError) as exc:
+            ok, err = False, str(exc)
+        finally:
+            if op.kind == "load_model":
+                self._loading = None
+            lt.stats = eng.stats()
+        self._send(worker_pb2.WorkerMessage(op_result=worker_pb2.OpResult(
+            op_id=op.op_id, kind=op.kind, ok=ok, seconds=seconds, bytes_moved=nbytes, error=err,
+            request_ids=handed_back)))
+
+    def _evict(self, rid: str) -> list[str]:
+        lt = self.loop_thread
+        with lt.lock:
+            if rid not in lt.held:
+                return []
+        lt._flush()  # tokens produced so far must be in Redis before the request leaves
+        try:
+            lt.engine.evict(rid)
+        except EngineError:
+            lt.engine.abort(rid)
+        with lt.lock:
+            lt.held.pop(rid, None)
+        return [rid]
+
+
+def run_worker(opts: WorkerOptions) -> int:
+    worker = Worker(opts)
+
+    async def main() -> None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, worker.stop)
+            except NotImplementedError:
+                pass
+        task = asyncio.create_task(worker.run())
+        await worker._stopping.wait()
+        task.cancel()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,520 @@
+"""The controller: admission, the tick loop, and the worker sessions.
+
+Every tick reads like this:
+    snapshot = await self.snapshot()        # groups + workers, from Redis
+    plan = await self.plan(snapshot)        # the policy, a pure function, in a thread
+    await self.apply(plan, snapshot)        # virtual queues to Redis, work and ops to workers
+
+The controller holds no state that Redis does not also hold: its in-memory maps are
+caches (request metadata, which never changes) and the live worker sessions, which
+workers re-establish when a controller restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from qlmserve.controller.clock import Clock, WallClock
+from qlmserve.controller.dispatch import dispatch
+from qlmserve.controller.estimator import predict_group_wait
+from qlmserve.controller.metrics import ControllerMetrics
+from qlmserve.controller.policies import SchedulingPolicy, create_policy
+from qlmserve.controller.policy import PolicyConfig, SloClass
+from qlmserve.controller.request import Request, RequestStatus, Sampling
+from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest
+from qlmserve.controller.store import GroupRecord, RedisStore, SubmitResult
+from qlmserve.controller.tokenizers import TokenizerCache
+from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
+from qlmserve.operations.ops import Evict, LoadModel, MoveGroup, Operation
+from qlmserve.operations.plan import Plan
+
+log = logging.getLogger("qlm.controller")
+
+
+class InvalidRequest(ValueError):
+    """A malformed submission; the message names the field (gRPC INVALID_ARGUMENT)."""
+
+
+class UnknownModel(LookupError):
+    """The policy names no such model (gRPC NOT_FOUND)."""
+
+
+class UnknownRequest(LookupError):
+    """No such request id (gRPC NOT_FOUND)."""
+
+
+class Overloaded(RuntimeError):
+    """An admission limit was hit (gRPC RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class SubmitInput:
+    model: str
+    slo_class: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    max_tokens: int
+    sampling: Sampling
+    user_id: str = ""
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """The parts of a request that never change, cached to build snapshots cheaply."""
+
+    model: str
+    slo_class: str
+    group_id: str
+    arrival: float
+    prompt_tokens: int
+    max_tokens: int
+    ttft_slo_s: float
+    latency_sensitive: bool
+
+
+class Controller:
+    def __init__(self, store: RedisStore, policy: PolicyConfig, *, redis_url: str, policy_path: str | None = None,
+                 clock: Clock | None = None, metrics: ControllerMetrics | None = None) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.policy_path = policy_path
+        self.clock = clock or WallClock()
+        self.metrics = metrics or ControllerMetrics()
+        self.workers: dict[str, WorkerHandle] = {}
+        self._sessions = 0
+        self._meta: dict[str, _Meta] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.tick_count = 0
+        self.last_plan: Plan = Plan.make_empty()
+        self.last_snapshot: ClusterSnapshot | None = None
+        self._started_at = self.clock.now()
+        self._set_policy(policy)
+
+    # ---- policy -----------------------------------------------------------------------
+
+    def _set_policy(self, policy: PolicyConfig) -> None:
+        self.policy = policy
+        self.scheduler: SchedulingPolicy = create_policy(policy.planner.policy, policy)
+        self.tokenizers = TokenizerCache(policy.models)
+
+    def reload_policy(self, policy: PolicyConfig) -> None:
+        """Swap the policy between ticks. Waiting and running requests keep their stored SLO
+        targets; requests of a class the new policy drops still complete."""
+        self._set_policy(policy)
+        self._wake.set()
+
+    def slo_of(self, name: str) -> SloClass | None:
+        return self.policy.slo_classes.get(name)
+
+    # ---- admission --------------------------------------------------------------------
+
+    async def submit(self, inp: SubmitInput) -> tuple[SubmitResult, int]:
+        """Validate, tokenize and make a request durable. Returns (result, prompt tokens)."""
+        spec = self.policy.models.get(inp.model)
+        if not inp.model:
+            raise InvalidRequest("field 'model' is required")
+        if spec is None:
+            raise UnknownModel(f"unknown model {inp.model!r}; the policy serves {sorted(self.policy.models)}")
+        cls_name = inp.slo_class or self.policy.default_slo_class or ""
+        if not cls_name:
+            raise InvalidRequest(f"field 'slo_class' is required (one of {sorted(self.policy.slo_classes)})")
+        slo = self.slo_of(cls_name)
+        if slo is None:
+            raise InvalidRequest(f"field 'slo_class': unknown class {cls_name!r}; "
+                                 f"valid classes: {sorted(self.policy.slo_classes)}")
+        if inp.max_tokens <= 0:
+            raise InvalidRequest("field 'max_tokens' must be at least 1")
+        if slo.admission.max_tokens is not None and inp.max_tokens > slo.admission.max_tokens:
+            raise InvalidRequest(f"field 'max_tokens': {inp.max_tokens} exceeds the {cls_name!r} limit "
+                                 f"of {slo.admission.max_tokens}")
+        s = inp.sampling
+        if not (0.0 <= s.temperature <= 100.0):
+            raise InvalidRequest(f"field 'sampling.temperature' must be in [0, 100], got {s.temperature}")
+        if not (0.0 <= s.top_p <= 1.0):
+            raise InvalidRequest(f"field 'sampling.top_p' must be in [0, 1], got {s.top_p}")
+        if inp.prompt_token_ids is not None:
+            ids = list(inp.prompt_token_ids)
+            vocab = self.tokenizers.vocab_size(inp.model)
+            if vocab is not None and any(t >= vocab for t in ids):
+                raise InvalidRequest(f"field 'prompt_token_ids': ids must be below the vocabulary size {vocab}")
+        elif inp.prompt:
+            ids = await asyncio.to_thread(self.tokenizers.encode, inp.model, inp.prompt)
+        else:
+            raise InvalidRequest("field 'prompt' or 'prompt_token_ids' is required and must not be empty")
+        if not ids:
+            raise InvalidRequest("field 'prompt': the prompt has no tokens")
+        if len(ids) + inp.max_tokens > spec.max_context:
+            raise InvalidRequest(f"field 'prompt': {len(ids)} prompt tokens + max_tokens {inp.max_tokens} exceed "
+                                 f"the context of {inp.model!r} ({spec.max_context})")
+        if slo.admission.max_prompt_tokens is not None and len(ids) > slo.admission.max_prompt_tokens:
+            raise InvalidRequest(f"field 'prompt': {len(ids)} tokens exceed the {cls_name!r} limit of "
+                                 f"{slo.admission.max_prompt_tokens}")
+        waiting = self._waiting_by_class().get(cls_name, 0)
+        if waiting >= slo.admission.max_queued:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(f"class {cls_name!r} has {waiting} requests waiting (limit {slo.admission.max_queued})")
+        now = self.clock.now()
+        req = Request(request_id=RedisStore.new_request_id(), model=inp.model, slo_class=cls_name,
+                      prompt_token_ids=ids, max_tokens=inp.max_tokens, arrival=now, ttft_slo_s=slo.ttft_s,
+                      latency_sensitive=slo.latency_sensitive, priority=slo.priority, sampling=s,
+                      user_id=inp.user_id)
+        res = await self.store.submit(req, now, self.policy.grouping, inp.idempotency_key)
+        if not res.duplicate:
+            self.metrics.submitted.labels(cls_name).inc()
+            self._meta[req.request_id] = _Meta(req.model, cls_name, res.group_id, now, len(ids), req.max_tokens,
+                                               slo.ttft_s, slo.latency_sensitive)
+            if slo.latency_sensitive or slo.ttft_s <= self.policy.tick_interval_ms / 1000 * 10:
+                self._wake.set()  # a request at risk: plan now, not at the next timer tick
+        return res, len(ids)
+
+    def _waiting_by_class(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.last_snapshot:
+            for g in self.last_snapshot.groups:
+                out[g.slo_class] = out.get(g.slo_class, 0) + g.size
+        return out
+
+    async def cancel(self, rid: str) -> Request:
+        res = await self.store.finish_early(rid, RequestStatus.CANCELLED, self.clock.now(), "cancelled by client")
+        if res is not None:
+            _prev, wid = res
+            if wid and wid in self.workers:
+                self.workers[wid].send(OpCommand(next_op_id(), "abort", (rid,)))
+        req = await self.store.get_request(rid)
+        if req is None:
+            raise UnknownRequest(f"unknown request {rid!r}")
+        return req
+
+    async def get_request(self, rid: str) -> Request:
+        req = await self.store.get_request(rid)
+        if req is None:
+            raise UnknownRequest(f"unknown request {rid!r}")
+        return req
+
+    # ---- the tick ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick on a timer, and at once when something wakes the loop."""
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.policy.tick_interval_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick (Redis blip) must not stop the loop
+                log.exception("tick failed; retrying next tick")
+                await asyncio.sleep(min(1.0, self.policy.tick_interval_ms / 1000))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def tick(self) -> Plan:
+        t0 = time.perf_counter()
+        await self._expire_silent_workers()
+        snapshot = await self.snapshot()
+        plan = await self.plan(snapshot)
+        await self.apply(plan, snapshot)
+        self.tick_count += 1
+        self.metrics.tick_seconds.observe(time.perf_counter() - t0)
+        return plan
+
+    async def snapshot(self) -> ClusterSnapshot:
+        now = self.clock.now()
+        records = await self.store.groups()
+        await self.store.drop_empty_groups(records)
+        records = [g for g in records if g.waiting]
+        running_by_worker: dict[str, dict[str, int]] = {}
+        for wid in self.workers:
+            running_by_worker[wid] = await self.store.worker_running(wid)
+        need = [rid for g in records for rid in g.waiting if rid not in self._meta]
+        need += [rid for r in running_by_worker.values() for rid in r if rid not in self._meta]
+        await self._load_meta(need)
+        run_rids = [rid for r in running_by_worker.values() for rid in r]
+        progress = await self._progress(run_rids)
+
+        groups = []
+        for g in records:
+            groups.append(self._group_state(g, now))
+        workers = []
+        for wid, h in self.workers.items():
+            healthy = h.connected and h.report is not None
+            running = []
+            rep_running = h.report.running if h.report else {}
+            for rid in running_by_worker.get(wid, {}):
+                m = self._meta.get(rid)
+                if m is None:
+                    continue
+                gen, first = progress.get(rid, (0, None))
+                running.append(RunningRequest(rid, m.group_id, m.model, m.slo_class, m.prompt_tokens, gen,
+                                              m.max_tokens, m.latency_sensitive, m.arrival, first,
+                                              swapped=rep_running.get(rid, (0, False))[1]))
+            workers.append(h.state(tuple(running), self.policy.max_running_per_worker, healthy))
+        snap = ClusterSnapshot(now=now, groups=tuple(groups), workers=tuple(workers),
+                               length_stats=await self._length_stats(),
+                               model_bytes={n: s.weight_bytes or 0 for n, s in self.policy.models.items()})
+        self.last_snapshot = snap
+        self._update_gauges(snap)
+        return snap
+
+    def _group_state(self, g: GroupRecord, now: float) -> GroupState:
+        metas = [self._meta[rid] for rid in g.waiting if rid in self._meta]
+        slo = self.slo_of(g.slo_class)
+        ttft = slo.ttft_s if slo else (metas[0].ttft_slo_s if metas else 60.0)
+        return GroupState(
+            group_id=g.group_id, model=g.model, slo_class=g.slo_class,
+            request_ids=tuple(rid for rid in g.waiting if rid in self._meta),
+            arrivals=tuple(m.arrival for m in metas), prompt_tokens=tuple(m.prompt_tokens for m in metas),
+            max_tokens=tuple(m.max_tokens for m in metas), ttft_s=ttft, priority=slo.priority if slo else 0,
+            weight=slo.weight if slo else 1.0, latency_sensitive=slo.latency_sensitive if slo else False,
+            worker_id=self.last_plan.queue_of(g.group_id),
+            position=self._position(g.group_id), created_at=g.created_at)
+
+    def _position(self, gid: str) -> int:
+        for q in self.last_plan.virtual_queues.values():
+            if gid in q:
+                return q.index(gid)
+        return 0
+
+    async def _load_meta(self, rids: list[str]) -> None:
+        if not rids:
+            return
+        reqs = await self.store.get_requests(rids)
+        for rid, r in reqs.items():
+            self._meta[rid] = _Meta(r.model, r.slo_class, r.group_id, r.arrival, r.prompt_tokens, r.max_tokens,
+                                    r.ttft_slo_s, r.latency_sensitive)
+
+    async def _progress(self, rids: list[str]) -> dict[str, tuple[int, float | None]]:
+        if not rids:
+            return {}
+        async with self.store.r.pipeline(transaction=False) as p:
+            for rid in rids:
+                p.hmget(self.store.k.req(rid), "generated", "first_token_at")
+            rows = await p.execute()
+        return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
+
+    async def _length_stats(self) -> dict[tuple[str, str], LengthStats]:
+        """Learned output lengths, blended with the policy's prior (a pseudo-count)."""
+        counts = await self.store.length_counts()
+        out = {}
+        for model, spec in self.policy.models.items():
+            prior = spec.output_prior
+            for cls in self.policy.slo_classes:
+                n, s, ss = counts.get((model, cls), (0.0, 0.0, 0.0))
+                w = prior.weight
+                total = n + w
+                if total <= 0:
+                    continue
+                mean = (s + w * prior.mean) / total
+                second = (ss + w * (prior.std**2 + prior.mean**2)) / total
+                out[(model, cls)] = LengthStats(mean=mean, var=max(0.0, second - mean * mean), count=int(n))
+        return out
+
+    def _update_gauges(self, snap: ClusterSnapshot) -> None:
+        waiting: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
+        running: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
+        for g in snap.groups:
+            waiting[g.slo_class] = waiting.get(g.slo_class, 0) + g.size
+        for w in snap.workers:
+            for r in w.running:
+                running[r.slo_class] = running.get(r.slo_class, 0) + 1
+        for c, v in waiting.items():
+            self.metrics.queue_length.labels(c).set(v)
+        for c, v in running.items():
+            self.metrics.running.labels(c).set(v)
+        self.metrics.workers.set(sum(1 for w in snap.workers if w.healthy))
+
+    async def plan(self, snapshot: ClusterSnapshot) -> Plan:
+        if not snapshot.groups and not any(w.running for w in snapshot.workers):
+            plan = Plan(source="idle")
+        else:
+            plan = await asyncio.to_thread(self.scheduler.solve, snapshot)
+        self.metrics.solve_seconds.labels(plan.source).observe(plan.solve_time_s)
+        return plan
+
+    async def apply(self, plan: Plan, snapshot: ClusterSnapshot) -> None:
+        self.last_plan = plan
+        await self.store.save_plan(plan.virtual_queues, plan_to_json(plan, snapshot.now, self.tick_count),
+                                   list(self.workers))
+        assignments, mechanism_ops = dispatch(plan, snapshot, self.policy.max_running_per_worker)
+        for op in list(plan.operations) + mechanism_ops:
+            self._send_operation(op)
+        for a in assignments:
+            h = self.workers.get(a.worker_id)
+            if h is None or not h.connected:
+                continue
+            attempt = await self.store.assign(a.request_id, a.group_id, a.worker_id, snapshot.now)
+            if not attempt:
+                continue  # cancelled or taken meanwhile
+            req = await self.store.get_request(a.request_id)
+            if req is None:
+                continue
+            gen = await self.store.generated_ids(a.request_id) if req.generated else []
+            h.send(RunCommand(req.request_id, attempt, req.model, req.prompt_token_ids, gen, req.max_tokens,
+                              req.sampling.temperature, req.sampling.top_p, req.sampling.seed,
+                              req.sampling.stop_token_ids, req.latency_sensitive, req.priority))
+
+    def _send_operation(self, op: Operation) -> None:
+        if isinstance(op, MoveGroup):
+            self.metrics.operations.labels(op.kind.value).inc()
+            return  # carried out by the virtual queues themselves
+        h = self.workers.get(op.worker_id)
+        if h is None or not h.connected:
+            return
+        kind = op.kind.value
+        model = getattr(op, "model", "")
+        if isinstance(op, LoadModel):
+            if h.pending_kind("load_model") or (h.report and h.report.active_model == op.model):
+                return  # already under way or done
+        elif h.pending_kind(kind, model) and not getattr(op, "request_ids", ()):
+            return
+        rids = tuple(getattr(op, "request_ids", ()))
+        if rids and any(op2.kind == kind and set(op2.request_ids) & set(rids) for op2 in h.pending.values()):
+            return
+        self.metrics.operations.labels(kind).inc()
+        h.send(OpCommand(next_op_id(), kind, rids, model, getattr(op, "mode", ""), getattr(op, "max_pause_s", 0.0)))
+
+    # ---- worker sessions --------------------------------------------------------------
+
+    async def worker_connected(self, wid: str, engine: str, device: str, models: list[str],
+                               running: dict[str, int]) -> tuple[WorkerHandle, list[str]]:
+        """Register a (re)connecting worker and reconcile what it holds with Redis.
+        Returns its handle and the request ids it must drop."""
+        self._sessions += 1
+        old = self.workers.get(wid)
+        if old is not None:
+            old.connected = False
+        h = WorkerHandle(wid, engine, device, models, session=self._sessions, last_seen=self.clock.now())
+        self.workers[wid] = h
+        in_redis = await self.store.worker_running(wid)
+        abort = [rid for rid, att in running.items() if in_redis.get(rid) != att]
+        now = self.clock.now()
+        for rid, att in in_redis.items():
+            if running.get(rid) != att:
+                await self._requeue(rid, wid, now)
+        await self.store.put_worker(wid, {"engine": engine, "device": device, "connected": "1",
+                                          "last_seen": repr(now), "models": ",".join(models)})
+        log.info("worker %s connected (session %d, %d running, %d to drop)", wid, h.session, len(running), len(abort))
+        self._wake.set()
+        return h, abort
+
+    async def worker_report(self, h: WorkerHandle, report: WorkerReport) -> None:
+        h.report = report
+        h.last_seen = self.clock.now()
+        await self.store.put_worker(h.worker_id, {"state": json.dumps(dataclasses.asdict(report)),
+                                                  "last_seen": repr(h.last_seen), "connected": "1",
+                                                  "draining": "1" if h.draining else "0"})
+
+    async def worker_op_result(self, h: WorkerHandle, op_id: str, kind: str, ok: bool, request_ids: list[str],
+                               error: str, seconds: float) -> None:
+        """An operation's outcome. A worker may also hand requests back unasked (op_id "",
+        kind "evict"), e.g. when a request reached it for a model it no longer has."""
+        op = h.pending.pop(op_id, None) if op_id else None
+        h.last_seen = self.clock.now()
+        if not ok:
+            log.warning("worker %s: %s failed: %s", h.worker_id, op.kind if op else op_id, error)
+        now = self.clock.now()
+        kind = op.kind if op else kind
+        # Requests the worker handed back (evict, or a model swap that evicted its batch).
+        if kind in ("evict", "load_model", "drain"):
+            for rid in request_ids:
+                await self._requeue(rid, h.worker_id, now)
+        elif kind in ("swap_out", "swap_in") and ok:
+            for rid in request_ids:
+                await self.store.set_swapped(rid, h.worker_id, kind == "swap_out")
+        self._wake.set()
+
+    async def worker_request_failed(self, h: WorkerHandle, rid: str, attempt: int, error: str) -> None:
+        await self.store.finish_early(rid, RequestStatus.FAILED, self.clock.now(), error, attempt=attempt)
+
+    async def worker_disconnected(self, h: WorkerHandle) -> None:
+        """The session ended. The worker may still be alive (a network blip, or the
+        controller restarting); it gets heartbeat_timeout_s to come back before its
+        requests are handed to others."""
+        if self.workers.get(h.worker_id) is h:
+            h.connected = False
+            log.warning("worker %s disconnected", h.worker_id)
+            await self.store.put_worker(h.worker_id, {"connected": "0"})
+        self._wake.set()
+
+    async def _expire_silent_workers(self) -> None:
+        now = self.clock.now()
+        timeout = self.policy.heartbeat_timeout_s
+        for wid, h in list(self.workers.items()):
+            if now - h.last_seen > timeout:
+                log.warning("worker %s silent for %.1fs: requeueing its requests", wid, now - h.last_seen)
+                del self.workers[wid]
+                await self._requeue_all(wid, now)
+                await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
+        # Workers a previous controller knew that never reconnected.
+        if now - self._started_at > timeout:
+            for wid, fields in (await self.store.get_workers()).items():
+                if wid in self.workers or fields.get("dead") == "1":
+                    continue
+                if await self.store.worker_running(wid):
+                    log.warning("worker %s did not come back: requeueing its requests", wid)
+                    await self._requeue_all(wid, now)
+                await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
+
+    async def _requeue_all(self, wid: str, now: float) -> None:
+        for rid in await self.store.worker_running(wid):
+            await self._requeue(rid, wid, now)
+
+    async def _requeue(self, rid: str, wid: str, now: float) -> None:
+        m = self._meta.get(rid)
+        if m is None:
+            await self._load_meta([rid])
+            m = self._meta.get(rid)
+        if m is None:
+            await self.store.r.hdel(self.store.k.worker_running(wid), rid)
+            return
+        await self.store.requeue(rid, m.group_id, wid, now)
+
+    async def drain(self, wid: str, requeue_running: bool) -> int:
+        h = self.workers.get(wid)
+        if h is None:
+            raise UnknownRequest(f"unknown worker {wid!r}")
+        h.draining = True
+        await self.store.put_worker(wid, {"draining": "1"})
+        n = 0
+        if requeue_running:
+            running = await self.store.worker_running(wid)
+            if running:
+                h.send(OpCommand(next_op_id(), "evict", tuple(running)))
+                n = len(running)
+        self._wake.set()
+        return n
+
+    # ---- admin views ------------------------------------------------------------------
+
+    def predicted_waits(self) -> dict[str, float]:
+        snap = self.last_snapshot
+        if snap is None:
+            return {}
+        out = {}
+        for g in snap.groups:
+            try:
+                out[g.group_id] = predict_group_wait(snap, self.last_plan.virtual_queues, g.group_id).mean_s
+            except KeyError:
+                continue
+        return out
+
+
+def plan_to_json(plan: Plan, now: float, tick: int) -> str:
+    ops = []
+    for op in plan.operations:
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(op).items()}
+        d["kind"] = op.kind.value
+        ops.append(d)
+    return json.dumps({"virtual_queues": plan.virtual_queues, "operations": ops, "source": plan.source,
+                       "solve_time_s": plan.solve_time_s, "created_at": now, "note": plan.note, "tick": tick,
+                       "predicted_attainment": plan.predicted_attainment})

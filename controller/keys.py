@@ -1,0 +1,72 @@
+"""Redis key names, in one place. Every key starts with the deployment prefix.
+
+Scripts compute some key names from the prefix, so QLM needs a single Redis (or a
+cluster with every key in one hash slot: use a prefix like "{qlm}").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "qlm"
+
+    def req(self, rid: str) -> str:  # hash: the request (controller/request.py fields)
+        return f"{self.prefix}:req:{rid}"
+
+    def ids(self, rid: str) -> str:  # string: generated token ids, "12,7,9,"
+        return f"{self.prefix}:req:{rid}:ids"
+
+    def stream(self, rid: str) -> str:  # stream: one entry per generated token, id 0-(index+1)
+        return f"{self.prefix}:req:{rid}:stream"
+
+    def group(self, gid: str) -> str:  # hash: model, slo_class, created_at, size
+        return f"{self.prefix}:group:{gid}"
+
+    def group_queue(self, gid: str) -> str:  # list: waiting request ids, oldest first
+        return f"{self.prefix}:group:{gid}:q"
+
+    @property
+    def groups(self) -> str:  # zset: group ids with waiting requests, by creation time
+        return f"{self.prefix}:groups"
+
+    def open_group(self, model: str, slo_class: str) -> str:  # string: the group new requests join
+        return f"{self.prefix}:open:{model}|{slo_class}"
+
+    def vq(self, wid: str) -> str:  # list: the worker's virtual queue (group ids, head first)
+        return f"{self.prefix}:vq:{wid}"
+
+    def worker(self, wid: str) -> str:  # hash: reported state (json), last_seen, draining, ...
+        return f"{self.prefix}:worker:{wid}"
+
+    def worker_running(self, wid: str) -> str:  # hash: request id -> attempt it runs under
+        return f"{self.prefix}:worker:{wid}:running"
+
+    @property
+    def workers(self) -> str:  # set: worker ids ever registered and not removed
+        return f"{self.prefix}:workers"
+
+    @property
+    def lengths(self) -> str:  # hash: "model|class|n|sum|sumsq" fields of finished output lengths
+        return f"{self.prefix}:lengths"
+
+    @property
+    def class_stats(self) -> str:  # hash: "class|finished", "class|met" counters
+        return f"{self.prefix}:classstats"
+
+    def idem(self, key: str) -> str:  # string: request id of an idempotency key
+        return f"{self.prefix}:idem:{key}"
+
+    @property
+    def plan(self) -> str:  # string: JSON of the last plan
+        return f"{self.prefix}:plan"
+
+    @property
+    def group_seq(self) -> str:  # counter for group ids
+        return f"{self.prefix}:seq:group"
+
+    @property
+    def unfinished(self) -> str:  # set: ids of accepted requests not yet finished
+        return f"{self.prefix}:unfinished"

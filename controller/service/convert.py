@@ -1,0 +1,53 @@
+"""Protobuf <-> domain conversion, at the edge only."""
+
+from __future__ import annotations
+
+from qlmserve.controller.core import SubmitInput
+from qlmserve.controller.request import Request, Sampling
+from qlmserve.controller.workers import OpCommand, RunCommand, WorkerReport
+from qlmserve.pb import client_pb2, worker_pb2
+
+
+def submit_from_pb(pb: client_pb2.SubmitRequest) -> SubmitInput:
+    which = pb.WhichOneof("prompt_input")
+    s = pb.sampling
+    sampling = Sampling(temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
+                        seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids))
+    return SubmitInput(
+        model=pb.model, slo_class=pb.slo_class,
+        prompt=pb.prompt if which == "prompt" else None,
+        prompt_token_ids=list(pb.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        max_tokens=pb.max_tokens, sampling=sampling, user_id=pb.user_id, idempotency_key=pb.idempotency_key)
+
+
+def status_to_pb(r: Request) -> client_pb2.RequestStatus:
+    return client_pb2.RequestStatus(
+        request_id=r.request_id, status=r.status.value, model=r.model, slo_class=r.slo_class, group_id=r.group_id,
+        worker_id=r.worker_id, prompt_tokens=r.prompt_tokens, generated_tokens=r.generated, max_tokens=r.max_tokens,
+        arrival_time=r.arrival, first_token_time=r.first_token_at or 0.0, finish_time=r.finish_at or 0.0,
+        finish_reason=r.finish_reason, error=r.error, attempts=r.attempts)
+
+
+def command_to_pb(cmd: RunCommand | OpCommand) -> worker_pb2.ControllerMessage:
+    if isinstance(cmd, RunCommand):
+        run = worker_pb2.RunRequest(
+            request_id=cmd.request_id, attempt=cmd.attempt, model=cmd.model, prompt_token_ids=cmd.prompt_token_ids,
+            generated_token_ids=cmd.generated_token_ids, max_tokens=cmd.max_tokens, temperature=cmd.temperature,
+            top_p=cmd.top_p, stop_token_ids=list(cmd.stop_token_ids), latency_sensitive=cmd.latency_sensitive,
+            priority=cmd.priority)
+        if cmd.seed is not None:
+            run.seed = cmd.seed
+        return worker_pb2.ControllerMessage(run=run)
+    return worker_pb2.ControllerMessage(op=worker_pb2.WorkerOp(
+        op_id=cmd.op_id, kind=cmd.kind, request_ids=list(cmd.request_ids), model=cmd.model, mode=cmd.mode,
+        max_pause_s=cmd.max_pause_s))
+
+
+def report_from_pb(s: worker_pb2.WorkerState) -> WorkerReport:
+    return WorkerReport(
+        active_model=s.active_model or None, warm_models=list(s.warm_models),
+        kv_capacity_tokens=s.kv_capacity_tokens, kv_used_tokens=s.kv_used_tokens,
+        running={e.request_id: (e.attempt, e.swapped) for e in s.running}, waiting=list(s.waiting),
+        max_batch_size=s.max_batch_size, prefill_tokens_per_s=s.prefill_tokens_per_s,
+        decode_tokens_per_s=s.decode_tokens_per_s, device=s.device, loading_model=s.loading_model or None,
+        preemption=s.preemption)

@@ -1,0 +1,29 @@
+"""One place that maps domain exceptions to gRPC status codes (used by the interceptor)."""
+
+from __future__ import annotations
+
+import grpc
+
+from qlmserve.controller.core import InvalidRequest, Overloaded, UnknownModel, UnknownRequest
+from qlmserve.controller.policy import PolicyError
+from qlmserve.controller.store import StoreError
+
+STATUS_BY_EXCEPTION: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (PolicyError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownModel, grpc.StatusCode.NOT_FOUND),
+    (UnknownRequest, grpc.StatusCode.NOT_FOUND),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    import redis
+
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return grpc.StatusCode.UNAVAILABLE
+    for cls, code in STATUS_BY_EXCEPTION:
+        if isinstance(exc, cls):
+            return code
+    return None

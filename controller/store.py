@@ -1,0 +1,308 @@
+"""The Redis state store: requests, groups, virtual queues, workers, token streams.
+
+Everything the controller knows lives here, so a restarted controller continues
+where the last one stopped. The store returns small interface objects (Request,
+GroupRecord, StreamEntry), never raw Redis replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from qlmserve.controller import scripts
+from qlmserve.controller.grouping import OpenGroup, choose_group
+from qlmserve.controller.keys import Keys
+from qlmserve.controller.policy import GroupingConfig
+from qlmserve.controller.request import Request, RequestStatus
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+FINISHED_RETENTION_S = 3600  # a finished request, its tokens and stream stay readable this long
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    group_id: str
+    model: str
+    slo_class: str
+    created_at: float
+    waiting: tuple[str, ...]  # request ids, oldest first
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    index: int
+    token_id: int | None  # None on the final entry of a cancelled or failed request
+    text: str
+    finished: bool
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    request_id: str
+    group_id: str
+    duplicate: bool
+
+
+class StoreError(RuntimeError):
+    """Redis is unreachable or refused a write; nothing was acknowledged."""
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, prefix: str = "qlm") -> None:
+        self.r = client
+        self.k = Keys(prefix)
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._assign = client.register_script(scripts.ASSIGN)
+        self._requeue = client.register_script(scripts.REQUEUE)
+        self._finish_early = client.register_script(scripts.FINISH_EARLY)
+        self._swap_state = client.register_script(scripts.SET_SWAP_STATE)
+        # Grouping reads the open group then writes; one lock per (model, class) keeps
+        # concurrent submissions of one controller from racing each other.
+        self._group_locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "qlm", max_connections: int = 512) -> RedisStore:
+        pool = aioredis.BlockingConnectionPool.from_url(url, decode_responses=True, max_connections=max_connections,
+                                                        timeout=10)
+        return cls(aioredis.Redis(connection_pool=pool), prefix)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
+
+    # ---- submission -------------------------------------------------------------------
+
+    async def submit(self, req: Request, now: float, grouping: GroupingConfig, idempotency_key: str = "") -> SubmitResult:
+        lock = self._group_locks.setdefault(f"{req.model}|{req.slo_class}", asyncio.Lock())
+        async with lock:
+            open_key = self.k.open_group(req.model, req.slo_class)
+            gid = await self.r.get(open_key)
+            open_group = None
+            if gid:
+                g = await self.r.hmget(self.k.group(gid), "created_at", "size")
+                if g[0] is not None:
+                    open_group = OpenGroup(gid, float(g[0]), int(g[1] or 0))
+            chosen = choose_group(open_group, now, grouping)
+            new_group = chosen is None
+            if new_group:
+                chosen = f"g{await self.r.incr(self.k.group_seq)}"
+            req.group_id = chosen
+            fields = req.to_redis()
+            flat: list[str] = []
+            for key, value in fields.items():
+                flat += [key, value]
+            res = await self._submit(
+                keys=[self.k.req(req.request_id), self.k.group(chosen), self.k.group_queue(chosen), self.k.groups,
+                      open_key, self.k.idem(idempotency_key or "-"), self.k.unfinished],
+                args=[req.request_id, chosen, repr(now), "1" if new_group else "0", "1" if idempotency_key else "0",
+                      req.model, req.slo_class, IDEMPOTENCY_TTL_S, *flat],
+            )
+        accepted, rid = int(res[0]), res[1]
+        if not accepted:
+            existing = await self.get_request(rid)
+            return SubmitResult(rid, existing.group_id if existing else "", duplicate=True)
+        return SubmitResult(rid, chosen, duplicate=False)
+
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    # ---- reads ------------------------------------------------------------------------
+
+    async def get_request(self, rid: str) -> Request | None:
+        h = await self.r.hgetall(self.k.req(rid))
+        return Request.from_redis(h) if h else None
+
+    async def get_requests(self, rids: list[str]) -> dict[str, Request]:
+        if not rids:
+            return {}
+        async with self.r.pipeline(transaction=False) as p:
+            for rid in rids:
+                p.hgetall(self.k.req(rid))
+            rows = await p.execute()
+        return {rid: Request.from_redis(h) for rid, h in zip(rids, rows) if h}
+
+    async def generated_ids(self, rid: str) -> list[int]:
+        s = await self.r.get(self.k.ids(rid)) or ""
+        return [int(x) for x in s.split(",") if x]
+
+    async def groups(self) -> list[GroupRecord]:
+        gids = await self.r.zrange(self.k.groups, 0, -1)
+        if not gids:
+            return []
+        async with self.r.pipeline(transaction=False) as p:
+            for gid in gids:
+                p.hgetall(self.k.group(gid))
+                p.lrange(self.k.group_queue(gid), 0, -1)
+            rows = await p.execute()
+        out = []
+        for i, gid in enumerate(gids):
+            h, waiting = rows[2 * i], rows[2 * i + 1]
+            if not h:
+                continue
+            out.append(GroupRecord(gid, h["model"], h["slo_class"], float(h["created_at"]), tuple(waiting)))
+        return out
+
+    async def drop_empty_groups(self, groups: list[GroupRecord]) -> None:
+        """Groups with nothing waiting leave the active set (their hash expires later; a
+        requeue brings them back)."""
+        empty = [g.group_id for g in groups if not g.waiting]
+        if not empty:
+            return
+        async with self.r.pipeline(transaction=False) as p:
+            for gid in empty:
+                # Re-check inside Redis: a request may have joined since the read.
+                p.eval("if redis.call('LLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]);"
+                       " redis.call('EXPIRE', KEYS[3], ARGV[2]) end return 1", 3,
+                       self.k.group_queue(gid), self.k.groups, self.k.group(gid), gid, FINISHED_RETENTION_S)
+            await p.execute()
+
+    async def unfinished_ids(self) -> set[str]:
+        return set(await self.r.smembers(self.k.unfinished))
+
+    async def worker_running(self, wid: str) -> dict[str, int]:
+        h = await self.r.hgetall(self.k.worker_running(wid))
+        return {rid: int(a) for rid, a in h.items()}
+
+    async def length_counts(self) -> dict[tuple[str, str], tuple[float, float, float]]:
+        """(model, class) -> (n, sum, sumsq) of finished output lengths."""
+        h = await self.r.hgetall(self.k.lengths)
+        out: dict[tuple[str, str], list[float]] = {}
+        for field, value in h.items():
+            model, cls, stat = field.rsplit("|", 2)
+            idx = {"n": 0, "sum": 1, "sumsq": 2}[stat]
+            out.setdefault((model, cls), [0.0, 0.0, 0.0])[idx] = float(value)
+        return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+    async def class_stats(self) -> dict[str, dict[str, int]]:
+        h = await self.r.hgetall(self.k.class_stats)
+        out: dict[str, dict[str, int]] = {}
+        for field, value in h.items():
+            cls, stat = field.rsplit("|", 1)
+            out.setdefault(cls, {})[stat] = int(value)
+        return out
+
+    # ---- transitions ------------------------------------------------------------------
+
+    async def assign(self, rid: str, group_id: str, wid: str, now: float) -> int:
+        """Move a waiting request to a worker; returns its attempt number (0 if it left)."""
+        return int(await self._assign(keys=[self.k.req(rid), self.k.group_queue(group_id), self.k.worker_running(wid)],
+                                      args=[rid, wid, repr(now)]))
+
+    async def requeue(self, rid: str, group_id: str, wid: str, now: float) -> bool:
+        return bool(await self._requeue(
+            keys=[self.k.req(rid), self.k.worker_running(wid), self.k.group(group_id), self.k.group_queue(group_id),
+                  self.k.groups],
+            args=[rid, wid, repr(now), group_id]))
+
+    async def set_swapped(self, rid: str, wid: str, swapped: bool) -> bool:
+        return bool(await self._swap_state(keys=[self.k.req(rid)],
+                                           args=[wid, "swapped" if swapped else "running"]))
+
+    async def finish_early(self, rid: str, status: RequestStatus, now: float, error: str = "",
+                           attempt: int | None = None) -> tuple[str, str] | None:
+        """Cancel or fail a request. Returns (previous status, worker id) or None if it had ended."""
+        req = await self.r.hmget(self.k.req(rid), "group_id")
+        gid = req[0] or "-"
+        res = await self._finish_early(
+            keys=[self.k.req(rid), self.k.group_queue(gid), self.k.stream(rid), self.k.unfinished, self.k.ids(rid)],
+            args=[status.value, repr(now), error, FINISHED_RETENTION_S, "" if attempt is None else str(attempt)])
+        if not res:
+            return None
+        return res[0], res[1]
+
+    # ---- virtual queues, plan, workers ------------------------------------------------
+
+    async def save_plan(self, virtual_queues: dict[str, list[str]], plan_json: str, known_workers: list[str]) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            for wid in known_workers:
+                p.delete(self.k.vq(wid))
+                q = virtual_queues.get(wid, [])
+                if q:
+                    p.rpush(self.k.vq(wid), *q)
+            p.set(self.k.plan, plan_json)
+            await p.execute()
+
+    async def load_plan(self) -> dict | None:
+        s = await self.r.get(self.k.plan)
+        return json.loads(s) if s else None
+
+    async def virtual_queues(self, worker_ids: list[str]) -> dict[str, list[str]]:
+        async with self.r.pipeline(transaction=False) as p:
+            for wid in worker_ids:
+                p.lrange(self.k.vq(wid), 0, -1)
+            rows = await p.execute()
+        return dict(zip(worker_ids, rows))
+
+    async def put_worker(self, wid: str, fields: dict[str, str]) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.sadd(self.k.workers, wid)
+            p.hset(self.k.worker(wid), mapping=fields)
+            await p.execute()
+
+    async def get_workers(self) -> dict[str, dict[str, str]]:
+        wids = sorted(await self.r.smembers(self.k.workers))
+        async with self.r.pipeline(transaction=False) as p:
+            for wid in wids:
+                p.hgetall(self.k.worker(wid))
+            rows = await p.execute()
+        return {wid: h for wid, h in zip(wids, rows) if h}
+
+    async def remove_worker(self, wid: str) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.srem(self.k.workers, wid)
+            p.delete(self.k.worker(wid), self.k.vq(wid))
+            await p.execute()
+
+    # ---- token streams ----------------------------------------------------------------
+
+    async def read_stream(self, rid: str, offset: int, block_ms: int = 1000) -> AsyncIterator[list[StreamEntry]]:
+        """Batches of entries from token `offset` on, blocking for new ones, until the final
+        entry. Entries already trimmed away are not here: see `token_ids_from`."""
+        last_id = f"0-{offset}"
+        key = self.k.stream(rid)
+        while True:
+            resp = await self.r.xread({key: last_id}, block=block_ms, count=256)
+            if not resp:
+                status = await self.r.hget(self.k.req(rid), "status")
+                if status is None:
+                    raise KeyError(rid)
+                if status in ("finished", "cancelled", "failed"):
+                    # The final entry is written atomically with the status, so an empty read
+                    # past `last_id` means the reader has already seen the end.
+                    return
+                continue
+            batch = []
+            for _key, entries in resp:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    batch.append(_entry(fields))
+            yield batch
+            if batch[-1].finished:
+                return
+
+    async def first_stream_index(self, rid: str) -> int | None:
+        """Index of the oldest entry still in the stream (None when it is empty)."""
+        head = await self.r.xrange(self.k.stream(rid), count=1)
+        return _entry(head[0][1]).index if head else None
+
+    async def trim_stream(self, rid: str, below_index: int) -> None:
+        """The client has all tokens before `below_index`: drop them from the stream (the
+        ids string still holds every token for re-runs)."""
+        if below_index > 0:
+            await self.r.xtrim(self.k.stream(rid), minid=f"0-{below_index + 1}", approximate=False)
+
+
+def _entry(fields: dict[str, str]) -> StreamEntry:
+    tok = fields.get("t", "")
+    return StreamEntry(index=int(fields["i"]), token_id=int(tok) if tok != "" else None, text=fields.get("x", ""),
+                       finished=fields.get("f") == "1", finish_reason=fields.get("r", ""))

@@ -1,0 +1,117 @@
+"""Connected workers as the controller sees them, and the commands it sends them.
+
+Commands are plain dataclasses; the worker-link servicer converts them to protobuf at
+the edge. A worker's reported state is mirrored to Redis by the controller so that
+`qlm workers` and a restarted controller see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+from qlmserve.controller.snapshot import RunningRequest, WorkerState
+from qlmserve.operations.costs import WorkerProfile
+
+
+@dataclass(frozen=True)
+class RunCommand:
+    request_id: str
+    attempt: int
+    model: str
+    prompt_token_ids: list[int]
+    generated_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop_token_ids: tuple[int, ...]
+    latency_sensitive: bool
+    priority: int
+
+
+@dataclass(frozen=True)
+class OpCommand:
+    op_id: str
+    kind: str  # evict | swap_out | swap_in | load_model | warm_model | drop_warm | set_preemption | abort | drain
+    request_ids: tuple[str, ...] = ()
+    model: str = ""
+    mode: str = ""
+    max_pause_s: float = 0.0
+
+
+@dataclass
+class WorkerReport:
+    active_model: str | None
+    warm_models: list[str]
+    kv_capacity_tokens: int
+    kv_used_tokens: int
+    running: dict[str, tuple[int, bool]]  # request id -> (attempt, swapped)
+    waiting: list[str]
+    max_batch_size: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    device: str
+    loading_model: str | None
+    preemption: str
+
+
+_op_ids = itertools.count(1)
+
+
+def next_op_id() -> str:
+    return f"op{next(_op_ids)}"
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    engine: str
+    device: str
+    models: list[str]
+    session: int  # bumps on every (re)connection; a closing old session must not mark a new one dead
+    last_seen: float
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    report: WorkerReport | None = None
+    connected: bool = True
+    draining: bool = False
+    pending: dict[str, OpCommand] = field(default_factory=dict)  # op id -> op not yet answered
+
+    def send(self, cmd: RunCommand | OpCommand) -> None:
+        if isinstance(cmd, OpCommand) and cmd.kind not in ("abort",):
+            self.pending[cmd.op_id] = cmd
+        self.outbox.put_nowait(cmd)
+
+    def pending_kind(self, kind: str, model: str = "") -> bool:
+        return any(op.kind == kind and (not model or op.model == model) for op in self.pending.values())
+
+    def profile(self) -> WorkerProfile:
+        """A cost model from the worker's measured rates (per-token prefill, per-step decode)."""
+        r = self.report
+        if r is None or r.prefill_tokens_per_s <= 0 or r.decode_tokens_per_s <= 0:
+            return WorkerProfile(name=self.worker_id)
+        return WorkerProfile(prefill_base_s=0.0, prefill_per_token_s=1.0 / r.prefill_tokens_per_s,
+                             decode_base_s=1.0 / r.decode_tokens_per_s, decode_per_seq_s=0.0, name=self.worker_id)
+
+    def state(self, running: tuple[RunningRequest, ...], max_running: int, healthy: bool) -> WorkerState:
+        r = self.report
+        loading = r.loading_model if r else None
+        if loading is None:
+            for op in self.pending.values():
+                if op.kind == "load_model":
+                    loading = op.model
+        return WorkerState(
+            worker_id=self.worker_id,
+            active_model=r.active_model if r else None,
+            warm_models=frozenset(r.warm_models if r else ()),
+            kv_capacity_tokens=r.kv_capacity_tokens if r else 0,
+            kv_used_tokens=r.kv_used_tokens if r else 0,
+            max_batch_size=min(max_running, r.max_batch_size) if r and r.max_batch_size else max_running,
+            running=running,
+            profile=self.profile(),
+            healthy=healthy,
+            draining=self.draining,
+            gpu=self.device,
+            loading_model=loading,
+        )
