@@ -18,10 +18,15 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
         return HFEngine(dict(models), device=device, max_batch_size=max_batch_size,
                         kv_capacity_tokens=kv_capacity_tokens)
     if kind == "sim":
-        from qlmserve.backends.sim_engine import SimEngine
+        from qlmserve.backends.sim_engine import OutputLengths, SimEngine, SimModel
         from qlmserve.operations.costs import WorkerProfile, load_profile
 
         profile = load_profile(sim_profile) if sim_profile else WorkerProfile()
-        return SimEngine(dict(models), profile=profile, max_batch_size=max_batch_size,
-                         kv_capacity_tokens=kv_capacity_tokens, seed=seed)
+        sim_models = [SimModel(name, weight_bytes=spec.weight_bytes or 0) for name, spec in models.items()]
+        # Output lengths follow the policy's prior for the (first) model: the simulated
+        # engine has no text to end, so a distribution decides when a request stops.
+        prior = next(iter(models.values())).output_prior
+        return SimEngine(profile, sim_models, max_batch_size=max_batch_size,
+                         kv_capacity_tokens=kv_capacity_tokens or 100_000, seed=seed,
+                         output_lengths=OutputLengths(kind="lognormal", mean=prior.mean, std=max(prior.std, 1.0)))
     raise ValueError(f"unknown engine {kind!r}; valid engines: {', '.join(ENGINE_NAMES)}")

@@ -62,6 +62,11 @@ class ModelSpec(_Strict):
     weight_bytes: int | None = Field(default=None, ge=0)
     """Size of the weights; used by the model-swap cost model when the worker has not measured it."""
     output_prior: OutputPrior = OutputPrior()
+    tiny_seed: int | None = None
+    """When set and `path` holds no model yet, build a tiny random-weight model of `kind`
+    there with this seed (demos and tests; real weights never need it)."""
+    tiny_layers: int = Field(default=8, ge=1)
+    """Decoder layers of that tiny model."""
 
 
 class PlannerConfig(_Strict):

@@ -15,6 +15,7 @@ STATUS_BY_EXCEPTION: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UnknownRequest, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # e.g. an unknown policy name on reload
 ]
 
 
