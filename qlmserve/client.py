@@ -79,6 +79,36 @@ class QlmClient:
                 break
         return res
 
+    async def generate_reliably(self, req: client_pb2.SubmitRequest, *, retry_for_s: float = 120.0,
+                                on_chunk=None) -> GenerateResult:
+        """Submit and read every token, surviving a controller restart or a dropped stream:
+        the submission is retried under one idempotency key (so it is accepted exactly
+        once) and the stream resumes at the offset already received."""
+        import asyncio
+        import uuid
+
+        if not req.idempotency_key:
+            req.idempotency_key = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for_s
+        res: GenerateResult | None = None
+        while True:
+            try:
+                if res is None:
+                    sub = await self.submit(req, timeout=10)
+                    res = GenerateResult(sub.request_id)
+                async for chunk in self.stream(res.request_id, len(res.token_ids)):
+                    _take(res, chunk)
+                    if on_chunk is not None:
+                        on_chunk(res, chunk)
+                    if chunk.finished:
+                        return res
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.CANCELLED) or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
+
     async def queue(self) -> admin_pb2.QueueState:
         return await self.admin.GetQueue(admin_pb2.GetQueueRequest(), timeout=30)
 
