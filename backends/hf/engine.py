@@ -1,0 +1,523 @@
+"""HFEngine: the real worker engine on Hugging Face `transformers` models.
+
+Iteration-level continuous batching over an engine-managed paged KV cache
+(kv_cache.py), with passes that can stop between decoder layers (forward.py) so that
+expert-level preemption (QLLM) can pause a best-effort batch for latency-sensitive
+work. Every operation of the Engine interface is carried out for real and measured.
+
+Threading: `add_request`, `abort` and `request_preemption_check` only touch an inbox
+under `_lock`; the engine thread drains it at the start of every step, and, while a
+preemptible pass runs, at every stage boundary where the pass asks whether to pause.
+Everything else runs on the engine thread.
+
+NOTE(one step): a step first drains the inbox, then either
+  - continues a paused pass (EXPERT): LS prefill first, LS decode joins the paused
+    batch at its stage, then the paused batch resumes; or
+  - runs one iteration: admit waiting requests, a prefill pass for the joining ones and
+    a decode pass for the running ones. Under ITERATION / EXPERT, an LS prefill runs
+    first and step() returns right after it, so the worker streams its first token
+    at once; under EXPERT a BE pass may pause mid-way and step() returns early too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from qlmserve.backends.engine import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    EngineStats,
+    OpCost,
+    PreemptionMode,
+    TokenEvent,
+)
+from qlmserve.controller.policy import ModelSpec
+
+from .forward import ForwardPass
+from .kv_cache import PagedKVCache
+from .sampling import Sampler
+from .scheduling import SchedulingPolicy
+from .sequence import SeqStatus, Sequence
+from .weights import LoadRecord, WeightStore, release, sync
+
+_EMA = 0.2  # smoothing of the measured throughputs reported in stats()
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One finished forward pass, for the profiler: compute time excludes pauses."""
+
+    prefill: bool
+    batch: int
+    new_tokens: int
+    context_tokens: int  # KV positions attended over, summed over the batch
+    seconds: float
+    pauses: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class HFEngine(Engine):
+    def __init__(
+        self,
+        models: dict[str, ModelSpec],
+        *,
+        device: str = "auto",
+        max_batch_size: int = 16,
+        kv_capacity_tokens: int | None = None,
+        dtype: torch.dtype | None = None,
+        preemption: PreemptionMode = PreemptionMode.NONE,
+        max_pause_s: float = 2.0,
+        initial_model: str | None = None,
+    ) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the worker's log is not a terminal
+        if not models:
+            raise ValueError("HFEngine needs at least one model")
+        self.models = dict(models)
+        self.device = resolve_device(device)
+        # float32 on CPU (bf16 matmuls are slow there); bf16 on CUDA unless told otherwise.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.max_batch_size = max_batch_size
+        self._kv_capacity_arg = kv_capacity_tokens
+        self.policy = SchedulingPolicy(mode=PreemptionMode(preemption), max_pause_s=max_pause_s)
+        self.weights = WeightStore(self.models, self.device, self.dtype)
+        self.sampler = Sampler(self.device)
+
+        self._lock = threading.Lock()
+        self._inbox: deque[Sequence] = deque()
+        self._abort_inbox: list[str] = []
+        self._live_ids: set[str] = set()  # every request the engine holds, inbox included
+        self._ls_in_inbox = False  # read without the lock at stage boundaries (a bool is atomic)
+        self._preempt_requested = False
+
+        self._model_name: str | None = None
+        self._model = None
+        self._kv: PagedKVCache | None = None
+        self._stop_ids: frozenset[int] = frozenset()
+        self._seqs: dict[str, Sequence] = {}  # engine-thread view: waiting, running, swapped
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._paused: ForwardPass | None = None
+        self._aborted_in_step: set[str] = set()
+
+        self.pass_log: deque[PassRecord] = deque(maxlen=4096)
+        self._prefill_tps = 0.0
+        self._decode_tps = 0.0
+        if initial_model is not None:
+            self.load_model(initial_model)
+
+    # ------------------------------------------------------------------ any thread
+
+    def add_request(self, request: EngineRequest) -> None:
+        seq = Sequence(request)
+        with self._lock:
+            if request.request_id in self._live_ids:
+                raise EngineError(f"request {request.request_id!r} is already in the engine")
+            if request.model != self._model_name:
+                raise EngineError(
+                    f"request {request.request_id!r} is for model {request.model!r}, "
+                    f"the active model is {self._model_name!r}"
+                )
+            if not request.prompt_token_ids:
+                raise EngineError(f"request {request.request_id!r} has an empty prompt")
+            if seq.num_generated >= request.max_tokens:
+                raise EngineError(
+                    f"request {request.request_id!r} already has {seq.num_generated} tokens "
+                    f">= max_tokens={request.max_tokens}"
+                )
+            max_ctx = self.models[request.model].max_context
+            if seq.num_tokens >= max_ctx:
+                raise EngineError(
+                    f"request {request.request_id!r}: {seq.num_tokens} tokens reach the model's "
+                    f"max_context={max_ctx}"
+                )
+            assert self._kv is not None
+            if self._kv.blocks_for(self._kv_need(seq)) > self._kv.num_blocks:
+                raise EngineError(
+                    f"request {request.request_id!r} needs {self._kv_need(seq)} KV tokens, "
+                    f"capacity is {self._kv.capacity_tokens}"
+                )
+            self._live_ids.add(request.request_id)
+            self._inbox.append(seq)
+            if request.latency_sensitive:
+                self._ls_in_inbox = True
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._live_ids:
+                self._abort_inbox.append(request_id)
+
+    def request_preemption_check(self) -> None:
+        """Ask a running preemptible (EXPERT) pass to stop at its next stage boundary, so
+        that step() returns and the worker can run an operation (e.g. swap in an LS
+        request) without waiting for the iteration to end."""
+        self._preempt_requested = True
+
+    # ------------------------------------------------------------------ inbox
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            arrived = list(self._inbox)
+            self._inbox.clear()
+            aborts = self._abort_inbox
+            self._abort_inbox = []
+            self._ls_in_inbox = False
+        for seq in arrived:
+            self._seqs[seq.id] = seq
+            self._waiting.append(seq)
+        for rid in aborts:
+            seq = self._seqs.get(rid)
+            if seq is not None:
+                self._remove(seq, SeqStatus.FINISHED_ABORTED)
+                self._aborted_in_step.add(rid)
+
+    def _remove(self, seq: Sequence, status: SeqStatus) -> None:
+        """Take a sequence out of the engine wherever it is and free its memory."""
+        if self._paused is not None and seq in self._paused.seqs:
+            self._paused.drop({seq.id})
+            if not self._paused.seqs:
+                self._paused = None
+        if seq.status is SeqStatus.WAITING:
+            self._waiting.remove(seq)
+        elif seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+            if self._kv is not None:
+                self._kv.free(seq.id)
+        seq.host_kv = None
+        seq.status = status
+        self._seqs.pop(seq.id, None)
+        with self._lock:
+            self._live_ids.discard(seq.id)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[TokenEvent]:
+        self._drain_inbox()
+        if self._model is None:
+            return []
+        self._aborted_in_step.clear()
+        if self._paused is not None:
+            events = self._continue_paused()
+        else:
+            events = self._iteration()
+        self._drain_inbox()  # an abort that arrived mid-step: its tokens are not delivered
+        if self._aborted_in_step:
+            events = [e for e in events if e.request_id not in self._aborted_in_step]
+        return events
+
+    def _iteration(self) -> list[TokenEvent]:
+        self._admit()
+        prefill = [s for s in self._running if s.is_prefill]
+        decode = [s for s in self._running if not s.is_prefill]
+        if not self.policy.prioritized:
+            events = self._run_pass(prefill) if prefill else []
+            decode = self._still_running(decode)
+            if decode and self._paused is None:
+                events += self._run_pass(decode)
+            return events
+        ls_prefill = [s for s in prefill if s.latency_sensitive]
+        if ls_prefill:
+            return self._run_pass(ls_prefill)  # return at once: the first tokens stream now
+        events: list[TokenEvent] = []
+        for group in (prefill, decode):
+            group = self._still_running(group)  # an abort may have landed mid-pass
+            if not group:
+                continue
+            if self._ls_can_start():
+                break  # a new LS request goes first: end this iteration here
+            events += self._run_pass(group)
+            if self._paused is not None:
+                break
+        return events
+
+    def _continue_paused(self) -> list[TokenEvent]:
+        paused = self._paused
+        assert paused is not None and paused.paused_at is not None
+        waited = paused.paused_s + (time.perf_counter() - paused.paused_at)
+        if self.policy.may_pause(waited):
+            self._admit()
+            ls_prefill = [s for s in self._running if s.latency_sensitive and s.is_prefill]
+            if ls_prefill:
+                return self._run_pass(ls_prefill)
+            ls_decode = [
+                s for s in self._running
+                if s.latency_sensitive and not s.is_prefill and s not in paused.seqs
+            ]
+            if ls_decode and self.policy.ls_decode_joins_paused and not paused.is_prefill:
+                self._catch_up_and_join(ls_decode, paused)
+        self._paused = None
+        return self._resume(paused)
+
+    def _catch_up_and_join(self, seqs: list[Sequence], paused: ForwardPass) -> None:
+        """Run LS decode sequences up to the paused batch's stage, then merge them into it."""
+        catch_up = ForwardPass(self._model, self._kv, seqs, preemptible=True)
+        target = paused.cursor
+        finished = catch_up.run(lambda p: p.cursor >= target)
+        if finished:  # cannot happen: target < num_stages for a paused pass
+            raise RuntimeError("catch-up pass ran past the paused stage")
+        paused.merge(catch_up)
+
+    # ------------------------------------------------------------------ admission
+
+    def _kv_need(self, seq: Sequence) -> int:
+        """KV positions reserved for a sequence: all it may ever feed (bounded by context)."""
+        max_ctx = self.models[seq.request.model].max_context
+        return min(seq.max_total_tokens, max_ctx - 1)
+
+    def _admit(self) -> None:
+        assert self._kv is not None
+        for seq in self.policy.admission_order(self._waiting):
+            fits_batch = len(self._running) < self.policy.batch_limit(seq, self.max_batch_size)
+            fits_kv = self._kv.can_reserve(self._kv_need(seq))
+            if not (fits_batch and fits_kv):
+                if self.policy.blocks_queue():
+                    break
+                continue
+            self._kv.reserve(seq.id, self._kv_need(seq))
+            self._waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            seq.kv_len = 0
+            self._running.append(seq)
+
+    def _ls_can_start(self) -> bool:
+        """Is there latency-sensitive work that could start now? (checked between stages)"""
+        if self._ls_in_inbox:
+            self._drain_inbox()
+        assert self._kv is not None
+        if any(s.latency_sensitive and s.is_prefill for s in self._running):
+            return True
+        for seq in self._waiting:
+            if seq.latency_sensitive and self._kv.can_reserve(self._kv_need(seq)) and len(
+                self._running
+            ) < self.policy.batch_limit(seq, self.max_batch_size):
+                return True
+        return False
+
+    def _should_pause(self, p: ForwardPass) -> bool:
+        if self._preempt_requested:
+            self._preempt_requested = False
+            return True
+        if not self.policy.may_pause(p.paused_s):
+            return False
+        # Sequences aborted while this pass ran stay in it until the pass ends; a pause
+        # point is a safe place to drop them, but not worth a pause of its own.
+        return self._ls_can_start()
+
+    # ------------------------------------------------------------------ passes
+
+    def _run_pass(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs))
+        return self._resume(p)
+
+    @staticmethod
+    def _still_running(seqs: list[Sequence]) -> list[Sequence]:
+        return [s for s in seqs if s.status is SeqStatus.RUNNING]
+
+    def _resume(self, p: ForwardPass) -> list[TokenEvent]:
+        finished = p.run(self._should_pause)
+        # Sequences aborted while the pass ran (drained at a stage boundary) are already
+        # freed; their rows only wrote KV into their own freed blocks, and nothing could be
+        # admitted in between. A paused pass must let go of them before anyone reuses
+        # those blocks.
+        dead = {s.id for s in p.seqs if s.status is not SeqStatus.RUNNING}
+        if not finished:
+            p.drop(dead)
+            self._paused = p if p.seqs else None
+            return []
+        live = [s.id not in dead for s in p.seqs]
+        logits = p.logits()
+        p.commit()
+        seqs = p.seqs
+        indices = [s.num_generated for s in seqs]
+        tokens = self.sampler.choose(logits, [s.request for s in seqs], indices)
+        sync(self.device)
+        self._record(p)
+        events: list[TokenEvent] = []
+        for seq, token, alive in zip(seqs, tokens, live, strict=True):
+            if not alive:
+                continue
+            seq.append(token)
+            status = None
+            if token in self._stop_ids or token in seq.request.stop_token_ids:
+                status = SeqStatus.FINISHED_STOPPED
+            elif seq.num_generated >= seq.request.max_tokens or seq.num_tokens >= self.models[
+                seq.request.model
+            ].max_context:
+                status = SeqStatus.FINISHED_LENGTH
+            event = TokenEvent(seq.id, token, seq.num_generated - 1)
+            if status is not None:
+                self._remove(seq, status)
+                event.finished = True
+                event.finish_reason = seq.finish_reason()
+            events.append(event)
+        return events
+
+    def _record(self, p: ForwardPass) -> None:
+        new = sum(p.new_tokens)
+        ctx = sum(s.kv_len for s in p.seqs)
+        self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses))
+        if p.compute_s <= 0:
+            return
+        if p.is_prefill:
+            self._prefill_tps += _EMA * (new / p.compute_s - self._prefill_tps)
+        else:
+            self._decode_tps += _EMA * (1.0 / p.compute_s - self._decode_tps)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            if self._inbox:
+                return True
+        return bool(self._waiting or self._running or self._paused)
+
+    # ------------------------------------------------------------------ operations
+
+    def _get(self, request_id: str) -> Sequence:
+        self._drain_inbox()
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise EngineError(f"unknown request {request_id!r}")
+        return seq
+
+    def evict(self, request_id: str) -> list[int]:
+        seq = self._get(request_id)
+        tokens = list(seq.generated)
+        self._remove(seq, SeqStatus.FINISHED_EVICTED)
+        return tokens
+
+    def swap_out(self, request_id: str) -> OpCost:
+        seq = self._get(request_id)
+        if seq.status is not SeqStatus.RUNNING:
+            raise EngineError(f"request {request_id!r} is {seq.status.name}, not running")
+        assert self._kv is not None
+        t0 = time.perf_counter()
+        if self._paused is not None and seq in self._paused.seqs:
+            # Its in-flight token's partial KV lies beyond kv_len: only the committed part
+            # moves, and the token is fed again after swap_in.
+            self._paused.drop({seq.id})
+            if not self._paused.seqs:
+                self._paused = None
+        seq.host_kv = self._kv.copy_out(seq.id, seq.kv_len, pin=self.device.type == "cuda")
+        self._running.remove(seq)
+        seq.status = SeqStatus.SWAPPED
+        return OpCost(time.perf_counter() - t0, seq.host_kv.nbytes, f"{seq.kv_len} tokens to host")
+
+    def swap_in(self, request_id: str) -> OpCost:
+        seq = self._get(request_id)
+        if seq.status is not SeqStatus.SWAPPED or seq.host_kv is None:
+            raise EngineError(f"request {request_id!r} is {seq.status.name}, not swapped")
+        if seq.request.model != self._model_name:
+            raise EngineError(
+                f"request {request_id!r} is for model {seq.request.model!r}, active is {self._model_name!r}"
+            )
+        assert self._kv is not None
+        if not self._kv.can_reserve(self._kv_need(seq)):
+            raise EngineError(f"no KV space to swap in {request_id!r} ({self._kv_need(seq)} tokens)")
+        t0 = time.perf_counter()
+        host = seq.host_kv
+        self._kv.copy_in(seq.id, host, self._kv_need(seq))
+        sync(self.device)
+        seq.kv_len = host.tokens
+        seq.host_kv = None
+        seq.status = SeqStatus.RUNNING
+        self._running.append(seq)
+        return OpCost(time.perf_counter() - t0, host.nbytes, f"{host.tokens} tokens to device")
+
+    def load_model(self, model: str) -> OpCost:
+        if model not in self.models:
+            raise EngineError(f"unknown model {model!r}; known: {sorted(self.models)}")
+        self._drain_inbox()
+        if model == self._model_name:
+            return OpCost(0.0, 0, "already active")
+        busy = [s.id for s in self._seqs.values() if s.status is not SeqStatus.SWAPPED]
+        if busy:
+            raise EngineError(f"cannot switch models: {len(busy)} requests still waiting or running")
+        t0 = time.perf_counter()
+        old, self._model = self._model, None
+        self._kv = None
+        with self._lock:
+            self._model_name = None
+        release(old, self.device)
+        del old
+        new, record = self.weights.activate(model)
+        cfg = new.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        capacity = self._kv_capacity_arg or self.max_batch_size * self.models[model].max_context
+        kv = PagedKVCache(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            capacity_tokens=capacity,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        eos = new.generation_config.eos_token_id
+        if eos is None:
+            eos = cfg.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self._model, self._kv, self._stop_ids = new, kv, frozenset(eos_ids)
+        with self._lock:
+            self._model_name = model
+        seconds = time.perf_counter() - t0
+        kind = "warm (host RAM)" if record.warm else "cold (disk)"
+        return OpCost(seconds, record.bytes_moved, f"{kind} load of {model} in {record.seconds:.3f}s")
+
+    def warm_model(self, model: str) -> OpCost:
+        if model not in self.models:
+            raise EngineError(f"unknown model {model!r}; known: {sorted(self.models)}")
+        active = self._model if model == self._model_name else None
+        seconds, nbytes = self.weights.make_warm(model, active)
+        return OpCost(seconds, nbytes, f"{model} weights in host RAM")
+
+    def drop_warm(self, model: str) -> None:
+        self.weights.drop_warm(model)
+
+    def set_preemption(self, mode: PreemptionMode, max_pause_s: float) -> None:
+        self.policy.mode = PreemptionMode(mode)
+        self.policy.max_pause_s = max_pause_s
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def load_history(self) -> list[LoadRecord]:
+        """Every measured model load, cold and warm."""
+        return list(self.weights.history)
+
+    @property
+    def model(self):  # noqa: ANN201 - a transformers PreTrainedModel
+        return self._model
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            inbox = [s.id for s in self._inbox]
+        kv = self._kv
+        return EngineStats(
+            active_model=self._model_name,
+            warm_models=sorted(self.weights.warm),
+            kv_capacity_tokens=kv.capacity_tokens if kv else 0,
+            kv_used_tokens=kv.used_tokens if kv else 0,
+            running=[s.id for s in self._running],
+            swapped=[s.id for s in self._seqs.values() if s.status is SeqStatus.SWAPPED],
+            waiting=[s.id for s in self._waiting] + inbox,
+            max_batch_size=self.max_batch_size,
+            prefill_tokens_per_s=self._prefill_tps,
+            decode_tokens_per_s=self._decode_tps,
+            device=str(self.device),
+        )
+
+    def close(self) -> None:
+        model, self._model = self._model, None
+        self._kv = None
+        self.weights.warm.clear()
+        release(model, self.device)

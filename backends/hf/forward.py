@@ -1,0 +1,220 @@
+"""A resumable forward pass: the model's decoder walked one stage at a time.
+
+NOTE(why not transformers' ContinuousBatchingManager / generate_batch): that manager
+already does continuous batching over a paged cache, but it runs `model.forward` whole:
+once a batch starts an iteration it goes through every layer before the scheduler sees
+it again. Expert-level preemption (QLLM) needs to stop a best-effort batch *between*
+decoder layers, and between a layer's attention and its MoE stage, keep the batch's
+hidden states, run latency-sensitive work, and resume at the same stage. So the engine
+walks `model.model.layers` itself, calling the family's own modules (norms, attention
+with its q/k norms / biases / rotary, the MoE block with its router, fused experts and
+shared expert) and only replacing the KV cache with its own paged one (`KVView`).
+
+A pass has 2 * num_layers stages (attention, MoE, per layer) and a cursor. In these
+pre-norm architectures a stage boundary is a point where `hidden` (the residual
+stream) is the whole state of the in-flight tokens: the next stage's residual is
+`hidden` itself and routing is recomputed from it. So pausing keeps just `hidden`
+[B, T, H] (plus the KV the finished stages wrote) and resuming repeats no work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_cache import PagedKVCache
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class KVView:
+    """The `past_key_values` an attention module sees during one pass.
+
+    Duck-types the one `Cache` method attention modules call, `update(k, v, layer_idx)`:
+    it writes the pass's new keys/values into the paged pool and returns every sequence's
+    whole context as a padded [B, kv_heads, context, head_dim] tensor."""
+
+    def __init__(self, kv: PagedKVCache, read_slots: torch.Tensor, write_slots: torch.Tensor,
+                 write_rows: torch.Tensor | None) -> None:
+        self.kv = kv
+        self.read_slots = read_slots  # [B, context] slot of each key position (padding -> any slot)
+        self.write_slots = write_slots  # [N] slots of the pass's valid new tokens
+        self.write_rows = write_rows  # [B, T] bool of valid new tokens; None when no padding
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.kv.pool[layer_idx]
+        k = key_states.transpose(1, 2)  # [B, T, kvh, D]
+        v = value_states.transpose(1, 2)
+        if self.write_rows is None:
+            k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+        else:
+            k, v = k[self.write_rows], v[self.write_rows]
+        pool[0].index_copy_(0, self.write_slots, k.to(pool.dtype))
+        pool[1].index_copy_(0, self.write_slots, v.to(pool.dtype))
+        return pool[0][self.read_slots].transpose(1, 2), pool[1][self.read_slots].transpose(1, 2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.read_slots.shape[1])
+
+
+class ForwardPass:
+    """One forward pass of a set of sequences, runnable stage by stage."""
+
+    def __init__(self, model: PreTrainedModel, kv: PagedKVCache, seqs: list[Sequence], *,
+                 preemptible: bool) -> None:
+        if not seqs:
+            raise ValueError("a forward pass needs at least one sequence")
+        self.model = model
+        self.kv = kv
+        self.layers = model.model.layers
+        self.num_stages = 2 * len(self.layers)
+        self.preemptible = preemptible
+        self.cursor = 0  # next stage: layer = cursor // 2, attention if even else MoE
+        self.created = time.perf_counter()
+        self.compute_s = 0.0  # time spent running stages (not paused)
+        self.paused_s = 0.0  # total time spent paused (starvation bound)
+        self.paused_at: float | None = None
+        self.pauses = 0
+        self.seqs: list[Sequence] = []
+        self.new_tokens: list[int] = []
+        device = kv.device
+        for seq in seqs:
+            # Blocks for the new tokens are taken now, so a later stage never allocates.
+            kv.ensure(seq.id, seq.num_tokens)
+        self.seqs = list(seqs)
+        self._prepare()
+        ids = torch.zeros((len(seqs), self.t_max), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            pending = seq.pending
+            ids[row, : len(pending)] = torch.tensor(pending, dtype=torch.long)
+        self.hidden = model.model.embed_tokens(ids.to(device))
+
+    # -- metadata (rebuilt when sequences leave or join mid-pass) ---------------------------
+
+    def _prepare(self) -> None:
+        device = self.kv.device
+        seqs = self.seqs
+        self.new_tokens = [seq.num_tokens - seq.kv_len for seq in seqs]
+        self.t_max = max(self.new_tokens)
+        past = torch.tensor([seq.kv_len for seq in seqs], dtype=torch.long)
+        total = torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.long)
+        ctx = int(total.max())
+        t = torch.arange(self.t_max, dtype=torch.long)
+        positions = past[:, None] + t[None, :]  # [B, T]
+        valid = t[None, :] < (total - past)[:, None]
+        # Query t of a sequence sees keys 0..its own position; a padding query sees its
+        # whole context (it must see something, or SDPA returns NaN for the row).
+        last_visible = torch.minimum(positions, (total - 1)[:, None])
+        keys = torch.arange(ctx, dtype=torch.long)
+        mask = keys[None, None, :] <= last_visible[:, :, None]  # [B, T, ctx]
+        read = torch.zeros((len(seqs), ctx), dtype=torch.long)
+        writes = []
+        for row, seq in enumerate(seqs):
+            slots = self.kv.slots(seq.id, 0, seq.num_tokens)
+            read[row, : seq.num_tokens] = slots
+            writes.append(slots[seq.kv_len :])
+        padded = not bool(valid.all())
+        self.position_ids = positions.to(device)
+        # A single sequence needs no mask: SDPA's causal path (prefill) or full attention
+        # over its own context (decode) is exactly right, and matches HF generate().
+        self.mask = None if len(seqs) == 1 else mask[:, None].to(device)
+        self.view = KVView(self.kv, read.to(device), torch.cat(writes).to(device),
+                           valid.to(device) if padded else None)
+        self.last_index = torch.tensor([n - 1 for n in self.new_tokens], dtype=torch.long, device=device)
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- running ----------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= self.num_stages
+
+    @property
+    def layer(self) -> int:
+        return self.cursor // 2
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.t_max > 1
+
+    @torch.inference_mode()
+    def run(self, should_pause: Callable[[ForwardPass], bool] | None = None) -> bool:
+        """Run stages until the pass is done (True) or `should_pause` asks it to stop at a
+        stage boundary (False). Pauses are only considered after the first stage ran and
+        only for preemptible passes."""
+        if self.paused_at is not None:
+            self.paused_s += time.perf_counter() - self.paused_at
+            self.paused_at = None
+        t0 = time.perf_counter()
+        ran = 0
+        if self.rotary is None:
+            self.rotary = self.model.model.rotary_emb(self.hidden, self.position_ids)
+        while not self.done:
+            if ran and self.preemptible and should_pause is not None and should_pause(self):
+                self.compute_s += time.perf_counter() - t0
+                self.paused_at = time.perf_counter()
+                self.pauses += 1
+                return False
+            self._run_stage()
+            ran += 1
+        self.compute_s += time.perf_counter() - t0
+        return True
+
+    def _run_stage(self) -> None:
+        layer = self.layers[self.layer]
+        if self.cursor % 2 == 0:
+            h = layer.input_layernorm(self.hidden)
+            h, _ = layer.self_attn(
+                hidden_states=h,
+                position_embeddings=self.rotary,
+                attention_mask=self.mask,
+                position_ids=self.position_ids,
+                past_key_values=self.view,
+            )
+        else:
+            h = layer.mlp(layer.post_attention_layernorm(self.hidden))
+        self.hidden = self.hidden + h
+        self.cursor += 1
+
+    @torch.inference_mode()
+    def logits(self) -> torch.Tensor:
+        """[B, vocab] float logits at each sequence's last new token (pass must be done)."""
+        rows = torch.arange(len(self.seqs), device=self.hidden.device)
+        last = self.hidden[rows, self.last_index]
+        return self.model.lm_head(self.model.model.norm(last)).float()
+
+    def commit(self) -> None:
+        """The pass finished every layer: its new tokens now have KV everywhere."""
+        for seq in self.seqs:
+            seq.kv_len = seq.num_tokens
+
+    # -- membership changes at a stage boundary --------------------------------------------
+
+    def drop(self, seq_ids: set[str]) -> list[Sequence]:
+        """Remove sequences from a paused pass (evict / abort / swap). Their partial KV
+        writes for this pass lie beyond their kv_len and are simply overwritten later."""
+        keep = [i for i, s in enumerate(self.seqs) if s.id not in seq_ids]
+        gone = [s for s in self.seqs if s.id in seq_ids]
+        if not gone:
+            return []
+        self.seqs = [self.seqs[i] for i in keep]
+        if self.seqs:
+            hidden = self.hidden[torch.tensor(keep, device=self.hidden.device)]
+            self._prepare()
+            self.hidden = hidden[:, : self.t_max]
+        return gone
+
+    def merge(self, other: ForwardPass) -> None:
+        """Let the sequences of `other`, which reached the same stage, join this pass: from
+        here on they run as one batch (QLLM merges LS jobs into the BE batch in-layer)."""
+        if other.cursor != self.cursor or other.t_max != 1 or self.t_max != 1:
+            raise ValueError("only decode passes paused at the same stage can merge")
+        self.seqs += other.seqs
+        self.hidden = torch.cat([self.hidden, other.hidden])
+        self._prepare()

@@ -1,0 +1,137 @@
+"""Engine-managed paged KV cache.
+
+One pool tensor per model holds the keys and values of every layer:
+    pool[layer, 0 (key) | 1 (value), slot, kv_head, head_dim]
+Slots are grouped into fixed-size blocks; each sequence owns a block table, so a
+sequence's KV grows a block at a time and is freed, swapped out or swapped in as a set
+of blocks (the vLLM layout, without its custom kernels: attention gathers a sequence's
+slots into a padded [batch, kv_heads, context, head_dim] view with one index per layer).
+
+Capacity is reserved at admission (prompt + remaining max_tokens), so a running
+sequence can never run out of KV mid-iteration; the controller, not the engine, decides
+whom to evict or swap when the queue wants more than fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 16
+
+
+@dataclass
+class HostKV:
+    """A sequence's KV in host memory after swap_out: [layers, 2, tokens, kv_heads, head_dim]."""
+
+    data: torch.Tensor
+    tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class PagedKVCache:
+    """Block pool plus per-sequence block tables and reservations."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        self.block_size = block_size
+        self.num_blocks = max(1, capacity_tokens // block_size)
+        self.capacity_tokens = self.num_blocks * block_size
+        self.device = device
+        self.dtype = dtype
+        # torch.empty does not touch the pages, so an unused capacity costs no RAM on CPU.
+        self.pool = torch.empty(
+            (num_layers, 2, self.num_blocks * block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        self.bytes_per_token = num_layers * 2 * num_kv_heads * head_dim * self.pool.element_size()
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._tables: dict[str, list[int]] = {}
+        self._reserved: dict[str, int] = {}  # blocks promised to a sequence (held or not yet allocated)
+        self._reserved_total = 0
+
+    # -- reservations ----------------------------------------------------------------------
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def can_reserve(self, tokens: int) -> bool:
+        return self.blocks_for(tokens) <= self.num_blocks - self._reserved_total
+
+    def reserve(self, seq_id: str, tokens: int) -> None:
+        """Promise `tokens` of KV to a sequence; allocation then cannot fail up to that."""
+        want = self.blocks_for(tokens)
+        have = self._reserved.get(seq_id, 0)
+        if want <= have:
+            return
+        if want - have > self.num_blocks - self._reserved_total:
+            raise MemoryError(f"KV cache: {tokens} tokens for {seq_id} do not fit")
+        self._reserved[seq_id] = want
+        self._reserved_total += want - have
+        self._tables.setdefault(seq_id, [])
+
+    def free(self, seq_id: str) -> None:
+        """Release a sequence's blocks and its reservation."""
+        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        self._reserved_total -= self._reserved.pop(seq_id, 0)
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens of blocks actually handed out (what the device memory holds)."""
+        return (self.num_blocks - len(self._free)) * self.block_size
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self._reserved_total * self.block_size
+
+    # -- slots -----------------------------------------------------------------------------
+
+    def ensure(self, seq_id: str, tokens: int) -> list[int]:
+        """Make sure the sequence's table covers `tokens` positions; returns the table."""
+        table = self._tables[seq_id]
+        need = self.blocks_for(tokens)
+        if need > self._reserved[seq_id]:
+            raise MemoryError(f"KV cache: {seq_id} outgrew its reservation ({tokens} tokens)")
+        while len(table) < need:
+            table.append(self._free.pop())
+        return table
+
+    def slots(self, seq_id: str, start: int, end: int) -> torch.Tensor:
+        """Flat slot ids of positions [start, end) of a sequence (a CPU tensor)."""
+        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
+        pos = torch.arange(start, end, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    # -- swap ------------------------------------------------------------------------------
+
+    def copy_out(self, seq_id: str, tokens: int, pin: bool) -> HostKV:
+        """Copy the first `tokens` positions of a sequence to host memory and free it here."""
+        slots = self.slots(seq_id, 0, tokens).to(self.device)
+        data = self.pool[:, :, slots]  # advanced indexing: a fresh tensor, not a view
+        if self.device.type == "cpu":
+            host = data  # already a compact copy in host memory
+        else:
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=pin)
+            host.copy_(data, non_blocking=pin)
+            torch.cuda.current_stream(self.device).synchronize()
+        self.free(seq_id)
+        return HostKV(host, tokens)
+
+    def copy_in(self, seq_id: str, host: HostKV, reserve_tokens: int) -> None:
+        """Reserve space for a swapped sequence and copy its KV back."""
+        self.reserve(seq_id, max(reserve_tokens, host.tokens))
+        self.ensure(seq_id, host.tokens)
+        slots = self.slots(seq_id, 0, host.tokens).to(self.device)
+        self.pool[:, :, slots] = host.data.to(self.device, non_blocking=host.data.is_pinned())
