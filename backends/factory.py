@@ -23,10 +23,9 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
 
         profile = load_profile(sim_profile) if sim_profile else WorkerProfile()
         sim_models = [SimModel(name, weight_bytes=spec.weight_bytes or 0) for name, spec in models.items()]
-        # Output lengths follow the policy's prior for the (first) model: the simulated
-        # engine has no text to end, so a distribution decides when a request stops.
-        prior = next(iter(models.values())).output_prior
+        # A simulated request runs to its max_tokens: replayed traces set max_tokens to the
+        # trace's true output length, so the fleet sees the real length distribution.
         return SimEngine(profile, sim_models, max_batch_size=max_batch_size,
                          kv_capacity_tokens=kv_capacity_tokens or 100_000, seed=seed,
-                         output_lengths=OutputLengths(kind="lognormal", mean=prior.mean, std=max(prior.std, 1.0)))
+                         output_lengths=OutputLengths(kind="max_tokens"))
     raise ValueError(f"unknown engine {kind!r}; valid engines: {', '.join(ENGINE_NAMES)}")

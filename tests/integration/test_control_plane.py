@@ -49,7 +49,7 @@ async def test_submit_stream_done(cluster, redis_url: str, prefix: str):
     rt, client, *_ = cluster
     res = await _generate(client, submit_request("sim-a", prompt="hello world", max_tokens=12, slo_class="interactive"))
     assert res.finish_reason in ("stop", "length")
-    assert 1 <= len(res.token_ids) <= 12
+    assert len(res.token_ids) == 12  # the simulated engine runs to max_tokens
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     h = r.hgetall(f"{prefix}:req:{res.request_id}")
     assert h["status"] == "finished"
@@ -118,19 +118,20 @@ async def test_worker_death_requeues(cluster, redis_url: str, prefix: str):
     2. they complete on the surviving worker, continuing after the tokens already made;
     3. every client receives a complete, gap-free stream."""
     rt, client, workers, *_ = cluster
-    subs = [await client.submit(submit_request("sim-a", prompt_token_ids=[1, 2, 3], max_tokens=150))
+    subs = [await client.submit(submit_request("sim-a", prompt_token_ids=[1, 2, 3], max_tokens=400))
             for _ in range(6)]
     rids = [s.request_id for s in subs]
 
-    async def on_w0() -> bool:
-        ws = {w.worker_id: w for w in (await client.workers()).workers}
-        return "w0" in ws and len(ws["w0"].running) > 0
+    async def busy_worker() -> str | None:
+        ws = (await client.workers()).workers
+        busy = [w for w in ws if len(w.running) > 0]
+        return busy[0].worker_id if busy else None
 
-    await wait_until(on_w0, timeout_s=30, what="work on w0")
+    victim = await wait_until(busy_worker, timeout_s=30, what="a busy worker")
     await asyncio.sleep(0.3)
     import signal
 
-    stop(workers[0], signal.SIGKILL)
+    stop(workers[int(victim[1:])], signal.SIGKILL)
     results = await asyncio.wait_for(asyncio.gather(*(client.collect(rid) for rid in rids)), timeout=120)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     retried = 0

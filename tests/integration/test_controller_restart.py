@@ -43,6 +43,7 @@ async def test_controller_sigkill_and_restart(redis_url: str, prefix: str, tmp_p
                 for i in range(n)]
             await wait_until(lambda: progress["tokens"] >= 100, timeout_s=60, what="load to build up")
             stop(ctrl, signal.SIGKILL)
+            assert not all(t.done() for t in tasks), "the load finished before the crash"
             await asyncio.sleep(1.0)  # workers keep generating into Redis meanwhile
             ctrl, _ = start_controller(redis_url, prefix, policy, logs, port=port)
             results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
