@@ -59,6 +59,7 @@ class PassRecord:
     context_tokens: int  # KV positions attended over, summed over the batch
     seconds: float
     pauses: int
+    paused_s: float  # time the pass spent paused by expert-level preemption
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,10 +248,9 @@ class HFEngine(Engine):
         assert paused is not None and paused.paused_at is not None
         waited = paused.paused_s + (time.perf_counter() - paused.paused_at)
         if self.policy.may_pause(waited):
-            self._admit()
-            ls_prefill = [s for s in self._running if s.latency_sensitive and s.is_prefill]
-            if ls_prefill:
-                return self._run_pass(ls_prefill)
+            events = self._ls_prefill_while_paused()
+            if events:
+                return events
             ls_decode = [
                 s for s in self._running
                 if s.latency_sensitive and not s.is_prefill and s not in paused.seqs
@@ -259,6 +259,11 @@ class HFEngine(Engine):
                 self._catch_up_and_join(ls_decode, paused)
         self._paused = None
         return self._resume(paused)
+
+    def _ls_prefill_while_paused(self) -> list[TokenEvent]:
+        self._admit()
+        ls_prefill = [s for s in self._running if s.latency_sensitive and s.is_prefill]
+        return self._run_pass(ls_prefill) if ls_prefill else []
 
     def _catch_up_and_join(self, seqs: list[Sequence], paused: ForwardPass) -> None:
         """Run LS decode sequences up to the paused batch's stage, then merge them into it."""
@@ -335,7 +340,9 @@ class HFEngine(Engine):
         if not finished:
             p.drop(dead)
             self._paused = p if p.seqs else None
-            return []
+            # The LS work that caused the pause runs in this same step, so its first token
+            # goes out without another trip through the worker loop.
+            return self._ls_prefill_while_paused()
         live = [s.id not in dead for s in p.seqs]
         logits = p.logits()
         p.commit()
@@ -367,7 +374,8 @@ class HFEngine(Engine):
     def _record(self, p: ForwardPass) -> None:
         new = sum(p.new_tokens)
         ctx = sum(s.kv_len for s in p.seqs)
-        self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses))
+        self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses,
+                                        p.paused_s))
         if p.compute_s <= 0:
             return
         if p.is_prefill:
@@ -493,6 +501,14 @@ class HFEngine(Engine):
     def load_history(self) -> list[LoadRecord]:
         """Every measured model load, cold and warm."""
         return list(self.weights.history)
+
+    @property
+    def paused_stage(self) -> tuple[int, str] | None:
+        """Where the paused best-effort pass resumes: (layer, "attention" | "moe")."""
+        p = self._paused
+        if p is None:
+            return None
+        return p.layer, "attention" if p.cursor % 2 == 0 else "moe"
 
     @property
     def model(self):  # noqa: ANN201 - a transformers PreTrainedModel
