@@ -1,8 +1,13 @@
 """Baseline policies: an order over groups plus one greedy list scheduler.
 
 Each baseline differs only in the key it sorts groups by; `list_schedule` then
-places groups, in that order, on the worker where they would start soonest
-(counting a model swap when the worker's last queued model differs).
+places groups, in that order, on the worker where the RWT estimator predicts they
+start soonest (a model swap counted where the worker's queue has another model).
+With operations enabled the baselines use the same rules as the QLM policy
+(op_rules.py): load balancing makes placement non-sticky, model_swap lets a group go
+to a worker of another model, preempt/evict/kv_swap protect latency-sensitive groups
+that would otherwise miss behind best-effort running work; warm start and swap-in
+follow the queues. Each operation's contribution is then visible by switching it off.
 """
 
 from __future__ import annotations
@@ -10,45 +15,60 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from qlmserve.controller.estimator import group_slot_time, running_backlog, to_wall
+from qlmserve.controller.estimator import Forecaster
 from qlmserve.controller.policies.base import SchedulingPolicy
+from qlmserve.controller.policies.op_rules import derive_operations, rule_protection
 from qlmserve.controller.policies.registry import register
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState
 from qlmserve.operations.plan import Plan
 
 
+def eligible_workers(snapshot: ClusterSnapshot, workers: list[WorkerState], g: GroupState,
+                     allow_swap: bool, queue_model: dict[str, str | None] | None = None) -> list[WorkerState]:
+    """Workers that may take group `g`: healthy, able to hold its model, and (without model
+    swaps) already on that model or empty. If no worker has the model at all, swaps are
+    allowed for it (otherwise it would never run)."""
+    can = [w for w in workers if w.can_serve(g.model)] or workers
+    if allow_swap:
+        return can
+    model_of = queue_model or {w.worker_id: w.loading_model or w.active_model for w in workers}
+    same = [w for w in can if model_of[w.worker_id] in (None, g.model)]
+    return same or can
+
+
 def list_schedule(snapshot: ClusterSnapshot, order: Iterable[GroupState], *, model_aware: bool = True,
-                  sticky: bool = True) -> dict[str, list[str]]:
+                  sticky: bool = True, allow_swap: bool = True,
+                  forecaster: Forecaster | None = None) -> dict[str, list[str]]:
     """Place groups in the given order, each on the worker with the earliest estimated start.
 
-    model_aware: a group prefers workers whose active (or last queued) model matches it,
-        paying a model-load estimate otherwise (vLLM/TGI per-model deployments behave so).
-        When False, the group goes to the worker that frees first, whatever it has loaded.
+    model_aware: a group's start on a worker counts the model swap it would cause there
+        (vLLM/TGI per-model deployments behave so). When False, the group goes to the
+        worker that frees first, whatever it has loaded (model-oblivious).
     sticky: a group already queued on a healthy worker stays there (no load balancing).
+    allow_swap: a group may go to a worker whose queue runs another model.
     """
+    fc = forecaster or Forecaster(snapshot)
     workers = [w for w in snapshot.workers if w.accepts_work]
     queues: dict[str, list[str]] = {w.worker_id: [] for w in workers}
     if not workers:
         return queues
-    busy_until = {w.worker_id: to_wall(running_backlog(snapshot, w), w).mean_s for w in workers}
-    last_model = {w.worker_id: w.loading_model or w.active_model for w in workers}
+    cursors = {w.worker_id: fc.cursor(w.worker_id) for w in workers}
     by_id = {w.worker_id: w for w in workers}
 
-    def start_cost(w: WorkerState, g: GroupState, count_swap: bool = True) -> float:
-        t = busy_until[w.worker_id]
-        if last_model[w.worker_id] != g.model and count_swap:
-            warm = g.model in w.warm_models
-            t += w.profile.model_load_time(snapshot.model_bytes.get(g.model, 0), warm)
-        return t
+    def start(w: WorkerState, g: GroupState) -> tuple[float, str]:
+        cur = cursors[w.worker_id]
+        t = cur.timing(fc.groups[g.group_id]).first if model_aware else cur.free_at()
+        return t.mean_s, w.worker_id
 
     for g in order:
-        if sticky and g.worker_id in queues:
+        if g.group_id not in fc.groups:
+            continue
+        pool = eligible_workers(snapshot, workers, g, allow_swap, {wid: c.model for wid, c in cursors.items()})
+        if sticky and g.worker_id in queues and by_id[g.worker_id] in pool:
             w = by_id[g.worker_id]
         else:
-            w = min(workers, key=lambda w: (start_cost(w, g, count_swap=model_aware), w.worker_id))
-        start = start_cost(w, g)
-        busy_until[w.worker_id] = start + to_wall(group_slot_time(snapshot, w, g), w).mean_s
-        last_model[w.worker_id] = g.model
+            w = min(pool, key=lambda w: start(w, g))
+        cursors[w.worker_id].push(fc.groups[g.group_id])
         queues[w.worker_id].append(g.group_id)
     return queues
 
@@ -63,12 +83,18 @@ class OrderPolicy(SchedulingPolicy):
 
     def solve(self, snapshot: ClusterSnapshot) -> Plan:
         t0 = time.perf_counter()
+        fc = Forecaster(snapshot, self.config.max_running_per_worker)
         order = sorted(snapshot.groups, key=self.key(snapshot))
         queues = list_schedule(snapshot, order, model_aware=self.model_aware,
-                               sticky=not self.operation_enabled("load_balance"))
-        return Plan(virtual_queues=queues, source=self.name, solve_time_s=time.perf_counter() - t0)
-
-
+                               sticky=not self.operation_enabled("load_balance"),
+                               allow_swap=self.operation_enabled("model_swap") or not self.model_aware,
+                               forecaster=fc)
+        protected = rule_protection(snapshot, self.config, fc, queues)
+        ops = derive_operations(snapshot, self.config, fc, queues, protected)
+        forecast = fc.evaluate(queues, protected)
+        return Plan(virtual_queues=queues, operations=ops, source=self.name,
+                    predicted_attainment={gid: f.attainment() for gid, f in forecast.items()},
+                    solve_time_s=time.perf_counter() - t0)
 
 
 @register

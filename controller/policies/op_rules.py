@@ -1,0 +1,227 @@
+"""From virtual queues to the serving operations that carry them out.
+
+Shared by every policy, so that an operation does the same thing whichever policy
+asks for it and its contribution can be measured by switching it off:
+
+  - protection of latency-sensitive (LS) groups from best-effort (BE) running work:
+    expert-level preemption on MoE workers (pause the BE batch; free), else eviction
+    or GPU-CPU KV swap of the fewest, cheapest BE requests (lost work);
+  - load balancing: a MoveGroup for every group whose worker changed;
+  - model swap: LoadModel when the plan swaps a worker's model now (after evicting or
+    swapping out what runs, when that is the plan), warm start of the model a queue
+    needs next, swap-in of paused requests when slots are free.
+
+The QLM policy decides protection and swaps in its program; baselines use the
+simple rule `rule_protection`. Only operations enabled in the policy file are made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from qlmserve.controller.estimator import Forecaster, model_kind_is_moe
+from qlmserve.controller.policy import PolicyConfig
+from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
+from qlmserve.operations.ops import (OPS_BY_POLICY_NAME, DropWarm, Evict, LoadModel, MoveGroup, Operation, OpKind,
+                                     SetPreemption, SwapIn, SwapOut, WarmModel)
+
+EXPERT = "expert"
+EVICT = "evict"
+SWAP = "swap"
+
+
+def enabled_kinds(config: PolicyConfig) -> frozenset[OpKind]:
+    return frozenset(k for name in config.planner.operations for k in OPS_BY_POLICY_NAME[name])
+
+
+def _be_running(w: WorkerState) -> list[RunningRequest]:
+    return [r for r in w.running if not r.latency_sensitive and not r.swapped]
+
+
+def _host_kv_free(w: WorkerState) -> float:
+    if w.host_kv_capacity_tokens is None:
+        return float("inf")
+    return max(0, w.host_kv_capacity_tokens - w.host_kv_used_tokens)
+
+
+def victim_cost_s(w: WorkerState, r: RunningRequest, mechanism: str) -> float:
+    """Worker seconds lost by taking `r` off the device: eviction recomputes its KV
+    (prompt + generated tokens) later; a KV swap copies it out and back."""
+    tokens = r.prompt_tokens + r.generated_tokens
+    if mechanism == SWAP:
+        return 2.0 * w.profile.kv_swap_time(tokens)
+    return w.profile.prefill_time(tokens)
+
+
+def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
+    """How this worker can keep its BE running work from delaying LS groups, or None."""
+    if not _be_running(w):
+        return None
+    ops = set(config.planner.operations)
+    if "preempt" in ops and model_kind_is_moe(config, w.active_model):
+        return EXPERT
+    best, best_cost = None, float("inf")
+    be = _be_running(w)
+    for name, mech in (("evict", EVICT), ("kv_swap", SWAP)):
+        if name not in ops:
+            continue
+        if mech == SWAP and _host_kv_free(w) < min(r.prompt_tokens + r.generated_tokens for r in be):
+            continue
+        cost = sum(victim_cost_s(w, r, mech) for r in be) / len(be)
+        if cost < best_cost:
+            best, best_cost = mech, cost
+    return best
+
+
+def victims(w: WorkerState, needed: int, mechanism: str) -> list[RunningRequest]:
+    """The `needed` BE running requests that are cheapest to take off the device (host
+    memory permitting, for a swap)."""
+    if needed <= 0 or mechanism == EXPERT:
+        return []
+    out, host = [], _host_kv_free(w)
+    for r in sorted(_be_running(w), key=lambda r: (victim_cost_s(w, r, mechanism), r.request_id)):
+        if len(out) >= needed:
+            break
+        tokens = r.prompt_tokens + r.generated_tokens
+        if mechanism == SWAP:
+            if tokens > host:
+                continue
+            host -= tokens
+        out.append(r)
+    return out
+
+
+def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots: int) -> int:
+    """LS requests of the queue's leading run (up to the first BE group) beyond the free slots."""
+    ls = 0
+    for g in queue:
+        if not g.latency_sensitive:
+            break
+        ls += g.size
+    return max(0, ls - max(0, slots - sum(1 for r in w.running if not r.swapped)))
+
+
+def protection_cost_s(w: WorkerState, queue: Sequence[GroupState], slots: int, mechanism: str) -> float:
+    if mechanism == EXPERT:
+        return 0.0
+    return sum(victim_cost_s(w, r, mechanism) for r in victims(w, ls_requests_needing_slots(w, queue, slots), mechanism))
+
+
+def rule_protection(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecaster,
+                    queues: Mapping[str, list[str]]) -> dict[str, str]:
+    """The baselines' rule: protect a worker when an LS group in its queue would miss its
+    deadline (at beta) behind BE running work and would not with protection."""
+    beta = config.planner.beta
+    out: dict[str, str] = {}
+    for w in snapshot.workers:
+        queue = queues.get(w.worker_id, [])
+        if not queue or not w.accepts_work:
+            continue
+        mech = protection_mechanism(config, w)
+        if mech is None:
+            continue
+        plain = fc.evaluate({w.worker_id: queue})
+        ls = [gid for gid in queue if gid in plain and fc.groups[gid].group.latency_sensitive
+              and not plain[gid].meets(beta)]
+        if not ls:
+            continue
+        prot = fc.evaluate({w.worker_id: queue}, protected=[w.worker_id])
+        if any(prot[gid].meets(beta) for gid in ls):
+            out[w.worker_id] = mech
+    return out
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """A model swap the plan makes now on one worker."""
+
+    model: str
+    clear: str | None = None  # EVICT or SWAP: take the running requests off first; None: nothing runs
+
+
+def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecaster,
+                      queues: Mapping[str, list[str]], protected: Mapping[str, str],
+                      changes: Mapping[str, ModelChange] | None = None) -> list[Operation]:
+    """The operations that carry out `queues` with the given protection and model swaps,
+    ordered per worker (take work off the device before loading a model), restricted to
+    the enabled kinds."""
+    changes = changes or {}
+    kinds = enabled_kinds(config)
+    groups = {g.group_id: g for g in snapshot.groups}
+    max_pause = config.planner.max_pause_s
+    ops: list[Operation] = []
+    for w in snapshot.workers:
+        wid = w.worker_id
+        queue = [groups[gid] for gid in queues.get(wid, []) if gid in groups]
+        slots = fc.workers[wid].slots if wid in fc.workers else w.max_batch_size
+        change = changes.get(wid)
+        mech = protected.get(wid)
+        if change is not None and change.clear is not None:
+            running = [r for r in w.running if not r.swapped]
+            ids = tuple(r.request_id for r in running)
+            if ids:
+                op = SwapOut(wid, ids, reason=f"model swap to {change.model}") if change.clear == SWAP else \
+                    Evict(wid, ids, reason=f"model swap to {change.model}")
+                ops.append(op)
+        elif mech in (EVICT, SWAP):
+            vs = victims(w, ls_requests_needing_slots(w, queue, slots), mech)
+            if vs:
+                ids = tuple(r.request_id for r in vs)
+                reason = "latency-sensitive groups wait behind best-effort running requests"
+                ops.append(SwapOut(wid, ids, reason=reason) if mech == SWAP else Evict(wid, ids, reason=reason))
+        if change is not None and change.model != (w.loading_model or w.active_model):
+            ops.append(LoadModel(wid, change.model, reason="planned model swap"))
+        has_ls = any(g.latency_sensitive for g in queue)
+        if mech == EXPERT and w.preemption_mode != EXPERT:
+            ops.append(SetPreemption(wid, EXPERT, max_pause_s=max_pause,
+                                     reason="latency-sensitive groups wait behind a best-effort batch"))
+        elif mech != EXPERT and w.preemption_mode == EXPERT and not has_ls:
+            ops.append(SetPreemption(wid, "none", max_pause_s=max_pause, reason="no latency-sensitive work queued"))
+        ops.extend(_swap_in(w, queue, slots, mech is not None or change is not None))
+        ops.extend(_warm(w, queue, change))
+    for wid, queue in queues.items():
+        for gid in queue:
+            g = groups.get(gid)
+            if g is not None and g.worker_id is not None and g.worker_id != wid:
+                ops.append(MoveGroup(gid, g.worker_id, wid, reason="load balance"))
+    return [op for op in ops if op.kind in kinds]
+
+
+def _swap_in(w: WorkerState, queue: Sequence[GroupState], slots: int, busy: bool) -> list[Operation]:
+    """Resume swapped-out requests of the active model into slots the queue head leaves free."""
+    swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
+    if not swapped or busy or w.loading_model is not None:
+        return []
+    active = sum(1 for r in w.running if not r.swapped)
+    spare = slots - active - sum(g.size for g in queue if g.model == w.active_model)
+    kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
+    out = []
+    for r in sorted(swapped, key=lambda r: (r.arrival, r.request_id)):
+        tokens = r.prompt_tokens + r.generated_tokens
+        if spare <= 0 or tokens > kv_free:
+            break
+        out.append(r.request_id)
+        spare -= 1
+        kv_free -= tokens
+    return [SwapIn(w.worker_id, tuple(out), reason="free slots")] if out else []
+
+
+def _warm(w: WorkerState, queue: Sequence[GroupState], change: ModelChange | None) -> list[Operation]:
+    """Keep the next model the queue needs warm in host RAM (dropping one it does not need)."""
+    current = change.model if change is not None else (w.loading_model or w.active_model)
+    needed: list[str] = []
+    for g in queue:
+        if g.model != current and g.model not in needed:
+            needed.append(g.model)
+    want = next((m for m in needed if m not in w.warm_models), None)
+    if want is None or w.host_ram_models <= 0:
+        return []
+    out: list[Operation] = []
+    if len(w.warm_models) >= w.host_ram_models:
+        spare = sorted(m for m in w.warm_models if m not in needed and m != current)
+        if not spare:
+            return []
+        out.append(DropWarm(w.worker_id, spare[0], reason=f"make room for {want}"))
+    out.append(WarmModel(w.worker_id, want, reason="next model in the virtual queue"))
+    return out
