@@ -1,0 +1,414 @@
+"""The discrete-event simulator: the controller's tick on simulated workers.
+
+Each tick does what controller/core.py does against Redis, here against memory:
+
+    snapshot = self._snapshot(now)            # groups + worker states (ClusterSnapshot)
+    plan = self.scheduler.solve(snapshot)     # the registered policy, unchanged
+    self._apply(plan, snapshot)               # operations, then controller/dispatch.py
+
+Requests join groups with controller/grouping.py's `choose_group`; finished requests
+feed the learned output-length distribution the RWT estimator reads; a request at risk
+(latency-sensitive, or a TTFT target under ten ticks) wakes the tick at once, as in the
+controller. Time is the `EventClock`'s: nothing here reads the wall clock except to
+measure how long the planner took (optionally charged to simulated time).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from qlmserve.controller.dispatch import dispatch
+from qlmserve.controller.estimator import LengthLearner
+from qlmserve.controller.grouping import OpenGroup, choose_group
+from qlmserve.controller.policies import create_policy
+from qlmserve.controller.policy import PolicyConfig
+from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
+from qlmserve.operations.ops import OPS_BY_POLICY_NAME, MoveGroup, Operation
+from qlmserve.operations.plan import Plan
+from qlmserve.sim.clock import EventClock
+from qlmserve.sim.fleet import Fleet
+from qlmserve.sim.metrics import SimResult
+from qlmserve.sim.request import SimRequest, SimStatus
+from qlmserve.sim.worker import SimWorker
+from qlmserve.traces import WorkloadRequest
+
+PlanObserver = Callable[["Simulation", ClusterSnapshot, Plan], None]
+
+
+@dataclass
+class SimOptions:
+    tick_interval_s: float | None = None  # default: the policy's tick_interval_ms
+    wake_on_urgent: bool = True  # tick at once when a request at risk arrives (as the controller does)
+    charge_solve_time: bool = False  # apply a plan only after the planner's measured wall time
+    drain_s: float | None = None  # stop this long after the last arrival; None: when all have finished
+    max_prefill_tokens: int = 8192  # prompt tokens one iteration may prefill (vLLM-like budget)
+    max_tokens: int | None = None  # max_tokens a client asks for; default: the model's context left
+    state_refresh_s: float = 0.5  # token counts of an unchanged worker refresh this often (heartbeat)
+    wake_min_gap_s: float = 0.05  # a wake-up tick follows the previous tick no sooner than this
+    probe_times: Sequence[float] = ()  # record tokens produced by these times (SimResult.tokens_at)
+    observers: Sequence[PlanObserver] = ()
+    progress: Callable[[float, int, int], None] | None = None  # (sim time, finished, total) each tick
+
+
+@dataclass(eq=False)
+class _Group:
+    group_id: str
+    model: str
+    slo_class: str
+    created_at: float
+    joined: int = 0  # requests that ever joined (the grouping rule's size)
+    waiting: list[SimRequest] = field(default_factory=list)  # by arrival
+    arrivals: list[float] = field(default_factory=list)  # parallel to waiting (for bisect)
+    version: int = 0
+    cache_key: tuple | None = None
+    cache: GroupState | None = None
+
+    def add(self, r: SimRequest) -> None:
+        i = bisect.bisect_right(self.arrivals, r.arrival)
+        self.arrivals.insert(i, r.arrival)
+        self.waiting.insert(i, r)
+        self.version += 1
+
+    def remove(self, r: SimRequest) -> None:
+        i = self.waiting.index(r)
+        del self.waiting[i]
+        del self.arrivals[i]
+        self.version += 1
+
+
+class _Lengths:
+    """The estimator's LengthLearner, fed with finished requests; its stats are cached
+    between finishes (a snapshot reads them every tick)."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        self.learner = LengthLearner(cfg)
+        self._cache: dict[tuple[str, str], LengthStats] | None = None
+
+    def observe(self, model: str, slo_class: str, tokens: int) -> None:
+        self.learner.observe(model, slo_class, tokens)
+        self._cache = None
+
+    def stats(self) -> dict[tuple[str, str], LengthStats]:
+        if self._cache is None:
+            self._cache = self.learner.length_stats()
+        return self._cache
+
+
+class Simulation:
+    """Replays a workload through a policy on a simulated fleet. `run()` once."""
+
+    def __init__(self, policy: PolicyConfig, fleet: Fleet, workload: Sequence[WorkloadRequest], *,
+                 policy_name: str | None = None, options: SimOptions | None = None) -> None:
+        self.cfg = policy
+        self.fleet = fleet
+        self.options = options or SimOptions()
+        self.policy_name = policy_name or policy.planner.policy
+        self.scheduler = create_policy(self.policy_name, policy)
+        self.clock = EventClock()
+        self.tick_s = self.options.tick_interval_s or policy.tick_interval_ms / 1000.0
+        self.workers: dict[str, SimWorker] = {
+            spec.worker_id: SimWorker(spec, self.clock, self, max_prefill_tokens=self.options.max_prefill_tokens)
+            for spec in fleet.workers
+        }
+        self.model_bytes = {m: (policy.models[m].weight_bytes if m in policy.models and
+                                policy.models[m].weight_bytes else b)
+                            for m, b in fleet.model_bytes().items()}
+        self.allowed_kinds = {k for name in policy.planner.operations for k in OPS_BY_POLICY_NAME[name]}
+        self.requests = self._make_requests(workload)
+        self.by_id = {r.rid: r for r in self.requests}
+        self.groups: dict[str, _Group] = {}
+        self.open_groups: dict[tuple[str, str], _Group] = {}
+        self._group_seq = 0
+        self.lengths = _Lengths(policy)
+        self.last_plan = Plan.make_empty()
+        self._positions: dict[str, tuple[str, int]] = {}
+        self._worker_cache: dict[str, tuple[tuple, WorkerState]] = {}
+        self._next_arrival = 0
+        self._finished = 0
+        self._wake_pending = False
+        self._last_tick_at = -1.0
+        self._stop_at: float | None = None
+        # results
+        self.solve_times: list[float] = []
+        self.plan_sources: Counter[str] = Counter()
+        self.ops_applied: Counter[str] = Counter()
+        self.ops_rejected: Counter[str] = Counter()
+        self.ops_failed: Counter[str] = Counter()
+        self.requeued: Counter[str] = Counter()
+        self.group_first_dispatch: dict[str, float] = {}
+        self.tokens_at: dict[float, int] = {}
+        self.ticks = 0
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    def _make_requests(self, workload: Sequence[WorkloadRequest]) -> list[SimRequest]:
+        served = {m for w in self.fleet.workers for m in w.models}
+        ctx = self.fleet.max_context()
+        out = []
+        for w in sorted(workload, key=lambda r: (r.arrival, r.request_id)):
+            if w.slo_class not in self.cfg.slo_classes:
+                raise ValueError(f"request {w.request_id}: class {w.slo_class!r} is not in the policy "
+                                 f"({sorted(self.cfg.slo_classes)})")
+            if w.model not in served:
+                raise ValueError(f"request {w.request_id}: no worker of the fleet serves {w.model!r} "
+                                 f"(fleet models: {sorted(served)})")
+            slo = self.cfg.slo_classes[w.slo_class]
+            limit = ctx[w.model] - w.prompt_tokens
+            if self.options.max_tokens is not None:
+                limit = min(limit, self.options.max_tokens)
+            if slo.admission.max_tokens is not None:
+                limit = min(limit, slo.admission.max_tokens)
+            out.append(SimRequest(
+                rid=w.request_id, model=w.model, slo_class=w.slo_class, group_id="",
+                prompt_tokens=w.prompt_tokens, output_tokens=max(1, min(w.output_tokens, max(1, limit))),
+                max_tokens=max(1, limit), arrival=w.arrival, ttft_s=slo.ttft_s, tpot_s=slo.tpot_s,
+                latency_sensitive=slo.latency_sensitive, priority=slo.priority, user_id=w.user_id))
+        return out
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        if self.requests:
+            self.clock.call_at(self.requests[0].arrival, self._on_arrival)
+            last = self.requests[-1].arrival
+            if self.options.drain_s is not None:
+                self._stop_at = last + self.options.drain_s
+        self.clock.call_at(0.0, self._regular_tick)
+        for t in self.options.probe_times:
+            self.clock.call_at(t, lambda t=t: self._probe(t))
+        while self._finished < len(self.requests):
+            nxt = self.clock.peek()
+            if nxt is None:
+                break
+            if self._stop_at is not None and nxt > self._stop_at:
+                self.clock.advance_to(self._stop_at)
+                break
+            self.clock.run_next()
+        end = self.clock.now()
+        return SimResult(
+            policy=self.policy_name, requests=self.requests, end_time=end,
+            last_arrival=self.requests[-1].arrival if self.requests else 0.0,
+            solve_times=self.solve_times, plan_sources=dict(self.plan_sources),
+            ops_applied=dict(self.ops_applied), ops_rejected=dict(self.ops_rejected),
+            ops_failed=dict(self.ops_failed), requeued=dict(self.requeued), ticks=self.ticks,
+            wall_s=time.perf_counter() - wall0, workers=len(self.workers),
+            worker_counters={wid: w.counters for wid, w in self.workers.items()},
+            in_flight_tokens=sum(sum(w.progress(end).values()) for w in self.workers.values()),
+            tokens_at=dict(self.tokens_at),
+        )
+
+    def _probe(self, t: float) -> None:
+        self.tokens_at[t] = sum(r.generated for r in self.requests) + sum(
+            sum(w.progress(t).values()) for w in self.workers.values())
+
+    def _on_arrival(self) -> None:
+        now = self.clock.now()
+        urgent = False
+        while self._next_arrival < len(self.requests) and self.requests[self._next_arrival].arrival <= now:
+            r = self.requests[self._next_arrival]
+            self._next_arrival += 1
+            self._join_group(r, now)
+            slo = self.cfg.slo_classes[r.slo_class]
+            if slo.latency_sensitive or slo.ttft_s <= self.tick_s * 10:
+                urgent = True
+        if self._next_arrival < len(self.requests):
+            self.clock.call_at(self.requests[self._next_arrival].arrival, self._on_arrival)
+        if urgent and self.options.wake_on_urgent and not self._wake_pending:
+            # The controller plans at once for a request at risk, but one tick at a time:
+            # wake-ups coalesce within `wake_min_gap_s` of the previous tick.
+            self._wake_pending = True
+            self.clock.call_at(max(now, self._last_tick_at + self.options.wake_min_gap_s), self._wake_tick)
+
+    def _join_group(self, r: SimRequest, now: float) -> None:
+        key = (r.model, r.slo_class)
+        og = self.open_groups.get(key)
+        gid = choose_group(OpenGroup(og.group_id, og.created_at, og.joined) if og else None, now, self.cfg.grouping)
+        if gid is None:
+            self._group_seq += 1
+            og = _Group(f"{r.model}|{r.slo_class}|{self._group_seq}", r.model, r.slo_class, now)
+            self.open_groups[key] = og
+            self.groups[og.group_id] = og
+        og.joined += 1
+        r.group_id = og.group_id
+        r.status = SimStatus.WAITING
+        og.add(r)
+
+    def _regular_tick(self) -> None:
+        self._tick()
+        if self._finished < len(self.requests):
+            self.clock.call_later(self.tick_s, self._regular_tick)
+
+    def _wake_tick(self) -> None:
+        self._wake_pending = False
+        if self.clock.now() - self._last_tick_at >= self.options.wake_min_gap_s - 1e-9:
+            self._tick()  # else a regular tick ran meanwhile and planned for this arrival
+
+    def _tick(self) -> None:
+        now = self.clock.now()
+        if now == self._last_tick_at:
+            return  # one plan per instant
+        self._last_tick_at = now
+        self.ticks += 1
+        snap = self._snapshot(now)
+        if not snap.groups and not any(w.running for w in snap.workers):
+            plan = Plan(source="idle")
+            wall = 0.0
+        else:
+            t0 = time.perf_counter()
+            plan = self.scheduler.solve(snap)
+            wall = time.perf_counter() - t0
+            self.solve_times.append(wall)
+        self.plan_sources[plan.source] += 1
+        for obs in self.options.observers:
+            obs(self, snap, plan)
+        if self.options.charge_solve_time and wall > 0:
+            self.clock.call_at(now + wall, lambda: self._apply(plan, snap))
+        else:
+            self._apply(plan, snap)
+        if self.options.progress is not None:
+            self.options.progress(now, self._finished, len(self.requests))
+
+    # ---- snapshot ----------------------------------------------------------------------------
+
+    def _snapshot(self, now: float) -> ClusterSnapshot:
+        groups = []
+        for gid in list(self.groups):
+            g = self.groups[gid]
+            if not g.waiting:
+                if self.open_groups.get((g.model, g.slo_class)) is not g:
+                    del self.groups[gid]
+                continue
+            groups.append(self._group_state(g))
+        workers = tuple(self._worker_state(w, now) for w in self.workers.values())
+        return ClusterSnapshot(now=now, groups=tuple(groups), workers=workers,
+                               length_stats=self.lengths.stats(), model_bytes=self.model_bytes)
+
+    def _group_state(self, g: _Group) -> GroupState:
+        wid, pos = self._positions.get(g.group_id, (None, 0))
+        if g.cache is not None and g.cache_key == (g.version, wid, pos):
+            return g.cache
+        if g.cache is not None and g.cache_key[0] == g.version:
+            gs = dataclasses.replace(g.cache, worker_id=wid, position=pos)  # only its place moved
+        else:
+            slo = self.cfg.slo_classes[g.slo_class]
+            reqs = g.waiting
+            # A requeued request carries its tokens: it must prefill them again and may
+            # produce only what max_tokens leaves.
+            gs = GroupState(
+                group_id=g.group_id, model=g.model, slo_class=g.slo_class,
+                request_ids=tuple([r.rid for r in reqs]), arrivals=tuple(g.arrivals),
+                prompt_tokens=tuple([r.prompt_tokens + r.generated for r in reqs]),
+                max_tokens=tuple([r.max_tokens - r.generated for r in reqs]),
+                ttft_s=slo.ttft_s, priority=slo.priority, weight=slo.weight,
+                latency_sensitive=slo.latency_sensitive, worker_id=wid, position=pos, created_at=g.created_at)
+        g.cache_key, g.cache = (g.version, wid, pos), gs
+        return gs
+
+    def _worker_state(self, w: SimWorker, now: float) -> WorkerState:
+        # A worker's state is rebuilt when it changed (a request joined, finished, an
+        # operation ran) or, for the token counts of a long decode stretch, once per
+        # `state_refresh_s`, the cadence of a real worker's heartbeat.
+        cached = self._worker_cache.get(w.worker_id)
+        ready = w.warm_ready(now)
+        if cached is not None:
+            (version, warm, built_at), ws = cached
+            if version == w.version and warm == ready and now - built_at < self.options.state_refresh_s:
+                return ws
+        prog = w.progress(now)
+        running = []
+        for r in w.running:
+            running.append(RunningRequest(r.rid, r.group_id, r.model, r.slo_class, r.prompt_tokens,
+                                          r.generated + prog.get(id(r), 0), r.max_tokens, r.latency_sensitive,
+                                          r.arrival, r.first_token_at))
+        for r in w.joining:
+            running.append(RunningRequest(r.rid, r.group_id, r.model, r.slo_class, r.prompt_tokens, r.generated,
+                                          r.max_tokens, r.latency_sensitive, r.arrival, r.first_token_at))
+        for r in w.swapped.values():
+            running.append(RunningRequest(r.rid, r.group_id, r.model, r.slo_class, r.prompt_tokens, r.generated,
+                                          r.max_tokens, r.latency_sensitive, r.arrival, r.first_token_at,
+                                          swapped=True))
+        spec = w.spec
+        biggest = max(m.weight_bytes for m in spec.models.values())
+        ws = WorkerState(
+            worker_id=w.worker_id, active_model=w.active_model, warm_models=ready,
+            kv_capacity_tokens=w.kv_capacity, kv_used_tokens=w.kv_used + sum(prog.values()),
+            max_batch_size=min(spec.max_batch_size, self.cfg.max_running_per_worker),
+            running=tuple(running), profile=w.profile, gpu=spec.gpu,
+            host_ram_models=int(spec.host_ram_bytes // biggest) if biggest else 0,
+            loading_model=w.loading_model, servable_models=frozenset(spec.models),
+            preemption_mode=w.mode.value, host_kv_capacity_tokens=spec.host_kv_tokens,
+            host_kv_used_tokens=w.host_kv_used,
+        )
+        self._worker_cache[w.worker_id] = ((w.version, ready, now), ws)
+        return ws
+
+    # ---- applying a plan ---------------------------------------------------------------------
+
+    def _apply(self, plan: Plan, snap: ClusterSnapshot) -> None:
+        now = self.clock.now()
+        self.last_plan = plan
+        self._positions = {gid: (wid, i) for wid, q in plan.virtual_queues.items() for i, gid in enumerate(q)}
+        touched: set[str] = set()
+        for op in plan.operations:
+            if op.kind not in self.allowed_kinds:
+                self.ops_rejected[op.kind.value] += 1
+                continue
+            self._route(op, now, touched)
+        assignments, mechanism_ops = dispatch(plan, snap, self.cfg.max_running_per_worker)
+        for op in mechanism_ops:
+            self._route(op, now, touched)
+        by_worker: dict[str, list[SimRequest]] = defaultdict(list)
+        for a in assignments:
+            r = self.by_id.get(a.request_id)
+            g = self.groups.get(a.group_id)
+            if r is None or g is None or r.status != SimStatus.WAITING or r.group_id != a.group_id:
+                continue  # taken or requeued since the snapshot
+            w = self.workers.get(a.worker_id)
+            if w is None or r.model != (w.loading_model or w.active_model):
+                continue
+            g.remove(r)
+            self.group_first_dispatch.setdefault(a.group_id, now)
+            by_worker[a.worker_id].append(r)
+        for wid, reqs in by_worker.items():
+            self.workers[wid].assign(reqs, now)
+            touched.add(wid)
+        for wid in sorted(touched):
+            self.workers[wid].poke(now)
+
+    def _route(self, op: Operation, now: float, touched: set[str]) -> None:
+        if isinstance(op, MoveGroup):
+            self.ops_applied[op.kind.value] += 1  # the virtual queues carry it out
+            return
+        w = self.workers.get(op.worker_id)
+        if w is None:
+            self.ops_failed[op.kind.value] += 1
+            return
+        if w.submit_op(op, now):
+            self.ops_applied[op.kind.value] += 1
+            touched.add(w.worker_id)
+        else:
+            self.ops_failed[op.kind.value] += 1
+
+    # ---- worker callbacks ----------------------------------------------------------------------
+
+    def on_finished(self, req: SimRequest, now: float) -> None:
+        self._finished += 1
+        self.lengths.observe(req.model, req.slo_class, req.output_tokens)
+
+    def on_requeue(self, req: SimRequest, now: float, reason: str) -> None:
+        self.requeued[reason] += 1
+        g = self.groups.get(req.group_id)
+        if g is None:
+            g = _Group(req.group_id, req.model, req.slo_class, req.arrival)
+            self.groups[req.group_id] = g
+        req.status = SimStatus.WAITING
+        g.add(req)
+
+    def on_worker_changed(self, worker: SimWorker) -> None:
+        pass  # snapshots compare worker versions

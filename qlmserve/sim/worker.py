@@ -1,0 +1,591 @@
+"""A simulated worker: continuous batching on a WorkerProfile, on the event clock.
+
+Same semantics as backends/sim_engine.py (which runs in real time inside a worker
+process), but event-driven so that a fleet of hundreds of workers replays an hour in
+minutes: a stretch of decode steps with an unchanged batch is one event, not one per
+step. The work of a worker is a sequence of units:
+
+  - iteration: prefill of admitted requests + one decode step of the running ones
+    (each emits one token at its end); time = prefill_time(tokens) + decode_step_time;
+  - segment: k decode steps of an unchanged batch, k = steps until the first request
+    finishes (or the KV cache fills). Step j lasts a + c*j (context grows by the batch
+    each step), so the segment's end is known in closed form. Anything that changes the
+    batch (new requests, operations) cuts the segment at the end of its in-flight step;
+  - operation: a KV swap or a model load, charged by the profile.
+
+Expert-level preemption (mode EXPERT): a latency-sensitive request handed over while a
+pass runs starts at the pass's next layer boundary (pass time / num_layers): its prefill
+is inserted there, its first token comes out at once, and the paused pass then finishes
+without recomputation (its end moves by the inserted prefill). At most `max_pause_s` of
+prefill is inserted into one unit.
+
+ITERATION (and EXPERT) modes admit latency-sensitive requests first and prefill them in
+an iteration of their own; NONE admits in arrival order and mixes prefill with decode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qlmserve.backends.engine import PreemptionMode
+from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import (
+    DropWarm,
+    Evict,
+    LoadModel,
+    Operation,
+    SetPreemption,
+    SwapIn,
+    SwapOut,
+    WarmModel,
+)
+from qlmserve.sim.clock import EventClock, Timer
+from qlmserve.sim.fleet import ModelRuntime, WorkerSpec
+from qlmserve.sim.request import SimRequest, SimStatus
+
+
+class WorkerSink(Protocol):
+    """What a worker tells the simulation."""
+
+    def on_finished(self, req: SimRequest, now: float) -> None: ...
+
+    def on_requeue(self, req: SimRequest, now: float, reason: str) -> None: ...
+
+    def on_worker_changed(self, worker: SimWorker) -> None: ...
+
+
+@dataclass
+class WorkerCounters:
+    busy_s: float = 0.0  # time spent in iterations and segments
+    op_s: float = 0.0  # time spent in swaps and loads
+    tokens: int = 0
+    prefill_tokens: int = 0
+    iterations: int = 0  # iterations plus decode steps of segments
+    loads_cold: int = 0
+    loads_warm: int = 0
+    load_s: float = 0.0
+    swaps_out: int = 0
+    swaps_in: int = 0
+    evictions: int = 0
+    recompute_preemptions: int = 0
+    expert_preemptions: int = 0
+    failed_ops: int = 0
+    warm_starts: int = 0
+
+
+@dataclass(eq=False)
+class _Unit:
+    kind: str  # "iter" | "segment" | "op"
+    start: float
+    end: float
+    prefill: list[SimRequest] = field(default_factory=list)
+    decode: list[SimRequest] = field(default_factory=list)
+    steps: int = 0  # segment: decode steps
+    a: float = 0.0  # segment: duration of its first step
+    c: float = 0.0  # segment: growth of the step duration per step
+    op: Operation | None = None
+    op_reqs: list[SimRequest] = field(default_factory=list)
+    pause_s: float = 0.0  # prefill inserted by expert-level preemption
+    layers: int = 32
+
+    def elapsed_steps(self, t: float) -> int:
+        """Decode steps of a segment completed by time t."""
+        e = t - self.start
+        if e <= 0:
+            return 0
+        a, c = self.a, self.c
+        if c <= 0:
+            n = int(e // a) if a > 0 else self.steps
+        else:
+            b = a - c / 2
+            n = int((-b + math.sqrt(b * b + 2 * c * e)) / c)
+        n = max(0, min(n, self.steps))
+        while n < self.steps and self.step_end(n + 1) <= t + 1e-12:
+            n += 1
+        while n > 0 and self.step_end(n) > t + 1e-12:
+            n -= 1
+        return n
+
+    def step_end(self, i: int) -> float:
+        return self.start + i * self.a + self.c * i * (i - 1) / 2
+
+
+class SimWorker:
+    def __init__(self, spec: WorkerSpec, clock: EventClock, sink: WorkerSink, *,
+                 max_prefill_tokens: int = 8192) -> None:
+        self.spec = spec
+        self.worker_id = spec.worker_id
+        self.clock = clock
+        self.sink = sink
+        self.max_prefill_tokens = max_prefill_tokens
+        self.active_model: str | None = spec.initial_model
+        self.loading_model: str | None = None
+        self.warm: dict[str, float] = {m: 0.0 for m in spec.warm_models}  # model -> ready time
+        self.mode = spec.preemption
+        self.max_pause_s = 2.0
+        self.joining: list[SimRequest] = []  # handed over, not admitted yet
+        self.running: list[SimRequest] = []  # admitted (KV reserved)
+        self.swapped: dict[str, SimRequest] = {}
+        self.ops: deque[Operation] = deque()
+        self.unit: _Unit | None = None
+        self._timer: Timer | None = None
+        self._admit_seq = 0
+        self.version = 0  # bumped on every change the controller can see
+        self.counters = WorkerCounters()
+
+    # ---- what the controller sees -----------------------------------------------------
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        return self.spec.models[self.active_model] if self.active_model else next(iter(self.spec.models.values()))
+
+    @property
+    def profile(self) -> WorkerProfile:
+        return self.runtime.profile
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.runtime.kv_capacity_tokens
+
+    @property
+    def kv_used(self) -> int:
+        return sum(r.prompt_tokens + r.generated + 1 for r in self.running)
+
+    @property
+    def host_kv_used(self) -> int:
+        return sum(r.kv_tokens for r in self.swapped.values())
+
+    def warm_ready(self, now: float) -> frozenset[str]:
+        return frozenset(m for m, t in self.warm.items() if t <= now)
+
+    def progress(self, now: float) -> dict[int, int]:
+        """Tokens produced since the current segment started: id(request) -> extra tokens."""
+        u = self.unit
+        if u is None or u.kind != "segment":
+            return {}
+        n = u.elapsed_steps(now) if u.pause_s == 0 else min(u.elapsed_steps(now), u.steps - 1)
+        return {id(r): n for r in u.decode} if n else {}
+
+    def busy(self) -> bool:
+        return bool(self.unit or self.joining or self.running or self.ops)
+
+    # ---- input from the controller ------------------------------------------------------
+
+    def assign(self, reqs: Iterable[SimRequest], now: float) -> None:
+        for r in reqs:
+            r.status = SimStatus.ASSIGNED
+            r.worker_id = self.worker_id
+            if r.first_dispatch_at is None:
+                r.first_dispatch_at = now
+            self.joining.append(r)
+        self._changed()
+
+    def submit_op(self, op: Operation, now: float) -> bool:
+        """Take an operation. Instant ones (warm start, preemption mode) apply now; the rest
+        run at the worker's next step boundary. Returns False when it cannot apply."""
+        if isinstance(op, WarmModel):
+            return self._warm(op.model, now)
+        if isinstance(op, DropWarm):
+            self.warm.pop(op.model, None)
+            self._changed()
+            return True
+        if isinstance(op, SetPreemption):
+            self.mode = PreemptionMode(op.mode)
+            self.max_pause_s = op.max_pause_s
+            self._changed()
+            return True
+        if isinstance(op, LoadModel):
+            if op.model not in self.spec.models:
+                self.counters.failed_ops += 1
+                return False
+            if op.model == (self.loading_model or self.active_model) or any(
+                    isinstance(o, LoadModel) and o.model == op.model for o in self.ops):
+                return True  # already there or under way
+            self.loading_model = op.model
+        self.ops.append(op)
+        self._changed()
+        return True
+
+    def poke(self, now: float) -> None:
+        """Something changed: start work when idle, otherwise end the current segment at its
+        in-flight step (or insert latency-sensitive prefill at the next layer boundary)."""
+        u = self.unit
+        if u is None:
+            self._start_next(now)
+            return
+        if self.mode == PreemptionMode.EXPERT and not self.ops and u.kind != "op" and u.pause_s == 0:
+            if any(r.latency_sensitive for r in self.joining) and self._expert_pause(u, now):
+                return
+        if u.kind == "segment":
+            self._cut(u, now)
+
+    # ---- unit machinery ---------------------------------------------------------------------
+
+    def _schedule(self, u: _Unit) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.unit = u
+        self._timer = self.clock.call_at(u.end, self._on_unit_end)
+
+    def _cut(self, u: _Unit, now: float) -> None:
+        if u.pause_s > 0:
+            return  # already ends at the end of the paused step
+        n = u.elapsed_steps(now)
+        # At a step boundary the next step has not started: stop there; otherwise the
+        # in-flight step completes.
+        keep = n if abs(u.step_end(n) - now) <= 1e-12 else n + 1
+        if keep >= u.steps:
+            return
+        u.steps = keep
+        u.end = u.step_end(keep)
+        self._schedule(u)
+
+    def _expert_pause(self, u: _Unit, now: float) -> bool:
+        if u.kind == "segment":
+            n = u.elapsed_steps(now)
+            if n >= u.steps:
+                return False
+            pass_start, pass_len = u.step_end(n), u.a + u.c * n
+        else:
+            if any(r.latency_sensitive for r in u.prefill):
+                return False  # it is latency-sensitive work already
+            n = 0
+            pass_start, pass_len = u.start, u.end - u.start
+        layer = pass_len / max(1, u.layers)
+        done = math.ceil((now - pass_start) / layer - 1e-9) if layer > 0 else 0
+        pause_at = pass_start + done * layer
+        if pause_at >= pass_start + pass_len - 1e-12:
+            return False
+        adm = self._admit(ls_only=True, budget_s=self.max_pause_s)
+        if not adm:
+            return False
+        dur = self.profile.prefill_time(sum(r.kv_tokens for r in adm))
+        if u.kind == "segment":
+            u.steps = n + 1
+            u.end = u.step_end(n + 1)
+        u.pause_s = dur
+        u.end += dur
+        self.counters.expert_preemptions += 1
+        self.counters.busy_s += dur
+        for r in adm:
+            r.expert_preempted = True
+        done_at = pause_at + dur
+        self.clock.call_at(done_at, lambda: self._prefill_done(adm, done_at))
+        self._schedule(u)
+        self._changed()
+        return True
+
+    def _prefill_done(self, reqs: list[SimRequest], now: float) -> None:
+        finished = []
+        for r in reqs:
+            if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id or r.prefilled:
+                continue  # evicted or swapped meanwhile
+            self._emit_token(r, now)
+            if r.generated >= r.output_tokens:
+                finished.append(r)
+        for r in finished:
+            self._finish(r, now)
+        self._changed()
+
+    def _on_unit_end(self) -> None:
+        now = self.clock.now()
+        u, self.unit, self._timer = self.unit, None, None
+        if u is not None:
+            self._complete(u, now)
+        self._start_next(now)
+
+    def _complete(self, u: _Unit, now: float) -> None:
+        if u.kind == "op":
+            self._complete_op(u, now)
+            return
+        finished: list[SimRequest] = []
+        if u.kind == "iter":
+            self.counters.iterations += 1
+            self.counters.busy_s += u.end - u.start - u.pause_s
+            for r in u.prefill + u.decode:
+                if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
+                    continue
+                self._emit_token(r, now)
+                if r.generated >= r.output_tokens:
+                    finished.append(r)
+        else:
+            self.counters.iterations += u.steps
+            self.counters.busy_s += u.end - u.start - u.pause_s
+            for r in u.decode:
+                if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
+                    continue
+                r.generated += u.steps
+                self.counters.tokens += u.steps
+                if r.generated >= r.output_tokens:
+                    finished.append(r)
+        for r in finished:
+            self._finish(r, now)
+        self._changed()
+
+    def _emit_token(self, r: SimRequest, now: float) -> None:
+        r.prefilled = True
+        r.generated += 1
+        self.counters.tokens += 1
+        if r.first_token_at is None:
+            r.first_token_at = now
+
+    def _finish(self, r: SimRequest, now: float) -> None:
+        self.running.remove(r)
+        r.status = SimStatus.FINISHED
+        r.finished_at = now
+        self.sink.on_finished(r, now)
+
+    def _start_next(self, now: float) -> None:
+        self.unit = None
+        while self.ops:
+            if self._begin_op(self.ops.popleft(), now):
+                return
+        ls_first = self.mode != PreemptionMode.NONE
+        if ls_first and any(r.latency_sensitive for r in self.joining):
+            adm = self._admit(ls_only=True)
+            if adm:
+                self._start_iter(adm, [], now)
+                return
+        adm = self._admit()
+        decode = [r for r in self.running if r.prefilled and r not in adm] if adm else \
+            [r for r in self.running if r.prefilled]
+        decode = self._fit_kv(decode, steps=1)
+        if adm:
+            self._start_iter(adm, decode, now)
+            return
+        if decode:
+            self._start_segment(decode, now)
+            return
+        pending = [r for r in self.running if not r.prefilled]
+        if pending:  # admitted but not prefilled yet (e.g. KV preemption took the rest): prefill them
+            self._start_iter(pending, [], now)
+
+    def _admit(self, ls_only: bool = False, budget_s: float | None = None) -> list[SimRequest]:
+        """Move what fits (batch slots, KV, prefill budget) from joining to running."""
+        if not self.joining or self.active_model is None or self.loading_model is not None:
+            return []
+        slots = self.spec.max_batch_size - len(self.running)
+        free_kv = self.kv_capacity - self.kv_used
+        budget = self.max_prefill_tokens
+        prof = self.profile
+        order = self.joining
+        if self.mode != PreemptionMode.NONE:
+            order = sorted(self.joining, key=lambda r: (not r.latency_sensitive, -r.priority))
+        adm: list[SimRequest] = []
+        for r in order:
+            if slots <= 0:
+                break
+            if ls_only and not r.latency_sensitive:
+                continue
+            if r.model != self.active_model:
+                continue
+            need = r.kv_tokens + 1
+            fits = need <= free_kv and (not adm or r.kv_tokens <= budget)
+            if fits and budget_s is not None:
+                fits = prof.prefill_time(sum(x.kv_tokens for x in adm) + r.kv_tokens) <= budget_s
+            if not fits:
+                if self.mode == PreemptionMode.NONE:
+                    break  # FCFS: nobody overtakes the head
+                continue
+            adm.append(r)
+            slots -= 1
+            free_kv -= need
+            budget -= r.kv_tokens
+        for r in adm:
+            self.joining.remove(r)
+            self._admit_seq += 1
+            r.admitted_order = self._admit_seq
+            r.status = SimStatus.RUNNING
+            if r.generated > 0:
+                r.recompute_tokens += r.kv_tokens
+            self.running.append(r)
+        return adm
+
+    def _fit_kv(self, decode: list[SimRequest], steps: int) -> list[SimRequest]:
+        """Preempt (recompute later) the latest-admitted best-effort sequences until `steps`
+        decode steps of the rest fit the KV cache, as vLLM does."""
+        while decode and self.kv_used + len(decode) * steps > self.kv_capacity:
+            victim = max(decode, key=lambda r: (not r.latency_sensitive, r.admitted_order))
+            decode.remove(victim)
+            self.running.remove(victim)
+            victim.prefilled = False
+            victim.status = SimStatus.ASSIGNED
+            victim.recomputes += 1
+            self.joining.insert(0, victim)
+            self.counters.recompute_preemptions += 1
+        return decode
+
+    def _start_iter(self, prefill: list[SimRequest], decode: list[SimRequest], now: float) -> None:
+        prof = self.profile
+        dur = 0.0
+        if prefill:
+            tokens = sum(r.kv_tokens for r in prefill)
+            dur += prof.prefill_time(tokens)
+            self.counters.prefill_tokens += tokens
+        if decode:
+            dur += prof.decode_step_time(len(decode), sum(r.kv_tokens for r in decode))
+        self._schedule(_Unit("iter", now, now + dur, prefill=prefill, decode=decode, layers=self.runtime.num_layers))
+
+    def _start_segment(self, decode: list[SimRequest], now: float) -> None:
+        prof = self.profile
+        b = len(decode)
+        k = min(r.output_tokens - r.generated for r in decode)
+        free = self.kv_capacity - self.kv_used
+        k = max(1, min(k, free // b))
+        ctx = sum(r.kv_tokens for r in decode)
+        a = prof.decode_step_time(b, ctx)
+        c = prof.decode_per_ctx_token_s * b
+        u = _Unit("segment", now, 0.0, decode=decode, steps=k, a=a, c=c, layers=self.runtime.num_layers)
+        u.end = u.step_end(k)
+        self._schedule(u)
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    def _find(self, rid: str) -> SimRequest | None:
+        for lst in (self.running, self.joining):
+            for r in lst:
+                if r.rid == rid:
+                    return r
+        return self.swapped.get(rid)
+
+    def _begin_op(self, op: Operation, now: float) -> bool:
+        """Carry out a queued operation; True when it occupies the worker (a unit started)."""
+        prof = self.profile
+        if isinstance(op, Evict):
+            for rid in op.request_ids:
+                r = self._find(rid)
+                if r is None:
+                    self.counters.failed_ops += 1
+                    continue
+                self._detach(r)
+                r.evictions += 1
+                self.counters.evictions += 1
+                self.sink.on_requeue(r, now, "evict")
+            self._changed()
+            return False
+        if isinstance(op, SwapOut):
+            reqs = []
+            for rid in op.request_ids:
+                r = self._find(rid)
+                if r is None or r.status != SimStatus.RUNNING or not r.prefilled:
+                    self.counters.failed_ops += 1
+                    continue
+                reqs.append(r)
+            cap = self.spec.host_kv_tokens
+            if cap is not None:
+                room = cap - self.host_kv_used
+                kept = []
+                for r in reqs:
+                    if r.kv_tokens <= room:
+                        kept.append(r)
+                        room -= r.kv_tokens
+                    else:
+                        self.counters.failed_ops += 1
+                reqs = kept
+            if not reqs:
+                return False
+            dur = prof.kv_swap_time(sum(r.kv_tokens for r in reqs))
+            self._schedule(_Unit("op", now, now + dur, op=op, op_reqs=reqs))
+            return True
+        if isinstance(op, SwapIn):
+            reqs = []
+            slots = self.spec.max_batch_size - len(self.running)
+            free = self.kv_capacity - self.kv_used
+            for rid in op.request_ids:
+                r = self.swapped.get(rid)
+                if r is None or r.model != self.active_model or slots <= 0 or r.kv_tokens + 1 > free:
+                    self.counters.failed_ops += 1
+                    continue
+                reqs.append(r)
+                slots -= 1
+                free -= r.kv_tokens + 1
+            if not reqs:
+                return False
+            for r in reqs:  # reserve their KV now
+                del self.swapped[r.rid]
+                r.status = SimStatus.RUNNING
+                self.running.append(r)
+            dur = prof.kv_swap_time(sum(r.kv_tokens for r in reqs))
+            self._schedule(_Unit("op", now, now + dur, op=op, op_reqs=reqs))
+            return True
+        if isinstance(op, LoadModel):
+            if op.model == self.active_model:
+                self.loading_model = None
+                self._changed()
+                return False
+            # The batch of the old model goes back to the queue, tokens kept (the worker
+            # hands it back, as the real worker does on a model swap).
+            for r in [r for r in self.running + self.joining if r.model != op.model]:
+                self._detach(r)
+                r.evictions += 1
+                self.counters.evictions += 1
+                self.sink.on_requeue(r, now, "model swap")
+            rt = self.spec.models[op.model]
+            warm = self.warm.get(op.model, math.inf) <= now
+            dur = rt.profile.model_load_time(rt.weight_bytes, warm)
+            self.loading_model = op.model
+            if warm:
+                self.counters.loads_warm += 1
+            else:
+                self.counters.loads_cold += 1
+            self.counters.load_s += dur
+            self._changed()
+            self._schedule(_Unit("op", now, now + dur, op=op))
+            return True
+        self.counters.failed_ops += 1
+        return False
+
+    def _complete_op(self, u: _Unit, now: float) -> None:
+        op = u.op
+        self.counters.op_s += u.end - u.start
+        if isinstance(op, SwapOut):
+            for r in u.op_reqs:
+                if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
+                    continue
+                self.running.remove(r)
+                r.status = SimStatus.SWAPPED
+                r.swaps += 1
+                self.swapped[r.rid] = r
+                self.counters.swaps_out += 1
+        elif isinstance(op, SwapIn):
+            self.counters.swaps_in += len(u.op_reqs)
+        elif isinstance(op, LoadModel):
+            self.active_model = op.model
+            self.loading_model = None
+        self._changed()
+
+    def _detach(self, r: SimRequest) -> None:
+        """Take a request off this worker (its KV is dropped; its tokens stay with it)."""
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.joining:
+            self.joining.remove(r)
+        else:
+            self.swapped.pop(r.rid, None)
+        r.prefilled = False
+        r.status = SimStatus.WAITING
+        r.worker_id = None  # a unit still holding it in its batch skips it from now on
+
+    def _warm(self, model: str, now: float) -> bool:
+        rt = self.spec.models.get(model)
+        if rt is None:
+            self.counters.failed_ops += 1
+            return False
+        if model in self.warm:
+            return True
+        used = sum(self.spec.models[m].weight_bytes for m in self.warm)
+        if used + rt.weight_bytes > self.spec.host_ram_bytes:
+            self.counters.failed_ops += 1
+            return False
+        self.warm[model] = now + rt.weight_bytes / rt.profile.load_cold_bytes_per_s
+        self.counters.warm_starts += 1
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.sink.on_worker_changed(self)
