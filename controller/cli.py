@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pause", type=float, default=2.0)
     p.add_argument("--sim-profile", help="WorkerProfile YAML for --engine sim")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF engine (default 1)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="submit a request and stream its tokens")
@@ -156,7 +157,7 @@ def cmd_worker(args) -> int:
                                     device=args.device, max_batch_size=args.max_batch,
                                     kv_capacity_tokens=args.kv_capacity, preload=args.preload,
                                     preemption=args.preemption, max_pause_s=args.max_pause,
-                                    sim_profile=args.sim_profile, seed=args.seed))
+                                    sim_profile=args.sim_profile, seed=args.seed, threads=args.threads))
 
 
 # ---- client commands -----------------------------------------------------------------

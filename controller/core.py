@@ -104,10 +104,18 @@ class Controller:
         self.scheduler: SchedulingPolicy = create_policy(policy.planner.policy, policy)
         self.tokenizers = TokenizerCache(policy.models)
 
-    def reload_policy(self, policy: PolicyConfig) -> None:
-        """Swap the policy between ticks. Waiting and running requests keep their stored SLO
+    async def warm_up(self) -> None:
+        """Load tokenizers off the event loop so the first submission does not stall it."""
+        await asyncio.to_thread(self.tokenizers.load_all)
+
+    async def reload_policy(self, policy: PolicyConfig) -> None:
+        """Swap the policy between ticks. Everything new is built first, so a failure leaves
+        the running policy in place. Waiting and running requests keep their stored SLO
         targets; requests of a class the new policy drops still complete."""
-        self._set_policy(policy)
+        scheduler = create_policy(policy.planner.policy, policy)
+        tokenizers = TokenizerCache(policy.models)
+        await asyncio.to_thread(tokenizers.load_all)
+        self.policy, self.scheduler, self.tokenizers = policy, scheduler, tokenizers
         self._wake.set()
 
     def slo_of(self, name: str) -> SloClass | None:

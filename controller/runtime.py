@@ -83,6 +83,7 @@ class ControllerRuntime:
         await store.ping()
         metrics = ControllerMetrics()
         self.controller = Controller(store, policy, redis_url=url, policy_path=self.opts.policy_path, metrics=metrics)
+        await self.controller.warm_up()
         self.server, self.port, _ = await build_server(self.controller, f"{self.opts.host}:{self.opts.port}")
         await self.server.start()
         self._tick_task = asyncio.create_task(self.controller.run(), name="tick-loop")

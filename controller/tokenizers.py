@@ -33,6 +33,11 @@ class TokenizerCache:
                 self._cache[model] = tok
             return self._cache[model]
 
+    def load_all(self) -> None:
+        """Load every tokenizer now (at start-up, off the event loop), not on first use."""
+        for model in self.models:
+            self.get(model)
+
     def encode(self, model: str, text: str) -> list[int]:
         tok = self.get(model)
         if tok is None:

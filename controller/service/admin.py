@@ -77,7 +77,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not path:
             raise ValueError("the controller runs on the embedded default policy; give a path")
         cfg = load_policy(path)  # PolicyError -> INVALID_ARGUMENT, naming file, line and field
-        self.c.reload_policy(cfg)
+        await self.c.reload_policy(cfg)
         self.c.policy_path = path
         return admin_pb2.ReloadPolicyResponse(policy_name=cfg.planner.policy, slo_classes=sorted(cfg.slo_classes),
                                               models=sorted(cfg.models))
