@@ -326,7 +326,7 @@ EMPTY = Work()
 # The release table covers the first TRANSIENT_ROUNDS * slots slot releases of a worker;
 # past them the start time grows by the work ahead over the slots (the CLT part).
 TRANSIENT_ROUNDS = 2
-TABLE_SAMPLES = 2048
+TABLE_SAMPLES = 512
 _TABLE_SEED = 20240705
 
 
@@ -380,8 +380,8 @@ class ReleaseTable:
 
 
 def _q(x: float) -> float:
-    """Quantise a positive parameter on a log grid (about 9% steps) for the table cache."""
-    return round(math.log(max(x, 1e-6)) * 11) / 11
+    """Quantise a positive parameter on a log grid (about 13% steps) for the table cache."""
+    return round(math.log(max(x, 1e-6)) * 8) / 8
 
 
 @lru_cache(maxsize=4096)
@@ -392,7 +392,7 @@ def _unit_table(slots: int, n_run: int, qk_run: float, qk_item: float, q_ratio: 
     rng = np.random.default_rng(_TABLE_SEED + 7 * slots + n_run)
     k_item, k_run, ratio = math.exp(qk_item), math.exp(qk_run), math.exp(q_ratio)
     jv = TRANSIENT_ROUNDS * slots
-    renewals = TRANSIENT_ROUNDS + 3
+    renewals = TRANSIENT_ROUNDS + 2
     first = np.empty((TABLE_SAMPLES, slots))
     first[:, :n_run] = rng.gamma(k_run, ratio / k_run, size=(TABLE_SAMPLES, n_run))
     first[:, n_run:] = rng.gamma(k_item, 1.0 / k_item, size=(TABLE_SAMPLES, slots - n_run))
@@ -450,9 +450,9 @@ class WorkerModel:
     def load_s(self, model: str) -> float:
         return self.worker.profile.model_load_time(self.model_bytes.get(model, 0), model in self.worker.warm_models)
 
-    def fresh(self, model: str) -> ReleaseTable:
+    def fresh(self, model: str | None) -> ReleaseTable:
         """The release table after a swap to `model`: nothing running."""
-        m, v = self.item_stats.get(model, (DEFAULT_LENGTHS.mean, DEFAULT_LENGTHS.var))
+        m, v = self.item_stats.get(model or "", (DEFAULT_LENGTHS.mean, DEFAULT_LENGTHS.var))
         return release_table(self.slots, np.empty(0), np.empty(0), m, v)
 
 
@@ -496,7 +496,12 @@ class QueueCursor:
     prefill_s: float = 0.0  # their prefill passes
 
     @classmethod
-    def start(cls, wm: WorkerModel, protect_ls: bool = False) -> QueueCursor:
+    def start(cls, wm: WorkerModel, protect_ls: bool = False, cleared: bool = False) -> QueueCursor:
+        """At the head of `wm`'s queue. `cleared`: its running requests are taken off the
+        device first (evicted or swapped out), e.g. for a model swap now."""
+        if cleared:
+            fresh = wm.fresh(wm.model) if wm.model is not None else wm.table
+            return cls(wm, protect_ls, wm.model, WaitEstimate(wm.ready_s, 0.0), fresh, fresh, EMPTY, 0.0)
         return cls(wm, protect_ls, wm.model, WaitEstimate(wm.ready_s, 0.0), wm.table, wm.table_ls, wm.backlog, 0.0)
 
     def _view(self, latency_sensitive: bool) -> ReleaseTable:
@@ -650,19 +655,20 @@ class Forecaster:
                                            snap.model_bytes, self.item_stats)
         return out
 
-    def cursor(self, worker_id: str, protect_ls: bool = False) -> QueueCursor:
-        return QueueCursor.start(self.workers[worker_id], protect_ls)
+    def cursor(self, worker_id: str, protect_ls: bool = False, cleared: bool = False) -> QueueCursor:
+        return QueueCursor.start(self.workers[worker_id], protect_ls, cleared)
 
-    def evaluate(self, virtual_queues: Mapping[str, Iterable[str]],
-                 protected: Iterable[str] = ()) -> dict[str, GroupForecast]:
+    def evaluate(self, virtual_queues: Mapping[str, Iterable[str]], protected: Iterable[str] = (),
+                 cleared: Iterable[str] = ()) -> dict[str, GroupForecast]:
         """Forecast of every queued group; `protected` are the workers whose best-effort
-        running work does not delay latency-sensitive groups (preempted or evicted)."""
-        prot = set(protected)
+        running work does not delay latency-sensitive groups (preempted or evicted),
+        `cleared` those whose running requests are all taken off first."""
+        prot, clr = set(protected), set(cleared)
         out: dict[str, GroupForecast] = {}
         for wid, queue in virtual_queues.items():
             if wid not in self.workers:
                 continue
-            cur = self.cursor(wid, wid in prot)
+            cur = self.cursor(wid, wid in prot, wid in clr)
             for gid in queue:
                 gw = self.groups.get(gid)
                 if gw is None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
 from qlmserve.controller.estimator import Forecaster
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.op_rules import derive_operations, rule_protection
@@ -23,17 +25,76 @@ from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerStat
 from qlmserve.operations.plan import Plan
 
 
-def eligible_workers(snapshot: ClusterSnapshot, workers: list[WorkerState], g: GroupState,
-                     allow_swap: bool, queue_model: dict[str, str | None] | None = None) -> list[WorkerState]:
-    """Workers that may take group `g`: healthy, able to hold its model, and (without model
-    swaps) already on that model or empty. If no worker has the model at all, swaps are
-    allowed for it (otherwise it would never run)."""
-    can = [w for w in workers if w.can_serve(g.model)] or workers
+class QueueTails:
+    """The tail of every worker's virtual queue, and when a group of each model could
+    start its first request there (numpy arrays, so picking a worker is one argmin).
+
+    `same[w]`: the next slot at w's tail; `switch[w, m]`: the start of a new block of
+    model m after w's tail (its work drained, then the load); inf where w cannot hold m."""
+
+    def __init__(self, snapshot: ClusterSnapshot, fc: Forecaster, workers: list[WorkerState],
+                 queues: dict[str, list[str]] | None = None, kv_check: bool = True) -> None:
+        self.fc = fc
+        self.workers = workers
+        self.wids = [w.worker_id for w in workers]
+        self.models = sorted({g.model for g in snapshot.groups} | {m for w in workers for m in
+                                                                   (w.active_model, w.loading_model) if m})
+        self.midx = {m: i for i, m in enumerate(self.models)}
+        n, k = len(workers), len(self.models)
+        self.cursors = []
+        for w in workers:
+            cur = fc.cursor(w.worker_id)
+            for gid in (queues or {}).get(w.worker_id, []):
+                if gid in fc.groups:
+                    cur.push(fc.groups[gid])
+            self.cursors.append(cur)
+        self.serve = np.array([[w.can_serve(m) for m in self.models] for w in workers], dtype=bool).reshape(n, k)
+        self.kv = np.array([w.kv_capacity_tokens if w.kv_capacity_tokens > 0 else np.inf for w in workers])
+        self.kv_check = kv_check
+        self.same = np.empty(n)
+        self.switch = np.empty((n, k))
+        self.tail_model = np.full(n, -1)
+        for i in range(n):
+            self._refresh(i)
+
+    def _refresh(self, i: int) -> None:
+        cur = self.cursors[i]
+        self.same[i] = cur.free_at().mean_s
+        self.tail_model[i] = self.midx.get(cur.model, -1) if cur.model is not None else -1
+        for m, j in self.midx.items():
+            self.switch[i, j] = cur._switched(m).base.mean_s if self.serve[i, j] else np.inf
+
+    def start(self, g: GroupState, model_aware: bool = True) -> np.ndarray:
+        """When `g`'s first request could start at each worker's tail (inf: not allowed)."""
+        j = self.midx[g.model]
+        if model_aware:
+            t = np.where(self.tail_model == j, self.same, self.switch[:, j])
+        else:
+            t = self.same.copy()
+        t = np.where(self.serve[:, j], t, np.inf)
+        if self.kv_check:
+            need = max(g.prompt_tokens) + self.fc.snapshot.lengths(g.model, g.slo_class).mean
+            t = np.where(self.kv >= need, t, np.inf)
+        return t
+
+    def push(self, i: int, gid: str) -> None:
+        self.cursors[i].push(self.fc.groups[gid])
+        self._refresh(i)
+
+
+def eligible_mask(tails: QueueTails, g: GroupState, allow_swap: bool) -> np.ndarray:
+    """Workers that may take group `g`: healthy, able to hold it (model, KV), and (without
+    model swaps) already on its model or empty. If none is, swaps are allowed for it
+    (otherwise it would never run); if no worker can hold it at all, any worker may."""
+    start = tails.start(g)
+    ok = np.isfinite(start)
+    if not ok.any():
+        return np.ones(len(tails.wids), dtype=bool)
     if allow_swap:
-        return can
-    model_of = queue_model or {w.worker_id: w.loading_model or w.active_model for w in workers}
-    same = [w for w in can if model_of[w.worker_id] in (None, g.model)]
-    return same or can
+        return ok
+    j = tails.midx[g.model]
+    same = ok & ((tails.tail_model == j) | (tails.tail_model == -1))
+    return same if same.any() else ok
 
 
 def list_schedule(snapshot: ClusterSnapshot, order: Iterable[GroupState], *, model_aware: bool = True,
@@ -52,24 +113,21 @@ def list_schedule(snapshot: ClusterSnapshot, order: Iterable[GroupState], *, mod
     queues: dict[str, list[str]] = {w.worker_id: [] for w in workers}
     if not workers:
         return queues
-    cursors = {w.worker_id: fc.cursor(w.worker_id) for w in workers}
-    by_id = {w.worker_id: w for w in workers}
-
-    def start(w: WorkerState, g: GroupState) -> tuple[float, str]:
-        cur = cursors[w.worker_id]
-        t = cur.timing(fc.groups[g.group_id]).first if model_aware else cur.free_at()
-        return t.mean_s, w.worker_id
-
+    tails = QueueTails(snapshot, fc, workers)
+    index = {wid: i for i, wid in enumerate(tails.wids)}
     for g in order:
         if g.group_id not in fc.groups:
             continue
-        pool = eligible_workers(snapshot, workers, g, allow_swap, {wid: c.model for wid, c in cursors.items()})
-        if sticky and g.worker_id in queues and by_id[g.worker_id] in pool:
-            w = by_id[g.worker_id]
+        ok = eligible_mask(tails, g, allow_swap)
+        if sticky and g.worker_id in index and ok[index[g.worker_id]]:
+            i = index[g.worker_id]
         else:
-            w = min(pool, key=lambda w: start(w, g))
-        cursors[w.worker_id].push(fc.groups[g.group_id])
-        queues[w.worker_id].append(g.group_id)
+            t = np.where(ok, tails.start(g, model_aware), np.inf)
+            if not np.isfinite(t).any():
+                t = np.where(ok, tails.same, np.inf)
+            i = int(np.argmin(t))
+        tails.push(i, g.group_id)
+        queues[tails.wids[i]].append(g.group_id)
     return queues
 
 

@@ -48,7 +48,7 @@ def gamma_sampler(snapshot: ClusterSnapshot) -> LengthSampler:
 
 def replay_ttft(snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str]], sampler: LengthSampler,
                 rng: np.random.Generator, protected: frozenset[str] = frozenset(),
-                max_running: int | None = None) -> dict[str, np.ndarray]:
+                cleared: frozenset[str] = frozenset(), max_running: int | None = None) -> dict[str, np.ndarray]:
     """Realised TTFT (seconds from now) of every request of every queued group, in the
     group's request order, for one draw of the output lengths.
 
@@ -56,7 +56,8 @@ def replay_ttft(snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str
     one iteration every `step_s`; a queued request takes the first free slot in queue
     order; each admission's prefill stalls the batch; a model change waits for every
     sequence to finish, then loads; on a `protected` worker latency-sensitive requests do
-    not wait for best-effort running requests (those are paused or evicted)."""
+    not wait for best-effort running requests (those are paused or evicted); on a
+    `cleared` worker every running request is taken off before the queue starts."""
     fc = Forecaster(snapshot, max_running)
     out: dict[str, np.ndarray] = {}
     for wid, queue in virtual_queues.items():
@@ -67,7 +68,7 @@ def replay_ttft(snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str
         step, slots = wm.step_s, wm.slots
         # Free times (decode iterations since the block began) of every slot.
         run_all, run_ls = [], []
-        for r in w.running:
+        for r in (() if wid in cleared else w.running):
             rem = float(sampler(r.model, r.slo_class, r.max_tokens, r.generated_tokens, 1, rng)[0])
             run_all.append(rem)
             if r.latency_sensitive and not r.swapped:

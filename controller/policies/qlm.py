@@ -1,0 +1,731 @@
+"""QLM: SLO-aware queue management by a stochastic program over request groups."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import numpy as np
+
+import pulp
+
+from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, WaitEstimate
+from qlmserve.controller.policies.base import SchedulingPolicy
+from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
+from qlmserve.controller.policies.op_rules import (EXPERT, EVICT, SWAP, ModelChange, derive_operations,
+                                                   protection_cost_s, protection_mechanism, victim_cost_s)
+from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramSolution,
+                                                      ProgramVars, ProgramWorker, build_model, solve_program)
+from qlmserve.controller.policies.registry import register
+from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState
+from qlmserve.operations.plan import Plan
+
+# Program size per millisecond of budget (pairs of group x candidate worker); measured with
+# `qlm bench-solver`: PuLP build + HiGHS solve of the chance program run at about 4 pairs/ms on
+# one core, SAA at about 4 / (scenarios / 4) pairs/ms.
+PAIRS_PER_MS = 4.0
+MIN_PAIRS = 24
+# Below this many (group, worker) pairs every group enters the program and every worker is
+# a candidate (the program is then exact up to its order restriction; see the NOTE).
+FULL_PROGRAM_PAIRS = 48
+
+
+@dataclass
+class Decision:
+    """A candidate plan: virtual queues plus the worker-level choices they rely on."""
+
+    queues: dict[str, list[str]]
+    protected: dict[str, str] = field(default_factory=dict)  # worker_id -> EXPERT / EVICT / SWAP
+    changes: dict[str, ModelChange] = field(default_factory=dict)  # worker_id -> model swap now
+    cost: float = 0.0  # objective units spent on operations (lost work)
+
+
+@dataclass
+class Score:
+    primary: float  # the method's objective
+    expected: float  # weighted expected requests meeting their SLO (ties, reporting)
+    forecasts: dict[str, GroupForecast]
+
+    def better_than(self, other: Score, eps: float = 1e-9) -> bool:
+        if self.primary > other.primary + eps:
+            return True
+        return self.primary > other.primary - eps and self.expected > other.expected + eps
+
+
+@register
+class QlmPolicy(SchedulingPolicy):
+    """QLM's global scheduler: a chance-constrained or sample-average stochastic program
+    over request groups, solved each tick within `planner.solve_budget_ms`."""
+
+    name = "qlm"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.last_plan: Plan | None = None
+        self._last_solve_at: float | None = None
+        # Candidate workers per group at risk (the group's own worker is always one).
+        self.candidates = 3
+        # Re-solve at least this often even when nothing is predicted to miss.
+        self.max_plan_age_s = max(1.0, 10 * config.tick_interval_ms / 1000.0)
+
+    # ---- the controller's two calls -------------------------------------------------------
+
+    def needs_replan(self, snapshot: ClusterSnapshot, last_plan: Plan | None) -> bool:
+        """Whether this tick must solve, or the last plan may stand: yes when a group has no
+        place yet, a queue's worker stopped taking work, the plan is older than
+        `max_plan_age_s`, an idle worker could take queued work (load balancing), or the
+        estimator now predicts that a group the last plan expected to meet its SLO misses."""
+        if last_plan is None or not last_plan.virtual_queues:
+            return bool(snapshot.groups)
+        if self._last_solve_at is None or snapshot.now - self._last_solve_at >= self.max_plan_age_s:
+            return True
+        queued = {gid for q in last_plan.virtual_queues.values() for gid in q}
+        if any(g.group_id not in queued for g in snapshot.groups):
+            return True
+        workers = {w.worker_id: w for w in snapshot.workers}
+        for wid, q in last_plan.virtual_queues.items():
+            w = workers.get(wid)
+            if q and (w is None or not w.accepts_work):
+                return True
+        if self.operation_enabled("load_balance"):
+            live = {gid for g in snapshot.groups for gid in (g.group_id,)}
+            waiting = any(gid in live for q in last_plan.virtual_queues.values() for gid in q)
+            for w in snapshot.workers:
+                if w.accepts_work and w.free_slots > 0 and waiting and not any(
+                        gid in live for gid in last_plan.virtual_queues.get(w.worker_id, [])):
+                    return True
+        fc = Forecaster(snapshot, self.config.max_running_per_worker)
+        protected = [w.worker_id for w in snapshot.workers if w.preemption_mode == EXPERT]
+        forecast = fc.evaluate(last_plan.virtual_queues, protected)
+        beta = self.config.planner.beta
+        for gid, f in forecast.items():
+            if last_plan.predicted_attainment.get(gid, 0.0) >= 0.5 and not f.meets(beta):
+                return True
+        return False
+
+    def solve(self, snapshot: ClusterSnapshot) -> Plan:
+        # NOTE(qlm): the algorithm, once.
+        #
+        # What is optimised. Requests are planned as groups (same model and SLO class,
+        # arrived close together). A group "meets its SLO" on a worker when the
+        # beta-quantile of its last request's TTFT, from the RWT estimator (running work,
+        # work queued ahead, prefill stalls, model drains and loads, all with their
+        # variance), is within its oldest request's deadline. The objective is the sum of
+        # weight x size over the groups that meet it (method "chance": the deterministic
+        # equivalent of a chance constraint at beta), or of the sample average over
+        # `scenarios` draws of every group's output lengths (method "saa"), minus the
+        # lost work of the operations used (evicted or swapped-out requests' recompute /
+        # copy seconds, valued at what the worker would serve in that time).
+        #
+        # How it stays small. (1) Base plan: the last plan's queues (from the snapshot,
+        # else the policy's own last plan) with new groups inserted by deadline on the
+        # worker that frees first; on a cold start, EDF list scheduling. (2) Groups that
+        # meet their SLO in the base plan keep their place; groups that cannot meet it
+        # even at the head of their best worker are hopeless (served last when
+        # drop_hopeless, else left in deadline order). (3) The program takes the groups at
+        # risk (the rest), each with its K best candidate workers, plus the kept groups
+        # whose slack the risky ones could consume if inserted ahead of them; all other
+        # groups are constants. On each worker the program's groups run in deadline order
+        # among themselves (for a fixed set of on-time jobs on one machine, deadline
+        # order is optimal: Moore-Hodgson's exchange argument), inserted among the kept
+        # ones at their deadline position; so the order is not a variable and the MILP
+        # is an assignment: y[g,w] (g meets on w), u[w,option] (a worker with no kept
+        # queue may keep its model, or drain / evict the batch and load another one),
+        # p[w] (protect latency-sensitive groups from best-effort running work: expert
+        # preemption on MoE workers, else eviction / KV swap of the fewest cheapest
+        # requests). The work a group adds ahead of others is linear in y; its variance
+        # enters through the tangent of the square root at the reference point (an upper
+        # bound, so the chance constraint stays conservative). Small instances
+        # (<= FULL_PROGRAM_PAIRS pairs) put every group and worker in the program.
+        # (4) HiGHS solves it in-process within what is left of the budget, warm-started
+        # from the base plan; with time left, a greedy repair moves groups still missing
+        # to the position that helps most. (5) Every candidate plan is scored exactly
+        # with the estimator; the best one stands. When the budget runs out before the
+        # program is solved, or it has no integer solution, the base plan stands
+        # (Plan.source "last-plan", or "fallback-edf" on a cold start) and Plan.note
+        # says why. (6) The operations follow from the chosen plan (op_rules.py), only
+        # those the policy enables.
+        #
+        # What it does not optimise: the order among kept groups, more than one model
+        # swap per worker within a plan, where hopeless groups go (they are kept or
+        # served last), and the cost of pausing best-effort work beyond max_pause_s.
+        t0 = time.perf_counter()
+        planner = self.config.planner
+        deadline = t0 + planner.solve_budget_ms / 1000.0
+        tick = _Tick(self, snapshot)
+        base, cold = tick.base_decision(self.last_plan)
+        base_score = tick.score(base)
+        method_source = f"qlm-{planner.method}"
+        chosen, source, note = base, method_source, ""
+        fallback_source = "fallback-edf" if cold else "last-plan"
+        if (not cold and base_score.primary < 0.8 * tick.max_value
+                and time.perf_counter() < t0 + 0.3 * (deadline - t0)):
+            # The last plan misses much: EDF list scheduling from scratch may be a better start.
+            edf = tick.edf_decision()
+            edf_score = tick.score(edf)
+            if edf_score.better_than(base_score):
+                base, base_score, cold = edf, edf_score, True
+        if base_score.primary < tick.max_value - 1e-9:
+            at_risk, hopeless = tick.at_risk(base, base_score)
+            if planner.drop_hopeless and hopeless:
+                base = chosen = tick.hopeless_last(base, hopeless)
+                base_score = tick.score(base)
+            if at_risk and time.perf_counter() >= deadline:
+                source, note = fallback_source, f"timeout: {planner.solve_budget_ms:g} ms spent before the program"
+            elif at_risk:
+                cap = max(MIN_PAIRS, int(PAIRS_PER_MS * planner.solve_budget_ms))
+                if planner.method == "saa":
+                    cap = max(MIN_PAIRS, int(cap * 4 / max(4, planner.scenarios)))
+                built = tick.program(base, base_score, at_risk, cap)
+                sol = None
+                if built is not None:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        source, note = fallback_source, "timeout: budget spent building the program"
+                    else:
+                        sol, why = tick.solve_program(built, base, left * 0.85)
+                        if sol is None:
+                            source, note = fallback_source, why
+                if sol is not None:
+                    cand = tick.assemble(built, sol)
+                    cand = tick.repair(cand, built, deadline)
+                    cand_score = tick.score(cand)
+                    if cand_score.better_than(base_score):
+                        chosen, base_score = cand, cand_score
+                        note = f"program {sol.status}: {len(built.ctx.program.groups)} groups, " \
+                               f"{len(built.ctx.program.pairs)} pairs, {sol.solve_s * 1e3:.1f} ms"
+                    else:
+                        note = "program plan scored no better than the base plan"
+                elif built is None and not note:
+                    note = "no group at risk has a candidate worker"
+            else:
+                note = "no group at risk that can still meet its SLO"
+        else:
+            note = "every group meets its SLO in the base plan"
+        score = base_score if chosen is base else tick.score(chosen)
+        ops = derive_operations(snapshot, self.config, tick.fc, chosen.queues, chosen.protected, chosen.changes)
+        plan = Plan(virtual_queues=chosen.queues, operations=ops, source=source,
+                    predicted_attainment={gid: f.attainment() for gid, f in score.forecasts.items()},
+                    objective=score.primary, note=note, solve_time_s=time.perf_counter() - t0)
+        self.last_plan = plan
+        self._last_solve_at = snapshot.now
+        return plan
+
+    # ---- for tests and tools --------------------------------------------------------------
+
+    def build_model(self, snapshot: ClusterSnapshot) -> tuple[pulp.LpProblem, ProgramVars]:
+        """The program this snapshot would solve (all groups not meeting their SLO in the
+        base plan at risk, no size cap): for `.lp` dumps and tests."""
+        tick = _Tick(self, snapshot)
+        base, _ = tick.base_decision(self.last_plan)
+        score = tick.score(base)
+        at_risk, _hopeless = tick.at_risk(base, score)
+        built = tick.program(base, score, at_risk or [g.group_id for g in snapshot.groups], 10**9)
+        if built is None:
+            return pulp.LpProblem("qlm_empty", pulp.LpMaximize), ProgramVars()
+        return built.model
+
+    def plan_value(self, snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str]],
+                   protected: Mapping[str, str] | None = None) -> float:
+        """The objective of given virtual queues, scored exactly as `solve` scores its plans."""
+        tick = _Tick(self, snapshot)
+        return tick.score(Decision({k: list(v) for k, v in virtual_queues.items()}, dict(protected or {}))).primary
+
+
+# ---- one solve --------------------------------------------------------------------------
+
+
+@dataclass
+class _ProgramContext:
+    program: Program
+    kept: dict[str, list[str]]  # worker -> kept queue (groups outside the program)
+    index: dict[tuple[str, str], int]  # (group, worker) -> insertion index in the kept queue
+    group_ids: list[str]
+    worker_ids: list[str]
+    protect_of: dict[str, str]  # worker -> mechanism its p variable stands for
+
+
+@dataclass
+class _Built:
+    ctx: _ProgramContext
+    model: tuple[pulp.LpProblem, ProgramVars]
+
+
+class _Tick:
+    """Everything one solve computes from the snapshot (estimator, values, candidates)."""
+
+    def __init__(self, policy: QlmPolicy, snapshot: ClusterSnapshot) -> None:
+        self.policy = policy
+        self.cfg = policy.config
+        self.snap = snapshot
+        self.beta = self.cfg.planner.beta
+        self.method = self.cfg.planner.method
+        self.fc = Forecaster(snapshot, self.cfg.max_running_per_worker)
+        self.live = [w for w in snapshot.workers if w.accepts_work]
+        self.workers = {w.worker_id: w for w in self.live}
+        self.windex = {w.worker_id: i for i, w in enumerate(self.live)}
+        self.groups = {g.group_id: g for g in snapshot.groups}
+        self.value = {g.group_id: g.weight * g.size for g in snapshot.groups}
+        self.max_value = sum(self.value.values())
+        n_req = sum(g.size for g in snapshot.groups)
+        self.value_per_request = self.max_value / n_req if n_req else 1.0
+        self.ops = set(self.cfg.planner.operations)
+        self.hopeless: set[str] = set()  # groups that cannot meet their SLO anywhere (set by at_risk)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def _effective_protected(self, d: Decision) -> set[str]:
+        out = set(d.protected)
+        for wid, q in d.queues.items():
+            w = self.workers.get(wid)
+            if w is not None and w.preemption_mode == EXPERT and any(
+                    self.groups[g].latency_sensitive for g in q if g in self.groups):
+                out.add(wid)
+        return out
+
+    def score(self, d: Decision) -> Score:
+        cleared = [wid for wid, c in d.changes.items() if c.clear is not None]
+        fc = self.fc.evaluate(d.queues, self._effective_protected(d), cleared)
+        return self._score_forecasts(fc, d.cost)
+
+    def _score_forecasts(self, fc: dict[str, GroupForecast], cost: float) -> Score:
+        expected = sum(self.value[g] * f.attainment() for g, f in fc.items())
+        if self.method == "saa":
+            primary = expected - cost
+        else:
+            primary = sum(self.value[g] for g, f in fc.items() if f.meets(self.beta)) - cost
+        return Score(primary, expected, fc)
+
+    # -- base plan ---------------------------------------------------------------------------
+
+    @cached_property
+    def heads(self) -> QueueTails:
+        """Every worker with an empty queue: where a group could start at the head."""
+        return QueueTails(self.snap, self.fc, self.live)
+
+    def eligible(self, g: GroupState, w: WorkerState) -> bool:
+        if not w.can_serve(g.model):
+            return False
+        if w.kv_capacity_tokens > 0:
+            mean_out = self.snap.lengths(g.model, g.slo_class).mean
+            if max(g.prompt_tokens) + mean_out > w.kv_capacity_tokens:
+                return False
+        return True
+
+    def base_decision(self, last_plan: Plan | None) -> tuple[Decision, bool]:
+        """(the base decision, whether it is a cold start built by EDF list scheduling)."""
+        where: dict[str, tuple[str, int]] = {}
+        if last_plan is not None:
+            for wid, q in last_plan.virtual_queues.items():
+                for i, gid in enumerate(q):
+                    where[gid] = (wid, i)
+        placed: dict[str, list[tuple[int, str]]] = {wid: [] for wid in self.workers}
+        new: list[GroupState] = []
+        for g in self.snap.groups:
+            wid, pos = (g.worker_id, g.position) if g.worker_id is not None else where.get(g.group_id, (None, 0))
+            if wid in self.workers and self.eligible(g, self.workers[wid]):
+                placed[wid].append((pos, g.group_id))
+            else:
+                new.append(g)
+        allow_swap = "model_swap" in self.ops
+        if not any(placed.values()):
+            return self.edf_decision(), True
+        queues = {wid: [gid for _, gid in sorted(items)] for wid, items in placed.items()}
+        if new:
+            tails = QueueTails(self.snap, self.fc, self.live, queues)
+            for g in sorted(new, key=lambda g: (g.deadline, g.group_id)):
+                ok = eligible_mask(tails, g, allow_swap)
+                t = np.where(ok, tails.start(g), np.inf)
+                if not np.isfinite(t).any():
+                    t = np.where(ok, tails.same, np.inf)
+                i = int(np.argmin(t))
+                q = queues[tails.wids[i]]
+                at = next((k for k, gid in enumerate(q) if self.groups[gid].deadline > g.deadline), len(q))
+                q.insert(at, g.group_id)
+                tails.push(i, g.group_id)  # the tail estimate of an insertion (exact enough to rank)
+        return Decision(queues), False
+
+    def edf_decision(self) -> Decision:
+        """EDF list scheduling (the fallback heuristic) under this policy's operations."""
+        order = sorted(self.snap.groups, key=lambda g: (g.deadline, g.group_id))
+        queues = list_schedule(self.snap, order, sticky="load_balance" not in self.ops,
+                               allow_swap="model_swap" in self.ops, forecaster=self.fc)
+        return Decision(queues)
+
+    # -- risk -----------------------------------------------------------------------------------
+
+    def at_risk(self, d: Decision, score: Score) -> tuple[list[str], list[str]]:
+        """(groups that miss in the base plan but could meet somewhere, hopeless ones)."""
+        missing = [gid for gid, f in score.forecasts.items() if not f.meets(self.beta)]
+        queued = {gid for q in d.queues.values() for gid in q}
+        missing += [gid for gid in self.groups if gid not in queued]
+        risky, hopeless = [], []
+        for gid in missing:
+            g = self.groups[gid]
+            if self._best_case_meets(g):
+                risky.append(gid)
+            else:
+                hopeless.append(gid)
+        risky.sort(key=lambda gid: (-self.value[gid], self.groups[gid].deadline, gid))
+        self.hopeless = set(hopeless)
+        return risky, hopeless
+
+    def candidates_of(self, g: GroupState, k: int) -> list[WorkerState]:
+        """The `k` workers where `g` could start soonest at the head of the queue (its own
+        worker too); only its own worker when load balancing is off."""
+        ok = eligible_mask(self.heads, g, "model_swap" in self.ops)
+        t = np.where(ok, self.heads.start(g), np.inf)
+        if not np.isfinite(t).any():
+            return []
+        own = self.windex.get(g.worker_id) if g.worker_id is not None else None
+        if "load_balance" not in self.ops and own is not None and np.isfinite(t[own]):
+            return [self.live[own]]
+        k = min(k, int(np.isfinite(t).sum()))
+        top = np.argpartition(t, k - 1)[:k] if k < len(t) else np.arange(len(t))
+        top = sorted((int(i) for i in top if np.isfinite(t[i])), key=lambda i: (t[i], self.live[i].worker_id))
+        if own is not None and own not in top and np.isfinite(t[own]):
+            top.append(own)
+        return [self.live[i] for i in top]
+
+    def _best_case_meets(self, g: GroupState) -> bool:
+        gw = self.fc.groups[g.group_id]
+        slack = min(gw.slack_s)
+        for w in self.candidates_of(g, self.policy.candidates):
+            for protect, cleared in ((False, False), (True, False), (False, True)):
+                if protect and protection_mechanism(self.cfg, w) is None:
+                    continue
+                if cleared and not self._can_clear(w):
+                    continue
+                t = self.fc.cursor(w.worker_id, protect, cleared).timing(gw).last
+                if t.quantile(self.beta) <= slack:
+                    return True
+        return False
+
+    def _can_clear(self, w: WorkerState) -> bool:
+        return bool(w.running) and "model_swap" in self.ops and bool(self.ops & {"evict", "kv_swap"})
+
+    def hopeless_last(self, d: Decision, hopeless: Iterable[str]) -> Decision:
+        """drop_hopeless: groups that cannot meet their SLO anywhere go to the tail."""
+        hs = set(hopeless)
+        queues = {}
+        for wid, q in d.queues.items():
+            keep = [gid for gid in q if gid not in hs]
+            late = sorted((gid for gid in q if gid in hs), key=lambda gid: (self.groups[gid].deadline, gid))
+            queues[wid] = keep + late
+        return replace(d, queues=queues)
+
+    # -- the program -----------------------------------------------------------------------------
+
+    def _lambda(self, w: WorkerState) -> float:
+        """Objective units per worker-second: the weighted requests it serves in a second."""
+        wm = self.fc.workers[w.worker_id]
+        item_mean = wm.table.item_mean
+        per_request = item_mean * wm.step_s + w.profile.prefill_time(512)
+        return wm.slots / max(per_request, 1e-6) * self.value_per_request
+
+    def _options(self, w: WorkerState, models: set[str], base_models: set[str]) -> list[Option]:
+        """A worker with no kept queue: keep its model (index 0), or swap to another."""
+        current = w.loading_model or w.active_model
+        opts = [Option("stay", current, 0.0, None)]
+        running = [r for r in w.running if not r.swapped]
+        swap_ok = "model_swap" in self.ops
+        for m in sorted(models):
+            if m == current or not w.can_serve(m):
+                continue
+            if swap_ok or current is None or m in base_models:
+                change = None if running or w.loading_model else ModelChange(m)
+                opts.append(Option(f"{'drain' if running else 'load'}:{m}", m, 0.0, change))
+            if running and self._can_clear(w) and w.loading_model is None:
+                mech = SWAP if "kv_swap" in self.ops and ("evict" not in self.ops or sum(
+                    victim_cost_s(w, r, SWAP) for r in running) < sum(victim_cost_s(w, r, EVICT) for r in running)) \
+                    else EVICT
+                lost = sum(victim_cost_s(w, r, mech) for r in running)
+                opts.append(Option(f"clear:{m}", m, lost * self._lambda(w), ModelChange(m, mech)))
+        return opts
+
+    def program(self, base: Decision, score: Score, at_risk: list[str], cap_pairs: int) -> _Built | None:
+        groups_n, workers_n = len(self.groups), len(self.workers)
+        full = groups_n * workers_n <= FULL_PROGRAM_PAIRS
+        k = workers_n if full else self.policy.candidates
+        risky = list(self.groups) if full else at_risk[: max(1, cap_pairs // (k + 1))]
+        risky_set = set(risky)
+        cand = {gid: self.candidates_of(self.groups[gid], k) for gid in risky}
+        cand = {gid: ws for gid, ws in cand.items() if ws}
+        if not cand:
+            return None
+        base_worker = {gid: wid for wid, q in base.queues.items() for gid in q}
+        kept0 = {wid: [gid for gid in q if gid not in risky_set] for wid, q in base.queues.items()}
+
+        # Kept groups the risky ones could push past their deadline join the program.
+        pulled: dict[str, str] = {}
+        for wid in {w.worker_id for ws in cand.values() for w in ws}:
+            q = kept0.get(wid, [])
+            if not q:
+                continue
+            incoming = sorted(((self.groups[gid].deadline, self._add_mean(gid, wid)) for gid, ws in cand.items()
+                               if any(w.worker_id == wid for w in ws)))
+            for gid in q:
+                f = score.forecasts.get(gid)
+                if f is None:
+                    continue
+                margin = min(f.slack_s) - f.timing.last.quantile(self.beta)
+                push = 1.5 * sum(a for dl, a in incoming if dl <= self.groups[gid].deadline + 1e-9)
+                if push > margin:
+                    pulled[gid] = wid
+        for gid, wid in pulled.items():
+            cand[gid] = [self.workers[wid]]
+        # A group with no feasible pair keeps its base place; drop it and build again so
+        # that the kept queues and insertion points stay consistent.
+        for _ in range(3):
+            built = self._build(base, cand, full)
+            if isinstance(built, _Built) or built is None:
+                return built
+            for gid in built:
+                del cand[gid]
+            if not cand:
+                return None
+        return None
+
+    def _build(self, base: Decision, cand: dict[str, list[WorkerState]], full: bool) -> _Built | set[str] | None:
+        """The program for these candidates, or the set of groups that have no feasible pair."""
+        in_program = set(cand)
+        kept = {wid: [gid for gid in q if gid not in in_program] for wid, q in base.queues.items()}
+        base_worker = {gid: wid for wid, q in base.queues.items() for gid in q}
+        gids = sorted(cand, key=lambda gid: (self.groups[gid].deadline, gid))
+        gindex = {gid: i for i, gid in enumerate(gids)}
+        wids = sorted({w.worker_id for ws in cand.values() for w in ws})
+        windex = {wid: j for j, wid in enumerate(wids)}
+        models = {self.groups[gid].model for gid in gids}
+
+        pworkers: list[ProgramWorker] = []
+        protect_of: dict[str, str] = {}
+        starts: dict[str, list[QueueCursor]] = {}
+        for wid in wids:
+            w = self.workers[wid]
+            wm = self.fc.workers[wid]
+            fixed = bool(kept.get(wid))
+            if fixed:
+                cur = self.fc.cursor(wid)
+                states = [replace(cur)]
+                for gid in kept[wid]:
+                    cur.push(self.fc.groups[gid])
+                    states.append(replace(cur))
+                starts[wid] = states
+                opts = [Option("kept", None, 0.0, None)]
+            else:
+                base_models = {self.groups[g].model for g in base.queues.get(wid, [])}
+                opts = self._options(w, models, base_models)
+            mech = protection_mechanism(self.cfg, w)
+            ls_here = [gid for gid, ws in cand.items() if self.groups[gid].latency_sensitive and w in ws]
+            pcost, cap = 0.0, None
+            if mech is not None and ls_here:
+                protect_of[wid] = mech
+                pcost = protection_cost_s(w, [self.groups[g] for g in ls_here], wm.slots, mech) * self._lambda(w)
+                cap = self.cfg.planner.max_pause_s if mech == EXPERT else None
+            else:
+                mech = None
+            pworkers.append(ProgramWorker(wid, opts, fixed, mech, pcost, cap, wm.step_s / wm.slots))
+
+        pairs: list[Pair] = []
+        index: dict[tuple[str, str], int] = {}
+        for gid in gids:
+            g = self.groups[gid]
+            gw = self.fc.groups[gid]
+            slack = min(gw.slack_s)
+            for w in cand[gid]:
+                wid = w.worker_id
+                j = windex[wid]
+                pw = pworkers[j]
+                wm = self.fc.workers[wid]
+                ref: dict[int, tuple[float, float]] = {}
+                ref_ls = None
+                if pw.fixed:
+                    at = self._insertion(g, kept[wid], starts[wid], base.queues[wid] if base_worker.get(gid) == wid
+                                         else None, in_program)
+                    if at is None:
+                        continue
+                    state = starts[wid][at]
+                    t = state.timing(gw).last
+                    ref[0] = (t.mean_s, t.var_s2)
+                    if pw.protect is not None:
+                        t = replace(state, protect_ls=True).timing(gw).last
+                        ref_ls = (t.mean_s, t.var_s2)
+                    index[gid, wid] = at
+                else:
+                    for kk, opt in enumerate(pw.options):
+                        if opt.model != g.model:
+                            continue
+                        cleared = opt.change is not None and opt.change.clear is not None
+                        t = self.fc.cursor(wid, False, cleared).timing(gw).last
+                        ref[kk] = (t.mean_s, t.var_s2)
+                    if not ref:
+                        continue
+                    if pw.protect is not None and 0 in ref:
+                        t = self.fc.cursor(wid, True).timing(gw).last
+                        ref_ls = (t.mean_s, t.var_s2)
+                    index[gid, wid] = 0
+                if self.cfg.planner.drop_hopeless and not full:
+                    refs = list(ref.values()) + ([ref_ls] if ref_ls else [])
+                    if min(WaitEstimate(m, v).quantile(self.beta) for m, v in refs) > slack:
+                        continue
+                work = gw.work
+                prefill = wm.prefill_s(work)
+                pairs.append(Pair(
+                    gi=gindex[gid], wj=j, order=(index[gid, wid], g.deadline, gid),
+                    add_mean=work.tokens * wm.step_s / wm.slots + prefill,
+                    add_var=work.var * (wm.step_s / wm.slots) ** 2, prefill_s=prefill, ref=ref, ref_ls=ref_ls,
+                    current=base_worker.get(gid) == wid))
+        with_pair = {gids[pr.gi] for pr in pairs}
+        if len(with_pair) < len(gids):
+            return set(gids) - with_pair
+        if not pairs:
+            return None
+        pgroups = [ProgramGroup(gid, self.value[gid], min(self.fc.groups[gid].slack_s),
+                                self.groups[gid].latency_sensitive, self.fc.groups[gid].work.tokens,
+                                self.fc.groups[gid].work.var) for gid in gids]
+        planner = self.cfg.planner
+        program = Program(planner.method, self.beta, pgroups, pworkers, pairs,
+                          drop_hopeless=planner.drop_hopeless, scenarios=planner.scenarios,
+                          seed=int(self.snap.now * 1000) % (2**31))
+        return _Built(_ProgramContext(program, kept, index, gids, wids, protect_of), build_model(program))
+
+    def _insertion(self, g: GroupState, kept: list[str], states: list[QueueCursor], own_queue: list[str] | None,
+                   in_program: set[str]) -> int | None:
+        """Where `g` goes among a worker's kept groups: where it was (its own worker), else
+        at its deadline among the groups that can still meet theirs; moved earlier if
+        needed so that it joins a block of its own model (no extra model swap)."""
+        if own_queue is not None:
+            return sum(1 for h in own_queue[: own_queue.index(g.group_id)] if h not in in_program)
+        at = next((i for i, h in enumerate(kept) if h in self.hopeless or self.groups[h].deadline > g.deadline),
+                  len(kept))
+        for i in range(at, -1, -1):
+            if states[i].model in (g.model, None) or (i < len(kept) and self.groups[kept[i]].model == g.model):
+                return i
+        return None
+
+    def _add_mean(self, gid: str, wid: str) -> float:
+        wm = self.fc.workers[wid]
+        work = self.fc.groups[gid].work
+        return work.tokens * wm.step_s / wm.slots + wm.prefill_s(work)
+
+    def solve_program(self, built: _Built, base: Decision, limit_s: float) -> tuple[ProgramSolution | None, str]:
+        prob, v = built.model
+        ctx = built.ctx
+        # MIP start from the base plan: every group where the base plan has it, meeting nothing
+        # (always feasible); HiGHS improves from there.
+        where = {gid: wid for wid, q in base.queues.items() for gid in q}
+        for (i, j), var in v.y.items():
+            var.setInitialValue(0)
+        for (i, j), var in v.x.items():
+            var.setInitialValue(1 if where.get(ctx.group_ids[i]) == ctx.worker_ids[j] else 0)
+        for (j, k), var in v.u.items():
+            var.setInitialValue(1 if k == 0 else 0)
+        for j, var in v.p.items():
+            var.setInitialValue(0)
+        for var in v.z.values():
+            var.setInitialValue(0)
+        try:
+            sol = solve_program(ctx.program, limit_s, built=built.model)
+        except pulp.PulpSolverError as exc:
+            return None, f"solver error: {exc}"
+        if sol is None:
+            return None, f"no integer solution within {limit_s * 1e3:.0f} ms"
+        return sol, ""
+
+    def assemble(self, built: _Built, sol: ProgramSolution) -> Decision:
+        ctx = built.ctx
+        program = ctx.program
+        inserts: dict[str, list[tuple[tuple, str]]] = {}
+        order_of = {(pr.gi, pr.wj): pr.order for pr in program.pairs}
+        for gi, wj in sol.placed.items():
+            inserts.setdefault(ctx.worker_ids[wj], []).append((order_of[gi, wj], ctx.group_ids[gi]))
+        queues: dict[str, list[str]] = {}
+        for wid in self.workers:
+            kept = ctx.kept.get(wid, [])
+            ins = sorted(inserts.get(wid, []))
+            q: list[str] = []
+            k = 0
+            for i, gid in enumerate(kept):
+                while k < len(ins) and ins[k][0][0] <= i:
+                    q.append(ins[k][1])
+                    k += 1
+                q.append(gid)
+            q.extend(gid for _, gid in ins[k:])
+            queues[wid] = q
+        # Program groups placed nowhere (drop_hopeless): last, on their base worker or best candidate.
+        placed = {ctx.group_ids[gi] for gi in sol.placed}
+        late = [gid for gid in ctx.group_ids if gid not in placed]
+        base_worker = {}
+        for pr in program.pairs:
+            gid = ctx.group_ids[pr.gi]
+            if pr.current or gid not in base_worker:
+                base_worker[gid] = ctx.worker_ids[pr.wj]
+        for gid in sorted(late, key=lambda g: (self.groups[g].deadline, g)):
+            queues.setdefault(base_worker[gid], []).append(gid)
+        changes: dict[str, ModelChange] = {}
+        cost = 0.0
+        for wj, k in sol.options.items():
+            pw = program.workers[wj]
+            opt = pw.options[k]
+            cost += opt.cost
+            if opt.change is not None:
+                changes[pw.worker_id] = opt.change
+        protected = {}
+        for wj in sol.protected:
+            wid = program.workers[wj].worker_id
+            protected[wid] = ctx.protect_of[wid]
+            cost += program.workers[wj].protect_cost
+        return Decision(queues, protected, changes, cost)
+
+    def repair(self, d: Decision, built: _Built, deadline: float) -> Decision:
+        """Greedy repair with the exact estimator: move each program group that still misses
+        to the candidate position that raises the objective most, while time is left."""
+        ctx = built.ctx
+        program = ctx.program
+        cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
+        cands: dict[str, list[str]] = {}
+        for pr in program.pairs:
+            cands.setdefault(ctx.group_ids[pr.gi], []).append(ctx.worker_ids[pr.wj])
+        queues = {wid: list(q) for wid, q in d.queues.items()}
+        prot = self._effective_protected(d)
+
+        def worker_score(wid: str, q: list[str]) -> tuple[float, float]:
+            s = self._score_forecasts(self.fc.evaluate({wid: q}, prot, cleared), 0.0)
+            return s.primary, s.expected
+
+        current = {wid: worker_score(wid, q) for wid, q in queues.items() if q}
+        fc_all = self.fc.evaluate(queues, prot, cleared)
+        missing = [gid for gid in ctx.group_ids if gid in fc_all and not fc_all[gid].meets(self.beta)]
+        missing.sort(key=lambda g: -self.value[g])
+        for gid in missing:
+            if time.perf_counter() >= deadline:
+                break
+            src = next(wid for wid, q in queues.items() if gid in q)
+            src_q = [h for h in queues[src] if h != gid]
+            src_new = worker_score(src, src_q) if src_q else (0.0, 0.0)
+            best, best_gain = None, 1e-9
+            for wid in cands.get(gid, []):
+                if time.perf_counter() >= deadline:
+                    break
+                q = src_q if wid == src else queues.get(wid, [])
+                positions = range(len(q) + 1) if len(q) <= 12 else [len(q)]
+                for pos in positions:
+                    trial = q[:pos] + [gid] + q[pos:]
+                    new = worker_score(wid, trial)
+                    if wid == src:
+                        gain = new[0] - current.get(src, (0.0, 0.0))[0]
+                    else:
+                        gain = new[0] + src_new[0] - current.get(wid, (0.0, 0.0))[0] - current.get(src, (0.0, 0.0))[0]
+                    if gain > best_gain:
+                        best, best_gain = (wid, trial, new), gain
+            if best is not None:
+                wid, trial, new = best
+                if wid != src:
+                    queues[src] = src_q
+                    current[src] = src_new
+                queues[wid] = trial
+                current[wid] = new
+        return replace(d, queues=queues)
+

@@ -1,0 +1,339 @@
+"""The QLM policy's stochastic program: its data, the PuLP model, and the solve.
+
+The policy (qlm.py) decides which groups enter the program and computes every
+coefficient from the RWT estimator; this module only states the mixed-integer
+program and solves it with HiGHS in-process. See QlmPolicy.solve for the algorithm.
+
+Variables (all binary), named so that `.lp` dumps read:
+  y_g{i}_w{j}      group i meets its SLO on worker j (it is placed there, in the
+                   worker's on-time block, ordered by the pair's `order` key)
+  x_g{i}_w{j}      group i is placed on worker j (only when hopeless groups keep their
+                   place in deadline order, drop_hopeless=False; then y <= x)
+  u_w{j}_o{k}      worker j takes option k (its model for this plan: stay, or drain /
+                   clear the running batch and load another model); one per worker
+  p_w{j}           worker j protects latency-sensitive groups from its best-effort
+                   running work (expert-level preemption, eviction or KV swap)
+  z_g{i}_w{j}_s{s} (SAA) group i meets its SLO on worker j in scenario s
+
+Constraints, per candidate pair (i, j):
+  chance: TTFT beta-quantile of the group's last request <= its slack, where the
+          quantile is the reference quantile (nothing of the program ahead) plus what
+          the program groups ahead add: their mean and, linearised, their variance
+          (the standard deviation is concave in the variance, so its tangent at the
+          reference is an upper bound: the constraint stays conservative);
+  saa:    the same with the TTFT drawn in each scenario, one z per scenario.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pulp
+from scipy import special
+
+from qlmserve.controller.policies.op_rules import ModelChange
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a worker serves in this plan."""
+
+    key: str  # "stay", "drain:<model>", "clear:<model>", "load:<model>"
+    model: str | None  # model of the groups it can take
+    cost: float  # objective units (lost work of cleared requests)
+    change: ModelChange | None  # the swap carried out now, if any
+
+
+@dataclass
+class ProgramWorker:
+    worker_id: str
+    options: list[Option]  # one for a worker that keeps its queue ("fixed")
+    fixed: bool  # its kept queue decides its model; no u variables
+    protect: str | None = None  # protection mechanism available (op_rules EXPERT / EVICT / SWAP)
+    protect_cost: float = 0.0  # objective units when protected
+    pause_cap_s: float | None = None  # expert preemption: LS work here must fit max_pause_s
+    step_per_slot: float = 0.0  # seconds of TTFT one decode token of work ahead adds (step / slots)
+
+
+@dataclass
+class Pair:
+    """Group i on worker j."""
+
+    gi: int
+    wj: int
+    order: tuple  # place among the program groups on this worker (smaller is ahead)
+    add_mean: float  # seconds it adds to the TTFT of program groups behind it here
+    add_var: float  # variance it adds
+    prefill_s: float  # its prefill passes here (part of add_mean)
+    ref: dict[int, tuple[float, float]]  # option index -> reference TTFT (mean, var) of its last request
+    ref_ls: tuple[float, float] | None = None  # with protection (option of index 0 only)
+    current: bool = False  # the group sits on this worker now
+
+
+@dataclass
+class ProgramGroup:
+    group_id: str
+    value: float  # objective weight: class weight x requests
+    slack_s: float  # the oldest request's deadline - now
+    latency_sensitive: bool
+    tokens_mean: float  # total decode tokens of its requests (for SAA draws)
+    tokens_var: float
+
+
+@dataclass
+class Program:
+    method: str  # "chance" | "saa"
+    beta: float
+    groups: list[ProgramGroup]
+    workers: list[ProgramWorker]
+    pairs: list[Pair]
+    drop_hopeless: bool = True
+    scenarios: int = 16
+    seed: int = 0
+    stickiness: float = 1e-3  # objective units per group kept on its worker (break ties without churn)
+
+
+@dataclass
+class ProgramVars:
+    y: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
+    x: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
+    u: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
+    p: dict[int, pulp.LpVariable] = field(default_factory=dict)
+    z: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)
+
+
+@dataclass
+class ProgramSolution:
+    status: str  # "optimal" | "feasible" (time limit with an incumbent)
+    objective: float
+    on_time: dict[int, int]  # group index -> worker index (y = 1)
+    placed: dict[int, int]  # group index -> worker index (x = 1; on_time when no x)
+    options: dict[int, int]  # worker index -> option index
+    protected: set[int]
+    solve_s: float
+
+
+_ILLEGAL = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _tag(s: str) -> str:
+    return _ILLEGAL.sub("_", s)[:24]
+
+
+def _quantile_terms(mean: float, var: float, beta: float) -> tuple[float, float, float]:
+    """(reference quantile, z, sigma) of a TTFT with these moments: gamma-shaped like
+    WaitEstimate.quantile, normal when the shape is large."""
+    sd = math.sqrt(max(var, 0.0))
+    if sd <= 1e-12 or mean <= 0:
+        z = _normal_z(beta)
+        return max(0.0, mean), z, max(sd, 1e-6)
+    k = mean * mean / var
+    q = float(special.gammaincinv(k, beta)) * var / mean if k < 400 else mean + _normal_z(beta) * sd
+    return q, (q - mean) / sd, sd
+
+
+def _normal_z(beta: float) -> float:
+    return float(special.ndtri(beta))
+
+
+def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
+    """The program as a PuLP problem (maximise)."""
+    prob = pulp.LpProblem(f"qlm_{program.method}", pulp.LpMaximize)
+    v = ProgramVars()
+    G, W = program.groups, program.workers
+    by_w: dict[int, list[Pair]] = {}
+    for pr in program.pairs:
+        by_w.setdefault(pr.wj, []).append(pr)
+    for prs in by_w.values():
+        prs.sort(key=lambda pr: pr.order)
+
+    for j, w in enumerate(W):
+        if not w.fixed:
+            for k, opt in enumerate(w.options):
+                v.u[j, k] = pulp.LpVariable(f"u_w{j}_o{k}_{_tag(w.worker_id)}_{_tag(opt.key)}", cat="Binary")
+            prob += pulp.lpSum(v.u[j, k] for k in range(len(w.options))) == 1, f"one_option_w{j}"
+        if w.protect is not None:
+            v.p[j] = pulp.LpVariable(f"p_w{j}_{_tag(w.worker_id)}", cat="Binary")
+            if not w.fixed:  # protection is about the running batch: only when the worker keeps it
+                prob += v.p[j] <= v.u[j, 0], f"protect_needs_stay_w{j}"
+    for pr in program.pairs:
+        i, j = pr.gi, pr.wj
+        name = f"g{i}_w{j}_{_tag(G[i].group_id)}"
+        v.y[i, j] = pulp.LpVariable(f"y_{name}", cat="Binary")
+        if not program.drop_hopeless:
+            v.x[i, j] = pulp.LpVariable(f"x_{name}", cat="Binary")
+            prob += v.y[i, j] <= v.x[i, j], f"meet_needs_place_{name}"
+        if not W[j].fixed:
+            allowed = [k for k in pr.ref]
+            prob += v.y[i, j] <= pulp.lpSum(v.u[j, k] for k in allowed), f"model_{name}"
+            if not program.drop_hopeless:
+                prob += v.x[i, j] <= pulp.lpSum(v.u[j, k] for k in allowed), f"place_model_{name}"
+
+    pairs_of: dict[int, list[Pair]] = {}
+    for pr in program.pairs:
+        pairs_of.setdefault(pr.gi, []).append(pr)
+    for i, prs in pairs_of.items():
+        if program.drop_hopeless:
+            prob += pulp.lpSum(v.y[pr.gi, pr.wj] for pr in prs) <= 1, f"one_place_g{i}"
+        else:
+            prob += pulp.lpSum(v.x[pr.gi, pr.wj] for pr in prs) == 1, f"one_place_g{i}"
+
+    ahead_var = v.y if program.drop_hopeless else v.x
+    if program.method == "saa":
+        _saa_constraints(prob, program, v, by_w, ahead_var)
+    else:
+        _chance_constraints(prob, program, v, by_w, ahead_var)
+
+    # Expert-level preemption pauses the best-effort batch only for max_pause_s.
+    for j, w in enumerate(W):
+        if w.protect == "expert" and w.pause_cap_s is not None and j in by_w:
+            ls = [pr for pr in by_w[j] if G[pr.gi].latency_sensitive]
+            if ls:
+                total = sum(pr.add_mean for pr in ls)
+                prob += (pulp.lpSum(pr.add_mean * v.y[pr.gi, j] for pr in ls)
+                         <= w.pause_cap_s + total * (1 - v.p[j])), f"pause_cap_w{j}"
+
+    terms = []
+    if program.method == "saa":
+        s_n = program.scenarios
+        for (i, j, _s), var in v.z.items():
+            terms.append((var, G[i].value / s_n))
+    else:
+        for (i, j), var in v.y.items():
+            terms.append((var, G[i].value))
+    for pr in program.pairs:
+        if pr.current:
+            terms.append((ahead_var[pr.gi, pr.wj], program.stickiness))
+    for (j, k), var in v.u.items():
+        if W[j].options[k].cost:
+            terms.append((var, -W[j].options[k].cost))
+    for j, var in v.p.items():
+        if W[j].protect_cost:
+            terms.append((var, -W[j].protect_cost))
+    prob += pulp.LpAffineExpression(terms), "weighted_requests_meeting_slo"
+    return prob, v
+
+
+def _ref_expr(program: Program, v: ProgramVars, pr: Pair, qfun) -> tuple[pulp.LpAffineExpression, float]:
+    """Reference quantile of the pair as an expression of the worker's option (and
+    protection), and the largest value it can take."""
+    w = program.workers[pr.wj]
+    if w.fixed:
+        q0 = qfun(pr.ref[0])
+        expr = pulp.LpAffineExpression(constant=q0)
+        hi = q0
+    else:
+        items = [(v.u[pr.wj, k], qfun(mv)) for k, mv in pr.ref.items()]
+        expr = pulp.LpAffineExpression(items)
+        hi = max(q for _, q in items)
+    if pr.ref_ls is not None and pr.wj in v.p and program.groups[pr.gi].latency_sensitive and 0 in pr.ref:
+        delta = max(0.0, qfun(pr.ref[0]) - qfun(pr.ref_ls))
+        if delta > 0:
+            expr = expr - delta * v.p[pr.wj]
+    return expr, hi
+
+
+def _chance_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
+    beta = program.beta
+    for j, prs in by_w.items():
+        for idx, pr in enumerate(prs):
+            i = pr.gi
+            # The tangent slope of the quantile in the variance, at the tightest option.
+            q_terms = {k: _quantile_terms(m, s2, beta) for k, (m, s2) in pr.ref.items()}
+            z = max(t[1] for t in q_terms.values())
+            sigma = min(t[2] for t in q_terms.values())
+            slope = z / (2.0 * sigma)
+            ref, hi = _ref_expr(program, v, pr, lambda mv: _quantile_terms(mv[0], mv[1], beta)[0])
+            ahead = prs[:idx]
+            grow = pulp.LpAffineExpression([(ahead_var[h.gi, j], h.add_mean + slope * h.add_var) for h in ahead])
+            big_m = max(0.0, hi + sum(max(0.0, h.add_mean + slope * h.add_var) for h in ahead) - program.groups[i].slack_s)
+            prob += (ref + grow <= program.groups[i].slack_s + big_m * (1 - v.y[i, j])), \
+                f"slo_g{i}_w{j}"
+
+
+def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
+    rng = np.random.default_rng(program.seed)
+    S = program.scenarios
+    G = program.groups
+    # Decode tokens of every program group in every scenario (moment-matched gamma).
+    means = np.array([g.tokens_mean for g in G])
+    vars_ = np.array([g.tokens_var for g in G])
+    tokens = np.tile(means, (S, 1))
+    pos = vars_ > 1e-9
+    if pos.any():
+        k = means[pos] ** 2 / vars_[pos]
+        tokens[:, pos] = rng.gamma(k, means[pos] / k, size=(S, int(pos.sum())))
+    # One uniform per worker and scenario: the references of the groups on one worker move
+    # together (they share its running batch and kept queue).
+    uni = rng.uniform(0.0005, 0.9995, size=(len(program.workers), S))
+    for j, prs in by_w.items():
+        w = program.workers[j]
+        for idx, pr in enumerate(prs):
+            i = pr.gi
+            ahead = prs[:idx]
+            for s in range(S):
+                u_js = float(uni[j, s])
+
+                def draw(mv: tuple[float, float], u_js: float = u_js) -> float:
+                    m, s2 = mv
+                    if s2 <= 1e-12 or m <= 0:
+                        return max(0.0, m)
+                    kk = m * m / s2
+                    if kk >= 400:
+                        return m + math.sqrt(s2) * _normal_z(u_js)
+                    return float(special.gammaincinv(kk, u_js)) * s2 / m
+
+                ref, hi = _ref_expr(program, v, pr, draw)
+                adds = [(ahead_var[h.gi, j], float(tokens[s, h.gi]) * w.step_per_slot + h.prefill_s) for h in ahead]
+                big_m = max(0.0, hi + sum(a for _, a in adds) - G[i].slack_s)
+                zv = pulp.LpVariable(f"z_g{i}_w{j}_s{s}", cat="Binary")
+                v.z[i, j, s] = zv
+                prob += zv <= v.y[i, j], f"scenario_needs_place_g{i}_w{j}_s{s}"
+                prob += (ref + pulp.LpAffineExpression(adds) <= G[i].slack_s + big_m * (1 - zv)), \
+                    f"slo_g{i}_w{j}_s{s}"
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """pulp.HiGHS that hands the variables' initial values to HiGHS as a MIP start."""
+
+    def callSolver(self, lp):  # noqa: N802 (PuLP's name)
+        cols, vals = [], []
+        for var in lp.variables():
+            if var.varValue is not None:
+                cols.append(var.index)
+                vals.append(float(var.varValue))
+        if cols:
+            lp.solverModel.setSolution(len(cols), np.array(cols, dtype=np.int32), np.array(vals, dtype=np.float64))
+        super().callSolver(lp)
+
+
+def solve_program(program: Program, time_limit_s: float, warm: dict[str, float] | None = None,
+                  built: tuple[pulp.LpProblem, ProgramVars] | None = None) -> ProgramSolution | None:
+    """Solve with HiGHS in-process; None when no integer-feasible solution was found in time.
+    `warm`: variable name -> initial value (a MIP start, e.g. from the base plan)."""
+    t0 = time.perf_counter()
+    prob, v = built if built is not None else build_model(program)
+    if warm:
+        for var in prob.variables():
+            if var.name in warm:
+                var.setInitialValue(warm[var.name])
+    solver = _WarmHiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), gapRel=1e-6, threads=1)
+    prob.solve(solver)
+    status = pulp.LpStatus[prob.status]
+    if status != "Optimal" or prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None
+    on = lambda var: var.varValue is not None and var.varValue > 0.5  # noqa: E731
+    on_time = {i: j for (i, j), var in v.y.items() if on(var)}
+    placed = {i: j for (i, j), var in v.x.items() if on(var)} if v.x else dict(on_time)
+    options = {}
+    for j, w in enumerate(program.workers):
+        options[j] = 0 if w.fixed else next((k for k in range(len(w.options)) if on(v.u[j, k])), 0)
+    protected = {j for j, var in v.p.items() if on(var)}
+    return ProgramSolution(
+        status="optimal" if prob.sol_status == pulp.LpSolutionOptimal else "feasible",
+        objective=float(pulp.value(prob.objective) or 0.0), on_time=on_time, placed=placed,
+        options=options, protected=protected, solve_s=time.perf_counter() - t0)
