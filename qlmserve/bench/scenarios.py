@@ -1,0 +1,128 @@
+"""The scheduling benchmark's scenarios, modelled on the QLM paper's workloads.
+
+Each scenario fixes a trace, a fleet, SLO classes and their mix, and a model mix; the
+benchmark then raises the load relative to the fleet's measured capacity. The SLO values
+are QLM's (SoCC'24: Interactive 20 s, Batch-1 1 min, Batch-2 1 h TTFT); the class and
+model mixes are this benchmark's choice (the paper's are not published) and are printed
+with every result.
+
+  a      QLM WA: one model, mixed interactive and batch classes, Azure conversation trace.
+  b      QLM WB: several models on fewer workers (model swaps forced), batch classes.
+  c      QLM WC (MegaPrompt): long prompts, Mooncake trace, a 32k-context model.
+  ls20   QLLM's setup: 20% latency-sensitive requests, a mixture-of-experts model
+         (Mixtral 8x7B on 2 x A100), where expert-level preemption applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlmserve.controller.policy import OPERATION_NAMES, PolicyConfig
+from qlmserve.operations.profiles import load_gpu_profiles
+from qlmserve.sim.fleet import Fleet, uniform_fleet
+
+# QLM's SLO classes (TTFT, p99 in the paper; here every request is judged).
+QLM_CLASSES: dict[str, dict] = {
+    "interactive": {"ttft_s": 20.0, "priority": 2, "weight": 1.0, "latency_sensitive": True},
+    "batch-1": {"ttft_s": 60.0, "priority": 1, "weight": 1.0},
+    "batch-2": {"ttft_s": 3600.0, "priority": 0, "weight": 1.0},
+}
+
+# model name -> policy `kind` (dense models use "llama"; MoE ones their family)
+MODEL_KINDS = {"llama-2-7b": "llama", "llama-2-13b": "llama", "llama-2-70b": "llama", "vicuna-13b": "llama",
+               "mistral-7b": "llama", "mixtral-8x7b": "mixtral"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    trace: str  # file name under the traces folder (or a path)
+    gpu: str
+    workers: int
+    models: tuple[str, ...]  # models the workers may serve
+    initial_models: tuple[str, ...]  # round-robin over the workers
+    model_mix: dict[str, float]
+    classes: dict[str, dict]  # SloClass fields
+    class_mix: dict[str, float]
+    loads: tuple[float, ...]  # offered load / measured capacity
+    window_s: float = 240.0
+    tensor_parallel: int = 1
+    max_batch_size: int = 32
+    warm_models: tuple[str, ...] = ()
+    host_ram_gb: float = 256.0
+    host_kv_gb: float | None = 64.0
+    notes: str = ""
+    ls_class: str | None = "interactive"  # the latency-sensitive class, for the LS/BE figures
+    extra: dict = field(default_factory=dict)
+
+    def fleet(self, workers: int | None = None) -> Fleet:
+        fl = uniform_fleet(workers or self.workers, self.gpu, list(self.models),
+                           initial_models=list(self.initial_models), max_batch_size=self.max_batch_size,
+                           tensor_parallel=self.tensor_parallel, host_ram_gb=self.host_ram_gb,
+                           warm_models=list(self.warm_models), name="w")
+        if self.host_kv_gb is None:
+            return fl
+        # host memory for swapped-out KV, in tokens of each worker's first model
+        from dataclasses import replace
+
+        ws = tuple(replace(w, host_kv_tokens=int(self.host_kv_gb * (1 << 30))
+                           // w.models[w.initial_model].profile.kv_bytes_per_token) for w in fl.workers)
+        return replace(fl, workers=ws)
+
+    def max_context(self) -> dict[str, int]:
+        t = load_gpu_profiles()
+        return {m: t.model(m).max_context for m in self.models}
+
+    def policy(self, policy: str, operations: bool, output_mean: float, output_std: float,
+               tick_interval_ms: float = 100.0, models: list[str] | None = None) -> PolicyConfig:
+        """The policy file of this scenario. The output-length prior is the trace's own mean and
+        std (what an operator would set from history), worth 20 requests."""
+        t = load_gpu_profiles()
+        models = {m: {"kind": MODEL_KINDS.get(m, "llama"), "max_context": t.model(m).max_context,
+                      "weight_bytes": t.model(m).weight_bytes,
+                      "output_prior": {"mean": max(1.0, output_mean), "std": max(1.0, output_std), "weight": 20}}
+                  for m in (models or self.models)}
+        return PolicyConfig.model_validate({
+            "tick_interval_ms": tick_interval_ms,
+            "max_running_per_worker": self.max_batch_size,
+            "slo_classes": self.classes,
+            "models": models,
+            "planner": {"policy": policy, "operations": list(OPERATION_NAMES) if operations else []},
+        })
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "a": Scenario(
+        key="a", title="QLM WA: one model, mixed interactive and batch (Azure conversation trace)",
+        trace="azure2023_conv.csv", gpu="A100-80GB", workers=4, models=("llama-2-7b",),
+        initial_models=("llama-2-7b",), model_mix={"llama-2-7b": 1.0}, classes=QLM_CLASSES,
+        class_mix={"interactive": 1 / 3, "batch-1": 1 / 3, "batch-2": 1 / 3},
+        loads=(0.6, 0.8, 1.0, 1.2, 1.5, 2.0),
+        notes="QLM's three SLO classes in equal shares; Llama-2-7B on A100-80GB."),
+    "b": Scenario(
+        key="b", title="QLM WB: four models on three workers, batch classes (model swaps forced)",
+        trace="azure2023_conv.csv", gpu="A100-80GB", workers=3,
+        models=("llama-2-7b", "mistral-7b", "llama-2-13b", "vicuna-13b"),
+        initial_models=("llama-2-7b", "mistral-7b", "llama-2-13b"),
+        model_mix={"llama-2-7b": 0.25, "mistral-7b": 0.25, "llama-2-13b": 0.25, "vicuna-13b": 0.25},
+        classes={k: QLM_CLASSES[k] for k in ("batch-1", "batch-2")}, class_mix={"batch-1": 0.5, "batch-2": 0.5},
+        loads=(0.6, 0.8, 1.0, 1.2, 1.5), ls_class=None,
+        notes="Models drawn uniformly per request; every worker may load any of the four models."),
+    "c": Scenario(
+        key="c", title="QLM WC (MegaPrompt): long prompts (Mooncake trace), 32k-context model",
+        trace="mooncake_fast25_synthetic.jsonl", gpu="A100-80GB", workers=4, models=("mistral-7b",),
+        initial_models=("mistral-7b",), model_mix={"mistral-7b": 1.0}, classes=QLM_CLASSES,
+        class_mix={"interactive": 1 / 3, "batch-1": 1 / 3, "batch-2": 1 / 3},
+        loads=(0.6, 0.8, 1.0, 1.2, 1.5),
+        notes="Mooncake prompts (mean ~15k tokens) clipped to Mistral-7B-v0.2's 32k context."),
+    "ls20": Scenario(
+        key="ls20", title="QLLM setup: 20% latency-sensitive, Mixtral 8x7B (2 x A100 per worker), Azure trace",
+        trace="azure2023_conv.csv", gpu="A100-80GB", workers=4, tensor_parallel=2, models=("mixtral-8x7b",),
+        initial_models=("mixtral-8x7b",), model_mix={"mixtral-8x7b": 1.0},
+        classes={"interactive": {"ttft_s": 3.0, "priority": 2, "latency_sensitive": True},
+                 "batch-2": QLM_CLASSES["batch-2"]},
+        class_mix={"interactive": 0.2, "batch-2": 0.8}, loads=(0.7, 0.9, 1.1),
+        notes="QLLM marks 20% of requests latency-sensitive with a 3 s TTFT target (10 decode iterations "
+              "of its prototype); the rest best-effort (1 h)."),
+}

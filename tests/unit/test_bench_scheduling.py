@@ -1,0 +1,89 @@
+"""The scheduling benchmark's pieces: a run, the target checks, calibration, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlmserve.bench.calibrate import PredictionRecorder, calibration
+from qlmserve.bench.scenarios import SCENARIOS
+from qlmserve.bench.scheduling import Job, evaluate_targets, output_stats, run_job, scenario_workload
+from qlmserve.cli import build_parser
+from qlmserve.sim.driver import Simulation, SimOptions
+from qlmserve.traces import BUNDLED_AZURE_SLICE, load_trace
+
+
+def test_one_benchmark_run_reports_every_figure():
+    """This test verifies that:
+    1. a benchmark run on the bundled trace slice finishes every request;
+    2. its summary has per-class attainment, TTFT percentiles and CDF quantiles, goodput <= throughput,
+       and the operations count."""
+    sc = SCENARIOS["a"]
+    trace = load_trace(BUNDLED_AZURE_SLICE)
+    mean, std, _ = output_stats(sc, trace, 0)
+    s = run_job(Job("a", str(BUNDLED_AZURE_SLICE), "edf", True, 1.0, 3.0, 2, 20.0, 0, 100.0, mean, std, None))
+    assert s["finished"] == s["requests"] > 0
+    assert set(s["classes"]) == set(sc.class_mix)
+    assert 0 <= s["goodput_tok_s"] <= s["throughput_tok_s"] + 1e-9
+    for cls, q in s["ttft_quantiles"].items():
+        assert len(q) == 101 and q == sorted(q)
+        assert q[50] == pytest.approx(s["classes"][cls]["ttft_p50_s"])
+        assert q[99] == pytest.approx(s["classes"][cls]["ttft_p99_s"])
+    assert isinstance(s["ops_used"], int)
+
+
+def _run(policy, ops, load, att, thr=1000.0, ls_p99=1.0, be=500.0):
+    return {"policy": policy, "operations": ops, "load": load, "attainment": att, "throughput_tok_s": thr,
+            "be_output_tok_s": be, "classes": {"interactive": {"ttft_p99_s": ls_p99}}}
+
+
+def test_targets_are_judged_from_the_runs():
+    """This test verifies that:
+    1. the 'QLM >= 90% where FCFS <= 50%' target picks the lowest such load and judges QLM there;
+    2. the worst gap to EDF/SJF is found across loads and operation settings;
+    3. throughput and the LS TTFT p99 ratio with BE throughput are compared against FCFS;
+    4. without a qlm run the targets say so instead of passing."""
+    sc = SCENARIOS["ls20"]
+    runs = [
+        _run("fcfs", False, 1.0, 0.7, thr=1000, ls_p99=10.0, be=500), _run("fcfs", False, 1.5, 0.45, thr=1100),
+        _run("qlm", True, 1.0, 0.99, thr=1010, ls_p99=0.1, be=490), _run("qlm", True, 1.5, 0.93, thr=1090),
+        _run("edf", True, 1.0, 0.99), _run("edf", True, 1.5, 0.95), _run("sjf", True, 1.5, 0.90),
+    ]
+    t = evaluate_targets(sc, runs)
+    assert t["qlm_at_fcfs_half"]["load"] == 1.5 and t["qlm_at_fcfs_half"]["met"]
+    assert t["qlm_vs_edf_sjf"]["vs"] == "edf" and t["qlm_vs_edf_sjf"]["gap"] == pytest.approx(0.02)
+    assert not t["qlm_vs_edf_sjf"]["met"]
+    assert not t["throughput_vs_fcfs"]["met"]  # 1090 < 1100 at load 1.5
+    ls = t["ls_p99_vs_fcfs"]["per_load"][0]
+    assert ls["ratio"] == pytest.approx(100.0) and ls["be_tok_s_ratio"] == pytest.approx(0.98)
+    assert t["ls_p99_vs_fcfs"]["met"]
+    assert "note" in evaluate_targets(sc, [r for r in runs if r["policy"] != "qlm"])
+
+
+def test_calibration_counts_predictions_against_first_tokens():
+    """This test verifies that:
+    1. the recorder stores one prediction per group, at its first plan;
+    2. coverage at each beta is a share in [0, 1], non-decreasing in beta, and the MAE is finite."""
+    sc = SCENARIOS["a"]
+    trace = load_trace(BUNDLED_AZURE_SLICE)
+    mean, std, _ = output_stats(sc, trace, 0)
+    wl = scenario_workload(sc, trace, 4.0, 30.0, 0)
+    rec = PredictionRecorder()
+    sim = Simulation(sc.policy("edf", True, mean, std), sc.fleet(2), wl, options=SimOptions(observers=[rec]))
+    sim.run()
+    res = calibration(rec, sim, [0.5, 0.9, 0.99])
+    blk = res["all"]
+    assert blk["groups"] + res["censored"] == len(rec.predictions) > 5
+    cov = [blk["under_q0.5"], blk["under_q0.9"], blk["under_q0.99"]]
+    assert all(0.0 <= c <= 1.0 for c in cov) and cov == sorted(cov)
+    assert blk["mae_s"] >= 0
+
+
+def test_cli_registers_bench_commands():
+    """This test verifies that:
+    1. `qlm bench` parses with its options and no subcommand (the scheduling benchmark);
+    2. `qlm bench calibrate` and `qlm bench sim` are subcommands."""
+    p = build_parser()
+    a = p.parse_args(["bench", "--scenario", "a,b", "--loads", "0.5,1", "--jobs", "2"])
+    assert a.func.__name__ == "cmd_bench" and a.bench_command is None and a.jobs == 2
+    assert p.parse_args(["bench", "calibrate", "--loads", "1.0"]).func.__name__ == "cmd_calibrate"
+    assert p.parse_args(["bench", "sim", "--window", "60"]).func.__name__ == "cmd_sim"
