@@ -12,6 +12,8 @@ import sys
 SUBCOMMAND_MODULES = [
     "qlmserve.controller.cli",
     "qlmserve.demo",
+    "qlmserve.backends.hf.cli",
+    "qlmserve.bench.scheduling",
 ]
 
 
