@@ -41,6 +41,8 @@ class SimResult:
     worker_counters: dict[str, WorkerCounters] = field(default_factory=dict)
     in_flight_tokens: int = 0  # tokens of decode stretches still running when the run ended
     tokens_at: dict[float, int] = field(default_factory=dict)  # probe time -> output tokens produced by then
+    kept_ticks: int = 0  # ticks where the policy kept its last plan instead of solving
+    planner_wall_s: float = 0.0  # wall seconds spent in the policy
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -108,6 +110,8 @@ def summarize(result: SimResult) -> dict:
         "solve_ms_p99": (_pct(result.solve_times, 99) or 0.0) * 1000,
         "plan_sources": dict(result.plan_sources),
         "ticks": result.ticks,
+        "kept_ticks": result.kept_ticks,
+        "planner_wall_s": result.planner_wall_s,
         "utilization": busy / (horizon * max(1, result.workers)),
         "sim_wall_s": result.wall_s,
     }
