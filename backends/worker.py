@@ -191,6 +191,10 @@ class Worker:
 
     async def run(self) -> None:
         self.aio_loop = asyncio.get_running_loop()
+        if self.opts.engine == "hf":
+            # Importing transformers' model code holds the GIL for seconds; do it before
+            # dialing, so that a session's heartbeats never starve behind it.
+            await asyncio.to_thread(_import_hf)
         backoff = 0.2
         while not self._stopping.is_set():
             try:
@@ -251,7 +255,10 @@ class Worker:
     async def _report_loop(self) -> None:
         while True:
             if self.loop_thread is not None:
-                await self.outbox.put(worker_pb2.WorkerMessage(state=self._state()))
+                try:
+                    await self.outbox.put(worker_pb2.WorkerMessage(state=self._state()))
+                except Exception:  # noqa: BLE001 - a bad report must not stop the heartbeats
+                    log.exception("cannot build the state report")
             await asyncio.sleep(STATE_INTERVAL_S)
 
     def _state(self) -> worker_pb2.WorkerState:
@@ -424,6 +431,20 @@ class Worker:
         with lt.lock:
             lt.held.pop(rid, None)
         return [rid]
+
+
+def _import_hf() -> None:
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import (  # noqa: F401 - the families the engine serves
+        AutoTokenizer,
+        LlamaForCausalLM,
+        MixtralForCausalLM,
+        OlmoeForCausalLM,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeForCausalLM,
+    )
+
+    import qlmserve.backends.hf.engine  # noqa: F401
 
 
 def run_worker(opts: WorkerOptions) -> int:

@@ -461,6 +461,7 @@ class Controller:
             if now - h.last_seen > timeout:
                 log.warning("worker %s silent for %.1fs: requeueing its requests", wid, now - h.last_seen)
                 del self.workers[wid]
+                h.close()  # end its session: if it is alive after all, it redials and reconciles
                 await self._requeue_all(wid, now)
                 await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
         # Workers a previous controller knew that never reconnected.

@@ -78,6 +78,11 @@ class WorkerHandle:
     draining: bool = False
     pending: dict[str, OpCommand] = field(default_factory=dict)  # op id -> op not yet answered
 
+    def close(self) -> None:
+        """End the session (the link servicer stops at the None sentinel)."""
+        self.connected = False
+        self.outbox.put_nowait(None)
+
     def send(self, cmd: RunCommand | OpCommand) -> None:
         if isinstance(cmd, OpCommand) and cmd.kind not in ("abort",):
             self.pending[cmd.op_id] = cmd

@@ -52,7 +52,10 @@ class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
                 get = asyncio.create_task(h.outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    yield command_to_pb(get.result())
+                    cmd = get.result()
+                    if cmd is None:  # the controller closed this session
+                        break
+                    yield command_to_pb(cmd)
                 else:
                     get.cancel()
                     break
