@@ -44,7 +44,7 @@ from .kv_cache import PagedKVCache
 from .sampling import Sampler
 from .scheduling import SchedulingPolicy
 from .sequence import SeqStatus, Sequence
-from .weights import LoadRecord, WeightStore, release, sync
+from .weights import LoadRecord, WeightStore, free_device_memory, sync
 
 _EMA = 0.2  # smoothing of the measured throughputs reported in stats()
 
@@ -448,16 +448,8 @@ class HFEngine(Engine):
         self._drain_inbox()
         if model == self._model_name:
             return OpCost(0.0, 0, "already active")
-        busy = [s.id for s in self._seqs.values() if s.status is not SeqStatus.SWAPPED]
-        if busy:
-            raise EngineError(f"cannot switch models: {len(busy)} requests still waiting or running")
         t0 = time.perf_counter()
-        old, self._model = self._model, None
-        self._kv = None
-        with self._lock:
-            self._model_name = None
-        release(old, self.device)
-        del old
+        self.unload()
         new, record = self.weights.activate(model)
         cfg = new.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -480,6 +472,19 @@ class HFEngine(Engine):
         seconds = time.perf_counter() - t0
         kind = "warm (host RAM)" if record.warm else "cold (disk)"
         return OpCost(seconds, record.bytes_moved, f"{kind} load of {model} in {record.seconds:.3f}s")
+
+    def unload(self) -> None:
+        """Release the active model and its KV pool (device memory). Swapped requests keep
+        their host KV; waiting or running ones must have left first."""
+        self._drain_inbox()
+        busy = [s.id for s in self._seqs.values() if s.status is not SeqStatus.SWAPPED]
+        if busy:
+            raise EngineError(f"cannot unload the model: {len(busy)} requests still waiting or running")
+        self._model = None
+        self._kv = None
+        with self._lock:
+            self._model_name = None
+        free_device_memory(self.device)
 
     def warm_model(self, model: str) -> OpCost:
         if model not in self.models:
@@ -533,7 +538,7 @@ class HFEngine(Engine):
         )
 
     def close(self) -> None:
-        model, self._model = self._model, None
+        self._model = None
         self._kv = None
         self.weights.warm.clear()
-        release(model, self.device)
+        free_device_memory(self.device)

@@ -163,6 +163,8 @@ class ForwardPass:
                 return False
             self._run_stage()
             ran += 1
+        if self.hidden.is_cuda:
+            torch.cuda.synchronize(self.hidden.device)  # so compute_s is the real pass time
         self.compute_s += time.perf_counter() - t0
         return True
 

@@ -13,7 +13,6 @@ warm copy stays intact, so it can serve the next swap-in too.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import dataclass
@@ -165,12 +164,11 @@ class WeightStore:
 
     def drop_warm(self, name: str) -> None:
         self.warm.pop(name, None)
-        gc.collect()
 
 
-def release(model: PreTrainedModel | None, device: torch.device) -> None:
-    """Free a model's device memory now rather than at the next GC."""
-    del model
-    gc.collect()
+def free_device_memory(device: torch.device) -> None:
+    """Hand the cached blocks of dropped models back to the driver. No gc.collect(): the
+    models hold no reference cycles (refcounting frees them at once), and a full
+    collection costs ~0.3 s with transformers imported, more than a warm load."""
     if device.type == "cuda":
         torch.cuda.empty_cache()

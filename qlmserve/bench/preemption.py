@@ -1,0 +1,265 @@
+"""Benchmark: expert-level preemption vs iteration-level scheduling on a real MoE model.
+
+Setup (printed with the results): one HFEngine, the benchmark MoE shape (see
+hf_bench_common), max batch 16. Requests arrive open-loop, Poisson, for a fixed window;
+each is latency-sensitive (LS) with probability 0.2 (QLLM's split), from a seed. The
+modes are interleaved round by round (each round a new arrival sample, the same for all
+modes), so the noise of a shared machine falls on every mode alike. Prompt
+and output lengths come from the ShareGPT length table scaled down to the tiny model's
+context (prompt / 32 clipped to [8, 128], output / 8 clipped to [8, 96]). The arrival
+rate is `load` times the engine's capacity, estimated from a calibration run of the
+same engine. Default load 1.3: a stream of BE work keeps the engine busy and a queue
+builds (QLLM's setting: LS requests arrive at an engine already saturated by BE work);
+at load <= 1 the batch is rarely full and FCFS itself seldom makes LS requests wait. The same arrivals are replayed under each mode:
+  - none:      iteration-level FCFS (vLLM / TGI default);
+  - iteration: LS first at each pass boundary;
+  - expert:    QLLM: a BE pass pauses at the next layer / attention-MoE boundary.
+Reported: LS TTFT p50 / p99, BE TTFT p50, BE decode throughput inside the window (tokens
+of BE requests per second), and ratios against FCFS. LS requests that arrived in the
+window are all served (the run drains them) before their TTFTs are taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qlmserve.backends.engine import EngineRequest, PreemptionMode
+from qlmserve.traces import load_trace, resolve_trace_path
+
+from .hf_bench_common import (
+    EngineLoop,
+    TokenLog,
+    describe_shape,
+    ensure_bench_model,
+    make_bench_engine,
+    percentile,
+    prompt_ids,
+    scaled,
+    submit,
+)
+
+MODES = (PreemptionMode.NONE, PreemptionMode.ITERATION, PreemptionMode.EXPERT)
+
+
+@dataclass
+class PreemptionOptions:
+    kind: str = "mixtral"
+    model_root: str | None = None
+    device: str = "cpu"
+    window_s: float = 10.0
+    rounds: int = 3  # modes are interleaved round by round, so machine noise hits all alike
+    load: float = 1.3  # arrival rate relative to the calibrated capacity
+    ls_fraction: float = 0.2
+    max_batch_size: int = 16
+    max_pause_s: float = 2.0
+    seed: int = 0
+    threads: int = 1
+    trace: str = "sharegpt_8k_lengths_llama2tok.csv"
+    drain_timeout_s: float = 120.0
+
+
+@dataclass
+class Arrival:
+    at_s: float
+    prompt: int
+    output: int
+    latency_sensitive: bool
+
+
+def _lengths(opts: PreemptionOptions, n: int) -> list[tuple[int, int]]:
+    trace = load_trace(resolve_trace_path(opts.trace), fmt="lengths", limit=n, seed=opts.seed)
+    return [(scaled(r.prompt_tokens, 32, 8, 128), scaled(r.output_tokens, 8, 8, 96)) for r in trace.records]
+
+
+def calibrate_capacity(engine, lengths: list[tuple[int, int]], batch: int) -> dict:
+    """Requests/s the engine sustains: per request, its prefill plus its share of the
+    decode iterations at full batch (measured on this engine, not assumed)."""
+    mean_prompt = statistics.mean(p for p, _ in lengths)
+    mean_out = statistics.mean(o for _, o in lengths)
+    engine.pass_log.clear()
+    for i in range(batch):
+        engine.add_request(EngineRequest(f"cal-{i}", "bench", prompt_ids(int(mean_prompt), i), max_tokens=12))
+    while engine.has_work():
+        engine.step()
+    prefill = [p for p in engine.pass_log if p.prefill]
+    decode = [p.seconds for p in engine.pass_log if not p.prefill and p.batch == batch][2:]
+    prefill_per_req = sum(p.seconds for p in prefill) / batch
+    step = statistics.median(decode)
+    per_request = prefill_per_req + mean_out * step / batch
+    return {
+        "decode_step_s_at_batch": step,
+        "prefill_s_per_request": prefill_per_req,
+        "mean_prompt": mean_prompt,
+        "mean_output": mean_out,
+        "capacity_req_per_s": 1.0 / per_request,
+    }
+
+
+def build_arrivals(opts: PreemptionOptions, rate: float) -> list[Arrival]:
+    rng = np.random.default_rng(opts.seed)
+    n = int(rate * opts.window_s * 1.5) + 16
+    times = np.cumsum(rng.exponential(1.0 / rate, size=n))
+    ls = rng.random(n) < opts.ls_fraction
+    lengths = _lengths(opts, n)
+    return [
+        Arrival(float(t), p, o, bool(flag))
+        for t, flag, (p, o) in zip(times, ls, lengths, strict=False)
+        if t < opts.window_s
+    ]
+
+
+def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, arrivals: list[Arrival],
+             round_no: int = 0) -> dict:
+    """One window of one mode; returns raw samples (pooled over rounds by `summarize`)."""
+    engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.max_batch_size,
+                               preemption=mode, max_pause_s=opts.max_pause_s)
+    # Warm-up (allocator, kernels) outside the measured window.
+    for i in range(4):
+        engine.add_request(EngineRequest(f"warm-{i}", "bench", prompt_ids(32, i), max_tokens=4))
+    while engine.has_work():
+        engine.step()
+    engine.pass_log.clear()
+    log = TokenLog()
+    loop = EngineLoop(engine, log)
+    loop.start()
+    t0 = time.perf_counter()
+    ids = []
+    for i, a in enumerate(arrivals):
+        delay = t0 + a.at_s - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        rid = f"{'ls' if a.latency_sensitive else 'be'}-{round_no}-{i}"
+        ids.append(rid)
+        submit(engine, log, EngineRequest(rid, "bench", prompt_ids(a.prompt, i), max_tokens=a.output,
+                                          latency_sensitive=a.latency_sensitive))
+    end = t0 + opts.window_s
+    time.sleep(max(0.0, end - time.perf_counter()))
+    in_window = list(engine.pass_log)
+    ls_ids = [r for r in ids if r.startswith("ls")]
+    deadline = time.perf_counter() + opts.drain_timeout_s
+    while time.perf_counter() < deadline and any(r not in log.token_times for r in ls_ids):
+        time.sleep(0.01)
+    loop.stop()
+    for rid in ids:
+        engine.abort(rid)
+    engine.step()
+    engine.close()
+    be_ids = [r for r in ids if r.startswith("be")]
+    return {
+        "ls_requests": len(ls_ids),
+        "be_requests": len(be_ids),
+        "ls_ttft": [log.ttft(r) for r in ls_ids if log.ttft(r) is not None],
+        "be_ttft": [log.ttft(r) for r in be_ids if r in log.token_times and log.token_times[r][0] <= end],
+        "be_tokens_in_window": sum(1 for r in be_ids for t in log.token_times.get(r, []) if t <= end),
+        "pauses": sum(p.pauses for p in in_window),
+        "decode_passes": sum(1 for p in in_window if not p.prefill),
+        "decode_batches": [p.batch for p in in_window if not p.prefill],
+    }
+
+
+def summarize(mode: PreemptionMode, runs: list[dict], window_s: float) -> dict:
+    ls = [t for r in runs for t in r["ls_ttft"]]
+    be = [t for r in runs for t in r["be_ttft"]]
+    tokens = sum(r["be_tokens_in_window"] for r in runs)
+    batches = [b for r in runs for b in r["decode_batches"]]
+    return {
+        "mode": mode.value,
+        "ls_requests": sum(r["ls_requests"] for r in runs),
+        "ls_served": len(ls),
+        "be_requests": sum(r["be_requests"] for r in runs),
+        "ls_ttft_p50_s": percentile(ls, 50),
+        "ls_ttft_p99_s": percentile(ls, 99),
+        "be_ttft_p50_s": percentile(be, 50),
+        "be_tokens_in_window": tokens,
+        "be_throughput_tok_s": tokens / (window_s * len(runs)),
+        "be_throughput_per_round": [r["be_tokens_in_window"] / window_s for r in runs],
+        "pauses": sum(r["pauses"] for r in runs),
+        "decode_passes": sum(r["decode_passes"] for r in runs),
+        "mean_decode_batch": statistics.mean(batches) if batches else 0.0,
+    }
+
+
+def run(opts: PreemptionOptions) -> dict:
+    torch.set_num_threads(opts.threads)
+    path = ensure_bench_model(opts.kind, opts.model_root, seed=opts.seed)
+    engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.max_batch_size)
+    shape = describe_shape(engine)
+    calib = calibrate_capacity(engine, _lengths(opts, 512), opts.max_batch_size)
+    engine.close()
+    rate = opts.load * calib["capacity_req_per_s"]
+    runs: dict[PreemptionMode, list[dict]] = {m: [] for m in MODES}
+    n_requests = 0
+    for round_no in range(opts.rounds):
+        # A new arrival sample per round, the same one for every mode within the round.
+        arrivals = build_arrivals(dataclasses.replace(opts, seed=opts.seed + round_no), rate)
+        n_requests += len(arrivals)
+        for mode in MODES:
+            runs[mode].append(run_mode(opts, path, mode, arrivals, round_no))
+    results = [summarize(mode, runs[mode], opts.window_s) for mode in MODES]
+    base = results[0]
+    for r in results:
+        r["ls_ttft_p50_speedup_vs_fcfs"] = (base["ls_ttft_p50_s"] / r["ls_ttft_p50_s"]) if r["ls_ttft_p50_s"] else None
+        r["ls_ttft_p99_speedup_vs_fcfs"] = (base["ls_ttft_p99_s"] / r["ls_ttft_p99_s"]) if r["ls_ttft_p99_s"] else None
+        r["be_throughput_vs_fcfs"] = r["be_throughput_tok_s"] / base["be_throughput_tok_s"]
+    return {
+        "benchmark": "preemption",
+        "setup": {
+            **asdict(opts),
+            "model": shape,
+            "arrivals": "Poisson, open loop",
+            "rate_req_per_s": rate,
+            "requests": n_requests,
+            "lengths": "ShareGPT length table; prompt/32 in [8,128], output/8 in [8,96]",
+            "calibration": calib,
+        },
+        "results": results,
+    }
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = report["setup"]
+    console = Console()
+    console.print(f"[bold]Expert-level preemption[/bold]: {s['model']}")
+    console.print(
+        f"{s['requests']} requests in {s['rounds']} rounds x {s['window_s']}s per mode, Poisson {s['rate_req_per_s']:.2f} req/s "
+        f"(load {s['load']} x calibrated capacity {s['calibration']['capacity_req_per_s']:.2f} req/s), "
+        f"{int(s['ls_fraction'] * 100)}% LS, batch {s['max_batch_size']}, max_pause {s['max_pause_s']}s, "
+        f"seed {s['seed']}; decode step at full batch "
+        f"{s['calibration']['decode_step_s_at_batch'] * 1000:.0f} ms"
+    )
+    t = Table()
+    for col in ("mode", "LS n", "LS TTFT p50", "LS TTFT p99", "BE TTFT p50", "BE tok/s", "p50 x", "p99 x",
+                "BE tput vs FCFS", "pauses"):
+        t.add_column(col, justify="right")
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f} ms"
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}x"
+
+    for r in report["results"]:
+        t.add_row(r["mode"], f"{r['ls_served']}/{r['ls_requests']}", ms(r["ls_ttft_p50_s"]), ms(r["ls_ttft_p99_s"]),
+                  ms(r["be_ttft_p50_s"]), f"{r['be_throughput_tok_s']:.1f}", x(r["ls_ttft_p50_speedup_vs_fcfs"]),
+                  x(r["ls_ttft_p99_speedup_vs_fcfs"]), f"{r['be_throughput_vs_fcfs'] * 100:.1f}%", str(r["pauses"]))
+    console.print(t)
+
+
+def main(opts: PreemptionOptions, out: str | None) -> dict:
+    report = run(opts)
+    print_table(report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report
