@@ -1,0 +1,16 @@
+"""The Hugging Face `transformers` engine (CPU, or CUDA when present).
+
+One concept per module:
+  engine.py      HFEngine: the Engine interface, step loop, operations
+  scheduling.py  who runs next per PreemptionMode (FCFS, LS-first, expert-level)
+  forward.py     a resumable forward pass (layer / attention-MoE stages) and its KV view
+  kv_cache.py    the paged KV pool, reservations, swap to host and back
+  sequence.py    one request's state and lifecycle
+  sampling.py    greedy / temperature / top-p, seeded per token
+  weights.py     cold loads, warm host copies, measured load costs
+  tiny.py        tiny models with seeded random weights and a local tokenizer
+  profile.py     measure an engine, fit the WorkerProfile the simulator reads
+  cli.py         `qlm models build-tiny`, `qlm profile`, `qlm bench-engine`
+
+Nothing heavy is imported here, so `qlm --help` stays fast.
+"""

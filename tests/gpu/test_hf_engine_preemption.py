@@ -185,3 +185,25 @@ def test_iteration_and_fcfs_modes(tiny_models, device):
                 steps_until_ls += 1
             assert steps_until_ls == 4  # the BE requests must finish their 6 tokens first
         run_until_idle(engine)
+
+
+def test_request_preemption_check_returns_early(tiny_models, device):
+    """This test verifies that: 1. request_preemption_check() called while an EXPERT pass
+    runs makes it stop at the next stage boundary and step() return with no tokens, even
+    with no LS request waiting (so the worker can run an operation at once); 2. the next
+    step resumes the pass where it stopped and the tokens still equal generate()."""
+    folder = tiny_models["qwen2_moe"]
+    engine = make_engine({"m": ("qwen2_moe", folder)}, device, preemption=PreemptionMode.EXPERT)
+    reqs = make_requests(2, max_tokens=5, seed=27)
+    for r in reqs:
+        engine.add_request(r)
+    got: dict[str, list[int]] = {}
+    _collect(engine, got)
+    handle = engine.model.model.layers[6].self_attn.register_forward_pre_hook(
+        lambda module, args: engine.request_preemption_check())
+    assert _collect(engine, got) == [] and engine.paused_stage == (6, "moe")
+    handle.remove()
+    assert sorted(_collect(engine, got)) == sorted(r.request_id for r in reqs)
+    rest = tokens_of(run_until_idle(engine))
+    for r in reqs:
+        assert got[r.request_id] + rest.get(r.request_id, []) == reference_tokens(folder, device, r)
