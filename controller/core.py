@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from qlmserve.controller.clock import Clock, WallClock
 from qlmserve.controller.dispatch import dispatch
-from qlmserve.controller.estimator import predict_group_wait
+from qlmserve.controller.estimator import LengthLearner, Moments, predict_group_wait
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
@@ -311,21 +311,11 @@ class Controller:
         return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
 
     async def _length_stats(self) -> dict[tuple[str, str], LengthStats]:
-        """Learned output lengths, blended with the policy's prior (a pseudo-count)."""
-        counts = await self.store.length_counts()
-        out = {}
-        for model, spec in self.policy.models.items():
-            prior = spec.output_prior
-            for cls in self.policy.slo_classes:
-                n, s, ss = counts.get((model, cls), (0.0, 0.0, 0.0))
-                w = prior.weight
-                total = n + w
-                if total <= 0:
-                    continue
-                mean = (s + w * prior.mean) / total
-                second = (ss + w * (prior.std**2 + prior.mean**2)) / total
-                out[(model, cls)] = LengthStats(mean=mean, var=max(0.0, second - mean * mean), count=int(n))
-        return out
+        """Learned output lengths (moments persisted in Redis by the token script) with the
+        policy's prior added by the estimator's LengthLearner."""
+        observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
+        learner = LengthLearner(self.policy, observed)
+        return {(m, c): learner.stats(m, c) for m in self.policy.models for c in self.policy.slo_classes}
 
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
         waiting: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
