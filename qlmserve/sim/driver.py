@@ -48,7 +48,7 @@ class SimOptions:
     drain_s: float | None = None  # stop this long after the last arrival; None: when all have finished
     max_prefill_tokens: int = 8192  # prompt tokens one iteration may prefill (vLLM-like budget)
     max_tokens: int | None = None  # max_tokens a client asks for; default: the model's context left
-    state_refresh_s: float = 0.5  # token counts of an unchanged worker refresh this often (heartbeat)
+    state_refresh_s: float = 0.5  # token counts of an unchanged worker, and length stats, refresh this often
     wake_min_gap_s: float = 0.05  # a wake-up tick follows the previous tick no sooner than this
     probe_times: Sequence[float] = ()  # record tokens produced by these times (SimResult.tokens_at)
     observers: Sequence[PlanObserver] = ()
@@ -82,20 +82,26 @@ class _Group:
 
 
 class _Lengths:
-    """The estimator's LengthLearner, fed with finished requests; its stats are cached
-    between finishes (a snapshot reads them every tick)."""
+    """The estimator's LengthLearner, fed with every finished request. Snapshots read its
+    stats at most once per `refresh_s` (one more finish moves them by a hair; keeping the
+    same dict between refreshes lets a policy cache what it derives from them)."""
 
-    def __init__(self, cfg: PolicyConfig) -> None:
+    def __init__(self, cfg: PolicyConfig, refresh_s: float) -> None:
         self.learner = LengthLearner(cfg)
+        self.refresh_s = refresh_s
         self._cache: dict[tuple[str, str], LengthStats] | None = None
+        self._read_at = -1e18
+        self._dirty = True
 
     def observe(self, model: str, slo_class: str, tokens: int) -> None:
         self.learner.observe(model, slo_class, tokens)
-        self._cache = None
+        self._dirty = True
 
-    def stats(self) -> dict[tuple[str, str], LengthStats]:
-        if self._cache is None:
+    def stats(self, now: float) -> dict[tuple[str, str], LengthStats]:
+        if self._cache is None or (self._dirty and now - self._read_at >= self.refresh_s):
             self._cache = self.learner.length_stats()
+            self._read_at = now
+            self._dirty = False
         return self._cache
 
 
@@ -124,7 +130,7 @@ class Simulation:
         self.groups: dict[str, _Group] = {}
         self.open_groups: dict[tuple[str, str], _Group] = {}
         self._group_seq = 0
-        self.lengths = _Lengths(policy)
+        self.lengths = _Lengths(policy, self.options.state_refresh_s)
         self.last_plan = Plan.make_empty()
         self._positions: dict[str, tuple[str, int]] = {}
         self._worker_cache: dict[str, tuple[tuple, WorkerState]] = {}
@@ -301,7 +307,7 @@ class Simulation:
             groups.append(self._group_state(g))
         workers = tuple(self._worker_state(w, now) for w in self.workers.values())
         return ClusterSnapshot(now=now, groups=tuple(groups), workers=workers,
-                               length_stats=self.lengths.stats(), model_bytes=self.model_bytes)
+                               length_stats=self.lengths.stats(now), model_bytes=self.model_bytes)
 
     def _group_state(self, g: _Group) -> GroupState:
         wid, pos = self._positions.get(g.group_id, (None, 0))
