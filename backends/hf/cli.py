@@ -84,7 +84,8 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
 
         opts = PreemptionOptions(kind=args.kind, model_root=args.model_root, device=args.device,
                                  threads=args.threads, seed=args.seed, window_s=args.window,
-                                 rounds=args.rounds, load=args.load, max_pause_s=args.max_pause)
+                                 rounds=args.rounds, load=args.load, max_pause_s=args.max_pause,
+                                 workload=args.workload, be_backlog=args.be_backlog)
         out = args.json if len(which) == 1 else (args.json and args.json.replace(".json", "-preemption.json"))
         run_preemption(opts, out)
     rest = [w for w in which if w != "preemption"]
@@ -136,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=float, default=10.0, help="preemption: seconds of arrivals per round and mode")
     p.add_argument("--rounds", type=int, default=3, help="preemption: rounds (modes interleaved)")
-    p.add_argument("--load", type=float, default=1.3, help="preemption: arrival rate / calibrated capacity")
+    p.add_argument("--workload", choices=("backlog", "open"), default="backlog",
+                   help="preemption: BE backlog kept queued + Poisson LS, or everything open-loop Poisson")
+    p.add_argument("--be-backlog", type=int, default=8, help="preemption/backlog: BE requests waiting beyond the batch")
+    p.add_argument("--load", type=float, default=1.3, help="preemption/open: arrival rate / calibrated capacity")
     p.add_argument("--max-pause", type=float, default=2.0, help="preemption: max_pause_s of EXPERT mode")
     p.set_defaults(func=cmd_bench_engine)

@@ -20,6 +20,7 @@ The YAML holds the fitted fields under `profile:` (what
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -206,6 +207,9 @@ def profile_engine(engine: HFEngine, model: str, *, name: str, opts: ProfileOpti
         "weight_bytes": weight_bytes,
         "max_batch_size": engine.max_batch_size,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # Other processes share the cores: a high load average means slower, noisier passes.
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
     }
     measurements = {
         "prefill_tokens_seconds": [[n, round(t, 6)] for n, t in prefill],

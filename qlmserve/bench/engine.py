@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -200,7 +201,8 @@ def run(which: list[str], opts: EngineBenchOptions) -> dict:
     torch.set_num_threads(opts.threads)
     path = ensure_bench_model(opts.kind, opts.model_root, seed=opts.seed)
     probe = make_bench_engine(path, opts.kind, device=opts.device)
-    report: dict = {"benchmark": "engine", "setup": {**asdict(opts), "model": describe_shape(probe)}}
+    report: dict = {"benchmark": "engine", "setup": {**asdict(opts), "model": describe_shape(probe),
+                                                     "cpu_count": os.cpu_count()}}
     probe.close()
     if "throughput" in which:
         report["throughput"] = bench_throughput(opts, path)
@@ -208,6 +210,7 @@ def run(which: list[str], opts: EngineBenchOptions) -> dict:
         report["batching"] = bench_batching(opts, path)
     if "warm" in which:
         report["warm"] = bench_warm(opts, path)
+    report["setup"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     return report
 
 

@@ -100,17 +100,31 @@ class EngineLoop(threading.Thread):
         self.engine, self.log = engine, log
         self._halt = threading.Event()
         self.error: BaseException | None = None
+        # (wall time, CPU time of this thread) after every step: with one torch thread all
+        # model work runs on this thread, so CPU time is what the engine really got from
+        # a machine it shares with other processes.
+        self.samples: list[tuple[float, float]] = []
 
     def run(self) -> None:
         try:
+            self.samples.append((time.perf_counter(), time.thread_time()))
             while not self._halt.is_set():
                 if self.engine.has_work():
                     events = self.engine.step()
-                    self.log.record(events, time.perf_counter())
+                    now = time.perf_counter()
+                    self.log.record(events, now)
+                    self.samples.append((now, time.thread_time()))
                 else:
                     time.sleep(0.0005)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             self.error = exc
+
+    def cpu_seconds(self, start: float, end: float) -> float:
+        """CPU time the engine thread used between two wall-clock instants (step granularity)."""
+        inside = [cpu for wall, cpu in self.samples if start <= wall <= end]
+        before = [cpu for wall, cpu in self.samples if wall < start]
+        base = before[-1] if before else (inside[0] if inside else 0.0)
+        return (inside[-1] - base) if inside else 0.0
 
     def stop(self) -> None:
         self._halt.set()

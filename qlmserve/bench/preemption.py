@@ -1,28 +1,34 @@
 """Benchmark: expert-level preemption vs iteration-level scheduling on a real MoE model.
 
 Setup (printed with the results): one HFEngine, the benchmark MoE shape (see
-hf_bench_common), max batch 16. Requests arrive open-loop, Poisson, for a fixed window;
-each is latency-sensitive (LS) with probability 0.2 (QLLM's split), from a seed. The
-modes are interleaved round by round (each round a new arrival sample, the same for all
-modes), so the noise of a shared machine falls on every mode alike. Prompt
-and output lengths come from the ShareGPT length table scaled down to the tiny model's
-context (prompt / 32 clipped to [8, 128], output / 8 clipped to [8, 96]). The arrival
-rate is `load` times the engine's capacity, estimated from a calibration run of the
-same engine. Default load 1.3: a stream of BE work keeps the engine busy and a queue
-builds (QLLM's setting: LS requests arrive at an engine already saturated by BE work);
-at load <= 1 the batch is rarely full and FCFS itself seldom makes LS requests wait. The same arrivals are replayed under each mode:
+hf_bench_common), max batch 16, one engine thread stepping while requests arrive from
+another (as in the worker). Two workloads:
+  - backlog (default, QLLM's setting): a stream of best-effort (BE) requests keeps the
+    engine busy: `max_batch_size + be_backlog` BE requests are always submitted and
+    unfinished (a new one arrives as one finishes), and latency-sensitive (LS) requests
+    arrive open-loop, Poisson, at a rate that makes them 20% of arrivals at the
+    engine's calibrated capacity. The FCFS queue is then stationary (be_backlog requests
+    ahead of an LS arrival), whatever the machine's speed on the day.
+  - open: every request arrives open-loop, Poisson, at `load` x calibrated capacity, and
+    is LS with probability 0.2 (the FCFS queue grows with the window when load > 1).
+Lengths come from the ShareGPT length table scaled down to the tiny model's context
+(prompt / 32 clipped to [8, 128], output / 8 clipped to [8, 96]). The modes are
+interleaved round by round (each round a new sample, the same for all modes), so the
+noise of a shared machine falls on every mode alike:
   - none:      iteration-level FCFS (vLLM / TGI default);
   - iteration: LS first at each pass boundary;
   - expert:    QLLM: a BE pass pauses at the next layer / attention-MoE boundary.
-Reported: LS TTFT p50 / p99, BE TTFT p50, BE decode throughput inside the window (tokens
-of BE requests per second), and ratios against FCFS. LS requests that arrived in the
-window are all served (the run drains them) before their TTFTs are taken.
+Reported: LS TTFT p50 / p99, BE TTFT p50, BE throughput inside the window (tokens of
+BE requests per wall second, and per CPU second of the engine thread, which other
+processes on a shared machine do not distort), and ratios against FCFS and ITERATION. LS requests that
+arrived in the window are all served (the run drains them) before their TTFTs are taken.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -56,7 +62,9 @@ class PreemptionOptions:
     device: str = "cpu"
     window_s: float = 10.0
     rounds: int = 3  # modes are interleaved round by round, so machine noise hits all alike
-    load: float = 1.3  # arrival rate relative to the calibrated capacity
+    load: float = 1.3  # open: arrival rate relative to the calibrated capacity
+    workload: str = "backlog"  # "backlog" (BE kept queued) or "open" (all requests open-loop Poisson)
+    be_backlog: int = 8  # backlog: BE requests waiting beyond a full batch
     ls_fraction: float = 0.2
     max_batch_size: int = 16
     max_pause_s: float = 2.0
@@ -103,20 +111,38 @@ def calibrate_capacity(engine, lengths: list[tuple[int, int]], batch: int) -> di
     }
 
 
-def build_arrivals(opts: PreemptionOptions, rate: float) -> list[Arrival]:
+@dataclass
+class Workload:
+    """What one round replays, identically under every mode."""
+
+    arrivals: list[Arrival]  # open-loop arrivals at fixed times (all LS in backlog mode)
+    be_lengths: list[tuple[int, int]]  # backlog mode: BE requests submitted as others finish
+    be_in_system: int  # backlog mode: BE requests kept submitted and unfinished (0: open loop)
+
+
+def build_workload(opts: PreemptionOptions, capacity: float) -> Workload:
     rng = np.random.default_rng(opts.seed)
+    if opts.workload == "backlog":
+        # LS are ls_fraction of all arrivals when BE requests arrive at the capacity rate.
+        rate = capacity * opts.ls_fraction / (1.0 - opts.ls_fraction)
+        n = int(rate * opts.window_s * 2) + 8
+        times = np.cumsum(rng.exponential(1.0 / rate, size=n))
+        lengths = _lengths(opts, n + int(capacity * opts.window_s * 4) + 64)
+        arrivals = [Arrival(float(t), p, o, True) for t, (p, o) in zip(times, lengths[:n]) if t < opts.window_s]
+        return Workload(arrivals, lengths[n:], opts.max_batch_size + opts.be_backlog)
+    rate = opts.load * capacity
     n = int(rate * opts.window_s * 1.5) + 16
     times = np.cumsum(rng.exponential(1.0 / rate, size=n))
     ls = rng.random(n) < opts.ls_fraction
-    lengths = _lengths(opts, n)
-    return [
+    arrivals = [
         Arrival(float(t), p, o, bool(flag))
-        for t, flag, (p, o) in zip(times, ls, lengths, strict=False)
+        for t, flag, (p, o) in zip(times, ls, _lengths(opts, n), strict=False)
         if t < opts.window_s
     ]
+    return Workload(arrivals, [], 0)
 
 
-def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, arrivals: list[Arrival],
+def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, work: Workload,
              round_no: int = 0) -> dict:
     """One window of one mode; returns raw samples (pooled over rounds by `summarize`)."""
     engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.max_batch_size,
@@ -129,20 +155,35 @@ def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, arrivals
     engine.pass_log.clear()
     log = TokenLog()
     loop = EngineLoop(engine, log)
-    loop.start()
-    t0 = time.perf_counter()
-    ids = []
-    for i, a in enumerate(arrivals):
-        delay = t0 + a.at_s - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+    ids: list[str] = []
+    be_ids: list[str] = []
+
+    def send(a: Arrival, i: int) -> None:
         rid = f"{'ls' if a.latency_sensitive else 'be'}-{round_no}-{i}"
         ids.append(rid)
+        if not a.latency_sensitive:
+            be_ids.append(rid)
         submit(engine, log, EngineRequest(rid, "bench", prompt_ids(a.prompt, i), max_tokens=a.output,
                                           latency_sensitive=a.latency_sensitive))
+
+    loop.start()
+    t0 = time.perf_counter()
     end = t0 + opts.window_s
-    time.sleep(max(0.0, end - time.perf_counter()))
+    next_open, next_be = 0, 0
+    while time.perf_counter() < end:
+        now = time.perf_counter() - t0
+        while next_open < len(work.arrivals) and work.arrivals[next_open].at_s <= now:
+            send(work.arrivals[next_open], next_open)
+            next_open += 1
+        unfinished = sum(1 for r in be_ids if r not in log.finished)
+        while unfinished < work.be_in_system and next_be < len(work.be_lengths):
+            p, o = work.be_lengths[next_be]
+            send(Arrival(now, p, o, False), 100_000 + next_be)
+            next_be += 1
+            unfinished += 1
+        time.sleep(0.002)
     in_window = list(engine.pass_log)
+    cpu_s = loop.cpu_seconds(t0, end)
     ls_ids = [r for r in ids if r.startswith("ls")]
     deadline = time.perf_counter() + opts.drain_timeout_s
     while time.perf_counter() < deadline and any(r not in log.token_times for r in ls_ids):
@@ -159,6 +200,7 @@ def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, arrivals
         "ls_ttft": [log.ttft(r) for r in ls_ids if log.ttft(r) is not None],
         "be_ttft": [log.ttft(r) for r in be_ids if r in log.token_times and log.token_times[r][0] <= end],
         "be_tokens_in_window": sum(1 for r in be_ids for t in log.token_times.get(r, []) if t <= end),
+        "engine_cpu_s_in_window": cpu_s,
         "pauses": sum(p.pauses for p in in_window),
         "decode_passes": sum(1 for p in in_window if not p.prefill),
         "decode_batches": [p.batch for p in in_window if not p.prefill],
@@ -181,6 +223,9 @@ def summarize(mode: PreemptionMode, runs: list[dict], window_s: float) -> dict:
         "be_tokens_in_window": tokens,
         "be_throughput_tok_s": tokens / (window_s * len(runs)),
         "be_throughput_per_round": [r["be_tokens_in_window"] / window_s for r in runs],
+        # BE tokens per CPU-second the engine thread actually got: robust to other
+        # processes taking the cores (wall-clock throughput is not, on a shared machine).
+        "be_tokens_per_engine_cpu_s": tokens / max(sum(r["engine_cpu_s_in_window"] for r in runs), 1e-9),
         "pauses": sum(r["pauses"] for r in runs),
         "decode_passes": sum(r["decode_passes"] for r in runs),
         "mean_decode_batch": statistics.mean(batches) if batches else 0.0,
@@ -194,31 +239,36 @@ def run(opts: PreemptionOptions) -> dict:
     shape = describe_shape(engine)
     calib = calibrate_capacity(engine, _lengths(opts, 512), opts.max_batch_size)
     engine.close()
-    rate = opts.load * calib["capacity_req_per_s"]
     runs: dict[PreemptionMode, list[dict]] = {m: [] for m in MODES}
-    n_requests = 0
     for round_no in range(opts.rounds):
-        # A new arrival sample per round, the same one for every mode within the round.
-        arrivals = build_arrivals(dataclasses.replace(opts, seed=opts.seed + round_no), rate)
-        n_requests += len(arrivals)
+        # A new sample per round, the same one for every mode within the round.
+        work = build_workload(dataclasses.replace(opts, seed=opts.seed + round_no), calib["capacity_req_per_s"])
         for mode in MODES:
-            runs[mode].append(run_mode(opts, path, mode, arrivals, round_no))
+            runs[mode].append(run_mode(opts, path, mode, work, round_no))
     results = [summarize(mode, runs[mode], opts.window_s) for mode in MODES]
     base = results[0]
     for r in results:
         r["ls_ttft_p50_speedup_vs_fcfs"] = (base["ls_ttft_p50_s"] / r["ls_ttft_p50_s"]) if r["ls_ttft_p50_s"] else None
         r["ls_ttft_p99_speedup_vs_fcfs"] = (base["ls_ttft_p99_s"] / r["ls_ttft_p99_s"]) if r["ls_ttft_p99_s"] else None
         r["be_throughput_vs_fcfs"] = r["be_throughput_tok_s"] / base["be_throughput_tok_s"]
+        r["be_cpu_throughput_vs_fcfs"] = r["be_tokens_per_engine_cpu_s"] / base["be_tokens_per_engine_cpu_s"]
+        it = results[1]  # what pausing inside an iteration adds over LS-first at boundaries
+        r["ls_ttft_p50_speedup_vs_iteration"] = (it["ls_ttft_p50_s"] / r["ls_ttft_p50_s"]) if r["ls_ttft_p50_s"] else None
     return {
         "benchmark": "preemption",
         "setup": {
             **asdict(opts),
             "model": shape,
-            "arrivals": "Poisson, open loop",
-            "rate_req_per_s": rate,
-            "requests": n_requests,
+            "arrivals": (
+                f"backlog: {opts.max_batch_size + opts.be_backlog} BE requests kept in the engine "
+                f"(batch {opts.max_batch_size} + {opts.be_backlog} waiting), LS Poisson"
+                if opts.workload == "backlog" else f"open loop Poisson at load {opts.load}"
+            ),
+            "requests": {m.value: runs[m][0]["ls_requests"] + runs[m][0]["be_requests"] for m in MODES},
             "lengths": "ShareGPT length table; prompt/32 in [8,128], output/8 in [8,96]",
             "calibration": calib,
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+            "cpu_count": os.cpu_count(),
         },
         "results": results,
     }
@@ -229,18 +279,18 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     s = report["setup"]
-    console = Console()
+    console = Console(width=max(Console().width, 140))
     console.print(f"[bold]Expert-level preemption[/bold]: {s['model']}")
+    calib = s["calibration"]
     console.print(
-        f"{s['requests']} requests in {s['rounds']} rounds x {s['window_s']}s per mode, Poisson {s['rate_req_per_s']:.2f} req/s "
-        f"(load {s['load']} x calibrated capacity {s['calibration']['capacity_req_per_s']:.2f} req/s), "
-        f"{int(s['ls_fraction'] * 100)}% LS, batch {s['max_batch_size']}, max_pause {s['max_pause_s']}s, "
-        f"seed {s['seed']}; decode step at full batch "
-        f"{s['calibration']['decode_step_s_at_batch'] * 1000:.0f} ms"
+        f"{s['arrivals']}; {s['rounds']} rounds x {s['window_s']}s per mode (modes interleaved), "
+        f"{int(s['ls_fraction'] * 100)}% LS, calibrated capacity {calib['capacity_req_per_s']:.2f} req/s, "
+        f"decode step at full batch {calib['decode_step_s_at_batch'] * 1000:.0f} ms, max_pause {s['max_pause_s']}s, "
+        f"seed {s['seed']}, load average {s['load_average_1m_at_end']} on {s['cpu_count']} cores"
     )
     t = Table()
-    for col in ("mode", "LS n", "LS TTFT p50", "LS TTFT p99", "BE TTFT p50", "BE tok/s", "p50 x", "p99 x",
-                "BE tput vs FCFS", "pauses"):
+    for col in ("mode", "LS n", "LS TTFT p50", "LS TTFT p99", "BE TTFT p50", "BE tok/s", "p50 vs FCFS",
+                "p99 vs FCFS", "p50 vs iteration", "BE tput vs FCFS", "BE tok/CPU-s vs FCFS", "pauses"):
         t.add_column(col, justify="right")
 
     def ms(v: float | None) -> str:
@@ -252,7 +302,9 @@ def print_table(report: dict) -> None:
     for r in report["results"]:
         t.add_row(r["mode"], f"{r['ls_served']}/{r['ls_requests']}", ms(r["ls_ttft_p50_s"]), ms(r["ls_ttft_p99_s"]),
                   ms(r["be_ttft_p50_s"]), f"{r['be_throughput_tok_s']:.1f}", x(r["ls_ttft_p50_speedup_vs_fcfs"]),
-                  x(r["ls_ttft_p99_speedup_vs_fcfs"]), f"{r['be_throughput_vs_fcfs'] * 100:.1f}%", str(r["pauses"]))
+                  x(r["ls_ttft_p99_speedup_vs_fcfs"]), x(r["ls_ttft_p50_speedup_vs_iteration"]),
+                  f"{r['be_throughput_vs_fcfs'] * 100:.1f}%", f"{r['be_cpu_throughput_vs_fcfs'] * 100:.1f}%",
+                  str(r["pauses"]))
     console.print(t)
 
 
