@@ -35,6 +35,9 @@ from qlmserve.operations.plan import Plan
 
 log = logging.getLogger("qlm.controller")
 
+# Shortest time between the end of one tick and the start of an early (woken) one.
+MIN_TICK_GAP_S = 0.02
+
 
 class InvalidRequest(ValueError):
     """A malformed submission; the message names the field (gRPC INVALID_ARGUMENT)."""
@@ -209,18 +212,26 @@ class Controller:
     # ---- the tick ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Tick on a timer, and at once when something wakes the loop."""
+        """Tick on a timer, and early when something wakes the loop (a request at risk, a
+        worker event). Early ticks keep a minimum gap, so that a burst of arrivals shares
+        one plan instead of starving submissions with back-to-back ticks."""
+        loop = asyncio.get_running_loop()
+        last_end = 0.0
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.policy.tick_interval_ms / 1000)
             except asyncio.TimeoutError:
                 pass
+            gap = MIN_TICK_GAP_S - (loop.time() - last_end)
+            if gap > 0 and not self._stopping:
+                await asyncio.sleep(gap)
             self._wake.clear()
             try:
                 await self.tick()
             except Exception:  # noqa: BLE001 - one bad tick (Redis blip) must not stop the loop
                 log.exception("tick failed; retrying next tick")
                 await asyncio.sleep(min(1.0, self.policy.tick_interval_ms / 1000))
+            last_end = loop.time()
 
     def stop(self) -> None:
         self._stopping = True

@@ -64,8 +64,10 @@ class RedisStore:
         self._finish_early = client.register_script(scripts.FINISH_EARLY)
         self._swap_state = client.register_script(scripts.SET_SWAP_STATE)
         # Grouping reads the open group then writes; one lock per (model, class) keeps
-        # concurrent submissions of one controller from racing each other.
+        # concurrent submissions of one controller from racing each other. The open group
+        # is cached (this controller is its only writer); Redis keeps it for a restart.
         self._group_locks: dict[str, asyncio.Lock] = {}
+        self._open: dict[str, OpenGroup | None] = {}
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "qlm", max_connections: int = 512) -> RedisStore:
@@ -85,12 +87,9 @@ class RedisStore:
         lock = self._group_locks.setdefault(f"{req.model}|{req.slo_class}", asyncio.Lock())
         async with lock:
             open_key = self.k.open_group(req.model, req.slo_class)
-            gid = await self.r.get(open_key)
-            open_group = None
-            if gid:
-                g = await self.r.hmget(self.k.group(gid), "created_at", "size")
-                if g[0] is not None:
-                    open_group = OpenGroup(gid, float(g[0]), int(g[1] or 0))
+            if open_key not in self._open:
+                self._open[open_key] = await self._read_open_group(open_key)
+            open_group = self._open[open_key]
             chosen = choose_group(open_group, now, grouping)
             new_group = chosen is None
             if new_group:
@@ -106,11 +105,21 @@ class RedisStore:
                 args=[req.request_id, chosen, repr(now), "1" if new_group else "0", "1" if idempotency_key else "0",
                       req.model, req.slo_class, IDEMPOTENCY_TTL_S, *flat],
             )
-        accepted, rid = int(res[0]), res[1]
+            accepted, rid = int(res[0]), res[1]
+            if accepted:
+                self._open[open_key] = (OpenGroup(chosen, now, 1) if new_group else
+                                        OpenGroup(chosen, open_group.created_at, open_group.size + 1))
         if not accepted:
             existing = await self.get_request(rid)
             return SubmitResult(rid, existing.group_id if existing else "", duplicate=True)
         return SubmitResult(rid, chosen, duplicate=False)
+
+    async def _read_open_group(self, open_key: str) -> OpenGroup | None:
+        gid = await self.r.get(open_key)
+        if not gid:
+            return None
+        g = await self.r.hmget(self.k.group(gid), "created_at", "size")
+        return OpenGroup(gid, float(g[0]), int(g[1] or 0)) if g[0] is not None else None
 
     @staticmethod
     def new_request_id() -> str:

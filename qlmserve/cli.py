@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = [
     "qlmserve.demo",
     "qlmserve.backends.hf.cli",
     "qlmserve.bench.scheduling",
+    "qlmserve.bench.submit",
 ]
 
 
