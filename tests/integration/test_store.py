@@ -1,0 +1,96 @@
+"""The Redis state transitions (Lua scripts) against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from qlmserve.backends.engine import FinishReason, TokenEvent
+from qlmserve.backends.token_sink import TokenSink
+from qlmserve.controller.policy import GroupingConfig
+from qlmserve.controller.request import Request, RequestStatus
+from qlmserve.controller.store import RedisStore
+
+pytestmark = pytest.mark.integration
+
+
+def _req(rid: str, model: str = "m", cls: str = "batch") -> Request:
+    return Request(request_id=rid, model=model, slo_class=cls, prompt_token_ids=[1, 2, 3], max_tokens=3,
+                   arrival=time.time(), ttft_slo_s=5.0)  # the token script stamps real time
+
+
+@pytest.fixture
+async def store(redis_url: str, prefix: str):
+    s = RedisStore.from_url(redis_url, prefix)
+    yield s
+    await s.close()
+
+
+async def test_grouping_and_idempotency(store: RedisStore):
+    """This test verifies that:
+    1. requests of one (model, class) within the window share a group; another class opens another;
+    2. a group closes at max_group_size and after the window;
+    3. a resubmission with the same idempotency key returns the first request, enqueued once."""
+    g = GroupingConfig(window_s=1.0, max_group_size=2)
+    a = await store.submit(_req("a"), 100.0, g)
+    b = await store.submit(_req("b"), 100.5, g)
+    c = await store.submit(_req("c"), 100.6, g)  # group full
+    d = await store.submit(_req("d", cls="interactive"), 100.6, g)
+    e = await store.submit(_req("e"), 102.0, g)  # window passed
+    assert a.group_id == b.group_id != c.group_id
+    assert d.group_id not in (a.group_id, c.group_id) and e.group_id != c.group_id
+    k1 = await store.submit(_req("k1"), 103.0, g, idempotency_key="same")
+    k2 = await store.submit(_req("k2"), 103.1, g, idempotency_key="same")
+    assert (k2.request_id, k2.duplicate, k1.duplicate) == ("k1", True, False)
+    groups = {gr.group_id: gr.waiting for gr in await store.groups()}
+    assert sum(len(w) for w in groups.values()) == 6
+    assert await store.get_request("k2") is None
+
+
+async def test_attempt_fencing_and_requeue(store: RedisStore, redis_url: str, prefix: str):
+    """This test verifies that:
+    1. assignment bumps the attempt number; tokens are accepted only under the current attempt
+       and only at the next index (a retried write is not duplicated);
+    2. after a requeue and reassignment, a stale worker's tokens are refused and reported;
+    3. the final token finishes the request and updates the learned lengths and class counters."""
+    g = GroupingConfig()
+    sub = await store.submit(_req("r"), 100.0, g)
+    assert await store.assign("r", sub.group_id, "w1", 100.1) == 1
+    sink1 = TokenSink(redis.Redis.from_url(redis_url), prefix, "w1")
+    assert sink1.write([(TokenEvent("r", 11, 0), 1, "a")]) == set()
+    assert sink1.write([(TokenEvent("r", 11, 0), 1, "a")]) == set()  # a retry: skipped, not doubled
+    assert await store.generated_ids("r") == [11]
+    assert await store.requeue("r", sub.group_id, "w1", 100.2)
+    assert (await store.get_request("r")).status == RequestStatus.QUEUED
+    assert await store.assign("r", sub.group_id, "w2", 100.3) == 2
+    assert sink1.write([(TokenEvent("r", 99, 1), 1, "zombie")]) == {"r"}
+    sink2 = TokenSink(redis.Redis.from_url(redis_url), prefix, "w2")
+    sink2.write([(TokenEvent("r", 12, 1), 2, "b"),
+                 (TokenEvent("r", 13, 2, finished=True, finish_reason=FinishReason.LENGTH), 2, "c")])
+    req = await store.get_request("r")
+    assert req.status == RequestStatus.FINISHED and req.finish_reason == "length" and req.attempts == 2
+    assert await store.generated_ids("r") == [11, 12, 13]
+    assert await store.length_counts() == {("m", "batch"): (1.0, 3.0, 9.0)}
+    assert (await store.class_stats())["batch"] == {"finished": 1, "met": 1}
+    assert await store.worker_running("w2") == {}
+    assert await store.unfinished_ids() == set()
+
+
+async def test_cancel_queued_and_running(store: RedisStore):
+    """This test verifies that:
+    1. cancelling a waiting request removes it from its group and ends its stream;
+    2. cancelling a running one returns the worker that holds it;
+    3. cancelling twice is a no-op."""
+    g = GroupingConfig()
+    s1 = await store.submit(_req("q"), 100.0, g)
+    s2 = await store.submit(_req("run"), 100.0, g)
+    await store.assign("run", s2.group_id, "w9", 100.1)
+    assert await store.finish_early("q", RequestStatus.CANCELLED, 101.0) == ("queued", "")
+    assert await store.finish_early("run", RequestStatus.CANCELLED, 101.0) == ("running", "w9")
+    assert await store.finish_early("run", RequestStatus.CANCELLED, 101.0) is None
+    assert all("q" not in gr.waiting for gr in await store.groups())
+    batches = [b async for b in store.read_stream("q", 0)]
+    assert batches[-1][-1].finished and batches[-1][-1].finish_reason == "cancelled"
+    assert s1.group_id == s2.group_id
