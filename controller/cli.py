@@ -4,6 +4,8 @@ Tables for people, `--json` for scripts."""
 
 from __future__ import annotations
 
+from qlmserve.ui import console
+
 import argparse
 import asyncio
 import json
@@ -241,7 +243,6 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_queue(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from qlmserve.client import QlmClient
@@ -252,7 +253,7 @@ def cmd_queue(args) -> int:
         if args.json:
             _print_message(q, True)
             return 0
-        con = Console()
+        con = console()
         t = Table(title="SLO classes")
         for col in ("class", "TTFT SLO s", "waiting", "running", "finished", "met SLO", "attainment"):
             t.add_column(col, justify="right" if col != "class" else "left")
@@ -282,7 +283,6 @@ def cmd_queue(args) -> int:
 
 
 def cmd_workers(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from qlmserve.client import QlmClient
@@ -302,14 +302,13 @@ def cmd_workers(args) -> int:
                       w.active_model or "-", ",".join(w.warm_models) or "-", str(len(w.running)), str(len(w.swapped)),
                       f"{w.kv_used_tokens}/{w.kv_capacity_tokens}", f"{w.prefill_tokens_per_s:.0f}",
                       f"{w.decode_tokens_per_s:.1f}", w.preemption or "-", f"{w.last_seen_s_ago:.1f}")
-        Console().print(t)
+        console().print(t)
         return 0
 
     return _run(main())
 
 
 def cmd_plan(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from qlmserve.client import QlmClient
@@ -320,7 +319,7 @@ def cmd_plan(args) -> int:
         if args.json:
             _print_message(p, True)
             return 0
-        con = Console()
+        con = console()
         con.print(f"tick {p.tick}: source={p.source} solve={1000 * p.solve_time_s:.1f} ms {p.note}")
         t = Table(title="Virtual queues")
         t.add_column("worker")

@@ -30,7 +30,7 @@ from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStat
 from qlmserve.controller.store import GroupRecord, RedisStore, SubmitResult
 from qlmserve.controller.tokenizers import TokenizerCache
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
-from qlmserve.operations.ops import Evict, LoadModel, MoveGroup, Operation
+from qlmserve.operations.ops import LoadModel, MoveGroup, Operation
 from qlmserve.operations.plan import Plan
 
 log = logging.getLogger("qlm.controller")

@@ -9,6 +9,8 @@ table per SLO class.
 
 from __future__ import annotations
 
+from qlmserve.ui import console
+
 import argparse
 import asyncio
 import json
@@ -66,19 +68,18 @@ def _workload(args, policy):
 
 
 async def run_demo(args) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlmserve.client import QlmClient, submit_request
     from qlmserve.controller.runtime import ControllerRuntime, RuntimeOptions
 
-    console = Console(stderr=True)
+    err = console(stderr=True)
     data = Path(args.data_dir)
     shutil.rmtree(data / "redis", ignore_errors=True)  # a fresh queue every run; models are kept
     rt = ControllerRuntime(RuntimeOptions(policy_path=args.policy, data_dir=str(data),
                                           worker_log_dir=str(data / "logs")))
     t_start = time.perf_counter()
-    console.print("[bold]QLM demo[/]: starting a private redis-server, the controller and 2 CPU workers "
+    err.print("[bold]QLM demo[/]: starting a private redis-server, the controller and 2 CPU workers "
                   "(tiny MoE models are built on first use)")
     await rt.start()
     try:
@@ -88,7 +89,7 @@ async def run_demo(args) -> int:
             rt.workers.append(rt.spawn_worker(f"cpu-{i}", ["--preload", models[i % len(models)], "--max-batch", "8"]))
         await rt.wait_for_workers(2, timeout_s=180)
         trace, work = _workload(args, policy)
-        console.print(f"replaying {len(work)} requests of {trace.name} (Azure LLM inference trace, CC-BY 4.0) "
+        err.print(f"replaying {len(work)} requests of {trace.name} (Azure LLM inference trace, CC-BY 4.0) "
                       f"over {args.window:.0f}s; {args.interactive_share:.0%} interactive "
                       f"(TTFT SLO {policy.slo_classes['interactive'].ttft_s:g}s), rest batch "
                       f"(TTFT SLO {policy.slo_classes['batch'].ttft_s:g}s); models {', '.join(models)}")
@@ -96,7 +97,7 @@ async def run_demo(args) -> int:
         outcomes: list[Outcome] = []
         async with QlmClient(rt.address) as client:
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=False) as progress:
+                          console=err, transient=False) as progress:
                 task = progress.add_task("requests done", total=len(work))
                 t0 = time.perf_counter()
 
@@ -106,7 +107,7 @@ async def run_demo(args) -> int:
                     req = submit_request(w.model, prompt_token_ids=ids, slo_class=w.slo_class,
                                          max_tokens=w.output_tokens, user_id=w.user_id)
                     sent = time.perf_counter()
-                    ttft, n, reason, err = None, 0, "", ""
+                    ttft, n, reason, error = None, 0, "", ""
                     try:
                         async for chunk in client.generate(req):
                             if ttft is None and chunk.token_ids:
@@ -114,8 +115,8 @@ async def run_demo(args) -> int:
                             n += len(chunk.token_ids)
                             reason = chunk.finish_reason or reason
                     except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
-                        err = str(exc)
-                    outcomes.append(Outcome(w.slo_class, w.model, ttft, n, reason, err))
+                        error = str(exc)
+                    outcomes.append(Outcome(w.slo_class, w.model, ttft, n, reason, error))
                     progress.advance(task)
 
                 await asyncio.gather(*(one(w) for w in work))
@@ -172,7 +173,6 @@ def summarize(outcomes: list[Outcome], policy, elapsed_s: float, ops: dict[str, 
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     def f(v, fmt="{:.3f}"):
@@ -187,7 +187,7 @@ def print_table(result: dict) -> None:
         t.add_row(name, f(s.get("ttft_slo_s"), "{:g}s"), str(s["requests"]), f"{100 * s['slo_attainment']:.1f}%",
                   f(s["ttft_p50_s"]), f(s["ttft_p99_s"]), str(s["tokens"]), f(s["throughput_tok_s"], "{:.1f}"),
                   str(s["errors"]))
-    con = Console()
+    con = console()
     con.print(t)
     ops = ", ".join(f"{k}={v}" for k, v in sorted(result["operations"].items())) or "none"
     su = result["setup"]

@@ -9,6 +9,8 @@ through the real gRPC Submit API with many concurrent clients.
 
 from __future__ import annotations
 
+from qlmserve.ui import console
+
 import argparse
 import asyncio
 import json
@@ -48,7 +50,6 @@ def cmd_bench_submit(args) -> int:
 
 
 async def _main(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from qlmserve.client import QlmClient, submit_request
@@ -99,7 +100,7 @@ async def _main(args) -> int:
     for r in rows:
         t.add_row(str(r["concurrency"]), str(r["requests"]), f"{r['seconds']:.2f}", f"{r['accepted_per_s']:.0f}",
                   f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}")
-    Console().print(t)
+    console().print(t)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     return 0
