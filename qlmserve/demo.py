@@ -36,9 +36,11 @@ class Outcome:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run QLM end to end on embedded defaults and print the results")
     p.add_argument("--data-dir", default="var/demo", help="models and the private Redis (default var/demo)")
-    p.add_argument("--requests", type=int, default=160, help="requests to replay (default 160)")
-    p.add_argument("--window", type=float, default=60.0, help="seconds over which they arrive (default 60)")
+    p.add_argument("--requests", type=int, default=200, help="requests to replay (default 200)")
+    p.add_argument("--window", type=float, default=40.0, help="seconds over which they arrive (default 40)")
     p.add_argument("--interactive-share", type=float, default=0.2, help="latency-sensitive fraction (default 0.2)")
+    p.add_argument("--prompt-scale", type=float, default=1 / 8, help="trace prompt lengths times this (default 1/8)")
+    p.add_argument("--output-scale", type=float, default=0.5, help="trace output lengths times this (default 0.5)")
     p.add_argument("--policy", help="policy YAML (default: the embedded default policy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -56,13 +58,12 @@ def _workload(args, policy):
     with resources.as_file(trace_file) as path:
         trace = load_azure_csv(path)
     models = sorted(policy.models)
-    # Replay the trace compressed into the window; lengths scaled to the tiny models
-    # (prompts /8, outputs /6) so that the 2-core machine is busy but not swamped.
+    # Replay the trace compressed into the window, lengths scaled to the tiny models.
     n = min(args.requests, len(trace.records))
     span = trace.head(n).span_s or 1.0
     spec = WorkloadSpec(class_mix={"interactive": args.interactive_share, "batch": 1 - args.interactive_share},
                         model_mix={m: 1.0 for m in models}, load=span / args.window, max_requests=n,
-                        prompt_scale=1 / 8, output_scale=1 / 6, min_output_tokens=4,
+                        prompt_scale=args.prompt_scale, output_scale=args.output_scale, min_output_tokens=4,
                         max_context={m: 320 for m in models}, seed=args.seed)
     return trace, build_workload(trace, spec)
 
@@ -124,7 +125,8 @@ async def run_demo(args) -> int:
         ops = _operations(rt)
         result = summarize(outcomes, policy, elapsed, ops)
         result["setup"] = {"trace": trace.name, "requests": len(work), "window_s": args.window,
-                           "interactive_share": args.interactive_share, "workers": 2, "models": models,
+                           "interactive_share": args.interactive_share, "prompt_scale": args.prompt_scale,
+                           "output_scale": args.output_scale, "workers": 2, "models": models,
                            "policy": policy.planner.policy, "seed": args.seed,
                            "total_wall_s": round(time.perf_counter() - t_start, 1)}
     finally:
