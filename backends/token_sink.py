@@ -28,7 +28,8 @@ class TokenSink:
         refused because they no longer run here under that attempt."""
         if not events:
             return set()
-        keys = [self.k.lengths, self.k.worker_running(self.worker_id), self.k.class_stats, self.k.unfinished]
+        keys = [self.k.lengths, self.k.worker_running(self.worker_id), self.k.class_stats, self.k.unfinished,
+                self.k.ttft_log]
         args: list[object] = [repr(time.time()), len(events), FINISHED_RETENTION_S]
         for ev, attempt, text in events:
             keys += [self.k.req(ev.request_id), self.k.ids(ev.request_id), self.k.stream(ev.request_id)]

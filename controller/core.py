@@ -92,6 +92,7 @@ class Controller:
         self.workers: dict[str, WorkerHandle] = {}
         self._sessions = 0
         self._meta: dict[str, _Meta] = {}
+        self._ttft_cursor: str | None = None  # last TTFT log entry put in the histogram
         self._wake = asyncio.Event()
         self._stopping = False
         self.tick_count = 0
@@ -260,6 +261,7 @@ class Controller:
         await self._load_meta(need)
         run_rids = [rid for r in running_by_worker.values() for rid in r]
         progress = await self._progress(run_rids)
+        await self._observe_ttfts()
 
         groups = []
         for g in records:
@@ -303,6 +305,12 @@ class Controller:
             if gid in q:
                 return q.index(gid)
         return 0
+
+    async def _observe_ttfts(self) -> None:
+        """First tokens logged by workers since the last tick, into the TTFT histogram."""
+        entries, self._ttft_cursor = await self.store.read_ttfts(self._ttft_cursor)
+        for cls, ttft in entries:
+            self.metrics.ttft.labels(cls).observe(max(0.0, ttft))
 
     async def _load_meta(self, rids: list[str]) -> None:
         if not rids:

@@ -68,5 +68,9 @@ class Keys:
         return f"{self.prefix}:seq:group"
 
     @property
+    def ttft_log(self) -> str:  # stream: (class, TTFT) of every first token, for metrics
+        return f"{self.prefix}:ttftlog"
+
+    @property
     def unfinished(self) -> str:  # set: ids of accepted requests not yet finished
         return f"{self.prefix}:unfinished"

@@ -44,8 +44,8 @@ return attempt
 
 # Tokens of one worker iteration, many requests at once (one round trip per iteration).
 # KEYS[1] - lengths hash, KEYS[2] - worker running hash, KEYS[3] - class stats hash,
-# KEYS[4] - unfinished set, then per event i (0-based): KEYS[5+3i] request hash,
-# KEYS[6+3i] ids string, KEYS[7+3i] stream
+# KEYS[4] - unfinished set, KEYS[5] - TTFT log stream (capped), then per event i (0-based):
+# KEYS[6+3i] request hash, KEYS[7+3i] ids string, KEYS[8+3i] stream
 # ARGV[1] - now, ARGV[2] - number of events, ARGV[3] - seconds to keep a finished request,
 # then per event 7 values: request id, attempt, index, token id, text, finished "1"/"0", reason
 # return the ids of requests whose events were refused because the request no longer runs
@@ -59,7 +59,7 @@ for i = 0, n - 1 do
   local a = 4 + i * 7
   local rid, attempt, index = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local tok, text, fin, reason = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-  local kreq, kids, kstream = KEYS[5 + i * 3], KEYS[6 + i * 3], KEYS[7 + i * 3]
+  local kreq, kids, kstream = KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3]
   local st = redis.call('HMGET', kreq, 'status', 'attempts', 'generated', 'model', 'slo_class',
                         'arrival', 'ttft_slo', 'first_token_at')
   if (st[1] == 'running' or st[1] == 'swapped') and st[2] == attempt and tonumber(st[3]) == index then
@@ -69,6 +69,7 @@ for i = 0, n - 1 do
     if (not first) or first == '' then
       first = now
       redis.call('HSET', kreq, 'first_token_at', now)
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'c', st[5], 't', tonumber(now) - tonumber(st[6]))
     end
     redis.call('XADD', kstream, '0-' .. (index + 1), 'i', index, 't', tok, 'x', text, 'f', fin, 'r', reason)
     if fin == '1' then

@@ -200,6 +200,15 @@ class RedisStore:
             out.setdefault(cls, {})[stat] = int(value)
         return out
 
+    async def read_ttfts(self, after_id: str | None) -> tuple[list[tuple[str, float]], str]:
+        """(class, TTFT) of first tokens logged after `after_id` (None: only from now on)."""
+        if after_id is None:
+            last = await self.r.xrevrange(self.k.ttft_log, count=1)
+            return [], last[0][0] if last else "0-0"
+        entries = await self.r.xrange(self.k.ttft_log, min=f"({after_id}", count=10_000)
+        out = [(f["c"], float(f["t"])) for _id, f in entries]
+        return out, entries[-1][0] if entries else after_id
+
     # ---- transitions ------------------------------------------------------------------
 
     async def assign(self, rid: str, group_id: str, wid: str, now: float) -> int:

@@ -45,7 +45,8 @@ async def test_submit_stream_done(cluster, redis_url: str, prefix: str):
     """This test verifies that:
     1. Generate streams every token of a request, in order, and ends with a finish reason;
     2. the request is finished in Redis with the same tokens the client received;
-    3. GetStatus reports it finished with its first-token time set."""
+    3. GetStatus reports it finished with its first-token time set;
+    4. its time to first token reaches the controller's Prometheus histogram."""
     rt, client, *_ = cluster
     res = await _generate(client, submit_request("sim-a", prompt="hello world", max_tokens=12, slo_class="interactive"))
     assert res.finish_reason in ("stop", "length")
@@ -59,6 +60,12 @@ async def test_submit_stream_done(cluster, redis_url: str, prefix: str):
     st = await client.status(res.request_id)
     assert st.status == "finished" and st.first_token_time >= st.arrival_time > 0
     assert st.generated_tokens == len(res.token_ids)
+
+    def ttft_count() -> float:
+        samples = [s for m in rt.controller.metrics.ttft.collect() for s in m.samples]
+        return sum(s.value for s in samples if s.name.endswith("_count") and s.labels["slo_class"] == "interactive")
+
+    await wait_until(lambda: ttft_count() == 1, timeout_s=5, what="the TTFT histogram")
 
 
 async def test_cancel(cluster):
