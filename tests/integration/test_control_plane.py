@@ -211,3 +211,26 @@ async def test_policy_reload_and_admin(cluster, tmp_path: Path):
     q = await client.queue()
     assert {k.slo_class for k in q.classes} >= {"interactive", "batch"}
     assert sum(k.finished for k in q.classes) >= 1
+
+
+async def test_admission_limit(redis_url: str, prefix: str, tmp_path: Path):
+    """This test verifies that:
+    1. past a class's max_queued, Submit answers RESOURCE_EXHAUSTED naming the class;
+    2. another class is still accepted, and the refused request is not enqueued."""
+    policy, _ = write_sim_files(tmp_path)
+    policy.write_text(policy.read_text().replace("batch: {ttft_s: 60.0, priority: 1}",
+                                                 "batch: {ttft_s: 60.0, priority: 1, admission: {max_queued: 2}}"))
+    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix)).start()
+    try:
+        async with QlmClient(rt.address) as client:
+            for _ in range(2):
+                await client.submit(submit_request("sim-a", prompt="x", slo_class="batch"))
+            await rt.controller.tick()  # no workers: both stay waiting
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await client.submit(submit_request("sim-a", prompt="x", slo_class="batch"))
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'batch'" in ei.value.details()
+            await client.submit(submit_request("sim-a", prompt="x", slo_class="interactive"))
+            q = await client.queue()
+            assert {k.slo_class: k.waiting for k in q.classes} == {"batch": 2, "interactive": 1}
+    finally:
+        await rt.stop()
