@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 BENCH_CHOICES = ("preemption", "throughput", "batching", "warm", "all")
@@ -52,7 +53,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from qlmserve.controller.policy import ModelSpec
 
     from .engine import HFEngine
-    from .profile import profile_engine
+    from .profile import ProfileOptions, profile_engine
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -60,9 +61,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     engine = HFEngine({"model": spec}, device=args.device, max_batch_size=args.max_batch_size,
                       initial_model="model")
     name = args.name or os.path.splitext(os.path.basename(args.out))[0]
-    result = profile_engine(engine, "model", name=name)
+    result = profile_engine(engine, "model", name=name, opts=ProfileOptions(clock=args.clock))
     engine.close()
     result.setup["model_kind"] = args.kind
+    result.setup["command"] = "qlm " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("qlm") else None
     path = result.write(args.out)
     table = Table(title=f"WorkerProfile {name} ({result.setup['device']}, {result.setup['architecture']})")
     table.add_column("field")
@@ -125,6 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="pass times: wall clock, or the engine thread's CPU time (CPU, --threads 1; "
+                        "for a machine shared with other jobs)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("bench-engine", help="benchmarks of the HF engine (preemption, throughput, batching, warm)")

@@ -60,6 +60,7 @@ class PassRecord:
     seconds: float
     pauses: int
     paused_s: float  # time the pass spent paused by expert-level preemption
+    cpu_seconds: float  # CPU time of the engine thread in the pass (see ForwardPass.cpu_s)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -375,7 +376,7 @@ class HFEngine(Engine):
         new = sum(p.new_tokens)
         ctx = sum(s.kv_len for s in p.seqs)
         self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses,
-                                        p.paused_s))
+                                        p.paused_s, p.cpu_s))
         if p.compute_s <= 0:
             return
         if p.is_prefill:

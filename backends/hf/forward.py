@@ -78,6 +78,10 @@ class ForwardPass:
         self.cursor = 0  # next stage: layer = cursor // 2, attention if even else MoE
         self.created = time.perf_counter()
         self.compute_s = 0.0  # time spent running stages (not paused)
+        # CPU time of the engine thread in those stages: with one torch thread on CPU all
+        # the math runs on this thread, so this is the pass's cost on an idle core even
+        # when other processes share the machine (the profiler can fit on it).
+        self.cpu_s = 0.0
         self.paused_s = 0.0  # total time spent paused (starvation bound)
         self.paused_at: float | None = None
         self.pauses = 0
@@ -151,13 +155,14 @@ class ForwardPass:
         if self.paused_at is not None:
             self.paused_s += time.perf_counter() - self.paused_at
             self.paused_at = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         ran = 0
         if self.rotary is None:
             self.rotary = self.model.model.rotary_emb(self.hidden, self.position_ids)
         while not self.done:
             if ran and self.preemptible and should_pause is not None and should_pause(self):
                 self.compute_s += time.perf_counter() - t0
+                self.cpu_s += time.thread_time() - c0
                 self.paused_at = time.perf_counter()
                 self.pauses += 1
                 return False
@@ -166,6 +171,7 @@ class ForwardPass:
         if self.hidden.is_cuda:
             torch.cuda.synchronize(self.hidden.device)  # so compute_s is the real pass time
         self.compute_s += time.perf_counter() - t0
+        self.cpu_s += time.thread_time() - c0
         return True
 
     def _run_stage(self) -> None:

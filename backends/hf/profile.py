@@ -13,6 +13,10 @@ What is measured, on the real engine (its own pass timings, `HFEngine.pass_log`)
     from a plain host-to-device copy of a large tensor, load_fixed_s is what a warm load
     takes beyond that copy, and the cold bandwidth is what remains of a cold load.
 
+Pass times are wall-clock, or (clock="cpu", CPU device with one torch thread) the engine
+thread's CPU time, which does not count the time other processes took the core.
+Swap and load times are always wall-clock (they wait on memory and disk, not the CPU).
+
 The YAML holds the fitted fields under `profile:` (what
 `qlmserve.operations.profiles.load_profile_file` reads), plus `setup:` and the raw
 `measurements:` so a fit can be checked or redone.
@@ -33,7 +37,7 @@ import yaml
 from qlmserve.backends.engine import EngineRequest
 from qlmserve.operations.costs import WorkerProfile
 
-from .engine import HFEngine
+from .engine import HFEngine, PassRecord
 from .weights import sync
 
 
@@ -46,6 +50,13 @@ class ProfileOptions:
     repeats: int = 3  # prefill / swap / load repetitions (median taken)
     swap_tokens: int = 256
     loads: int = 3
+    # "wall": pass wall time. "cpu": the engine thread's CPU time per pass, which is what
+    # the pass costs on an idle core; only meaningful on CPU with one torch thread, and
+    # the way to profile on a machine shared with other jobs.
+    clock: str = "wall"
+
+    def pass_time(self, record: PassRecord) -> float:
+        return record.cpu_seconds if self.clock == "cpu" else record.seconds
 
 
 @dataclass
@@ -92,7 +103,7 @@ def measure_prefill(engine: HFEngine, model: str, opts: ProfileOptions) -> list[
             engine.add_request(EngineRequest(f"prefill-{n}-{r}", model, _prompt(n, r), max_tokens=1))
             _run(engine)
             if r:  # the first run of each length warms allocator and kernels up
-                times.append(engine.pass_log[0].seconds)
+                times.append(opts.pass_time(engine.pass_log[0]))
         points.append((n, statistics.median(times)))
     return points
 
@@ -111,7 +122,7 @@ def measure_decode(engine: HFEngine, model: str, opts: ProfileOptions) -> list[t
             # One point per grid cell, its median: a shared machine's hiccups are outliers
             # that would pull a least-squares fit over raw passes.
             points.append((batch, int(statistics.median(p.context_tokens for p in decode)),
-                           statistics.median(p.seconds for p in decode)))
+                           statistics.median(opts.pass_time(p) for p in decode)))
     return points
 
 
@@ -162,6 +173,8 @@ def measure_loads(engine: HFEngine, model: str, opts: ProfileOptions) -> tuple[l
 
 def profile_engine(engine: HFEngine, model: str, *, name: str, opts: ProfileOptions | None = None) -> ProfileResult:
     opts = opts or ProfileOptions()
+    if opts.clock == "cpu" and (engine.device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("clock='cpu' needs the CPU device and torch.set_num_threads(1)")
     if engine.stats().active_model != model:
         engine.load_model(model)
     max_ctx = engine.models[model].max_context
@@ -207,6 +220,7 @@ def profile_engine(engine: HFEngine, model: str, *, name: str, opts: ProfileOpti
         "weight_bytes": weight_bytes,
         "max_batch_size": engine.max_batch_size,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pass_clock": opts.clock,
         # Other processes share the cores: a high load average means slower, noisier passes.
         "load_average_1m": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(),
