@@ -19,9 +19,10 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
                         kv_capacity_tokens=kv_capacity_tokens)
     if kind == "sim":
         from qlmserve.backends.sim_engine import OutputLengths, SimEngine, SimModel
-        from qlmserve.operations.costs import WorkerProfile, load_profile
+        from qlmserve.operations.costs import WorkerProfile
+        from qlmserve.operations.profiles import load_profile_file
 
-        profile = load_profile(sim_profile) if sim_profile else WorkerProfile()
+        profile = load_profile_file(sim_profile) if sim_profile else WorkerProfile()
         sim_models = [SimModel(name, weight_bytes=spec.weight_bytes or 0) for name, spec in models.items()]
         # A simulated request runs to its max_tokens: replayed traces set max_tokens to the
         # trace's true output length, so the fleet sees the real length distribution.

@@ -48,24 +48,3 @@ class WorkerProfile:
         """Time a request occupies one of `batch` slots: its prefill plus its decode steps."""
         return self.prefill_time(prompt_tokens) + output_tokens * self.decode_step_time(batch)
 
-
-def load_profile(path: str) -> WorkerProfile:
-    """A WorkerProfile from YAML: a mapping of its field names (unknown keys are errors).
-    A file may also hold several profiles under `profiles:`; then `path` is `FILE#NAME`."""
-    import dataclasses
-
-    import yaml
-
-    file, _, name = str(path).partition("#")
-    with open(file) as f:
-        data = yaml.safe_load(f) or {}
-    if name:
-        profiles = data.get("profiles", {})
-        if name not in profiles:
-            raise ValueError(f"{file}: no profile {name!r}; profiles: {sorted(profiles)}")
-        data = dict(profiles[name], name=name)
-    fields = {f.name for f in dataclasses.fields(WorkerProfile)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"{file}: unknown WorkerProfile fields {unknown}; valid: {sorted(fields)}")
-    return WorkerProfile(**data)
