@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qlmserve.yaml_config import parse_yaml_model
 
 OPERATION_NAMES = ("evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt")
 OperationName = Literal["evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt"]
@@ -132,51 +133,9 @@ class PolicyError(ValueError):
     """An invalid policy file; the message names the file, line and field."""
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """Walk the YAML node tree along a pydantic error location to find its line."""
-    line = None
-    for key in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            nxt = None
-            for k, v in node.value:
-                if k.value == key:
-                    line = k.start_mark.line + 1
-                    nxt = v
-                    break
-            node = nxt
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def parse_policy(text: str, source: str = "<string>", base_dir: Path | None = None) -> PolicyConfig:
     """Parse and validate policy YAML; raises PolicyError naming source, line and field."""
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise PolicyError(f"{where}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise PolicyError(f"{source}:1: the policy must be a mapping, got {type(data).__name__}")
-    try:
-        cfg = PolicyConfig.model_validate(data)
-    except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            line = _line_of(node, loc)
-            field = ".".join(str(p) for p in loc) or "<root>"
-            where = f"{source}:{line}" if line else source
-            msgs.append(f"{where}: field '{field}': {err['msg']}")
-        raise PolicyError("\n".join(msgs)) from None
+    cfg, _ = parse_yaml_model(text, PolicyConfig, source, PolicyError, what="the policy")
     if base_dir is not None:
         models = {}
         for name, spec in cfg.models.items():

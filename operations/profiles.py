@@ -14,9 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from pydantic import BaseModel, ConfigDict, Field
 from qlmserve.operations.costs import WorkerProfile
+
+from qlmserve.yaml_config import parse_yaml_model
 
 DEFAULT_GPU_PROFILES = Path(__file__).resolve().parent.parent / "configs" / "gpu_profiles.yaml"
 
@@ -137,15 +138,8 @@ class GpuProfileTable(_Strict):
 
 
 def parse_gpu_profiles(text: str, source: str = "<string>") -> GpuProfileTable:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{source}: invalid YAML: {exc}") from None
-    try:
-        return GpuProfileTable.model_validate(data)
-    except ValidationError as exc:
-        msgs = [f"{source}: field '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in exc.errors()]
-        raise ProfileError("\n".join(msgs)) from None
+    table, _ = parse_yaml_model(text, GpuProfileTable, source, ProfileError, what="a GPU profile table")
+    return table
 
 
 @lru_cache(maxsize=8)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qlmserve.backends.engine import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
@@ -24,6 +24,7 @@ from qlmserve.operations.profiles import (
     load_gpu_profiles,
     load_profile_file,
 )
+from qlmserve.yaml_config import field_error, parse_yaml_model
 
 GIB = 1 << 30
 
@@ -147,47 +148,9 @@ class Fleet:
         return out
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    line = None
-    for key in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            nxt = None
-            for k, v in node.value:
-                if k.value == key:
-                    line, nxt = k.start_mark.line + 1, v
-                    break
-            node = nxt
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def parse_fleet(text: str, source: str = "<string>", base_dir: Path | None = None,
                 profiles: GpuProfileTable | None = None) -> Fleet:
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise FleetError(f"{source}:{mark.line + 1 if mark else 1}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise FleetError(f"{source}:1: a fleet must be a mapping, got {type(data).__name__}")
-    try:
-        cfg = FleetConfig.model_validate(data)
-    except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            line = _line_of(node, loc)
-            where = f"{source}:{line}" if line else source
-            msgs.append(f"{where}: field '{'.'.join(str(p) for p in loc) or '<root>'}': {err['msg']}")
-        raise FleetError("\n".join(msgs)) from None
+    cfg, node = parse_yaml_model(text, FleetConfig, source, FleetError, what="a fleet")
     return build_fleet(cfg, source=source, base_dir=base_dir, profiles=profiles, node=node)
 
 
@@ -196,9 +159,7 @@ def build_fleet(cfg: FleetConfig, source: str = "<config>", base_dir: Path | Non
     base_dir = base_dir or Path.cwd()
 
     def fail(loc: tuple, msg: str) -> FleetError:
-        line = _line_of(node, loc)
-        where = f"{source}:{line}" if line else source
-        return FleetError(f"{where}: field '{'.'.join(str(p) for p in loc)}': {msg}")
+        return FleetError(field_error(source, node, loc, msg))
 
     if profiles is None:
         path = (base_dir / cfg.gpu_profiles) if cfg.gpu_profiles else None
