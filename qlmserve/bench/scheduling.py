@@ -52,6 +52,7 @@ class Job:
     output_mean: float
     output_std: float
     drain_s: float | None
+    charge_solve_time: bool = False
 
 
 @lru_cache(maxsize=4)
@@ -106,7 +107,7 @@ def run_job(job: Job) -> dict:
     wl = scenario_workload(sc, trace, job.multiplier, job.window_s, job.seed)
     cfg = sc.policy(job.policy, job.operations, job.output_mean, job.output_std, job.tick_ms)
     res = Simulation(cfg, sc.fleet(job.workers), wl, policy_name=job.policy,
-                     options=SimOptions(drain_s=job.drain_s)).run()
+                     options=SimOptions(drain_s=job.drain_s, charge_solve_time=job.charge_solve_time)).run()
     s = summarize(res)
     s["ops_used"] = ops_used(s)
     s.update(scenario=job.scenario, operations=job.operations, load=job.load, multiplier=job.multiplier)
@@ -285,7 +286,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         for p in policies:
             for ops in ops_modes:
                 jobs.append(Job(sc.key, str(trace_path), p, ops, ld, mult, workers, window, args.seed, args.tick_ms,
-                                out_mean, out_std, args.drain))
+                                out_mean, out_std, args.drain, args.charge_solve_time))
     task = progress.add_task(f"[{sc.key}] {len(jobs)} runs", total=len(jobs))
     runs: list[dict] = []
     t0 = time.perf_counter()
@@ -297,12 +298,14 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
                 runs.append(fut.result())
                 progress.update(task, advance=1, description=f"[{sc.key}] done {j.policy} ops={j.operations} "
                                                              f"load={j.load:.2f}")
+                _log_run(console, runs[-1], len(runs), len(jobs))
     else:
         for j in jobs:
             progress.update(task, description=f"[{sc.key}] {j.policy} ops={'on' if j.operations else 'off'} "
                                               f"load={j.load:.2f}")
             runs.append(run_job(j))
             progress.update(task, advance=1)
+            _log_run(console, runs[-1], len(runs), len(jobs))
     sample = scenario_workload(sc, trace, loads[0] * cap["req_s"] / trace.rate, window, args.seed)
     setup = {
         "scenario": sc.key, "title": sc.title, "notes": sc.notes,
@@ -311,6 +314,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "fleet": sc.fleet(workers).describe(), "workers": workers, "max_batch_size": sc.max_batch_size,
         "classes": sc.classes, "class_mix": sc.class_mix, "model_mix": sc.model_mix,
         "window_s": window, "seed": args.seed, "tick_interval_ms": args.tick_ms,
+        "planner_time_charged": args.charge_solve_time,
         "load_method": "arrival times of the trace divided by a rate multiplier; the scaled trace replayed back to "
                        "back over the window; load = offered output tokens/s / measured capacity",
         "drain": "every run continues after the window until all requests finish"
@@ -325,6 +329,15 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
                    "TTFT percentiles count unserved requests at their wait when the run ended.",
     }
     return {"setup": setup, "runs": runs, "targets": evaluate_targets(sc, runs)}
+
+
+def _log_run(console, s: dict, done: int, total: int) -> None:
+    """One line per finished run when the output is not a terminal (logs show progress)."""
+    if console.is_terminal:
+        return
+    console.print(f"[{done}/{total}] scenario {s['scenario']} load {s['load']:.2f} {s['policy']} "
+                  f"ops={'on' if s['operations'] else 'off'}: SLO {100 * s['attainment']:.1f}% "
+                  f"({s['requests']} requests, {s['sim_wall_s']:.0f} s wall)")
 
 
 def print_setup(console, setup: dict) -> None:
@@ -417,7 +430,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             last[0] = time.perf_counter()
             console.print(f"  sim t={now:.0f}s finished {done}/{total} wall {last[0] - t0:.0f}s")
 
-    res = Simulation(cfg, fleet, wl, policy_name=args.policy, options=SimOptions(progress=progress)).run()
+    res = Simulation(cfg, fleet, wl, policy_name=args.policy,
+                     options=SimOptions(progress=progress, charge_solve_time=args.charge_solve_time)).run()
     s = summarize(res)
     s["ops_used"] = ops_used(s)
     console.print_json(json.dumps(s, default=_round))
@@ -444,6 +458,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tick-ms", type=float, default=100.0, help="controller tick interval (default 100)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    p.add_argument("--charge-solve-time", action="store_true",
+                   help="apply each plan after the planner's measured wall time (results then depend on the machine)")
     p.add_argument("--out", default="out/bench", help="folder for JSON and PNG (default out/bench)")
     p.add_argument("--quick", action="store_true", help="short window and three loads")
     p.set_defaults(func=cmd_bench)
@@ -462,6 +478,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tick-ms", type=float, default=100.0)
     s.add_argument("--json", help="write the summary here")
+    s.add_argument("--charge-solve-time", action="store_true")
     s.set_defaults(func=cmd_sim)
     for name in BENCH_MODULES:
         try:
