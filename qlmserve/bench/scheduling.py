@@ -412,7 +412,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     else:
         sc = SCENARIOS[args.scenario]
         out = np.array([min(r.output_tokens, 4096) for r in trace.records], dtype=float)
-        cfg = sc.policy(args.policy, args.ops == "on", float(out.mean()), float(out.std()), args.tick_ms,
+        registered = args.policy if args.policy in policy_names() else "fcfs"
+        cfg = sc.policy(registered, args.ops == "on", float(out.mean()), float(out.std()), args.tick_ms,
                         models=fleet.models)
     if args.class_mix:
         class_mix = {k: float(v) for k, _, v in (x.partition("=") for x in _csv(args.class_mix))}
@@ -430,7 +431,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
             last[0] = time.perf_counter()
             console.print(f"  sim t={now:.0f}s finished {done}/{total} wall {last[0] - t0:.0f}s")
 
-    res = Simulation(cfg, fleet, wl, policy_name=args.policy,
+    scheduler = None
+    if args.policy == "least-queued":  # the simulator's own trivial policy (no estimator)
+        from qlmserve.sim.trivial import LeastQueuedPolicy
+
+        scheduler = LeastQueuedPolicy(cfg)
+    res = Simulation(cfg, fleet, wl, policy_name=args.policy, scheduler=scheduler,
                      options=SimOptions(progress=progress, charge_solve_time=args.charge_solve_time)).run()
     s = summarize(res)
     s["ops_used"] = ops_used(s)
@@ -468,7 +474,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--fleet", default="configs/fleet-64xA100.yaml")
     s.add_argument("--trace", default="azure2023_conv.csv")
     s.add_argument("--traces-dir")
-    s.add_argument("--policy", default="edf")
+    s.add_argument("--policy", default="edf", help="a registered policy, or least-queued (the simulator's "
+                                                   "trivial policy, to time the simulator alone)")
     s.add_argument("--policy-file", help="policy YAML (default: the scenario's classes and models)")
     s.add_argument("--scenario", default="a", help="scenario whose classes the policy uses (default a)")
     s.add_argument("--class-mix", help="e.g. interactive=1,batch-1=1,batch-2=1 (default: equal)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import LengthLearner
 from qlmserve.controller.grouping import OpenGroup, choose_group
-from qlmserve.controller.policies import create_policy
+from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, MoveGroup, Operation
@@ -109,12 +109,19 @@ class Simulation:
     """Replays a workload through a policy on a simulated fleet. `run()` once."""
 
     def __init__(self, policy: PolicyConfig, fleet: Fleet, workload: Sequence[WorkloadRequest], *,
-                 policy_name: str | None = None, options: SimOptions | None = None) -> None:
+                 policy_name: str | None = None, options: SimOptions | None = None,
+                 scheduler: SchedulingPolicy | None = None) -> None:
+        """`policy_name` (default: the policy file's) picks a registered policy; `scheduler`
+        injects a policy object instead (tests, the simulator's own scale check)."""
         self.cfg = policy
         self.fleet = fleet
         self.options = options or SimOptions()
-        self.policy_name = policy_name or policy.planner.policy
-        self.scheduler = create_policy(self.policy_name, policy)
+        if scheduler is not None:
+            self.scheduler = scheduler
+            self.policy_name = scheduler.name
+        else:
+            self.policy_name = policy_name or policy.planner.policy
+            self.scheduler = create_policy(self.policy_name, policy)
         self.clock = EventClock()
         self.tick_s = self.options.tick_interval_s or policy.tick_interval_ms / 1000.0
         self.workers: dict[str, SimWorker] = {

@@ -245,3 +245,21 @@ def test_simulation_is_deterministic_and_serves_everything():
     assert all(r[3] is not None for r in rows1)
     assert s1["ops"].get("load_model", 0) >= 1
     assert "edf" in s1["plan_sources"]
+
+
+def test_injected_scheduler_and_solve_time_charge():
+    """This test verifies that:
+    1. a policy object can be injected instead of a registry name (the simulator's trivial policy);
+    2. with the planner's time charged, plans apply later but every request is still served."""
+    from qlmserve.sim.trivial import LeastQueuedPolicy
+
+    cfg = PolicyConfig.model_validate({**POLICY, "planner": {"policy": "fcfs", "operations": []}})
+    fleet = uniform_fleet(2, "A100-80GB", ["llama-2-7b", "mistral-7b"], initial_models=["llama-2-7b", "mistral-7b"])
+    wl = build_workload(load_trace(BUNDLED_AZURE_SLICE).head(200), WorkloadSpec(
+        class_mix={"interactive": 0.3, "batch": 0.7}, model_mix={"llama-2-7b": 0.5, "mistral-7b": 0.5},
+        load=4.0, max_context={"llama-2-7b": 4096, "mistral-7b": 4096}, seed=1))
+    res = Simulation(cfg, fleet, wl, scheduler=LeastQueuedPolicy(cfg)).run()
+    assert res.policy == "least-queued" and all(r.finished_at is not None for r in res.requests)
+    assert res.plan_sources.get("least-queued", 0) > 0
+    charged = Simulation(cfg, fleet, wl, options=SimOptions(charge_solve_time=True)).run()
+    assert all(r.finished_at is not None for r in charged.requests)
