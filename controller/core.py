@@ -97,6 +97,7 @@ class Controller:
         self._stopping = False
         self.tick_count = 0
         self.last_plan: Plan = Plan.make_empty()
+        self._solved_plan: Plan | None = None  # the last plan the policy solved (kept plans reuse it)
         self.last_snapshot: ClusterSnapshot | None = None
         self._started_at = self.clock.now()
         self._set_policy(policy)
@@ -120,6 +121,7 @@ class Controller:
         tokenizers = TokenizerCache(policy.models)
         await asyncio.to_thread(tokenizers.load_all)
         self.policy, self.scheduler, self.tokenizers = policy, scheduler, tokenizers
+        self._solved_plan = None  # the new policy plans from scratch
         self._wake.set()
 
     def slo_of(self, name: str) -> SloClass | None:
@@ -352,10 +354,11 @@ class Controller:
 
     async def plan(self, snapshot: ClusterSnapshot) -> Plan:
         if not snapshot.groups and not any(w.running for w in snapshot.workers):
-            plan = Plan(source="idle")
-        else:
-            plan = await asyncio.to_thread(self.scheduler.solve, snapshot)
-        self.metrics.solve_seconds.labels(plan.source).observe(plan.solve_time_s)
+            return Plan(source="idle")
+        plan, solved = await asyncio.to_thread(self.scheduler.next_plan, snapshot, self._solved_plan)
+        if solved:
+            self._solved_plan = plan
+            self.metrics.solve_seconds.labels(plan.source).observe(plan.solve_time_s)
         return plan
 
     async def apply(self, plan: Plan, snapshot: ClusterSnapshot) -> None:

@@ -23,6 +23,19 @@ class SchedulingPolicy(ABC):
     def solve(self, snapshot: ClusterSnapshot) -> Plan:
         """Return the virtual queues and the operations to carry out now."""
 
+    def needs_replan(self, snapshot: ClusterSnapshot, last_plan: Plan) -> bool:
+        """Whether this tick must solve, or `last_plan`'s queues still hold. A policy that can
+        tell (QLM's estimator predicts no new violation) saves the solve; by default, solve."""
+        return True
+
+    def next_plan(self, snapshot: ClusterSnapshot, last_solved: Plan | None) -> tuple[Plan, bool]:
+        """The plan of this tick and whether it was solved: a fresh solve, or the last solved
+        plan's queues kept (source "kept", no operations: those were carried out already)."""
+        if last_solved is not None and not self.needs_replan(snapshot, last_solved):
+            return Plan(virtual_queues=last_solved.virtual_queues, source="kept",
+                        predicted_attainment=last_solved.predicted_attainment), False
+        return self.solve(snapshot), True
+
     def operation_enabled(self, name: str) -> bool:
         """Whether the policy file allows an operation (evict, kv_swap, model_swap, ...)."""
         return name in self.config.planner.operations

@@ -277,18 +277,13 @@ class Simulation:
             wall = 0.0
         else:
             t0 = time.perf_counter()
-            # A policy that can tell when its last plan still holds (QLM's needs_replan) is
-            # asked first; the kept plan's queues are dispatched again, its operations not.
-            needs = getattr(self.scheduler, "needs_replan", None)
-            solved = self._solved_plan
-            if needs is not None and solved is not None and not needs(snap, solved):
-                plan = Plan(virtual_queues=solved.virtual_queues, source="kept",
-                            predicted_attainment=solved.predicted_attainment)
-                self.kept_ticks += 1
-            else:
-                plan = self.scheduler.solve(snap)
+            # A kept plan's queues are dispatched again, its operations not (SchedulingPolicy.next_plan).
+            plan, solved = self.scheduler.next_plan(snap, self._solved_plan)
+            if solved:
                 self._solved_plan = plan
                 self.solve_times.append(time.perf_counter() - t0)
+            else:
+                self.kept_ticks += 1
             wall = time.perf_counter() - t0
             self.planner_wall_s += wall
         self.plan_sources[plan.source] += 1
