@@ -42,13 +42,16 @@ class KVView:
     def __init__(self, kv: PagedKVCache, read_slots: torch.Tensor, write_slots: torch.Tensor,
                  write_rows: torch.Tensor | None) -> None:
         self.kv = kv
-        self.read_slots = read_slots  # [B, context] slot of each key position (padding -> any slot)
+        self.batch, self.context = int(read_slots.shape[0]), int(read_slots.shape[1])
+        # Flat, so that one index_select per layer gathers keys and values of every row
+        # (advanced indexing with a [B, context] index is ~5x slower on CPU).
+        self.read_slots = read_slots.reshape(-1)  # [B * context] (padding -> any slot)
         self.write_slots = write_slots  # [N] slots of the pass's valid new tokens
         self.write_rows = write_rows  # [B, T] bool of valid new tokens; None when no padding
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        pool = self.kv.pool[layer_idx]
+        pool = self.kv.pool[layer_idx]  # [2, slots, kv_heads, head_dim]
         k = key_states.transpose(1, 2)  # [B, T, kvh, D]
         v = value_states.transpose(1, 2)
         if self.write_rows is None:
@@ -57,10 +60,12 @@ class KVView:
             k, v = k[self.write_rows], v[self.write_rows]
         pool[0].index_copy_(0, self.write_slots, k.to(pool.dtype))
         pool[1].index_copy_(0, self.write_slots, v.to(pool.dtype))
-        return pool[0][self.read_slots].transpose(1, 2), pool[1][self.read_slots].transpose(1, 2)
+        both = pool.index_select(1, self.read_slots)  # [2, B * context, kvh, D]
+        both = both.view(2, self.batch, self.context, *both.shape[2:]).transpose(2, 3)
+        return both[0], both[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.read_slots.shape[1])
+        return self.context
 
 
 class ForwardPass:
@@ -93,43 +98,61 @@ class ForwardPass:
             kv.ensure(seq.id, seq.num_tokens)
         self.seqs = list(seqs)
         self._prepare()
-        ids = torch.zeros((len(seqs), self.t_max), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            pending = seq.pending
-            ids[row, : len(pending)] = torch.tensor(pending, dtype=torch.long)
+        t_max = self.t_max
+        # One tensor from one padded list (no per-row tensor copies).
+        rows = [pending + [0] * (t_max - len(pending)) for pending in (seq.pending for seq in seqs)]
+        ids = torch.tensor(rows, dtype=torch.long)
         self.hidden = model.model.embed_tokens(ids.to(device))
 
     # -- metadata (rebuilt when sequences leave or join mid-pass) ---------------------------
 
     def _prepare(self) -> None:
+        """Positions, KV slots and the attention mask of the current member sequences.
+
+        Built with a handful of whole-batch tensor ops from plain Python lists (no
+        per-sequence tensors): this runs once per pass, i.e. once per decode step."""
         device = self.kv.device
         seqs = self.seqs
-        self.new_tokens = [seq.num_tokens - seq.kv_len for seq in seqs]
-        self.t_max = max(self.new_tokens)
-        past = torch.tensor([seq.kv_len for seq in seqs], dtype=torch.long)
-        total = torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.long)
-        ctx = int(total.max())
-        t = torch.arange(self.t_max, dtype=torch.long)
+        past_l = [seq.kv_len for seq in seqs]
+        total_l = [seq.num_tokens for seq in seqs]
+        self.new_tokens = [t - p for t, p in zip(total_l, past_l, strict=True)]
+        self.t_max = t_max = max(self.new_tokens)
+        ctx = max(total_l)
+        same_total = min(total_l) == ctx
+        past = torch.tensor(past_l, dtype=torch.long)
+        t = torch.arange(t_max, dtype=torch.long)
         positions = past[:, None] + t[None, :]  # [B, T]
-        valid = t[None, :] < (total - past)[:, None]
-        # Query t of a sequence sees keys 0..its own position; a padding query sees its
-        # whole context (it must see something, or SDPA returns NaN for the row).
-        last_visible = torch.minimum(positions, (total - 1)[:, None])
+        # Block tables padded to one width: a padding key position maps to some slot of
+        # the row's first block; the mask hides it (or the row has no padding at all).
+        bs = self.kv.block_size
+        tables = [self.kv.table(seq.id) for seq in seqs]
+        width = -(-ctx // bs)
+        table = torch.tensor([tb[:width] + [tb[0]] * (width - len(tb)) for tb in tables], dtype=torch.long)
         keys = torch.arange(ctx, dtype=torch.long)
-        mask = keys[None, None, :] <= last_visible[:, :, None]  # [B, T, ctx]
-        read = torch.zeros((len(seqs), ctx), dtype=torch.long)
-        writes = []
-        for row, seq in enumerate(seqs):
-            slots = self.kv.slots(seq.id, 0, seq.num_tokens)
-            read[row, : seq.num_tokens] = slots
-            writes.append(slots[seq.kv_len :])
-        padded = not bool(valid.all())
+        read = table[:, keys // bs] * bs + keys % bs  # [B, ctx] slot of every key position
+        padded = min(self.new_tokens) != t_max
+        if padded:
+            total = torch.tensor(total_l, dtype=torch.long)
+            valid = t[None, :] < (total - past)[:, None]  # [B, T]
+            write = read.gather(1, positions.clamp(max=ctx - 1))[valid]
+        else:
+            valid = None
+            write = read.gather(1, positions).reshape(-1)
+        # No mask where SDPA's own mask-free path is exactly right, as in HF generate():
+        # decode rows that all attend over the same context length (full attention), or a
+        # prefill from position 0 with no padding (is_causal; aligned because q == kv length).
+        no_mask = (t_max == 1 and same_total) or (not padded and same_total and max(past_l) == 0)
+        if no_mask:
+            self.mask = None
+        else:
+            total = torch.tensor(total_l, dtype=torch.long)
+            # Query t of a sequence sees keys 0..its own position; a padding query sees its
+            # whole context (it must see something, or SDPA returns NaN for the row).
+            last_visible = torch.minimum(positions, (total - 1)[:, None])
+            self.mask = (keys[None, None, :] <= last_visible[:, :, None])[:, None].to(device)  # [B, 1, T, ctx]
         self.position_ids = positions.to(device)
-        # A single sequence needs no mask: SDPA's causal path (prefill) or full attention
-        # over its own context (decode) is exactly right, and matches HF generate().
-        self.mask = None if len(seqs) == 1 else mask[:, None].to(device)
-        self.view = KVView(self.kv, read.to(device), torch.cat(writes).to(device),
-                           valid.to(device) if padded else None)
+        self.view = KVView(self.kv, read.to(device), write.to(device),
+                           valid.to(device) if valid is not None else None)
         self.last_index = torch.tensor([n - 1 for n in self.new_tokens], dtype=torch.long, device=device)
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -108,6 +108,10 @@ class PagedKVCache:
             table.append(self._free.pop())
         return table
 
+    def table(self, seq_id: str) -> list[int]:
+        """The sequence's block ids in position order (the live list: do not modify)."""
+        return self._tables[seq_id]
+
     def slots(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """Flat slot ids of positions [start, end) of a sequence (a CPU tensor)."""
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)

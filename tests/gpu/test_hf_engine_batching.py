@@ -56,6 +56,40 @@ def test_other_families_smoke(tiny_models, device, kind):
         assert got[r.request_id] == reference_tokens(tiny_models[kind], device, r)
 
 
+def test_mask_free_paths_match_generate(tiny_models, device):
+    """This test verifies that: 1. a batch of equal-length prompts is prefilled without an
+    attention mask (SDPA's causal path) and decoded without one while every row attends
+    over the same context length; 2. once a request of another length joins, its passes
+    carry a mask again; 3. every request still equals HF generate() for it alone."""
+    folder = tiny_models["mixtral"]
+    engine = make_engine({"m": ("mixtral", folder)}, device)
+    same = [EngineRequest(f"s{i}", "m", r.prompt_token_ids[:12], max_tokens=8)
+            for i, r in enumerate(make_requests(3, min_prompt=12, max_prompt=30, seed=11))]
+    late = EngineRequest("late", "m", make_requests(1, min_prompt=5, max_prompt=5, seed=12)[0].prompt_token_ids,
+                         max_tokens=6)
+    masks: list[tuple[int, int, bool]] = []  # (rows, query length, mask given)
+
+    def spy(module, args, kwargs):  # noqa: ANN001, ANN202
+        hidden = kwargs["hidden_states"]
+        masks.append((int(hidden.shape[0]), int(hidden.shape[1]), kwargs["attention_mask"] is not None))
+
+    engine.model.model.layers[0].self_attn.register_forward_pre_hook(spy, with_kwargs=True)
+    for r in same:
+        engine.add_request(r)
+
+    def join_late(step: int) -> None:
+        if step == 3:
+            engine.add_request(late)
+
+    events = tokens_of(run_until_idle(engine, on_step=join_late))
+    assert masks[0] == (3, 12, False)  # equal-length prefill from position 0: no mask
+    assert masks[1] == (3, 1, False) and masks[2] == (3, 1, False)  # equal contexts: no mask
+    assert (1, 5, False) in masks  # the late prompt alone: causal, no mask
+    assert (4, 1, True) in masks  # decode rows with different contexts: masked
+    for r in [*same, late]:
+        assert events[r.request_id] == reference_tokens(folder, device, r), r.request_id
+
+
 def test_stop_tokens_and_continuation(tiny_models, device):
     """This test verifies that: 1. a request stops right after the first token that is in
     its stop_token_ids, with reason STOP; 2. a requeued request continues after its
