@@ -61,6 +61,10 @@ class PassRecord:
     pauses: int
     paused_s: float  # time the pass spent paused by expert-level preemption
     cpu_seconds: float  # CPU time of the engine thread in the pass (see ForwardPass.cpu_s)
+    ls_rows: int = 0  # latency-sensitive sequences among `batch`
+    # An LS decode run over the layers below a paused BE pass before it merged into it
+    # (EXPERT): part of a pass, not a whole one, so fits of whole passes leave it out.
+    catch_up: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -273,6 +277,7 @@ class HFEngine(Engine):
         finished = catch_up.run(lambda p: p.cursor >= target)
         if finished:  # cannot happen: target < num_stages for a paused pass
             raise RuntimeError("catch-up pass ran past the paused stage")
+        self._record(catch_up, catch_up=True)
         paused.merge(catch_up)
 
     # ------------------------------------------------------------------ admission
@@ -372,12 +377,13 @@ class HFEngine(Engine):
             events.append(event)
         return events
 
-    def _record(self, p: ForwardPass) -> None:
+    def _record(self, p: ForwardPass, *, catch_up: bool = False) -> None:
         new = sum(p.new_tokens)
         ctx = sum(s.kv_len for s in p.seqs)
+        ls_rows = sum(1 for s in p.seqs if s.latency_sensitive)
         self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses,
-                                        p.paused_s, p.cpu_s))
-        if p.compute_s <= 0:
+                                        p.paused_s, p.cpu_s, ls_rows, catch_up))
+        if p.compute_s <= 0 or catch_up:
             return
         if p.is_prefill:
             self._prefill_tps += _EMA * (new / p.compute_s - self._prefill_tps)

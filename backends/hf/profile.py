@@ -118,7 +118,8 @@ def measure_decode(engine: HFEngine, model: str, opts: ProfileOptions) -> list[t
                     EngineRequest(f"dec-{ctx}-{batch}-{i}", model, _prompt(ctx, i), max_tokens=opts.decode_steps + 2)
                 )
             _run(engine)
-            decode = [p for p in engine.pass_log if not p.prefill and p.batch == batch][1:]  # [0]: warm-up
+            decode = [p for p in engine.pass_log
+                      if not p.prefill and not p.catch_up and p.batch == batch][1:]  # [0]: warm-up
             # One point per grid cell, its median: a shared machine's hiccups are outliers
             # that would pull a least-squares fit over raw passes.
             points.append((batch, int(statistics.median(p.context_tokens for p in decode)),

@@ -59,7 +59,8 @@ def test_expert_preemption_is_exact_and_recomputes_nothing(tiny_models, device, 
     request's first token and no BE token; 3. the next step lets the LS decode join the
     paused batch and resumes it where it stopped: the BE rows go through the lower layers
     exactly once (no recomputation) and the upper layers once, merged with the LS row;
-    4. every request's tokens equal HF generate() for it alone."""
+    4. the pass log records the LS catch-up as a part pass of its own and the merged pass
+    with its LS row; 5. every request's tokens equal HF generate() for it alone."""
     folder = tiny_models[kind]
     engine = make_engine({"m": (kind, folder)}, device, preemption=PreemptionMode.EXPERT)
     be = make_requests(3, max_tokens=8, seed=20)
@@ -84,6 +85,11 @@ def test_expert_preemption_is_exact_and_recomputes_nothing(tiny_models, device, 
     assert engine.paused_stage is None
     # LS catch-up ran the bottom alone; BE rows did not pass layer 0 again; top merged.
     assert bottom.calls == [3, 1, 1] and top.calls == [1, 4]
+    # The pass log tells the catch-up (a part of a pass) from the merged whole pass.
+    catch_up = [rec for rec in engine.pass_log if rec.catch_up]
+    assert [(rec.batch, rec.ls_rows, rec.prefill) for rec in catch_up] == [(1, 1, False)]
+    merged = engine.pass_log[-1]
+    assert (merged.batch, merged.ls_rows, merged.pauses, merged.catch_up) == (4, 1, 1, False)
 
     got_rest = tokens_of(run_until_idle(engine))
     for r in [*be, ls]:
