@@ -96,7 +96,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         from qlmserve.bench.engine import main as run_engine
 
         opts = EngineBenchOptions(kind=args.kind, model_root=args.model_root, device=args.device,
-                                  threads=args.threads, seed=args.seed)
+                                  threads=args.threads, seed=args.seed, reps=args.reps)
         out = args.json if len(which) == len(rest) else (args.json and args.json.replace(".json", "-engine.json"))
         run_engine(rest, opts, out)
     return 0
@@ -147,4 +147,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--be-backlog", type=int, default=8, help="preemption/backlog: BE requests waiting beyond the batch")
     p.add_argument("--load", type=float, default=1.3, help="preemption/open: arrival rate / calibrated capacity")
     p.add_argument("--max-pause", type=float, default=2.0, help="preemption: max_pause_s of EXPERT mode")
+    p.add_argument("--reps", type=int, default=3, help="throughput: engine / generate() runs, interleaved")
     p.set_defaults(func=cmd_bench_engine)

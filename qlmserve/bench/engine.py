@@ -2,8 +2,10 @@
 
 - throughput: decode tokens/s of HFEngine at batch 16 against `model.generate()` on the
   same 16 prompts (equal lengths, so generate pads nothing), same model, same threads.
-  Both produce `max_tokens` tokens per sequence; the engine's count is what it actually
-  emitted (a sequence may stop early at eos; generate is held to min_new_tokens).
+  The prompts are chosen so that no greedy continuation reaches eos within max_tokens:
+  both then produce exactly `max_tokens` tokens per sequence at a full batch (the same
+  work). Engine and generate() runs alternate `reps` times; tokens per wall second and
+  per CPU second of the (single) engine thread, medians of the per-run ratios.
 - batching: continuous vs static batching on a slice of the Azure conversation trace
   (lengths scaled to the tiny model: prompt / 8 in [4, 256], output / 4 in [4, 128]),
   offline (every request available at t=0), batch 16. Static = the classic loop: take
@@ -53,6 +55,7 @@ class EngineBenchOptions:
     trace: str = "azure2023_conv.csv"
     trace_requests: int = 64
     loads: int = 3
+    reps: int = 3  # throughput: engine / generate() runs, interleaved
 
 
 def _drain(engine) -> None:
@@ -60,22 +63,58 @@ def _drain(engine) -> None:
         engine.step()
 
 
+@dataclass
+class _Timed:
+    """Wall and engine-thread CPU seconds of one measured piece of work."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    def add(self, wall: float, cpu: float) -> None:
+        self.wall_s += wall
+        self.cpu_s += cpu
+
+
+def _full_length_prompts(engine, opts: EngineBenchOptions) -> list[list[int]]:
+    """`batch` prompts whose greedy continuation reaches no stop token within max_tokens.
+
+    The engine stops a sequence at eos, generate() with min_new_tokens does not: with
+    prompts that stop early the engine would run smaller batches for the same number of
+    steps (a decode step costs nearly the same at batch 13 as at 16, it is bound by
+    reading the expert weights), and the two would not do the same work. The check is
+    generate()'s own greedy output without min_new_tokens (eos at its natural place)."""
+    model = engine.model
+    eos = model.generation_config.eos_token_id
+    stop = set([eos] if isinstance(eos, int) else (eos or []))
+    chosen: list[list[int]] = []
+    salt = 0
+    while len(chosen) < opts.batch:
+        if salt > 64 * opts.batch:
+            raise RuntimeError("no prompts whose greedy output avoids eos; lower --max-tokens")
+        cands = [prompt_ids(opts.prompt_len, salt + i) for i in range(opts.batch)]
+        salt += opts.batch
+        ids = torch.tensor(cands, device=engine.device)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=opts.max_tokens,
+                                 do_sample=False, pad_token_id=0)
+        for prompt, row in zip(cands, out[:, ids.shape[1]:].tolist(), strict=True):
+            if len(row) == opts.max_tokens and not stop.intersection(row) and len(chosen) < opts.batch:
+                chosen.append(prompt)
+    return chosen
+
+
 def bench_throughput(opts: EngineBenchOptions, path: Path) -> dict:
+    """Engine vs generate() on the same batch, the same prompts, the same token count.
+
+    Repeated `reps` times with engine and generate() runs interleaved, so that a busy
+    spell of a shared machine falls on both. Each run is timed on the wall clock and on
+    this thread's CPU clock: with one torch thread all the model math runs here, so the
+    CPU time is what the work cost on a core of its own. Decode = everything after the
+    first token: for the engine the step() calls that ran only decode passes (passes,
+    metadata, sampling, bookkeeping: all of step()), for generate() a full run minus a
+    1-token run (its prefill and set-up)."""
     engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.batch)
-    prompts = [prompt_ids(opts.prompt_len, i) for i in range(opts.batch)]
-    for i in range(2):  # warm-up
-        engine.add_request(EngineRequest(f"w{i}", "bench", prompts[i], max_tokens=4))
-    _drain(engine)
-    engine.pass_log.clear()
-    emitted = 0
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(EngineRequest(f"r{i}", "bench", p, max_tokens=opts.max_tokens))
-    while engine.has_work():
-        emitted += len(engine.step())
-    engine_s = time.perf_counter() - t0
-    decode = [p for p in engine.pass_log if not p.prefill]
-    engine_decode_tps = sum(p.batch for p in decode) / sum(p.seconds for p in decode)
+    prompts = _full_length_prompts(engine, opts)
     model = engine.model
     ids = torch.tensor(prompts, device=engine.device)
 
@@ -83,30 +122,88 @@ def bench_throughput(opts: EngineBenchOptions, path: Path) -> dict:
         return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
                               do_sample=False, pad_token_id=0)
 
-    with torch.inference_mode():
-        generate(ids[:2], 4)  # warm-up
-        t0 = time.perf_counter()
-        out = generate(ids, opts.max_tokens)
-        gen_s = time.perf_counter() - t0
-        # generate()'s prefill alone, to split its time into prefill and decode.
-        t0 = time.perf_counter()
-        generate(ids, 1)
-        gen_prefill_s = time.perf_counter() - t0
-    gen_tokens = int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+    def run_engine(tag: str) -> tuple[_Timed, _Timed, int, int, dict[str, list[int]]]:
+        whole, decode = _Timed(), _Timed()
+        decode_tokens = 0
+        tokens: dict[str, list[int]] = {}
+        w0, c0 = time.perf_counter(), time.thread_time()
+        for i, p in enumerate(prompts):
+            engine.add_request(EngineRequest(f"{tag}-{i}", "bench", p, max_tokens=opts.max_tokens))
+        while engine.has_work():
+            before = len(engine.pass_log)
+            w, c = time.perf_counter(), time.thread_time()
+            events = engine.step()
+            w, c = time.perf_counter() - w, time.thread_time() - c
+            new = list(engine.pass_log)[before:]
+            if new and not any(r.prefill for r in new):
+                decode.add(w, c)
+                decode_tokens += len(events)
+            for e in events:
+                tokens.setdefault(e.request_id, []).append(e.token_id)
+        whole.add(time.perf_counter() - w0, time.thread_time() - c0)
+        return whole, decode, sum(len(v) for v in tokens.values()), decode_tokens, tokens
+
+    def run_generate(tokens: int) -> tuple[_Timed, torch.Tensor]:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        with torch.inference_mode():
+            out = generate(ids, tokens)
+        return _Timed(time.perf_counter() - w0, time.thread_time() - c0), out
+
+    # Warm-up of both (allocator, kernels, the engine's first pass shapes).
+    run_engine("warm")
+    run_generate(4)
+    reps = []
+    reference: torch.Tensor | None = None
+    engine_out: dict[str, list[int]] = {}
+    for rep in range(opts.reps):
+        e_whole, e_decode, e_tokens, e_decode_tokens, engine_out = run_engine(f"r{rep}")
+        g_whole, out = run_generate(opts.max_tokens)
+        g_prefill, _ = run_generate(1)
+        reference = out
+        g_tokens = int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+        g_decode_tokens = g_tokens - ids.shape[0]
+        g_decode = _Timed(g_whole.wall_s - g_prefill.wall_s, g_whole.cpu_s - g_prefill.cpu_s)
+        reps.append({
+            "engine_tokens": e_tokens,
+            "engine_wall_s": e_whole.wall_s,
+            "engine_cpu_s": e_whole.cpu_s,
+            "engine_decode_tokens": e_decode_tokens,
+            "engine_decode_wall_s": e_decode.wall_s,
+            "engine_decode_cpu_s": e_decode.cpu_s,
+            "generate_tokens": g_tokens,
+            "generate_wall_s": g_whole.wall_s,
+            "generate_cpu_s": g_whole.cpu_s,
+            "generate_decode_tokens": g_decode_tokens,
+            "generate_decode_wall_s": g_decode.wall_s,
+            "generate_decode_cpu_s": g_decode.cpu_s,
+        })
     engine.close()
+    assert reference is not None
+    ref_rows = reference[:, ids.shape[1]:].tolist()
+    same = sum(engine_out.get(f"r{opts.reps - 1}-{i}") == row for i, row in enumerate(ref_rows))
+
+    def rate(r: dict, who: str, what: str, clock: str) -> float:
+        tokens = r[f"{who}_decode_tokens"] if what == "decode" else r[f"{who}_tokens"]
+        return tokens / r[f"{who}{'_decode' if what == 'decode' else ''}_{clock}_s"]
+
+    summary: dict[str, float] = {}
+    for what in ("decode", "all"):
+        for clock in ("cpu", "wall"):
+            for who in ("engine", "generate"):
+                summary[f"{who}_{what}_tok_per_{clock}_s"] = statistics.median(rate(r, who, what, clock) for r in reps)
+            # The median of the per-rep ratios: each ratio compares runs taken side by side.
+            summary[f"ratio_{what}_{clock}"] = statistics.median(
+                rate(r, "engine", what, clock) / rate(r, "generate", what, clock) for r in reps)
     return {
         "batch": opts.batch,
         "prompt_len": opts.prompt_len,
         "max_tokens": opts.max_tokens,
-        "engine_tokens": emitted,
-        "engine_s": engine_s,
-        "engine_tok_s": emitted / engine_s,
-        "engine_decode_tok_s": engine_decode_tps,
-        "generate_tokens": gen_tokens,
-        "generate_s": gen_s,
-        "generate_tok_s": gen_tokens / gen_s,
-        "generate_decode_tok_s": (gen_tokens - ids.shape[0]) / max(gen_s - gen_prefill_s, 1e-9),
-        "engine_vs_generate": (emitted / engine_s) / (gen_tokens / gen_s),
+        "reps": reps,
+        **summary,
+        "engine_matches_generate": same,
+        "measures": "engine vs generate() on the same 16 prompts (none reaches eos within max_tokens), "
+                    "runs interleaved; tokens per second of wall time and per second of this thread's "
+                    "CPU time (1 torch thread); decode = after the first token; medians over reps",
     }
 
 
@@ -222,15 +319,22 @@ def print_report(report: dict) -> None:
     console.print(f"[bold]HF engine[/bold]: {report['setup']['model']}")
     if "throughput" in report:
         r = report["throughput"]
-        t = Table(title=f"Decode throughput, batch {r['batch']}, prompt {r['prompt_len']}, {r['max_tokens']} tokens each")
-        for c in ("", "tokens", "seconds", "tok/s end-to-end", "decode tok/s"):
+        t = Table(title=f"Decode throughput, batch {r['batch']}, prompt {r['prompt_len']}, {r['max_tokens']} tokens each, "
+                        f"median of {len(r['reps'])} interleaved runs")
+        for c in ("", "tokens", "decode tok/CPU-s", "decode tok/s (wall)", "all tok/CPU-s", "all tok/s (wall)"):
             t.add_column(c, justify="right")
-        t.add_row("HFEngine", str(r["engine_tokens"]), f"{r['engine_s']:.2f}", f"{r['engine_tok_s']:.1f}",
-                  f"{r['engine_decode_tok_s']:.1f}")
-        t.add_row("generate()", str(r["generate_tokens"]), f"{r['generate_s']:.2f}", f"{r['generate_tok_s']:.1f}",
-                  f"{r['generate_decode_tok_s']:.1f}")
+        for who, name in (("engine", "HFEngine"), ("generate", "generate()")):
+            t.add_row(name, str(r["reps"][-1][f"{who}_tokens"]), f"{r[f'{who}_decode_tok_per_cpu_s']:.1f}",
+                      f"{r[f'{who}_decode_tok_per_wall_s']:.1f}", f"{r[f'{who}_all_tok_per_cpu_s']:.1f}",
+                      f"{r[f'{who}_all_tok_per_wall_s']:.1f}")
+        t.add_row("engine / generate()", "", f"{r['ratio_decode_cpu']:.3f}x", f"{r['ratio_decode_wall']:.3f}x",
+                  f"{r['ratio_all_cpu']:.3f}x", f"{r['ratio_all_wall']:.3f}x")
         console.print(t)
-        console.print(f"engine / generate (end-to-end): {r['engine_vs_generate']:.2f}x")
+        per_rep = ", ".join(f"{x['engine_decode_tokens'] / x['engine_decode_cpu_s'] / (x['generate_decode_tokens'] / x['generate_decode_cpu_s']):.3f}"
+                            for x in r["reps"])
+        console.print(f"decode tok/CPU-s engine / generate() per run: {per_rep}; "
+                      f"engine output equals generate() for {r['engine_matches_generate']}/{r['batch']} sequences")
+        console.print(f"[dim]{r['measures']}[/dim]")
     if "batching" in report:
         r = report["batching"]
         t = Table(title=f"Continuous vs static batching: {r['static']['requests']} requests of {r['trace']} ({r['lengths']})")

@@ -5,12 +5,14 @@ hf_bench_common), max batch 16, one engine thread stepping while requests arrive
 another (as in the worker). Two workloads:
   - backlog (default, QLLM's setting): a stream of best-effort (BE) requests keeps the
     engine busy: `max_batch_size + be_backlog` BE requests are always submitted and
-    unfinished (a new one arrives as one finishes), and latency-sensitive (LS) requests
-    arrive open-loop, Poisson, at a rate that makes them 20% of arrivals at the
-    engine's calibrated capacity. The FCFS queue is then stationary (be_backlog requests
-    ahead of an LS arrival), whatever the machine's speed on the day.
-  - open: every request arrives open-loop, Poisson, at `load` x calibrated capacity, and
-    is LS with probability 0.2 (the FCFS queue grows with the window when load > 1).
+    unfinished (a new one arrives as one finishes) until a fixed list of BE requests
+    (sized to last `be_stream` x the window at the calibrated capacity) is used up, and
+    latency-sensitive (LS) requests arrive open-loop, Poisson, during the window, at a
+    rate that makes them 20% of arrivals at the engine's calibrated capacity. The FCFS
+    queue ahead of an LS arrival is then stationary (be_backlog requests), whatever the
+    machine's speed on the day.
+  - open: every request arrives open-loop, Poisson, during the window, at `load` x
+    calibrated capacity, and is LS with probability 0.2.
 Lengths come from the ShareGPT length table scaled down to the tiny model's context
 (prompt / 32 clipped to [8, 128], output / 8 clipped to [8, 96]). The modes are
 interleaved round by round (each round a new sample, the same for all modes), so the
@@ -18,16 +20,26 @@ noise of a shared machine falls on every mode alike:
   - none:      iteration-level FCFS (vLLM / TGI default);
   - iteration: LS first at each pass boundary;
   - expert:    QLLM: a BE pass pauses at the next layer / attention-MoE boundary.
-Reported: LS TTFT p50 / p99, BE TTFT p50, BE throughput inside the window (tokens of
-BE requests per wall second, and per CPU second of the engine thread, which other
-processes on a shared machine do not distort), and ratios against FCFS and ITERATION. LS requests that
-arrived in the window are all served (the run drains them) before their TTFTs are taken.
+
+NOTE(what BE throughput means here): every mode runs the round's whole work, the same
+requests with the same arrival times, until the last request finished. BE throughput is
+BE tokens / engine-thread CPU seconds over that run (and, noisier, / wall seconds): the
+same BE work and the same LS work in every mode, so the ratio to FCFS is the inverse
+ratio of what the whole job cost. (A fixed time window is not fair: FCFS serves LS
+requests seconds late, so it pushes part of the LS work out of any window and its BE
+count inside the window looks higher although it did no more work.) With one torch
+thread all model work runs on the engine thread, so its CPU time is what the work cost
+on a core of its own, which other processes on a shared machine distort far less than
+wall time. Reported besides: LS TTFT p50 / p99 and BE TTFT p50 (pooled over rounds), the
+per-round BE ratio, and where the engine's CPU time went (prefill / decode / LS catch-up
+passes, and the rest: metadata, sampling, scheduling).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -38,6 +50,7 @@ import numpy as np
 import torch
 
 from qlmserve.backends.engine import EngineRequest, PreemptionMode
+from qlmserve.backends.hf.engine import PassRecord
 from qlmserve.traces import load_trace, resolve_trace_path
 
 from .hf_bench_common import (
@@ -60,18 +73,21 @@ class PreemptionOptions:
     kind: str = "mixtral"
     model_root: str | None = None
     device: str = "cpu"
-    window_s: float = 10.0
+    window_s: float = 10.0  # LS (open: all) arrivals fall in this span; the run lasts until all finished
     rounds: int = 3  # modes are interleaved round by round, so machine noise hits all alike
     load: float = 1.3  # open: arrival rate relative to the calibrated capacity
     workload: str = "backlog"  # "backlog" (BE kept queued) or "open" (all requests open-loop Poisson)
     be_backlog: int = 8  # backlog: BE requests waiting beyond a full batch
+    # backlog: the BE list lasts about this many windows at the calibrated capacity, so the
+    # backlog outlives the LS arrivals and FCFS's late LS service (then it drains).
+    be_stream: float = 2.0
     ls_fraction: float = 0.2
     max_batch_size: int = 16
     max_pause_s: float = 2.0
     seed: int = 0
     threads: int = 1
     trace: str = "sharegpt_8k_lengths_llama2tok.csv"
-    drain_timeout_s: float = 120.0
+    drain_timeout_s: float = 300.0  # after the window, for the run to finish its work
 
 
 @dataclass
@@ -127,9 +143,11 @@ def build_workload(opts: PreemptionOptions, capacity: float) -> Workload:
         rate = capacity * opts.ls_fraction / (1.0 - opts.ls_fraction)
         n = int(rate * opts.window_s * 2) + 8
         times = np.cumsum(rng.exponential(1.0 / rate, size=n))
-        lengths = _lengths(opts, n + int(capacity * opts.window_s * 4) + 64)
+        in_system = opts.max_batch_size + opts.be_backlog
+        n_be = in_system + math.ceil(capacity * opts.window_s * opts.be_stream)
+        lengths = _lengths(opts, n + n_be)
         arrivals = [Arrival(float(t), p, o, True) for t, (p, o) in zip(times, lengths[:n]) if t < opts.window_s]
-        return Workload(arrivals, lengths[n:], opts.max_batch_size + opts.be_backlog)
+        return Workload(arrivals, lengths[n:], in_system)
     rate = opts.load * capacity
     n = int(rate * opts.window_s * 1.5) + 16
     times = np.cumsum(rng.exponential(1.0 / rate, size=n))
@@ -142,12 +160,33 @@ def build_workload(opts: PreemptionOptions, capacity: float) -> Workload:
     return Workload(arrivals, [], 0)
 
 
+def pass_breakdown(passes: list[PassRecord]) -> dict:
+    """Where the engine's pass time went: counts and CPU seconds per kind of pass."""
+    prefill = [p for p in passes if p.prefill]
+    decode = [p for p in passes if not p.prefill and not p.catch_up]
+    catch_up = [p for p in passes if p.catch_up]
+    return {
+        "prefill_passes": len(prefill),
+        "prefill_ls_only_passes": sum(1 for p in prefill if p.ls_rows == p.batch),
+        "prefill_rows": sum(p.batch for p in prefill),
+        "prefill_cpu_s": sum(p.cpu_seconds for p in prefill),
+        "decode_passes": len(decode),
+        "decode_rows": sum(p.batch for p in decode),
+        "decode_ls_rows": sum(p.ls_rows for p in decode),
+        "decode_cpu_s": sum(p.cpu_seconds for p in decode),
+        "catch_up_passes": len(catch_up),
+        "catch_up_cpu_s": sum(p.cpu_seconds for p in catch_up),
+        "pauses": sum(p.pauses for p in passes if not p.catch_up),
+    }
+
+
 def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, work: Workload,
              round_no: int = 0) -> dict:
-    """One window of one mode; returns raw samples (pooled over rounds by `summarize`)."""
+    """One round of one mode: all of `work`, until its last request finished. Returns raw
+    samples (pooled over rounds by `summarize`)."""
     engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.max_batch_size,
                                preemption=mode, max_pause_s=opts.max_pause_s)
-    # Warm-up (allocator, kernels) outside the measured window.
+    # Warm-up (allocator, kernels) outside the measured run.
     for i in range(4):
         engine.add_request(EngineRequest(f"warm-{i}", "bench", prompt_ids(32, i), max_tokens=4))
     while engine.has_work():
@@ -166,11 +205,12 @@ def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, work: Wo
         submit(engine, log, EngineRequest(rid, "bench", prompt_ids(a.prompt, i), max_tokens=a.output,
                                           latency_sensitive=a.latency_sensitive))
 
+    load_before = os.getloadavg()[0]
     loop.start()
     t0 = time.perf_counter()
-    end = t0 + opts.window_s
+    deadline = t0 + opts.window_s + opts.drain_timeout_s
     next_open, next_be = 0, 0
-    while time.perf_counter() < end:
+    while time.perf_counter() < deadline:
         now = time.perf_counter() - t0
         while next_open < len(work.arrivals) and work.arrivals[next_open].at_s <= now:
             send(work.arrivals[next_open], next_open)
@@ -181,66 +221,70 @@ def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, work: Wo
             send(Arrival(now, p, o, False), 100_000 + next_be)
             next_be += 1
             unfinished += 1
+        sent_all = next_open == len(work.arrivals) and (work.be_in_system == 0 or next_be == len(work.be_lengths))
+        if sent_all and len(log.finished) == len(ids):
+            break
         time.sleep(0.002)
-    in_window = list(engine.pass_log)
-    cpu_s = loop.cpu_seconds(t0, end)
-    ls_ids = [r for r in ids if r.startswith("ls")]
-    deadline = time.perf_counter() + opts.drain_timeout_s
-    while time.perf_counter() < deadline and any(r not in log.token_times for r in ls_ids):
-        time.sleep(0.01)
+    complete = len(log.finished) == len(ids)
     loop.stop()
+    passes = list(engine.pass_log)
+    last = max((t for times in log.token_times.values() for t in times), default=t0)
+    cpu_s = loop.cpu_seconds(t0, last)
     for rid in ids:
         engine.abort(rid)
     engine.step()
     engine.close()
+    ls_ids = [r for r in ids if r.startswith("ls")]
     be_ids = [r for r in ids if r.startswith("be")]
     return {
+        "complete": complete,
         "ls_requests": len(ls_ids),
         "be_requests": len(be_ids),
         "ls_ttft": [log.ttft(r) for r in ls_ids if log.ttft(r) is not None],
-        "be_ttft": [log.ttft(r) for r in be_ids if r in log.token_times and log.token_times[r][0] <= end],
-        "be_tokens_in_window": sum(1 for r in be_ids for t in log.token_times.get(r, []) if t <= end),
-        "all_tokens_in_window": sum(1 for r in ids for t in log.token_times.get(r, []) if t <= end),
-        "engine_cpu_s_in_window": cpu_s,
-        "pauses": sum(p.pauses for p in in_window),
-        "decode_passes": sum(1 for p in in_window if not p.prefill),
-        "decode_batches": [p.batch for p in in_window if not p.prefill],
-        "prefill_pass_s": sum(p.seconds for p in in_window if p.prefill),
-        "decode_pass_s": sum(p.seconds for p in in_window if not p.prefill),
+        "be_ttft": [log.ttft(r) for r in be_ids if log.ttft(r) is not None],
+        "be_tokens": sum(len(log.token_times.get(r, [])) for r in be_ids),
+        "ls_tokens": sum(len(log.token_times.get(r, [])) for r in ls_ids),
+        "engine_cpu_s": cpu_s,
+        "wall_s": last - t0,
+        "load_average_1m": [load_before, os.getloadavg()[0]],
+        **pass_breakdown(passes),
     }
 
 
-def summarize(mode: PreemptionMode, runs: list[dict], window_s: float) -> dict:
+_SUMMED = ("be_tokens", "ls_tokens", "engine_cpu_s", "wall_s", "prefill_passes", "prefill_ls_only_passes",
+           "prefill_rows", "prefill_cpu_s", "decode_passes", "decode_rows", "decode_ls_rows", "decode_cpu_s",
+           "catch_up_passes", "catch_up_cpu_s", "pauses")
+
+
+def summarize(mode: PreemptionMode, runs: list[dict]) -> dict:
     ls = [t for r in runs for t in r["ls_ttft"]]
     be = [t for r in runs for t in r["be_ttft"]]
-    tokens = sum(r["be_tokens_in_window"] for r in runs)
-    batches = [b for r in runs for b in r["decode_batches"]]
+    total = {k: sum(r[k] for r in runs) for k in _SUMMED}
     return {
         "mode": mode.value,
+        "complete": all(r["complete"] for r in runs),
         "ls_requests": sum(r["ls_requests"] for r in runs),
         "ls_served": len(ls),
         "be_requests": sum(r["be_requests"] for r in runs),
         "ls_ttft_p50_s": percentile(ls, 50),
         "ls_ttft_p99_s": percentile(ls, 99),
         "be_ttft_p50_s": percentile(be, 50),
-        "be_tokens_in_window": tokens,
-        "be_throughput_tok_s": tokens / (window_s * len(runs)),
-        "be_throughput_per_round": [r["be_tokens_in_window"] / window_s for r in runs],
-        # BE tokens per CPU-second the engine thread actually got: robust to other
-        # processes taking the cores (wall-clock throughput is not, on a shared machine).
-        "be_tokens_per_engine_cpu_s": tokens / max(sum(r["engine_cpu_s_in_window"] for r in runs), 1e-9),
-        # LS + BE: FCFS postpones LS work past the window, which flatters its BE figure; the
-        # engine's own efficiency (does pausing waste work?) shows in all tokens per CPU-s.
-        "all_tokens_per_engine_cpu_s": sum(r["all_tokens_in_window"] for r in runs)
-        / max(sum(r["engine_cpu_s_in_window"] for r in runs), 1e-9),
-        "pauses": sum(r["pauses"] for r in runs),
-        "decode_passes": sum(r["decode_passes"] for r in runs),
-        "mean_decode_batch": statistics.mean(batches) if batches else 0.0,
+        **total,
+        # The same BE work in every mode: BE tokens per second of the whole run.
+        "be_tokens_per_engine_cpu_s": total["be_tokens"] / max(total["engine_cpu_s"], 1e-9),
+        "be_tokens_per_wall_s": total["be_tokens"] / max(total["wall_s"], 1e-9),
+        "be_tokens_per_engine_cpu_s_per_round": [r["be_tokens"] / max(r["engine_cpu_s"], 1e-9) for r in runs],
+        "be_tokens_per_round": [r["be_tokens"] for r in runs],
+        # CPU the engine thread spent outside passes: metadata, sampling, scheduling, idle polling.
+        "other_cpu_s": total["engine_cpu_s"] - total["prefill_cpu_s"] - total["decode_cpu_s"]
+        - total["catch_up_cpu_s"],
+        "mean_decode_batch": total["decode_rows"] / max(total["decode_passes"], 1),
     }
 
 
 def run(opts: PreemptionOptions) -> dict:
     torch.set_num_threads(opts.threads)
+    load_start = os.getloadavg()[0]
     path = ensure_bench_model(opts.kind, opts.model_root, seed=opts.seed)
     engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.max_batch_size)
     shape = describe_shape(engine)
@@ -252,16 +296,19 @@ def run(opts: PreemptionOptions) -> dict:
         work = build_workload(dataclasses.replace(opts, seed=opts.seed + round_no), calib["capacity_req_per_s"])
         for mode in MODES:
             runs[mode].append(run_mode(opts, path, mode, work, round_no))
-    results = [summarize(mode, runs[mode], opts.window_s) for mode in MODES]
-    base = results[0]
+    results = [summarize(mode, runs[mode]) for mode in MODES]
+    base, it = results[0], results[1]
     for r in results:
         r["ls_ttft_p50_speedup_vs_fcfs"] = (base["ls_ttft_p50_s"] / r["ls_ttft_p50_s"]) if r["ls_ttft_p50_s"] else None
         r["ls_ttft_p99_speedup_vs_fcfs"] = (base["ls_ttft_p99_s"] / r["ls_ttft_p99_s"]) if r["ls_ttft_p99_s"] else None
-        r["be_throughput_vs_fcfs"] = r["be_throughput_tok_s"] / base["be_throughput_tok_s"]
-        r["be_cpu_throughput_vs_fcfs"] = r["be_tokens_per_engine_cpu_s"] / base["be_tokens_per_engine_cpu_s"]
-        r["all_cpu_throughput_vs_fcfs"] = r["all_tokens_per_engine_cpu_s"] / base["all_tokens_per_engine_cpu_s"]
-        it = results[1]  # what pausing inside an iteration adds over LS-first at boundaries
+        # what pausing inside an iteration adds over LS-first at boundaries
         r["ls_ttft_p50_speedup_vs_iteration"] = (it["ls_ttft_p50_s"] / r["ls_ttft_p50_s"]) if r["ls_ttft_p50_s"] else None
+        r["be_cpu_throughput_vs_fcfs"] = r["be_tokens_per_engine_cpu_s"] / base["be_tokens_per_engine_cpu_s"]
+        r["be_wall_throughput_vs_fcfs"] = r["be_tokens_per_wall_s"] / base["be_tokens_per_wall_s"]
+        r["be_cpu_throughput_vs_fcfs_per_round"] = [
+            x / y for x, y in zip(r["be_tokens_per_engine_cpu_s_per_round"],
+                                  base["be_tokens_per_engine_cpu_s_per_round"], strict=True)]
+    loads = [x for m in MODES for run_ in runs[m] for x in run_["load_average_1m"]]
     return {
         "benchmark": "preemption",
         "setup": {
@@ -269,16 +316,25 @@ def run(opts: PreemptionOptions) -> dict:
             "model": shape,
             "arrivals": (
                 f"backlog: {opts.max_batch_size + opts.be_backlog} BE requests kept in the engine "
-                f"(batch {opts.max_batch_size} + {opts.be_backlog} waiting), LS Poisson"
-                if opts.workload == "backlog" else f"open loop Poisson at load {opts.load}"
+                f"(batch {opts.max_batch_size} + {opts.be_backlog} waiting) until "
+                f"{len(build_workload(opts, calib['capacity_req_per_s']).be_lengths)} BE requests are used up, "
+                f"LS Poisson during the window"
+                if opts.workload == "backlog" else f"open loop Poisson at load {opts.load} during the window"
             ),
             "requests": {m.value: runs[m][0]["ls_requests"] + runs[m][0]["be_requests"] for m in MODES},
             "lengths": "ShareGPT length table; prompt/32 in [8,128], output/8 in [8,96]",
             "calibration": calib,
+            "load_average_1m_at_start": round(load_start, 2),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+            "load_average_1m_range": [round(min(loads), 2), round(max(loads), 2)],
             "cpu_count": os.cpu_count(),
+            "measures": "every mode runs the same requests (same arrival times) to completion; "
+                        "BE tok/CPU-s = BE tokens / CPU seconds of the engine thread from the first "
+                        "arrival to the last token; tok/s (wall) the same over wall seconds",
         },
         "results": results,
+        # Per round and mode, without the TTFT samples: to see what noise did to each run.
+        "runs": {m.value: [{k: v for k, v in r.items() if not k.endswith("_ttft")} for r in runs[m]] for m in MODES},
     }
 
 
@@ -287,19 +343,16 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     s = report["setup"]
-    console = Console(width=max(Console().width, 140))
+    console = Console(width=max(Console().width, 150))
     console.print(f"[bold]Expert-level preemption[/bold]: {s['model']}")
     calib = s["calibration"]
     console.print(
-        f"{s['arrivals']}; {s['rounds']} rounds x {s['window_s']}s per mode (modes interleaved), "
+        f"{s['arrivals']}; {s['rounds']} rounds, window {s['window_s']}s (modes interleaved), "
         f"{int(s['ls_fraction'] * 100)}% LS, calibrated capacity {calib['capacity_req_per_s']:.2f} req/s, "
         f"decode step at full batch {calib['decode_step_s_at_batch'] * 1000:.0f} ms, max_pause {s['max_pause_s']}s, "
-        f"seed {s['seed']}, load average {s['load_average_1m_at_end']} on {s['cpu_count']} cores"
+        f"seed {s['seed']}; load average (1 min) {s['load_average_1m_at_start']} at start, "
+        f"{s['load_average_1m_range'][0]}-{s['load_average_1m_range'][1]} during the runs, on {s['cpu_count']} cores"
     )
-    t = Table()
-    for col in ("mode", "LS n", "LS TTFT p50", "LS TTFT p99", "BE TTFT p50", "BE tok/s", "p50 vs FCFS",
-                "p99 vs FCFS", "p50 vs iteration", "BE tput vs FCFS", "BE tok/CPU-s vs FCFS", "all tok/CPU-s vs FCFS", "pauses"):
-        t.add_column(col, justify="right")
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:.0f} ms"
@@ -307,13 +360,34 @@ def print_table(report: dict) -> None:
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}x"
 
+    def pct(v: float) -> str:
+        return f"{v * 100:.1f}%"
+
+    t = Table(title="LS latency and BE throughput (the same work in every mode, run to completion)")
+    for col in ("mode", "LS n", "LS TTFT p50", "LS TTFT p99", "BE TTFT p50", "p50 vs FCFS", "p99 vs FCFS",
+                "p50 vs iteration", "BE tokens", "BE tok/CPU-s", "vs FCFS", "per round", "BE tok/s (wall)",
+                "vs FCFS (wall)"):
+        t.add_column(col, justify="right")
     for r in report["results"]:
-        t.add_row(r["mode"], f"{r['ls_served']}/{r['ls_requests']}", ms(r["ls_ttft_p50_s"]), ms(r["ls_ttft_p99_s"]),
-                  ms(r["be_ttft_p50_s"]), f"{r['be_throughput_tok_s']:.1f}", x(r["ls_ttft_p50_speedup_vs_fcfs"]),
-                  x(r["ls_ttft_p99_speedup_vs_fcfs"]), x(r["ls_ttft_p50_speedup_vs_iteration"]),
-                  f"{r['be_throughput_vs_fcfs'] * 100:.1f}%", f"{r['be_cpu_throughput_vs_fcfs'] * 100:.1f}%",
-                  f"{r['all_cpu_throughput_vs_fcfs'] * 100:.1f}%", str(r["pauses"]))
+        t.add_row(r["mode"] + ("" if r["complete"] else " (incomplete)"), f"{r['ls_served']}/{r['ls_requests']}",
+                  ms(r["ls_ttft_p50_s"]), ms(r["ls_ttft_p99_s"]), ms(r["be_ttft_p50_s"]),
+                  x(r["ls_ttft_p50_speedup_vs_fcfs"]), x(r["ls_ttft_p99_speedup_vs_fcfs"]),
+                  x(r["ls_ttft_p50_speedup_vs_iteration"]), str(r["be_tokens"]),
+                  f"{r['be_tokens_per_engine_cpu_s']:.1f}", pct(r["be_cpu_throughput_vs_fcfs"]),
+                  " ".join(f"{v * 100:.0f}" for v in r["be_cpu_throughput_vs_fcfs_per_round"]),
+                  f"{r['be_tokens_per_wall_s']:.1f}", pct(r["be_wall_throughput_vs_fcfs"]))
     console.print(t)
+    t = Table(title="Where the engine thread's CPU went (all rounds)")
+    for col in ("mode", "engine CPU-s", "wall s", "prefill passes", "LS-only", "prefill CPU-s", "decode passes",
+                "mean batch", "decode CPU-s", "catch-ups", "catch-up CPU-s", "other CPU-s", "pauses"):
+        t.add_column(col, justify="right")
+    for r in report["results"]:
+        t.add_row(r["mode"], f"{r['engine_cpu_s']:.2f}", f"{r['wall_s']:.2f}", str(r["prefill_passes"]),
+                  str(r["prefill_ls_only_passes"]), f"{r['prefill_cpu_s']:.2f}", str(r["decode_passes"]),
+                  f"{r['mean_decode_batch']:.2f}", f"{r['decode_cpu_s']:.2f}", str(r["catch_up_passes"]),
+                  f"{r['catch_up_cpu_s']:.2f}", f"{r['other_cpu_s']:.2f}", str(r["pauses"]))
+    console.print(t)
+    console.print(f"[dim]{s['measures']}[/dim]")
 
 
 def main(opts: PreemptionOptions, out: str | None) -> dict:
