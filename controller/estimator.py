@@ -435,7 +435,7 @@ class WorkerModel:
     ready_s: float  # until that model is loaded (a swap in progress)
     table: ReleaseTable  # slot releases with every running request ahead
     table_ls: ReleaseTable  # ... with only the latency-sensitive ones (best-effort paused/evicted)
-    backlog: Work  # running requests beyond the slots (swapped ones waiting to resume), queued first
+    backlog: Work  # running requests beyond the slots (a batch limit lowered under them), queued first
     model_bytes: Mapping[str, int] = field(default_factory=dict)
     item_stats: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # model -> queued length mean, var
 
@@ -634,15 +634,15 @@ class Forecaster:
             rm = np.empty(0)
             rv = np.empty(0)
             ls = np.zeros(0, dtype=bool)
-            if w.running:
-                stats = [snap.lengths(r.model, r.slo_class) for r in w.running]
+            # Swapped-out requests are not ahead of the queue: they resume only into slots the
+            # queue leaves spare (the swap-in rule in policies/op_rules.py).
+            on_device = [r for r in w.running if not r.swapped]
+            if on_device:
+                stats = [snap.lengths(r.model, r.slo_class) for r in on_device]
                 rm, rv = remaining_moments(np.array([s.mean for s in stats]), np.array([s.var for s in stats]),
-                                           np.array([r.max_tokens for r in w.running], dtype=float),
-                                           np.array([r.generated_tokens for r in w.running], dtype=float))
-                # Swapped requests resume after the ones on the device.
-                order = np.argsort([r.swapped for r in w.running], kind="stable")
-                rm, rv = rm[order], rv[order]
-                ls = np.array([w.running[i].latency_sensitive and not w.running[i].swapped for i in order])
+                                           np.array([r.max_tokens for r in on_device], dtype=float),
+                                           np.array([r.generated_tokens for r in on_device], dtype=float))
+                ls = np.array([r.latency_sensitive for r in on_device])
             extra = Work(max(0, len(rm) - slots), float(rm[slots:].sum()), float(rv[slots:].sum()))
             table = release_table(slots, rm, rv, item_m, item_v)
             table_ls = table if ls[:slots].all() else release_table(slots, rm[:slots][ls[:slots]],

@@ -126,6 +126,9 @@ def rule_protection(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecas
               and not plain[gid].meets(beta)]
         if not ls:
             continue
+        if mech != EXPERT and not ls_requests_needing_slots(w, [fc.groups[g].group for g in queue],
+                                                                fc.workers[w.worker_id].slots):
+            continue  # free slots suffice for the leading LS groups: nothing to evict
         prot = fc.evaluate({w.worker_id: queue}, protected=[w.worker_id])
         if any(prot[gid].meets(beta) for gid in ls):
             out[w.worker_id] = mech

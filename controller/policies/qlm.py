@@ -15,7 +15,8 @@ from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
 from qlmserve.controller.policies.op_rules import (EXPERT, EVICT, SWAP, ModelChange, derive_operations,
-                                                   protection_cost_s, protection_mechanism, victim_cost_s)
+                                                   ls_requests_needing_slots, protection_cost_s,
+                                                   protection_mechanism, victim_cost_s)
 from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramSolution,
                                                       ProgramVars, ProgramWorker, build_model, solve_program)
 from qlmserve.controller.policies.registry import register
@@ -155,63 +156,62 @@ class QlmPolicy(SchedulingPolicy):
         planner = self.config.planner
         deadline = t0 + planner.solve_budget_ms / 1000.0
         tick = _Tick(self, snapshot)
-        base, cold = tick.base_decision(self.last_plan)
-        base_score = tick.score(base)
-        method_source = f"qlm-{planner.method}"
-        chosen, source, note = base, method_source, ""
-        fallback_source = "fallback-edf" if cold else "last-plan"
-        if (not cold and base_score.primary < 0.8 * tick.max_value
+        best, cold = tick.base_decision(self.last_plan)
+        best_score = tick.score(best)
+        if (not cold and best_score.primary < 0.8 * tick.max_value
                 and time.perf_counter() < t0 + 0.3 * (deadline - t0)):
             # The last plan misses much: EDF list scheduling from scratch may be a better start.
             edf = tick.edf_decision()
             edf_score = tick.score(edf)
-            if edf_score.better_than(base_score):
-                base, base_score, cold = edf, edf_score, True
-        if base_score.primary < tick.max_value - 1e-9:
-            at_risk, hopeless = tick.at_risk(base, base_score)
-            if planner.drop_hopeless and hopeless:
-                base = chosen = tick.hopeless_last(base, hopeless)
-                base_score = tick.score(base)
-            if at_risk and time.perf_counter() >= deadline:
-                source, note = fallback_source, f"timeout: {planner.solve_budget_ms:g} ms spent before the program"
-            elif at_risk:
-                cap = max(MIN_PAIRS, int(PAIRS_PER_MS * planner.solve_budget_ms))
-                if planner.method == "saa":
-                    cap = max(MIN_PAIRS, int(cap * 4 / max(4, planner.scenarios)))
-                built = tick.program(base, base_score, at_risk, cap)
-                sol = None
-                if built is not None:
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        source, note = fallback_source, "timeout: budget spent building the program"
-                    else:
-                        sol, why = tick.solve_program(built, base, left * 0.85)
-                        if sol is None:
-                            source, note = fallback_source, why
-                if sol is not None:
-                    cand = tick.assemble(built, sol)
-                    cand = tick.repair(cand, built, deadline)
-                    cand_score = tick.score(cand)
-                    if cand_score.better_than(base_score):
-                        chosen, base_score = cand, cand_score
-                        note = f"program {sol.status}: {len(built.ctx.program.groups)} groups, " \
-                               f"{len(built.ctx.program.pairs)} pairs, {sol.solve_s * 1e3:.1f} ms"
-                    else:
-                        note = "program plan scored no better than the base plan"
-                elif built is None and not note:
-                    note = "no group at risk has a candidate worker"
-            else:
-                note = "no group at risk that can still meet its SLO"
-        else:
-            note = "every group meets its SLO in the base plan"
-        score = base_score if chosen is base else tick.score(chosen)
-        ops = derive_operations(snapshot, self.config, tick.fc, chosen.queues, chosen.protected, chosen.changes)
-        plan = Plan(virtual_queues=chosen.queues, operations=ops, source=source,
-                    predicted_attainment={gid: f.attainment() for gid, f in score.forecasts.items()},
-                    objective=score.primary, note=note, solve_time_s=time.perf_counter() - t0)
+            if edf_score.better_than(best_score):
+                best, best_score, cold = edf, edf_score, True
+        source, note = self._improve(tick, best, best_score, cold, deadline)
+        best, best_score = tick.best, tick.best_score
+        ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
+        plan = Plan(virtual_queues=best.queues, operations=ops, source=source,
+                    predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
+                    objective=best_score.primary, note=note, solve_time_s=time.perf_counter() - t0)
         self.last_plan = plan
         self._last_solve_at = snapshot.now
         return plan
+
+    def _improve(self, tick: _Tick, base: Decision, base_score: Score, cold: bool,
+                 deadline: float) -> tuple[str, str]:
+        """Steps (2)-(5) of the NOTE on top of the base decision; leaves the best decision in
+        `tick.best` and returns (Plan.source, Plan.note)."""
+        planner = self.config.planner
+        tick.best, tick.best_score = base, base_score
+        solved = f"qlm-{planner.method}"
+        fallback = "fallback-edf" if cold else "last-plan"
+        if base_score.primary >= tick.max_value - 1e-9:
+            return solved, "every group meets its SLO in the base plan"
+        at_risk, hopeless = tick.at_risk(base, base_score)
+        if planner.drop_hopeless and hopeless:
+            base = tick.hopeless_last(base, hopeless)
+            tick.best, tick.best_score = base, tick.score(base)
+        if not at_risk:
+            return solved, "no group at risk that can still meet its SLO"
+        if time.perf_counter() >= deadline:
+            return fallback, f"timeout: the {planner.solve_budget_ms:g} ms budget was spent before the program"
+        cap = max(MIN_PAIRS, int(PAIRS_PER_MS * planner.solve_budget_ms))
+        if planner.method == "saa":
+            cap = max(MIN_PAIRS, int(cap * 4 / max(4, planner.scenarios)))
+        built = tick.program(base, tick.best_score, at_risk, cap)
+        if built is None:
+            return solved, "no group at risk has a candidate worker"
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return fallback, "timeout: the budget was spent building the program"
+        sol, why = tick.solve_program(built, base, left * 0.85)
+        if sol is None:
+            return fallback, why
+        cand = tick.repair(tick.assemble(built, sol), built, deadline)
+        cand_score = tick.score(cand)
+        size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
+        if not cand_score.better_than(tick.best_score):
+            return solved, f"program {sol.status} ({size}) scored no better than the base plan"
+        tick.best, tick.best_score = cand, cand_score
+        return solved, f"program {sol.status}: {size}, {sol.solve_s * 1e3:.1f} ms"
 
     # ---- for tests and tools --------------------------------------------------------------
 
@@ -273,6 +273,8 @@ class _Tick:
         self.value_per_request = self.max_value / n_req if n_req else 1.0
         self.ops = set(self.cfg.planner.operations)
         self.hopeless: set[str] = set()  # groups that cannot meet their SLO anywhere (set by at_risk)
+        self.best: Decision = Decision({})  # the best decision so far and its score
+        self.best_score: Score = Score(float("-inf"), float("-inf"), {})
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -541,6 +543,7 @@ class _Tick:
                 wm = self.fc.workers[wid]
                 ref: dict[int, tuple[float, float]] = {}
                 ref_ls = None
+                state = None
                 if pw.fixed:
                     at = self._insertion(g, kept[wid], starts[wid], base.queues[wid] if base_worker.get(gid) == wid
                                          else None, in_program)
@@ -566,17 +569,23 @@ class _Tick:
                         t = self.fc.cursor(wid, True).timing(gw).last
                         ref_ls = (t.mean_s, t.var_s2)
                     index[gid, wid] = 0
+                    if 0 in ref:
+                        state = self.fc.cursor(wid)
                 if self.cfg.planner.drop_hopeless and not full:
                     refs = list(ref.values()) + ([ref_ls] if ref_ls else [])
                     if min(WaitEstimate(m, v).quantile(self.beta) for m, v in refs) > slack:
                         continue
                 work = gw.work
                 prefill = wm.prefill_s(work)
+                free_s = 0.0
+                if state is not None:  # slots still free at the reference absorb work ahead
+                    free = state.table.free - state.queued.count - (work.count - 1)
+                    free_s = max(0, free) * state.table.item_mean * wm.step_s / wm.slots
                 pairs.append(Pair(
                     gi=gindex[gid], wj=j, order=(index[gid, wid], g.deadline, gid),
                     add_mean=work.tokens * wm.step_s / wm.slots + prefill,
-                    add_var=work.var * (wm.step_s / wm.slots) ** 2, prefill_s=prefill, ref=ref, ref_ls=ref_ls,
-                    current=base_worker.get(gid) == wid))
+                    add_var=work.var * (wm.step_s / wm.slots) ** 2, prefill_s=prefill, free_s=free_s,
+                    ref=ref, ref_ls=ref_ls, current=base_worker.get(gid) == wid))
         with_pair = {gids[pr.gi] for pr in pairs}
         if len(with_pair) < len(gids):
             return set(gids) - with_pair
@@ -675,57 +684,75 @@ class _Tick:
         protected = {}
         for wj in sol.protected:
             wid = program.workers[wj].worker_id
-            protected[wid] = ctx.protect_of[wid]
-            cost += program.workers[wj].protect_cost
+            mech = ctx.protect_of[wid]
+            w = self.workers[wid]
+            q = [self.groups[g] for g in queues.get(wid, [])]
+            slots = self.fc.workers[wid].slots
+            if mech != EXPERT and not ls_requests_needing_slots(w, q, slots):
+                continue  # free slots suffice: nothing to evict, nothing to credit
+            protected[wid] = mech
+            cost += protection_cost_s(w, q, slots, mech) * self._lambda(w)
         return Decision(queues, protected, changes, cost)
 
     def repair(self, d: Decision, built: _Built, deadline: float) -> Decision:
-        """Greedy repair with the exact estimator: move each program group that still misses
-        to the candidate position that raises the objective most, while time is left."""
+        """Local search with the exact estimator, while time is left: move a program group
+        (those that miss first, most valuable first) to the position on one of its candidate
+        workers that raises the objective most; repeat until no move helps. It corrects
+        what the program's linearisation got wrong (free slots, variance tangents, order)."""
         ctx = built.ctx
-        program = ctx.program
         cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
         cands: dict[str, list[str]] = {}
-        for pr in program.pairs:
+        for pr in ctx.program.pairs:
             cands.setdefault(ctx.group_ids[pr.gi], []).append(ctx.worker_ids[pr.wj])
         queues = {wid: list(q) for wid, q in d.queues.items()}
         prot = self._effective_protected(d)
+        where = {gid: wid for wid, q in queues.items() for gid in q}
 
         def worker_score(wid: str, q: list[str]) -> tuple[float, float]:
+            if not q:
+                return 0.0, 0.0
             s = self._score_forecasts(self.fc.evaluate({wid: q}, prot, cleared), 0.0)
             return s.primary, s.expected
 
-        current = {wid: worker_score(wid, q) for wid, q in queues.items() if q}
-        fc_all = self.fc.evaluate(queues, prot, cleared)
-        missing = [gid for gid in ctx.group_ids if gid in fc_all and not fc_all[gid].meets(self.beta)]
-        missing.sort(key=lambda g: -self.value[g])
-        for gid in missing:
-            if time.perf_counter() >= deadline:
-                break
-            src = next(wid for wid, q in queues.items() if gid in q)
-            src_q = [h for h in queues[src] if h != gid]
-            src_new = worker_score(src, src_q) if src_q else (0.0, 0.0)
-            best, best_gain = None, 1e-9
-            for wid in cands.get(gid, []):
+        def gain(new: tuple[float, float], old: tuple[float, float]) -> tuple[float, float]:
+            return new[0] - old[0], new[1] - old[1]
+
+        current = {wid: worker_score(wid, q) for wid, q in queues.items()}
+        improved = True
+        while improved and time.perf_counter() < deadline:
+            improved = False
+            fc_all = self.fc.evaluate(queues, prot, cleared)
+            order = sorted(ctx.group_ids, key=lambda g: (fc_all[g].meets(self.beta) if g in fc_all else True,
+                                                         -self.value[g], g))
+            for gid in order:
                 if time.perf_counter() >= deadline:
                     break
-                q = src_q if wid == src else queues.get(wid, [])
-                positions = range(len(q) + 1) if len(q) <= 12 else [len(q)]
-                for pos in positions:
-                    trial = q[:pos] + [gid] + q[pos:]
-                    new = worker_score(wid, trial)
-                    if wid == src:
-                        gain = new[0] - current.get(src, (0.0, 0.0))[0]
-                    else:
-                        gain = new[0] + src_new[0] - current.get(wid, (0.0, 0.0))[0] - current.get(src, (0.0, 0.0))[0]
-                    if gain > best_gain:
-                        best, best_gain = (wid, trial, new), gain
-            if best is not None:
-                wid, trial, new = best
-                if wid != src:
-                    queues[src] = src_q
-                    current[src] = src_new
-                queues[wid] = trial
-                current[wid] = new
+                src = where[gid]
+                src_q = [h for h in queues[src] if h != gid]
+                src_new = worker_score(src, src_q)
+                best, best_gain = None, (1e-9, 1e-9)
+                for wid in cands.get(gid, []):
+                    q = src_q if wid == src else queues.get(wid, [])
+                    positions = range(len(q) + 1) if len(q) <= 12 else [0, len(q)]
+                    for pos in positions:
+                        trial = q[:pos] + [gid] + q[pos:]
+                        if wid == src and trial == queues[src]:
+                            continue
+                        new = worker_score(wid, trial)
+                        if wid == src:
+                            g = gain(new, current[src])
+                        else:
+                            g1, g2 = gain(new, current[wid]), gain(src_new, current[src])
+                            g = (g1[0] + g2[0], g1[1] + g2[1])
+                        if g[0] > best_gain[0] + 1e-9 or (g[0] > best_gain[0] - 1e-9 and g[1] > best_gain[1]):
+                            best, best_gain = (wid, trial, new), g
+                if best is not None and best_gain[0] >= -1e-9:
+                    wid, trial, new = best
+                    if wid != src:
+                        queues[src] = src_q
+                        current[src] = src_new
+                    queues[wid] = trial
+                    current[wid] = new
+                    where[gid] = wid
+                    improved = True
         return replace(d, queues=queues)
-

@@ -66,11 +66,12 @@ class Pair:
     gi: int
     wj: int
     order: tuple  # place among the program groups on this worker (smaller is ahead)
-    add_mean: float  # seconds it adds to the TTFT of program groups behind it here
+    add_mean: float  # seconds it adds to the TTFT of program groups behind it here (decode + prefill)
     add_var: float  # variance it adds
-    prefill_s: float  # its prefill passes here (part of add_mean)
+    prefill_s: float  # its prefill passes here (part of add_mean; added even while slots are free)
     ref: dict[int, tuple[float, float]]  # option index -> reference TTFT (mean, var) of its last request
     ref_ls: tuple[float, float] | None = None  # with protection (option of index 0 only)
+    free_s: float = 0.0  # decode seconds of work ahead that free slots absorb at the reference
     current: bool = False  # the group sits on this worker now
 
 
@@ -122,6 +123,15 @@ _ILLEGAL = re.compile(r"[^A-Za-z0-9_]")
 
 def _tag(s: str) -> str:
     return _ILLEGAL.sub("_", s)[:24]
+
+
+def _expr(terms: list[tuple[pulp.LpVariable, float]], constant: float = 0.0) -> pulp.LpAffineExpression:
+    """A linear expression that sums the coefficients of repeated variables
+    (pulp.LpAffineExpression built from a list keeps only the last one)."""
+    coef: dict[pulp.LpVariable, float] = {}
+    for var, c in terms:
+        coef[var] = coef.get(var, 0.0) + c
+    return pulp.LpAffineExpression(list(coef.items()), constant=constant)
 
 
 def _quantile_terms(mean: float, var: float, beta: float) -> tuple[float, float, float]:
@@ -214,7 +224,7 @@ def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
     for j, var in v.p.items():
         if W[j].protect_cost:
             terms.append((var, -W[j].protect_cost))
-    prob += pulp.LpAffineExpression(terms), "weighted_requests_meeting_slo"
+    prob += _expr(terms), "weighted_requests_meeting_slo"
     return prob, v
 
 
@@ -228,7 +238,7 @@ def _ref_expr(program: Program, v: ProgramVars, pr: Pair, qfun) -> tuple[pulp.Lp
         hi = q0
     else:
         items = [(v.u[pr.wj, k], qfun(mv)) for k, mv in pr.ref.items()]
-        expr = pulp.LpAffineExpression(items)
+        expr = _expr(items)
         hi = max(q for _, q in items)
     if pr.ref_ls is not None and pr.wj in v.p and program.groups[pr.gi].latency_sensitive and 0 in pr.ref:
         delta = max(0.0, qfun(pr.ref[0]) - qfun(pr.ref_ls))
@@ -242,17 +252,33 @@ def _chance_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var)
     for j, prs in by_w.items():
         for idx, pr in enumerate(prs):
             i = pr.gi
-            # The tangent slope of the quantile in the variance, at the tightest option.
+            ahead = prs[:idx]
+            # sd(V) <= sd(V1) + (V - V1) / (2 sd(V1)) for every V (the square root is concave):
+            # linearised at V1, half-way through the variance the program groups ahead can add,
+            # the chance constraint stays conservative and is tight for a typical queue.
             q_terms = {k: _quantile_terms(m, s2, beta) for k, (m, s2) in pr.ref.items()}
             z = max(t[1] for t in q_terms.values())
-            sigma = min(t[2] for t in q_terms.values())
-            slope = z / (2.0 * sigma)
-            ref, hi = _ref_expr(program, v, pr, lambda mv: _quantile_terms(mv[0], mv[1], beta)[0])
-            ahead = prs[:idx]
-            grow = pulp.LpAffineExpression([(ahead_var[h.gi, j], h.add_mean + slope * h.add_var) for h in ahead])
-            big_m = max(0.0, hi + sum(max(0.0, h.add_mean + slope * h.add_var) for h in ahead) - program.groups[i].slack_s)
-            prob += (ref + grow <= program.groups[i].slack_s + big_m * (1 - v.y[i, j])), \
-                f"slo_g{i}_w{j}"
+            v_ref = min(t[2] for t in q_terms.values()) ** 2
+            v1 = max(v_ref + 0.5 * sum(h.add_var for h in ahead), 1e-6)
+            sd1 = math.sqrt(v1)
+            slope = z / (2.0 * sd1)
+            offset = z * (sd1 - v1 / (2.0 * sd1) + v_ref / (2.0 * sd1) - math.sqrt(v_ref))  # tangent at V1 vs sd(V_ref)
+
+            def qfun(mv: tuple[float, float]) -> float:
+                return _quantile_terms(mv[0], mv[1], beta)[0] + offset
+
+            ref, hi = _ref_expr(program, v, pr, qfun)
+            slack = program.groups[i].slack_s
+            # Decode work ahead (and its variance) delays the group once the free slots are
+            # used up: a max with zero, as two constraints; prefill passes always add.
+            always = [(ahead_var[h.gi, j], h.prefill_s) for h in ahead]
+            decode = [(ahead_var[h.gi, j], h.add_mean - h.prefill_s + slope * h.add_var) for h in ahead]
+            big_m = max(0.0, hi + sum(max(0.0, h.add_mean + slope * h.add_var) for h in ahead) - slack)
+            prob += (ref + _expr(always + decode, -pr.free_s)
+                     <= slack + big_m * (1 - v.y[i, j])), f"slo_g{i}_w{j}"
+            if pr.free_s > 0 and ahead:
+                prob += (ref + _expr(always) <= slack + big_m * (1 - v.y[i, j])), \
+                    f"slo_free_g{i}_w{j}"
 
 
 def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
@@ -288,13 +314,17 @@ def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) ->
                     return float(special.gammaincinv(kk, u_js)) * s2 / m
 
                 ref, hi = _ref_expr(program, v, pr, draw)
-                adds = [(ahead_var[h.gi, j], float(tokens[s, h.gi]) * w.step_per_slot + h.prefill_s) for h in ahead]
-                big_m = max(0.0, hi + sum(a for _, a in adds) - G[i].slack_s)
+                always = [(ahead_var[h.gi, j], h.prefill_s) for h in ahead]
+                decode = [(ahead_var[h.gi, j], float(tokens[s, h.gi]) * w.step_per_slot) for h in ahead]
+                big_m = max(0.0, hi + sum(a for _, a in always + decode) - G[i].slack_s)
                 zv = pulp.LpVariable(f"z_g{i}_w{j}_s{s}", cat="Binary")
                 v.z[i, j, s] = zv
                 prob += zv <= v.y[i, j], f"scenario_needs_place_g{i}_w{j}_s{s}"
-                prob += (ref + pulp.LpAffineExpression(adds) <= G[i].slack_s + big_m * (1 - zv)), \
-                    f"slo_g{i}_w{j}_s{s}"
+                prob += (ref + _expr(always + decode, -pr.free_s)
+                         <= G[i].slack_s + big_m * (1 - zv)), f"slo_g{i}_w{j}_s{s}"
+                if pr.free_s > 0 and ahead:
+                    prob += (ref + _expr(always) <= G[i].slack_s + big_m * (1 - zv)), \
+                        f"slo_free_g{i}_w{j}_s{s}"
 
 
 class _WarmHiGHS(pulp.HiGHS):

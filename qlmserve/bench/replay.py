@@ -69,9 +69,11 @@ def replay_ttft(snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str
         # Free times (decode iterations since the block began) of every slot.
         run_all, run_ls = [], []
         for r in (() if wid in cleared else w.running):
+            if r.swapped:  # resumes only into spare slots: not ahead of the queue
+                continue
             rem = float(sampler(r.model, r.slo_class, r.max_tokens, r.generated_tokens, 1, rng)[0])
             run_all.append(rem)
-            if r.latency_sensitive and not r.swapped:
+            if r.latency_sensitive:
                 run_ls.append(rem)
         model = wm.model
         wall0 = wm.ready_s  # wall time at iteration 0 of the current block
