@@ -285,6 +285,13 @@ def remaining_moments(mean: np.ndarray | float, var: np.ndarray | float, max_tok
     return np.maximum(rem_mean, 1.0), rem_var
 
 
+@lru_cache(maxsize=8192)
+def fresh_length_moments(mean: float, var: float, max_tokens: int) -> tuple[float, float]:
+    """`remaining_moments` of a request that has not started (cached: few distinct keys)."""
+    m, v = remaining_moments(mean, var, float(max_tokens), 0.0)
+    return float(m), float(v)
+
+
 def sample_sum(mean: np.ndarray, var: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """`size` draws of sums with the given mean and variance, moment-matched gamma (exact
     for sums of gamma lengths of one scale); shape (size, len(mean)). Used by SAA."""
@@ -413,13 +420,20 @@ def release_table(slots: int, run_mean: np.ndarray, run_var: np.ndarray, item_me
     item_var = max(item_var, 1e-6 * item_mean**2)
     k_item = item_mean**2 / item_var
     if n_run:
-        rm, rv = run_mean[:n_run], run_var[:n_run]
-        r_mean = float(rm.mean())
-        r_var = max(float(rv.mean() + rm.var()), 1e-6 * r_mean**2)
+        rm, rv = run_mean[:n_run].tolist(), run_var[:n_run].tolist()
+        r_mean = sum(rm) / n_run
+        r_var = max(sum(rv) / n_run + sum(x * x for x in rm) / n_run - r_mean * r_mean, 1e-6 * r_mean**2)
         k_run, ratio = r_mean**2 / r_var, r_mean / item_mean
     else:
         k_run, ratio = 1.0, 1.0
-    tm, tv, dm, dv = _unit_table(slots, n_run, _q(k_run), _q(k_item), _q(ratio))
+    return _scaled_table(slots, n_run, _q(k_run), _q(k_item), _q(ratio), item_mean, item_var)
+
+
+@lru_cache(maxsize=4096)
+def _scaled_table(slots: int, n_run: int, qk_run: float, qk_item: float, q_ratio: float, item_mean: float,
+                  item_var: float) -> ReleaseTable:
+    """A unit table scaled to the queued lengths' mean (workers of one tick share many)."""
+    tm, tv, dm, dv = _unit_table(slots, n_run, qk_run, qk_item, q_ratio)
     return ReleaseTable(slots, slots - n_run, item_mean, item_var, tm * item_mean, tv * item_mean**2,
                         dm * item_mean, dv * item_mean**2)
 
@@ -438,6 +452,7 @@ class WorkerModel:
     backlog: Work  # running requests beyond the slots (a batch limit lowered under them), queued first
     model_bytes: Mapping[str, int] = field(default_factory=dict)
     item_stats: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # model -> queued length mean, var
+    fresh_tables: dict[str | None, ReleaseTable] = field(default_factory=dict, compare=False)  # cache of `fresh`
 
     @property
     def worker_id(self) -> str:
@@ -452,8 +467,11 @@ class WorkerModel:
 
     def fresh(self, model: str | None) -> ReleaseTable:
         """The release table after a swap to `model`: nothing running."""
-        m, v = self.item_stats.get(model or "", (DEFAULT_LENGTHS.mean, DEFAULT_LENGTHS.var))
-        return release_table(self.slots, np.empty(0), np.empty(0), m, v)
+        table = self.fresh_tables.get(model)
+        if table is None:
+            m, v = self.item_stats.get(model or "", (DEFAULT_LENGTHS.mean, DEFAULT_LENGTHS.var))
+            table = self.fresh_tables[model] = release_table(self.slots, np.empty(0), np.empty(0), m, v)
+        return table
 
 
 @dataclass(frozen=True)
@@ -558,6 +576,7 @@ class GroupForecast:
     worker_id: str
     timing: GroupTiming
     slack_s: tuple[float, ...]
+    attain: float | None = None  # attainment(), when computed in bulk by Forecaster.evaluate
 
     def meets(self, beta: float) -> bool:
         """The chance constraint: the last request's TTFT beta-quantile is within the
@@ -566,8 +585,52 @@ class GroupForecast:
 
     def attainment(self) -> float:
         """Expected fraction of the group's requests that meet their deadline."""
+        if self.attain is not None:
+            return self.attain
         n = len(self.slack_s)
         return sum(self.timing.request_ttft(i, n).prob_within(s) for i, s in enumerate(self.slack_s)) / n
+
+
+def prob_within_array(mean: np.ndarray, var: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """WaitEstimate(mean, var).prob_within(t), elementwise."""
+    mean, var, t = (np.asarray(a, dtype=float) for a in (mean, var, t))
+    det = (var <= 0) | (mean <= 0)
+    safe_var = np.where(det, 1.0, var)
+    safe_mean = np.where(det, 1.0, mean)
+    k = safe_mean * safe_mean / safe_var
+    normal = special.ndtr((t - safe_mean) / np.sqrt(safe_var))
+    gamma = special.gammainc(np.minimum(k, _NORMAL_SHAPE), np.maximum(t, 0.0) * safe_mean / safe_var)
+    p = np.where(k >= _NORMAL_SHAPE, normal, gamma)
+    p = np.where(t <= 0, 0.0, p)
+    return np.where(det, (mean <= t).astype(float), p)
+
+
+def _starts_rows(tables: list[ReleaseTable], blk_of: np.ndarray, count: np.ndarray, tokens: np.ndarray,
+                 var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ReleaseTable.start, elementwise: row i uses tables[blk_of[i]]."""
+    uniq: dict[int, int] = {}
+    flat_m, flat_v, meta = [], [], []
+    off = 0
+    tid = np.empty(len(tables), dtype=int)
+    for b, t in enumerate(tables):
+        k = uniq.get(id(t))
+        if k is None:
+            k = uniq[id(t)] = len(meta)
+            meta.append((off, len(t.t_mean), t.free, t.slots, t.item_mean, t.item_var))
+            flat_m.append(t.t_mean)
+            flat_v.append(t.t_var)
+            off += len(t.t_mean)
+        tid[b] = k
+    meta_a = np.array(meta, dtype=float)[tid][blk_of]
+    offset, jmax, free, slots, item_m, item_v = (meta_a[:, c] for c in range(6))
+    tm, tv = np.concatenate(flat_m), np.concatenate(flat_v)
+    j = np.clip(count - free + 1, 1, jmax)
+    idx = (offset + j - 1).astype(int)
+    implied = free + j - 1
+    m = tm[idx] + (tokens - implied * item_m) / slots
+    v = tv[idx] + np.maximum(0.0, var - implied * item_v) / (slots * slots)
+    is_free = count < free
+    return np.where(is_free, 0.0, np.maximum(0.0, m)), np.where(is_free, 0.0, v)
 
 
 def model_kind_is_moe(config: PolicyConfig | None, model: str | None) -> bool:
@@ -613,15 +676,27 @@ class Forecaster:
 
     def group_work(self, g: GroupState) -> GroupWork:
         st = self.snapshot.lengths(g.model, g.slo_class)
-        m, v = remaining_moments(st.mean, st.var, np.asarray(g.max_tokens, dtype=float), 0.0)
-        m = np.broadcast_to(m, (g.size,))
-        v = np.broadcast_to(v, (g.size,))
-        w = Work(g.size, float(m.sum()), float(v.sum()), float(g.total_prompt_tokens))
+        tokens = var = 0.0
+        for cap in g.max_tokens:
+            m, v = fresh_length_moments(st.mean, st.var, cap)
+            tokens += m
+            var += v
+        w = Work(g.size, tokens, var, float(g.total_prompt_tokens))
         now = self.snapshot.now
         return GroupWork(g, w, tuple(a + g.ttft_s - now for a in g.arrivals))
 
     def _worker_models(self, max_running: int | None) -> dict[str, WorkerModel]:
         snap = self.snapshot
+        # Remaining lengths of every request on a device, in one vectorised call. Swapped-out
+        # requests are not ahead of the queue: they resume only into slots the queue leaves
+        # spare (the swap-in rule in policies/op_rules.py).
+        on_device = [r for w in snap.workers for r in w.running if not r.swapped]
+        stats = [snap.lengths(r.model, r.slo_class) for r in on_device]
+        all_m, all_v = remaining_moments(np.array([s.mean for s in stats]), np.array([s.var for s in stats]),
+                                         np.array([r.max_tokens for r in on_device], dtype=float),
+                                         np.array([r.generated_tokens for r in on_device], dtype=float))
+        all_m, all_v = np.atleast_1d(all_m), np.atleast_1d(all_v)
+        at = 0
         out = {}
         for w in snap.workers:
             model = w.loading_model or w.active_model
@@ -634,15 +709,11 @@ class Forecaster:
             rm = np.empty(0)
             rv = np.empty(0)
             ls = np.zeros(0, dtype=bool)
-            # Swapped-out requests are not ahead of the queue: they resume only into slots the
-            # queue leaves spare (the swap-in rule in policies/op_rules.py).
-            on_device = [r for r in w.running if not r.swapped]
-            if on_device:
-                stats = [snap.lengths(r.model, r.slo_class) for r in on_device]
-                rm, rv = remaining_moments(np.array([s.mean for s in stats]), np.array([s.var for s in stats]),
-                                           np.array([r.max_tokens for r in on_device], dtype=float),
-                                           np.array([r.generated_tokens for r in on_device], dtype=float))
-                ls = np.array([r.latency_sensitive for r in on_device])
+            mine = [r for r in w.running if not r.swapped]
+            if mine:
+                rm, rv = all_m[at:at + len(mine)], all_v[at:at + len(mine)]
+                at += len(mine)
+                ls = np.array([r.latency_sensitive for r in mine])
             extra = Work(max(0, len(rm) - slots), float(rm[slots:].sum()), float(rv[slots:].sum()))
             table = release_table(slots, rm, rv, item_m, item_v)
             table_ls = table if ls[:slots].all() else release_table(slots, rm[:slots][ls[:slots]],
@@ -664,17 +735,131 @@ class Forecaster:
         running work does not delay latency-sensitive groups (preempted or evicted),
         `cleared` those whose running requests are all taken off first."""
         prot, clr = set(protected), set(cleared)
-        out: dict[str, GroupForecast] = {}
+        gws: list[GroupWork] = []
+        widx: list[int] = []
+        order: list[str] = []
         for wid, queue in virtual_queues.items():
             if wid not in self.workers:
                 continue
-            cur = self.cursor(wid, wid in prot, wid in clr)
+            k = len(order)
+            order.append(wid)
             for gid in queue:
                 gw = self.groups.get(gid)
-                if gw is None:
-                    continue
-                out[gid] = GroupForecast(gid, wid, cur.push(gw), gw.slack_s)
+                if gw is not None:
+                    gws.append(gw)
+                    widx.append(k)
+        if not gws:
+            return {}
+        fm, fv, lm, lv = self._walk_all(gws, np.array(widx), order, prot, clr)
+        # Expected attainment of every group at once: each request's TTFT interpolates
+        # between the group's first and last (GroupTiming.request_ttft).
+        sizes = np.array([len(gw.slack_s) for gw in gws])
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        rep = np.repeat(np.arange(len(gws)), sizes)
+        pos = np.arange(len(rep)) - offsets[rep]
+        frac = np.where(sizes[rep] > 1, pos / np.maximum(sizes[rep] - 1, 1), 1.0)
+        mean = fm[rep] + frac * (lm - fm)[rep]
+        var = fv[rep] + frac * (lv - fv)[rep]
+        slack = np.fromiter((x for gw in gws for x in gw.slack_s), dtype=float, count=len(rep))
+        attain = np.add.reduceat(prob_within_array(mean, var, slack), offsets) / sizes
+        out: dict[str, GroupForecast] = {}
+        for gw, k, a, b, c, d, att in zip(gws, widx, fm.tolist(), fv.tolist(), lm.tolist(), lv.tolist(),
+                                         attain.tolist()):
+            out[gw.group_id] = GroupForecast(gw.group_id, order[k], GroupTiming(WaitEstimate(a, b), WaitEstimate(c, d)),
+                                             gw.slack_s, att)
         return out
+
+    def _walk_all(self, gws: list[GroupWork], widx: np.ndarray, order: list[str], prot: set[str], clr: set[str]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """QueueCursor.push over every queue at once (queues given back to back, `widx`
+        naming each group's queue): TTFT mean and variance of each group's first and last
+        request. Blocks of one model are vectorised; a model swap between blocks adds the
+        drain of the block before and the load (a short Python loop over blocks)."""
+        n_rows = len(gws)
+        n = np.fromiter((g.work.count for g in gws), dtype=float, count=n_rows)
+        tok = np.fromiter((g.work.tokens for g in gws), dtype=float, count=n_rows)
+        var = np.fromiter((g.work.var for g in gws), dtype=float, count=n_rows)
+        prompt = np.fromiter((g.work.prompt for g in gws), dtype=float, count=n_rows)
+        ls = np.fromiter((g.group.latency_sensitive for g in gws), dtype=bool, count=n_rows)
+        models = [g.group.model for g in gws]
+        # Blocks: runs of one worker and one model.
+        starts = [0]
+        for i in range(1, n_rows):
+            if widx[i] != widx[i - 1] or models[i] != models[i - 1]:
+                starts.append(i)
+        bstart = np.array(starts)
+        bend = np.append(bstart[1:], n_rows)
+        wms = [self.workers[wid] for wid in order]
+        pb = np.array([wms[k].worker.profile.prefill_base_s for k in range(len(order))])[widx]
+        pt = np.array([wms[k].worker.profile.prefill_per_token_s for k in range(len(order))])[widx]
+        pre = n * pb + prompt * pt
+        pre1 = pb + prompt / np.maximum(n, 1) * pt
+        blk_n = np.add.reduceat(n, bstart)
+        blk_tok = np.add.reduceat(tok, bstart)
+        blk_var = np.add.reduceat(var, bstart)
+        blk_prompt = np.add.reduceat(prompt, bstart)
+        blk_pre = np.add.reduceat(pre, bstart)
+        # Per block: table, LS table, work queued before it, start time (mean, var), step.
+        tables: list[ReleaseTable] = []
+        tables_ls: list[ReleaseTable] = []
+        init_c, init_t, init_v, base_m, base_v, steps = [], [], [], [], [], []
+        prev_w = -1
+        for b, i0 in enumerate(starts):
+            k = int(widx[i0])
+            wm = wms[k]
+            if k != prev_w:  # the head of a worker's queue
+                prev_w = k
+                cleared = order[k] in clr
+                model = wm.model
+                if cleared:
+                    table = table_ls = wm.fresh(model) if model is not None else wm.table
+                    init = EMPTY
+                else:
+                    table, table_ls, init = wm.table, wm.table_ls, wm.backlog
+                bm, bv = wm.ready_s, 0.0
+                done_pre = 0.0
+            m_b = models[i0]
+            if m_b != model:
+                if model is not None:
+                    dm, dv = table.drain(init)
+                    bm += dm * wm.step_s + done_pre
+                    bv += dv * wm.step_s**2
+                bm += wm.load_s(m_b)
+                table = table_ls = wm.fresh(m_b)
+                init, done_pre, model = EMPTY, 0.0, m_b
+            tables.append(table)
+            tables_ls.append(table_ls if order[k] in prot else table)
+            init_c.append(init.count)
+            init_t.append(init.tokens)
+            init_v.append(init.var)
+            base_m.append(bm + done_pre)
+            base_v.append(bv)
+            steps.append(wm.step_s)
+            init = init + Work(int(blk_n[b]), float(blk_tok[b]), float(blk_var[b]), float(blk_prompt[b]))
+            done_pre += float(blk_pre[b])
+        blk_of = np.repeat(np.arange(len(starts)), bend - bstart)
+
+        def excl(x: np.ndarray, blk_sum: np.ndarray) -> np.ndarray:
+            c = np.cumsum(x) - x
+            return c - (np.cumsum(blk_sum) - blk_sum)[blk_of]
+
+        c0 = np.array(init_c, dtype=float)[blk_of] + excl(n, blk_n)
+        t0 = np.array(init_t)[blk_of] + excl(tok, blk_tok)
+        v0 = np.array(init_v)[blk_of] + excl(var, blk_var)
+        p0 = np.array(base_m)[blk_of] + excl(pre, blk_pre)
+        share = (n - 1) / np.maximum(n, 1)
+        step = np.array(steps)[blk_of]
+        bv_row = np.array(base_v)[blk_of]
+        fm, fv = _starts_rows(tables, blk_of, c0, t0, v0)
+        lm, lv = _starts_rows(tables, blk_of, c0 + n - 1, t0 + tok * share, v0 + var * share)
+        use_ls = ls & np.array([tables_ls[b] is not tables[b] for b in range(len(starts))])[blk_of]
+        if use_ls.any():
+            fm2, fv2 = _starts_rows(tables_ls, blk_of, c0, t0, v0)
+            lm2, lv2 = _starts_rows(tables_ls, blk_of, c0 + n - 1, t0 + tok * share, v0 + var * share)
+            fm, fv = np.where(use_ls, fm2, fm), np.where(use_ls, fv2, fv)
+            lm, lv = np.where(use_ls, lm2, lm), np.where(use_ls, lv2, lv)
+        step2 = step * step
+        return p0 + fm * step + pre1, bv_row + fv * step2, p0 + lm * step + pre, bv_row + lv * step2
 
 
 def running_backlog(snapshot: ClusterSnapshot, worker: WorkerState) -> WaitEstimate:

@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "qlmserve.backends.hf.cli",
     "qlmserve.bench.scheduling",
     "qlmserve.bench.submit",
+    "qlmserve.bench.solver",
 ]
 
 

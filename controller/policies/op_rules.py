@@ -63,12 +63,13 @@ def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
         return EXPERT
     best, best_cost = None, float("inf")
     be = _be_running(w)
-    for name, mech in (("evict", EVICT), ("kv_swap", SWAP)):
-        if name not in ops:
+    tokens = [r.prompt_tokens + r.generated_tokens for r in be]
+    mean_tokens = sum(tokens) / len(tokens)
+    # Both costs are affine in the tokens: the mean cost is the cost of the mean.
+    for name, mech, cost in (("evict", EVICT, w.profile.prefill_time(int(mean_tokens))),
+                             ("kv_swap", SWAP, 2.0 * w.profile.kv_swap_time(int(mean_tokens)))):
+        if name not in ops or (mech == SWAP and _host_kv_free(w) < min(tokens)):
             continue
-        if mech == SWAP and _host_kv_free(w) < min(r.prompt_tokens + r.generated_tokens for r in be):
-            continue
-        cost = sum(victim_cost_s(w, r, mech) for r in be) / len(be)
         if cost < best_cost:
             best, best_cost = mech, cost
     return best

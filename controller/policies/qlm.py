@@ -65,6 +65,7 @@ class QlmPolicy(SchedulingPolicy):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.last_plan: Plan | None = None
+        self.last_decision: Decision | None = None  # the last plan's protection and swaps (for tools)
         self._last_solve_at: float | None = None
         # Candidate workers per group at risk (the group's own worker is always one).
         self.candidates = 3
@@ -167,6 +168,7 @@ class QlmPolicy(SchedulingPolicy):
                 best, best_score, cold = edf, edf_score, True
         source, note = self._improve(tick, best, best_score, cold, deadline)
         best, best_score = tick.best, tick.best_score
+        self.last_decision = best
         ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
         plan = Plan(virtual_queues=best.queues, operations=ops, source=source,
                     predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
@@ -187,8 +189,10 @@ class QlmPolicy(SchedulingPolicy):
             return solved, "every group meets its SLO in the base plan"
         at_risk, hopeless = tick.at_risk(base, base_score)
         if planner.drop_hopeless and hopeless:
-            base = tick.hopeless_last(base, hopeless)
-            tick.best, tick.best_score = base, tick.score(base)
+            moved = tick.hopeless_last(base, hopeless)
+            if moved.queues != base.queues:
+                base = moved
+                tick.best, tick.best_score = base, tick.score(base)
         if not at_risk:
             return solved, "no group at risk that can still meet its SLO"
         if time.perf_counter() >= deadline:
@@ -336,17 +340,20 @@ class _Tick:
             return self.edf_decision(), True
         queues = {wid: [gid for _, gid in sorted(items)] for wid, items in placed.items()}
         if new:
-            tails = QueueTails(self.snap, self.fc, self.live, queues)
+            # Where a new group could start soonest: the worker's head plus its queued work
+            # spread over its slots (the program corrects this for groups at risk).
+            heads = self.heads
+            queued = np.array([sum(self._add_mean(gid, wid) for gid in queues[wid]) for wid in heads.wids])
             for g in sorted(new, key=lambda g: (g.deadline, g.group_id)):
-                ok = eligible_mask(tails, g, allow_swap)
-                t = np.where(ok, tails.start(g), np.inf)
+                ok = eligible_mask(heads, g, allow_swap)
+                t = np.where(ok, heads.start(g) + queued, np.inf)
                 if not np.isfinite(t).any():
-                    t = np.where(ok, tails.same, np.inf)
+                    t = np.where(ok, queued, np.inf)
                 i = int(np.argmin(t))
-                q = queues[tails.wids[i]]
+                q = queues[heads.wids[i]]
                 at = next((k for k, gid in enumerate(q) if self.groups[gid].deadline > g.deadline), len(q))
                 q.insert(at, g.group_id)
-                tails.push(i, g.group_id)  # the tail estimate of an insertion (exact enough to rank)
+                queued[i] += self._add_mean(g.group_id, heads.wids[i])
         return Decision(queues), False
 
     def edf_decision(self) -> Decision:
@@ -392,9 +399,13 @@ class _Tick:
         return [self.live[i] for i in top]
 
     def _best_case_meets(self, g: GroupState) -> bool:
+        """Whether `g` could meet its SLO at the head of one of its two best workers (with
+        protection or a cleared batch where those are possible)."""
         gw = self.fc.groups[g.group_id]
         slack = min(gw.slack_s)
-        for w in self.candidates_of(g, self.policy.candidates):
+        if slack <= 0:
+            return False
+        for w in self.candidates_of(g, 2):
             for protect, cleared in ((False, False), (True, False), (False, True)):
                 if protect and protection_mechanism(self.cfg, w) is None:
                     continue

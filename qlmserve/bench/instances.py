@@ -61,6 +61,7 @@ class InstanceSpec:
     idle_workers: float = 0.1  # share of workers with nothing loaded or running
     swapped_fraction: float = 0.05  # running requests whose KV is in host memory
     heterogeneous: bool = True  # some workers faster than others, some cannot hold every model
+    max_age: float = 0.8  # groups arrived up to this fraction of their TTFT target ago
     now: float = 1000.0
 
 
@@ -135,8 +136,8 @@ def random_snapshot(config: PolicyConfig, spec: InstanceSpec, seed: int) -> Clus
         c = str(rng.choice(classes, p=shares))
         sc = config.slo_classes[c]
         n = int(sizes[k])
-        # Arrived up to 0.8 TTFT ago (a few nearly late), oldest first.
-        first = now - float(rng.uniform(0.0, 0.8)) * sc.ttft_s
+        # Arrived up to max_age x TTFT ago (a few nearly late), oldest first.
+        first = now - float(rng.uniform(0.0, spec.max_age)) * sc.ttft_s
         arrivals = tuple(sorted(float(first + rng.uniform(0, min(1.5, now - first))) for _ in range(n)))
         arrivals = (first,) + arrivals[1:]
         prompts = tuple(int(x) for x in rng.integers(30, 1500, size=n))
@@ -169,11 +170,12 @@ def random_snapshot(config: PolicyConfig, spec: InstanceSpec, seed: int) -> Clus
 
 
 def advance(snapshot: ClusterSnapshot, config: PolicyConfig, virtual_queues: dict[str, list[str]],
-            dt: float, seed: int, arrivals: int = 2) -> ClusterSnapshot:
+            dt: float, seed: int, target_groups: int | None = None) -> ClusterSnapshot:
     """The next tick's snapshot, roughly: time moves by `dt`, each worker's queue head
-    loses the requests it could admit (a crude stand-in for dispatch), new groups arrive,
-    and every queued group records the queue it sits in. For solver-timing sequences,
-    not for judging schedules (that is the simulator's job)."""
+    loses the requests it could admit (a crude stand-in for dispatch), new groups arrive
+    (back up to `target_groups`, at least one), and every queued group records the queue
+    it sits in. For solver-timing sequences, not for judging schedules (that is the
+    simulator's job)."""
     rng = np.random.default_rng(seed)
     now = snapshot.now + dt
     pos = {gid: (wid, i) for wid, q in virtual_queues.items() for i, gid in enumerate(q)}
@@ -201,8 +203,9 @@ def advance(snapshot: ClusterSnapshot, config: PolicyConfig, virtual_queues: dic
     for g in groups.values():
         wid, i = pos.get(g.group_id, (g.worker_id, g.position))
         out.append(replace(g, worker_id=wid, position=i))
-    fresh = random_snapshot(config, InstanceSpec(groups=max(1, arrivals), workers=1, now=now, placed_fraction=0.0),
-                            seed + 7919)
+    arrivals = max(1, (target_groups or len(snapshot.groups)) - len(out))
+    fresh = random_snapshot(config, InstanceSpec(groups=arrivals, workers=1, now=now, placed_fraction=0.0,
+                                                 max_age=0.05), seed + 7919)
     for k, g in enumerate(fresh.groups):
         out.append(replace(g, group_id=f"{g.group_id}-t{seed}-{k}", worker_id=None, position=0))
     return ClusterSnapshot(now=now, groups=tuple(out), workers=tuple(workers),
