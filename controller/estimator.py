@@ -605,6 +605,29 @@ def prob_within_array(mean: np.ndarray, var: np.ndarray, t: np.ndarray) -> np.nd
     return np.where(det, (mean <= t).astype(float), p)
 
 
+def quantile_array(mean: np.ndarray, var: np.ndarray, beta: float) -> np.ndarray:
+    """WaitEstimate(mean, var).quantile(beta), elementwise."""
+    mean, var = np.asarray(mean, dtype=float), np.asarray(var, dtype=float)
+    det = (var <= 0) | (mean <= 0)
+    safe_var = np.where(det, 1.0, var)
+    safe_mean = np.where(det, 1.0, mean)
+    k = safe_mean * safe_mean / safe_var
+    normal = safe_mean + normal_z(beta) * np.sqrt(safe_var)
+    gamma = special.gammaincinv(np.minimum(k, _NORMAL_SHAPE), beta) * safe_var / safe_mean
+    q = np.where(k >= _NORMAL_SHAPE, normal, gamma)
+    return np.maximum(0.0, np.where(det, mean, q))
+
+
+def meets_all(forecasts: Iterable[GroupForecast], beta: float) -> np.ndarray:
+    """GroupForecast.meets(beta) for many groups at once."""
+    fs = list(forecasts)
+    if not fs:
+        return np.zeros(0, dtype=bool)
+    q = quantile_array(np.array([f.timing.last.mean_s for f in fs]), np.array([f.timing.last.var_s2 for f in fs]),
+                       beta)
+    return q <= np.array([min(f.slack_s) for f in fs])
+
+
 def _starts_rows(tables: list[ReleaseTable], blk_of: np.ndarray, count: np.ndarray, tokens: np.ndarray,
                  var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ReleaseTable.start, elementwise: row i uses tables[blk_of[i]]."""
@@ -637,6 +660,11 @@ def model_kind_is_moe(config: PolicyConfig | None, model: str | None) -> bool:
     if config is None or model is None or model not in config.models:
         return False
     return config.models[model].kind != "llama"
+
+
+# Up to this many groups, `Forecaster.evaluate` walks the queues with QueueCursor (same
+# result, see tests) instead of the vectorised walk.
+_SMALL_EVALUATION = 12
 
 
 class Forecaster:
@@ -750,6 +778,15 @@ class Forecaster:
                     widx.append(k)
         if not gws:
             return {}
+        if len(gws) <= _SMALL_EVALUATION:  # numpy's per-call overhead outweighs the loop
+            out = {}
+            for wid in order:
+                cur = self.cursor(wid, wid in prot, wid in clr)
+                for gid in virtual_queues[wid]:
+                    gw = self.groups.get(gid)
+                    if gw is not None:
+                        out[gid] = GroupForecast(gid, wid, cur.push(gw), gw.slack_s)
+            return out
         fm, fv, lm, lv = self._walk_all(gws, np.array(widx), order, prot, clr)
         # Expected attainment of every group at once: each request's TTFT interpolates
         # between the group's first and last (GroupTiming.request_ttft).

@@ -11,7 +11,7 @@ import numpy as np
 
 import pulp
 
-from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, WaitEstimate
+from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, WaitEstimate, meets_all
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
 from qlmserve.controller.policies.op_rules import (EXPERT, EVICT, SWAP, ModelChange, derive_operations,
@@ -66,6 +66,7 @@ class QlmPolicy(SchedulingPolicy):
         super().__init__(config)
         self.last_plan: Plan | None = None
         self.last_decision: Decision | None = None  # the last plan's protection and swaps (for tools)
+        self._edf_s_per_group = 4e-5  # measured cost of the EDF base per group (moving average)
         self._last_solve_at: float | None = None
         # Candidate workers per group at risk (the group's own worker is always one).
         self.candidates = 3
@@ -159,11 +160,14 @@ class QlmPolicy(SchedulingPolicy):
         tick = _Tick(self, snapshot)
         best, cold = tick.base_decision(self.last_plan)
         best_score = tick.score(best)
-        if (not cold and best_score.primary < 0.8 * tick.max_value
-                and time.perf_counter() < t0 + 0.3 * (deadline - t0)):
-            # The last plan misses much: EDF list scheduling from scratch may be a better start.
+        if not cold and best_score.primary < tick.max_value - 1e-9 and self._edf_worth_it(
+                len(snapshot.groups), best_score.primary / tick.max_value, t0, deadline):
+            # EDF list scheduling from scratch may start better than the last plan.
+            t_edf = time.perf_counter()
             edf = tick.edf_decision()
             edf_score = tick.score(edf)
+            per_group = (time.perf_counter() - t_edf) / max(1, len(snapshot.groups))
+            self._edf_s_per_group = 0.7 * self._edf_s_per_group + 0.3 * per_group
             if edf_score.better_than(best_score):
                 best, best_score, cold = edf, edf_score, True
         source, note = self._improve(tick, best, best_score, cold, deadline)
@@ -176,6 +180,16 @@ class QlmPolicy(SchedulingPolicy):
         self.last_plan = plan
         self._last_solve_at = snapshot.now
         return plan
+
+    def _edf_worth_it(self, groups: int, share_met: float, t0: float, deadline: float) -> bool:
+        """Whether to also build the EDF plan as a base: when it is cheap against the budget
+        (its measured cost per group), or when the last plan misses a fifth of the value
+        and half the budget is still left after it."""
+        budget = deadline - t0
+        cost = self._edf_s_per_group * groups
+        if cost <= 0.25 * budget:
+            return True
+        return share_met < 0.8 and time.perf_counter() + cost <= t0 + 0.5 * budget
 
     def _improve(self, tick: _Tick, base: Decision, base_score: Score, cold: bool,
                  deadline: float) -> tuple[str, str]:
@@ -209,7 +223,9 @@ class QlmPolicy(SchedulingPolicy):
         sol, why = tick.solve_program(built, base, left * 0.85)
         if sol is None:
             return fallback, why
-        cand = tick.repair(tick.assemble(built, sol), built, deadline)
+        # The local search gets what is left, up to a third of the budget.
+        polish_until = min(deadline, time.perf_counter() + planner.solve_budget_ms / 3000.0)
+        cand = tick.repair(tick.assemble(built, sol), built, polish_until)
         cand_score = tick.score(cand)
         size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
         if not cand_score.better_than(tick.best_score):
@@ -249,6 +265,7 @@ class _ProgramContext:
     group_ids: list[str]
     worker_ids: list[str]
     protect_of: dict[str, str]  # worker -> mechanism its p variable stands for
+    unplaced: dict[str, str]  # groups at risk with no feasible pair -> the worker whose tail they go to
 
 
 @dataclass
@@ -301,7 +318,7 @@ class _Tick:
         if self.method == "saa":
             primary = expected - cost
         else:
-            primary = sum(self.value[g] for g, f in fc.items() if f.meets(self.beta)) - cost
+            primary = sum(self.value[g] for g, ok in zip(fc, meets_all(fc.values(), self.beta)) if ok) - cost
         return Score(primary, expected, fc)
 
     # -- base plan ---------------------------------------------------------------------------
@@ -489,20 +506,12 @@ class _Tick:
                     pulled[gid] = wid
         for gid, wid in pulled.items():
             cand[gid] = [self.workers[wid]]
-        # A group with no feasible pair keeps its base place; drop it and build again so
-        # that the kept queues and insertion points stay consistent.
-        for _ in range(3):
-            built = self._build(base, cand, full)
-            if isinstance(built, _Built) or built is None:
-                return built
-            for gid in built:
-                del cand[gid]
-            if not cand:
-                return None
-        return None
+        return self._build(base, cand, full)
 
-    def _build(self, base: Decision, cand: dict[str, list[WorkerState]], full: bool) -> _Built | set[str] | None:
-        """The program for these candidates, or the set of groups that have no feasible pair."""
+    def _build(self, base: Decision, cand: dict[str, list[WorkerState]], full: bool) -> _Built | None:
+        """The program for these candidates. A candidate group with no feasible pair (it
+        cannot meet its SLO on any candidate, or no candidate can take its model) stays
+        out of the program and is served last (`_ProgramContext.unplaced`)."""
         in_program = set(cand)
         kept = {wid: [gid for gid in q if gid not in in_program] for wid, q in base.queues.items()}
         base_worker = {gid: wid for wid, q in base.queues.items() for gid in q}
@@ -597,11 +606,14 @@ class _Tick:
                     add_mean=work.tokens * wm.step_s / wm.slots + prefill,
                     add_var=work.var * (wm.step_s / wm.slots) ** 2, prefill_s=prefill, free_s=free_s,
                     ref=ref, ref_ls=ref_ls, current=base_worker.get(gid) == wid))
-        with_pair = {gids[pr.gi] for pr in pairs}
-        if len(with_pair) < len(gids):
-            return set(gids) - with_pair
         if not pairs:
             return None
+        with_pair = sorted({pr.gi for pr in pairs})
+        unplaced = [gid for gid in gids if gindex[gid] not in set(with_pair)]
+        if unplaced:
+            remap = {old: new for new, old in enumerate(with_pair)}
+            gids = [gids[i] for i in with_pair]
+            pairs = [replace(pr, gi=remap[pr.gi]) for pr in pairs]
         pgroups = [ProgramGroup(gid, self.value[gid], min(self.fc.groups[gid].slack_s),
                                 self.groups[gid].latency_sensitive, self.fc.groups[gid].work.tokens,
                                 self.fc.groups[gid].work.var) for gid in gids]
@@ -609,7 +621,9 @@ class _Tick:
         program = Program(planner.method, self.beta, pgroups, pworkers, pairs,
                           drop_hopeless=planner.drop_hopeless, scenarios=planner.scenarios,
                           seed=int(self.snap.now * 1000) % (2**31))
-        return _Built(_ProgramContext(program, kept, index, gids, wids, protect_of), build_model(program))
+        ctx = _ProgramContext(program, kept, index, gids, wids, protect_of,
+                              {gid: base_worker.get(gid) or cand[gid][0].worker_id for gid in unplaced})
+        return _Built(ctx, build_model(program))
 
     def _insertion(self, g: GroupState, kept: list[str], states: list[QueueCursor], own_queue: list[str] | None,
                    in_program: set[str]) -> int | None:
@@ -684,6 +698,8 @@ class _Tick:
                 base_worker[gid] = ctx.worker_ids[pr.wj]
         for gid in sorted(late, key=lambda g: (self.groups[g].deadline, g)):
             queues.setdefault(base_worker[gid], []).append(gid)
+        for gid, wid in sorted(ctx.unplaced.items(), key=lambda kv: (self.groups[kv[0]].deadline, kv[0])):
+            queues.setdefault(wid, []).append(gid)
         changes: dict[str, ModelChange] = {}
         cost = 0.0
         for wj, k in sol.options.items():
@@ -728,14 +744,23 @@ class _Tick:
         def gain(new: tuple[float, float], old: tuple[float, float]) -> tuple[float, float]:
             return new[0] - old[0], new[1] - old[1]
 
-        current = {wid: worker_score(wid, q) for wid, q in queues.items()}
+        current: dict[str, tuple[float, float]] = {}
+
+        def score_of(wid: str) -> tuple[float, float]:
+            if wid not in current:
+                current[wid] = worker_score(wid, queues.get(wid, []))
+            return current[wid]
+
+        touched = {wid for ws in cands.values() for wid in ws} | {where[g] for g in ctx.group_ids}
+        exhaustive = len(ctx.group_ids) <= FULL_PROGRAM_PAIRS
         improved = True
         while improved and time.perf_counter() < deadline:
             improved = False
-            fc_all = self.fc.evaluate(queues, prot, cleared)
-            order = sorted(ctx.group_ids, key=lambda g: (fc_all[g].meets(self.beta) if g in fc_all else True,
-                                                         -self.value[g], g))
-            for gid in order:
+            fc_all = self.fc.evaluate({wid: queues.get(wid, []) for wid in touched}, prot, cleared)
+            meets = {g: fc_all[g].meets(self.beta) if g in fc_all else True for g in ctx.group_ids}
+            # Small programs: every group may move (a local optimum); large ones: those missing.
+            movable = ctx.group_ids if exhaustive else [g for g in ctx.group_ids if not meets[g]]
+            for gid in sorted(movable, key=lambda g: (meets[g], -self.value[g], g)):
                 if time.perf_counter() >= deadline:
                     break
                 src = where[gid]
@@ -751,9 +776,9 @@ class _Tick:
                             continue
                         new = worker_score(wid, trial)
                         if wid == src:
-                            g = gain(new, current[src])
+                            g = gain(new, score_of(src))
                         else:
-                            g1, g2 = gain(new, current[wid]), gain(src_new, current[src])
+                            g1, g2 = gain(new, score_of(wid)), gain(src_new, score_of(src))
                             g = (g1[0] + g2[0], g1[1] + g2[1])
                         if g[0] > best_gain[0] + 1e-9 or (g[0] > best_gain[0] - 1e-9 and g[1] > best_gain[1]):
                             best, best_gain = (wid, trial, new), g

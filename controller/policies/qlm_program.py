@@ -135,14 +135,12 @@ def _expr(terms: list[tuple[pulp.LpVariable, float]], constant: float = 0.0) -> 
 
 
 def _quantile_terms(mean: float, var: float, beta: float) -> tuple[float, float, float]:
-    """(reference quantile, z, sigma) of a TTFT with these moments: gamma-shaped like
-    WaitEstimate.quantile, normal when the shape is large."""
+    """(beta-quantile, its z-score, sigma) of a TTFT with these moments, gamma-shaped like
+    WaitEstimate.quantile (normal when the shape is large)."""
     sd = math.sqrt(max(var, 0.0))
+    q = _draw((mean, var), beta)
     if sd <= 1e-12 or mean <= 0:
-        z = _normal_z(beta)
-        return max(0.0, mean), z, max(sd, 1e-6)
-    k = mean * mean / var
-    q = float(special.gammaincinv(k, beta)) * var / mean if k < 400 else mean + _normal_z(beta) * sd
+        return q, _normal_z(beta), max(sd, 1e-6)
     return q, (q - mean) / sd, sd
 
 
@@ -228,23 +226,29 @@ def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
     return prob, v
 
 
-def _ref_expr(program: Program, v: ProgramVars, pr: Pair, qfun) -> tuple[pulp.LpAffineExpression, float]:
-    """Reference quantile of the pair as an expression of the worker's option (and
-    protection), and the largest value it can take."""
+def _ref_terms(program: Program, v: ProgramVars, pr: Pair, ref_q: dict[int, float], ls_q: float | None
+               ) -> tuple[list, float, float]:
+    """The pair's reference quantile (ref_q: per option of its worker; ls_q: with
+    protection) as linear terms in the worker's option and protection plus a constant,
+    and the largest value it can take."""
     w = program.workers[pr.wj]
+    terms: list[tuple[pulp.LpVariable, float]] = []
     if w.fixed:
-        q0 = qfun(pr.ref[0])
-        expr = pulp.LpAffineExpression(constant=q0)
-        hi = q0
+        const = hi = ref_q[0]
     else:
-        items = [(v.u[pr.wj, k], qfun(mv)) for k, mv in pr.ref.items()]
-        expr = _expr(items)
-        hi = max(q for _, q in items)
-    if pr.ref_ls is not None and pr.wj in v.p and program.groups[pr.gi].latency_sensitive and 0 in pr.ref:
-        delta = max(0.0, qfun(pr.ref[0]) - qfun(pr.ref_ls))
+        const = 0.0
+        terms = [(v.u[pr.wj, k], q) for k, q in ref_q.items()]
+        hi = max(ref_q.values())
+    if ls_q is not None and pr.wj in v.p and program.groups[pr.gi].latency_sensitive and 0 in ref_q:
+        delta = max(0.0, ref_q[0] - ls_q)
         if delta > 0:
-            expr = expr - delta * v.p[pr.wj]
-    return expr, hi
+            terms.append((v.p[pr.wj], -delta))
+    return terms, const, hi
+
+
+def _add_le(prob: pulp.LpProblem, terms: list[tuple[pulp.LpVariable, float]], rhs: float, name: str) -> None:
+    """prob += sum(terms) <= rhs, built once (repeated variables summed)."""
+    prob.addConstraint(pulp.LpConstraint(_expr(terms), sense=pulp.LpConstraintLE, rhs=rhs, name=name), name)
 
 
 def _chance_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
@@ -263,22 +267,30 @@ def _chance_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var)
             sd1 = math.sqrt(v1)
             slope = z / (2.0 * sd1)
             offset = z * (sd1 - v1 / (2.0 * sd1) + v_ref / (2.0 * sd1) - math.sqrt(v_ref))  # tangent at V1 vs sd(V_ref)
-
-            def qfun(mv: tuple[float, float]) -> float:
-                return _quantile_terms(mv[0], mv[1], beta)[0] + offset
-
-            ref, hi = _ref_expr(program, v, pr, qfun)
+            ref_q = {k: t[0] + offset for k, t in q_terms.items()}
+            ls_q = _quantile_terms(*pr.ref_ls, beta)[0] + offset if pr.ref_ls is not None else None
+            ref, const, hi = _ref_terms(program, v, pr, ref_q, ls_q)
             slack = program.groups[i].slack_s
             # Decode work ahead (and its variance) delays the group once the free slots are
             # used up: a max with zero, as two constraints; prefill passes always add.
             always = [(ahead_var[h.gi, j], h.prefill_s) for h in ahead]
             decode = [(ahead_var[h.gi, j], h.add_mean - h.prefill_s + slope * h.add_var) for h in ahead]
             big_m = max(0.0, hi + sum(max(0.0, h.add_mean + slope * h.add_var) for h in ahead) - slack)
-            prob += (ref + _expr(always + decode, -pr.free_s)
-                     <= slack + big_m * (1 - v.y[i, j])), f"slo_g{i}_w{j}"
+            meet = [(v.y[i, j], big_m)]
+            _add_le(prob, ref + always + decode + meet, slack + big_m - const + pr.free_s, f"slo_g{i}_w{j}")
             if pr.free_s > 0 and ahead:
-                prob += (ref + _expr(always) <= slack + big_m * (1 - v.y[i, j])), \
-                    f"slo_free_g{i}_w{j}"
+                _add_le(prob, ref + always + meet, slack + big_m - const, f"slo_free_g{i}_w{j}")
+
+
+def _draw(mv: tuple[float, float], u: float) -> float:
+    """The u-quantile of a TTFT with these moments (gamma-shaped, normal for large shapes)."""
+    m, s2 = mv
+    if s2 <= 1e-12 or m <= 0:
+        return max(0.0, m)
+    k = m * m / s2
+    if k >= 400:
+        return m + math.sqrt(s2) * _normal_z(u)
+    return float(special.gammaincinv(k, u)) * s2 / m
 
 
 def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
@@ -301,30 +313,22 @@ def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) ->
         for idx, pr in enumerate(prs):
             i = pr.gi
             ahead = prs[:idx]
+            always = [(ahead_var[h.gi, j], h.prefill_s) for h in ahead]
             for s in range(S):
                 u_js = float(uni[j, s])
-
-                def draw(mv: tuple[float, float], u_js: float = u_js) -> float:
-                    m, s2 = mv
-                    if s2 <= 1e-12 or m <= 0:
-                        return max(0.0, m)
-                    kk = m * m / s2
-                    if kk >= 400:
-                        return m + math.sqrt(s2) * _normal_z(u_js)
-                    return float(special.gammaincinv(kk, u_js)) * s2 / m
-
-                ref, hi = _ref_expr(program, v, pr, draw)
-                always = [(ahead_var[h.gi, j], h.prefill_s) for h in ahead]
+                ref_q = {k: _draw(mv, u_js) for k, mv in pr.ref.items()}
+                ls_q = _draw(pr.ref_ls, u_js) if pr.ref_ls is not None else None
+                ref, const, hi = _ref_terms(program, v, pr, ref_q, ls_q)
                 decode = [(ahead_var[h.gi, j], float(tokens[s, h.gi]) * w.step_per_slot) for h in ahead]
                 big_m = max(0.0, hi + sum(a for _, a in always + decode) - G[i].slack_s)
                 zv = pulp.LpVariable(f"z_g{i}_w{j}_s{s}", cat="Binary")
                 v.z[i, j, s] = zv
-                prob += zv <= v.y[i, j], f"scenario_needs_place_g{i}_w{j}_s{s}"
-                prob += (ref + _expr(always + decode, -pr.free_s)
-                         <= G[i].slack_s + big_m * (1 - zv)), f"slo_g{i}_w{j}_s{s}"
+                _add_le(prob, [(zv, 1.0), (v.y[i, j], -1.0)], 0.0, f"scenario_needs_place_g{i}_w{j}_s{s}")
+                meet = [(zv, big_m)]
+                _add_le(prob, ref + always + decode + meet, G[i].slack_s + big_m - const + pr.free_s,
+                        f"slo_g{i}_w{j}_s{s}")
                 if pr.free_s > 0 and ahead:
-                    prob += (ref + _expr(always) <= G[i].slack_s + big_m * (1 - zv)), \
-                        f"slo_free_g{i}_w{j}_s{s}"
+                    _add_le(prob, ref + always + meet, G[i].slack_s + big_m - const, f"slo_free_g{i}_w{j}_s{s}")
 
 
 class _WarmHiGHS(pulp.HiGHS):
@@ -351,7 +355,7 @@ def solve_program(program: Program, time_limit_s: float, warm: dict[str, float] 
         for var in prob.variables():
             if var.name in warm:
                 var.setInitialValue(warm[var.name])
-    solver = _WarmHiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), gapRel=1e-6, threads=1)
+    solver = _WarmHiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), gapRel=1e-4, threads=1)
     prob.solve(solver)
     status = pulp.LpStatus[prob.status]
     if status != "Optimal" or prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
