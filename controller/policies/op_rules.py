@@ -160,6 +160,11 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
         queue = [groups[gid] for gid in queues.get(wid, []) if gid in groups]
         slots = fc.workers[wid].slots if wid in fc.workers else w.max_batch_size
         change = changes.get(wid)
+        if change is None and queue and w.loading_model is None and queue[0].model != w.active_model \
+                and not any(not r.swapped for r in w.running) and w.accepts_work:
+            # Nothing runs and the head group needs another model: load it now (what dispatch
+            # would do lazily, made explicit so that warm starts and the plan agree).
+            change = ModelChange(queue[0].model)
         mech = protected.get(wid)
         if change is not None and change.clear is not None:
             running = [r for r in w.running if not r.swapped]
