@@ -14,7 +14,7 @@ from qlmserve.bench.instances import InstanceSpec, make_policy, random_snapshot
 from qlmserve.controller.policies import create_policy
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
-from qlmserve.operations.ops import Evict, LoadModel, OpKind, SetPreemption, SwapOut, WarmModel
+from qlmserve.operations.ops import OPS_BY_POLICY_NAME, Evict, LoadModel, OpKind, SetPreemption, SwapOut, WarmModel
 
 pytestmark = pytest.mark.unit
 
@@ -202,17 +202,19 @@ def test_timeouts_fall_back_to_the_last_plan_or_edf():
         assert sorted(g for q in plan.virtual_queues.values() for g in q) == sorted(g.group_id for g in snap.groups)
 
 
-def test_matches_exhaustive_search_with_model_swaps():
+@pytest.mark.parametrize("ops, load, max_group", [(("model_swap", "load_balance"), 0.8, 5), ((), 1.5, 4)],
+                         ids=["model-swap+load-balance", "operations-off"])
+def test_matches_exhaustive_search(ops: tuple[str, ...], load: float, max_group: int):
     """This test verifies that:
-    1. with two models, model swaps and load balancing on (operations that change where a
-       group can go and what it costs), on instances small enough to enumerate every
-       placement and order (2 workers, 4 groups) and where the placement matters, QLM's plan
-       scores as high as the best one under its own objective;
+    1. with two models, with model swaps and load balancing on (operations that change where a
+       group can go and what it costs) and with every operation off, on instances small
+       enough to enumerate every placement and order (2 workers, 4 groups) and where the
+       placement matters, QLM's plan scores as high as the best one under its own objective;
     2. at least five such non-trivial instances are checked."""
     checked = 0
     for seed in range(14):
-        cfg = make_policy(2, operations=("model_swap", "load_balance"), solve_budget_ms=2000.0)
-        spec = InstanceSpec(groups=4, workers=2, load=0.8, max_group_size=5, placed_fraction=0.0,
+        cfg = make_policy(2, operations=ops, solve_budget_ms=2000.0)
+        spec = InstanceSpec(groups=4, workers=2, load=load, max_group_size=max_group, placed_fraction=0.0,
                             heterogeneous=False, idle_workers=0.0, swapped_fraction=0.0)
         snap = random_snapshot(cfg, spec, seed)
         policy = create_policy("qlm", cfg)
@@ -228,3 +230,31 @@ def test_matches_exhaustive_search_with_model_swaps():
         checked += 1
         assert policy.plan_value(snap, plan.virtual_queues) >= max(values) - 1e-6, (seed, plan.note)
     assert checked >= 5
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plans_respect_model_memory_and_enabled_operations(seed: int):
+    """This test verifies that:
+    1. no group is queued on a worker that cannot hold its model;
+    2. a model load is only planned for a model the worker can hold;
+    3. with some operations disabled, no operation of a disabled kind appears, and with none
+       enabled the plan carries no operations at all."""
+    for ops in (("evict", "model_swap"), ("kv_swap", "preempt", "load_balance"), ()):
+        cfg = make_policy(2, operations=ops)
+        snap = random_snapshot(cfg, InstanceSpec(groups=24, workers=6, load=2.0), seed)
+        only = frozenset({next(iter(cfg.models))})  # one worker cannot hold the second model
+        snap = replace(snap, workers=(replace(snap.workers[0], servable_models=only, active_model=next(iter(only))),
+                                      *snap.workers[1:]))
+        plan = create_policy("qlm", cfg).solve(snap)
+        groups = {g.group_id: g for g in snap.groups}
+        workers = {w.worker_id: w for w in snap.workers}
+        for wid, q in plan.virtual_queues.items():
+            for gid in q:
+                assert workers[wid].can_serve(groups[gid].model), (wid, gid)
+        allowed = {k for name in ops for k in OPS_BY_POLICY_NAME[name]}
+        for op in plan.operations:
+            assert op.kind in allowed, (ops, op)
+            if isinstance(op, LoadModel):
+                assert workers[op.worker_id].can_serve(op.model)
+        if not ops:
+            assert plan.operations == []
