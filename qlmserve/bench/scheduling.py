@@ -324,6 +324,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "operations": ["on" if m else "off" for m in ops_modes],
         "workload_at_lowest_load": describe_workload(sample),
         "wall_s": time.perf_counter() - t0,
+        "code": provenance(),
         "metrics": "SLO attainment: TTFT within the class target (unserved = missed); throughput and goodput: "
                    "output tokens / run length (drain included), goodput counting requests that met their SLO; "
                    "TTFT percentiles count unserved requests at their wait when the run ended.",
@@ -340,6 +341,21 @@ def _log_run(console, s: dict, done: int, total: int) -> None:
                   f"({s['requests']} requests, {s['sim_wall_s']:.0f} s wall)")
 
 
+def provenance() -> dict:
+    """The code the results came from: commit, and files that differed from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+    return {"commit": head or None, "modified": [ln[3:] for ln in dirty if ln.strip()]}
+
+
 def print_setup(console, setup: dict) -> None:
     cap = setup["capacity"]
     console.print(f"[bold]Scenario {setup['scenario']}[/bold]: {setup['title']}")
@@ -352,6 +368,10 @@ def print_setup(console, setup: dict) -> None:
     console.print(f"  measured capacity {cap['output_tok_s']:.0f} output tok/s = {cap['req_s']:.2f} req/s "
                   f"({cap['method']}); outputs {setup['output_tokens_mean']:.0f} +- {setup['output_tokens_std']:.0f} "
                   f"tokens, prompts {setup['prompt_tokens_mean']:.0f}")
+    code = setup.get("code") or {}
+    if code.get("commit"):
+        mod = code.get("modified") or []
+        console.print(f"  code {code['commit'][:12]}" + (f" with uncommitted changes to {', '.join(mod)}" if mod else ""))
     if setup["policies_missing"]:
         console.print(f"  [yellow]not registered, skipped: {', '.join(setup['policies_missing'])}[/yellow]")
     console.print(f"  {setup['metrics']}")
