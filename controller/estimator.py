@@ -899,21 +899,6 @@ class Forecaster:
         return p0 + fm * step + pre1, bv_row + fv * step2, p0 + lm * step + pre, bv_row + lv * step2
 
 
-def running_backlog(snapshot: ClusterSnapshot, worker: WorkerState) -> WaitEstimate:
-    """Wall time until the worker has a free slot, from what it runs now (zero while one is free)."""
-    return Forecaster(snapshot).cursor(worker.worker_id).free_at()
-
-
-def queue_wait(snapshot: ClusterSnapshot, worker: WorkerState, groups_ahead: list[GroupState]) -> WaitEstimate:
-    """Wall-clock wait until the next request in `worker`'s virtual queue starts (before
-    its own prefill), given the groups ahead of it."""
-    fc = Forecaster(snapshot)
-    cur = fc.cursor(worker.worker_id)
-    for g in groups_ahead:
-        cur.push(fc.groups[g.group_id] if g.group_id in fc.groups else fc.group_work(g))
-    return cur.free_at()
-
-
 def predict_group_wait(snapshot: ClusterSnapshot, virtual_queues: dict[str, list[str]], group_id: str) -> WaitEstimate:
     """Predicted TTFT of the first request of `group_id` under the given virtual queues
     (queue wait, model swaps ahead of it, and its own prefill)."""

@@ -106,7 +106,8 @@ def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots
 def protection_cost_s(w: WorkerState, queue: Sequence[GroupState], slots: int, mechanism: str) -> float:
     if mechanism == EXPERT:
         return 0.0
-    return sum(victim_cost_s(w, r, mechanism) for r in victims(w, ls_requests_needing_slots(w, queue, slots), mechanism))
+    needed = ls_requests_needing_slots(w, queue, slots)
+    return sum(victim_cost_s(w, r, mechanism) for r in victims(w, needed, mechanism))
 
 
 def rule_protection(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecaster,

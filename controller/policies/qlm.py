@@ -11,7 +11,7 @@ import numpy as np
 
 import pulp
 
-from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, WaitEstimate, meets_all
+from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, meets_all
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
 from qlmserve.controller.policies.op_rules import (EXPERT, EVICT, SWAP, ModelChange, derive_operations,
@@ -31,6 +31,9 @@ MIN_PAIRS = 24
 # Below this many (group, worker) pairs every group enters the program and every worker is
 # a candidate (the program is then exact up to its order restriction; see the NOTE).
 FULL_PROGRAM_PAIRS = 48
+# With drop_hopeless off, a group the program cannot make meet its SLO still keeps its
+# deadline place unless that costs another group its SLO (Program.place_reward).
+PLACE_REWARD = 0.01
 
 
 @dataclass
@@ -93,12 +96,11 @@ class QlmPolicy(SchedulingPolicy):
             if q and (w is None or not w.accepts_work):
                 return True
         if self.operation_enabled("load_balance"):
-            live = {gid for g in snapshot.groups for gid in (g.group_id,)}
-            waiting = any(gid in live for q in last_plan.virtual_queues.values() for gid in q)
-            for w in snapshot.workers:
-                if w.accepts_work and w.free_slots > 0 and waiting and not any(
-                        gid in live for gid in last_plan.virtual_queues.get(w.worker_id, [])):
-                    return True
+            live = {g.group_id for g in snapshot.groups}
+            has_work = {wid for wid, q in last_plan.virtual_queues.items() if live.intersection(q)}
+            if has_work and any(w.accepts_work and w.free_slots > 0 and w.worker_id not in has_work
+                                for w in snapshot.workers):
+                return True  # an idle worker could take queued work
         fc = Forecaster(snapshot, self.config.max_running_per_worker)
         protected = [w.worker_id for w in snapshot.workers if w.preemption_mode == EXPERT]
         forecast = fc.evaluate(last_plan.virtual_queues, protected)
@@ -115,45 +117,48 @@ class QlmPolicy(SchedulingPolicy):
         # arrived close together). A group "meets its SLO" on a worker when the
         # beta-quantile of its last request's TTFT, from the RWT estimator (running work,
         # work queued ahead, prefill stalls, model drains and loads, all with their
-        # variance), is within its oldest request's deadline. The objective is the sum of
-        # weight x size over the groups that meet it (method "chance": the deterministic
-        # equivalent of a chance constraint at beta), or of the sample average over
-        # `scenarios` draws of every group's output lengths (method "saa"), minus the
-        # lost work of the operations used (evicted or swapped-out requests' recompute /
-        # copy seconds, valued at what the worker would serve in that time).
+        # variance), is within its oldest request's deadline. Method "chance" maximises
+        # the weight x size of the groups that meet it (the deterministic equivalent of a
+        # chance constraint at beta); method "saa" maximises the same averaged over
+        # `scenarios` draws of every group's output lengths. Both subtract the lost work
+        # of the operations they use (evicted or swapped-out requests' recompute / copy
+        # seconds, valued at what the worker would serve in that time).
         #
         # How it stays small. (1) Base plan: the last plan's queues (from the snapshot,
         # else the policy's own last plan) with new groups inserted by deadline on the
-        # worker that frees first; on a cold start, EDF list scheduling. (2) Groups that
-        # meet their SLO in the base plan keep their place; groups that cannot meet it
-        # even at the head of their best worker are hopeless (served last when
-        # drop_hopeless, else left in deadline order). (3) The program takes the groups at
-        # risk (the rest), each with its K best candidate workers, plus the kept groups
-        # whose slack the risky ones could consume if inserted ahead of them; all other
-        # groups are constants. On each worker the program's groups run in deadline order
-        # among themselves (for a fixed set of on-time jobs on one machine, deadline
-        # order is optimal: Moore-Hodgson's exchange argument), inserted among the kept
-        # ones at their deadline position; so the order is not a variable and the MILP
-        # is an assignment: y[g,w] (g meets on w), u[w,option] (a worker with no kept
-        # queue may keep its model, or drain / evict the batch and load another one),
-        # p[w] (protect latency-sensitive groups from best-effort running work: expert
-        # preemption on MoE workers, else eviction / KV swap of the fewest cheapest
-        # requests). The work a group adds ahead of others is linear in y; its variance
-        # enters through the tangent of the square root at the reference point (an upper
-        # bound, so the chance constraint stays conservative). Small instances
-        # (<= FULL_PROGRAM_PAIRS pairs) put every group and worker in the program.
-        # (4) HiGHS solves it in-process within what is left of the budget, warm-started
-        # from the base plan; with time left, a greedy repair moves groups still missing
-        # to the position that helps most. (5) Every candidate plan is scored exactly
-        # with the estimator; the best one stands. When the budget runs out before the
-        # program is solved, or it has no integer solution, the base plan stands
-        # (Plan.source "last-plan", or "fallback-edf" on a cold start) and Plan.note
-        # says why. (6) The operations follow from the chosen plan (op_rules.py), only
-        # those the policy enables.
+        # worker that frees first; on a cold start, and whenever it is cheap against the
+        # budget (or the last plan misses a fifth of the value), EDF list scheduling from
+        # scratch too; the better one is the base. (2) Groups that meet their SLO in the
+        # base keep their place; groups that cannot meet it even at the head of their
+        # best workers (with protection or a cleared batch) are hopeless: served last
+        # when drop_hopeless, else left where they are. (3) The program takes the groups
+        # at risk (the rest, most valuable first, as many as the budget allows), each
+        # with its K best candidate workers, plus the kept groups whose slack they could
+        # consume; all other groups are constants. On each worker the program's groups
+        # run in deadline order among themselves (for a fixed set of on-time jobs on one
+        # machine deadline order is optimal: Moore-Hodgson's exchange argument) and go
+        # among the kept ones at their deadline position, so the order is not a variable
+        # and the MILP (qlm_program.py) is an assignment: y[g,w] (g meets on w),
+        # u[w,option] (a worker with no kept queue keeps its model, or drains / clears
+        # its batch and loads another), p[w] (protect latency-sensitive groups from
+        # best-effort running work: expert preemption on MoE workers, else eviction or KV
+        # swap of the fewest, cheapest requests). Work a group adds ahead of others is
+        # linear in y (absorbed by free slots first: a max with zero); its variance enters
+        # through a tangent of the square root (an upper bound, so the chance constraint
+        # stays conservative). Small instances (<= FULL_PROGRAM_PAIRS pairs) put every
+        # group and worker in the program. (4) HiGHS solves it in-process within what is
+        # left of the budget, from a MIP start; a local search with the exact estimator
+        # then moves program groups while it helps (a third of the budget at most).
+        # (5) Every candidate plan is scored exactly by the estimator; the best stands.
+        # When the budget runs out before the program is solved, or it has no integer
+        # solution, the base plan stands (Plan.source "last-plan", or "fallback-edf" when
+        # the base came from EDF) and Plan.note says why. (6) The operations follow from
+        # the chosen plan (op_rules.py), only those the policy enables.
         #
         # What it does not optimise: the order among kept groups, more than one model
-        # swap per worker within a plan, where hopeless groups go (they are kept or
-        # served last), and the cost of pausing best-effort work beyond max_pause_s.
+        # swap per worker within a plan, where hopeless groups go (kept, or served last),
+        # groups at risk beyond the budget's program size (they keep their base place),
+        # and the cost of pausing best-effort work (bounded by max_pause_s, not priced).
         t0 = time.perf_counter()
         planner = self.config.planner
         deadline = t0 + planner.solve_budget_ms / 1000.0
@@ -416,8 +421,9 @@ class _Tick:
         return [self.live[i] for i in top]
 
     def _best_case_meets(self, g: GroupState) -> bool:
-        """Whether `g` could meet its SLO at the head of one of its two best workers (with
-        protection or a cleared batch where those are possible)."""
+        """Whether `g` keeps a fair chance (at least 1 - beta) of meeting its SLO at the head
+        of one of its two best workers (with protection or a cleared batch where those
+        are possible); if not it is hopeless."""
         gw = self.fc.groups[g.group_id]
         slack = min(gw.slack_s)
         if slack <= 0:
@@ -429,7 +435,7 @@ class _Tick:
                 if cleared and not self._can_clear(w):
                     continue
                 t = self.fc.cursor(w.worker_id, protect, cleared).timing(gw).last
-                if t.quantile(self.beta) <= slack:
+                if t.prob_within(slack) >= 1.0 - self.beta:
                     return True
         return False
 
@@ -485,7 +491,6 @@ class _Tick:
         cand = {gid: ws for gid, ws in cand.items() if ws}
         if not cand:
             return None
-        base_worker = {gid: wid for wid, q in base.queues.items() for gid in q}
         kept0 = {wid: [gid for gid in q if gid not in risky_set] for wid, q in base.queues.items()}
 
         # Kept groups the risky ones could push past their deadline join the program.
@@ -555,7 +560,6 @@ class _Tick:
         for gid in gids:
             g = self.groups[gid]
             gw = self.fc.groups[gid]
-            slack = min(gw.slack_s)
             for w in cand[gid]:
                 wid = w.worker_id
                 j = windex[wid]
@@ -591,10 +595,6 @@ class _Tick:
                     index[gid, wid] = 0
                     if 0 in ref:
                         state = self.fc.cursor(wid)
-                if self.cfg.planner.drop_hopeless and not full:
-                    refs = list(ref.values()) + ([ref_ls] if ref_ls else [])
-                    if min(WaitEstimate(m, v).quantile(self.beta) for m, v in refs) > slack:
-                        continue
                 work = gw.work
                 prefill = wm.prefill_s(work)
                 free_s = 0.0
@@ -618,9 +618,9 @@ class _Tick:
                                 self.groups[gid].latency_sensitive, self.fc.groups[gid].work.tokens,
                                 self.fc.groups[gid].work.var) for gid in gids]
         planner = self.cfg.planner
-        program = Program(planner.method, self.beta, pgroups, pworkers, pairs,
-                          drop_hopeless=planner.drop_hopeless, scenarios=planner.scenarios,
-                          seed=int(self.snap.now * 1000) % (2**31))
+        program = Program(planner.method, self.beta, pgroups, pworkers, pairs, scenarios=planner.scenarios,
+                          seed=int(self.snap.now * 1000) % (2**31),
+                          place_reward=0.0 if planner.drop_hopeless else PLACE_REWARD)
         ctx = _ProgramContext(program, kept, index, gids, wids, protect_of,
                               {gid: base_worker.get(gid) or cand[gid][0].worker_id for gid in unplaced})
         return _Built(ctx, build_model(program))
@@ -688,17 +688,14 @@ class _Tick:
                 q.append(gid)
             q.extend(gid for _, gid in ins[k:])
             queues[wid] = q
-        # Program groups placed nowhere (drop_hopeless): last, on their base worker or best candidate.
+        # Groups queued nowhere (they miss their SLO wherever they would go): served last.
+        tail = dict(ctx.unplaced)
         placed = {ctx.group_ids[gi] for gi in sol.placed}
-        late = [gid for gid in ctx.group_ids if gid not in placed]
-        base_worker = {}
         for pr in program.pairs:
             gid = ctx.group_ids[pr.gi]
-            if pr.current or gid not in base_worker:
-                base_worker[gid] = ctx.worker_ids[pr.wj]
-        for gid in sorted(late, key=lambda g: (self.groups[g].deadline, g)):
-            queues.setdefault(base_worker[gid], []).append(gid)
-        for gid, wid in sorted(ctx.unplaced.items(), key=lambda kv: (self.groups[kv[0]].deadline, kv[0])):
+            if gid not in placed and (pr.current or gid not in tail):
+                tail[gid] = ctx.worker_ids[pr.wj]
+        for gid, wid in sorted(tail.items(), key=lambda kv: (self.groups[kv[0]].deadline, kv[0])):
             queues.setdefault(wid, []).append(gid)
         changes: dict[str, ModelChange] = {}
         cost = 0.0

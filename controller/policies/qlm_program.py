@@ -5,10 +5,10 @@ coefficient from the RWT estimator; this module only states the mixed-integer
 program and solves it with HiGHS in-process. See QlmPolicy.solve for the algorithm.
 
 Variables (all binary), named so that `.lp` dumps read:
-  y_g{i}_w{j}      group i meets its SLO on worker j (it is placed there, in the
-                   worker's on-time block, ordered by the pair's `order` key)
-  x_g{i}_w{j}      group i is placed on worker j (only when hopeless groups keep their
-                   place in deadline order, drop_hopeless=False; then y <= x)
+  x_g{i}_w{j}      group i is queued on worker j, at its pair's `order` among the
+                   program groups there (at most one worker; a group queued nowhere is
+                   served last and delays no one)
+  y_g{i}_w{j}      group i meets its SLO on worker j (y <= x)
   u_w{j}_o{k}      worker j takes option k (its model for this plan: stay, or drain /
                    clear the running batch and load another model); one per worker
   p_w{j}           worker j protects latency-sensitive groups from its best-effort
@@ -35,6 +35,7 @@ import numpy as np
 import pulp
 from scipy import special
 
+from qlmserve.controller.estimator import sample_sum
 from qlmserve.controller.policies.op_rules import ModelChange
 
 
@@ -92,9 +93,11 @@ class Program:
     groups: list[ProgramGroup]
     workers: list[ProgramWorker]
     pairs: list[Pair]
-    drop_hopeless: bool = True
     scenarios: int = 16
     seed: int = 0
+    # Objective units per unit of value for queueing a group that misses its SLO in deadline
+    # order rather than last (drop_hopeless off); small against any group meeting its SLO.
+    place_reward: float = 0.0
     stickiness: float = 1e-3  # objective units per group kept on its worker (break ties without churn)
 
 
@@ -172,25 +175,18 @@ def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
         i, j = pr.gi, pr.wj
         name = f"g{i}_w{j}_{_tag(G[i].group_id)}"
         v.y[i, j] = pulp.LpVariable(f"y_{name}", cat="Binary")
-        if not program.drop_hopeless:
-            v.x[i, j] = pulp.LpVariable(f"x_{name}", cat="Binary")
-            prob += v.y[i, j] <= v.x[i, j], f"meet_needs_place_{name}"
+        v.x[i, j] = pulp.LpVariable(f"x_{name}", cat="Binary")
+        prob += v.y[i, j] <= v.x[i, j], f"meet_needs_place_{name}"
         if not W[j].fixed:
-            allowed = [k for k in pr.ref]
-            prob += v.y[i, j] <= pulp.lpSum(v.u[j, k] for k in allowed), f"model_{name}"
-            if not program.drop_hopeless:
-                prob += v.x[i, j] <= pulp.lpSum(v.u[j, k] for k in allowed), f"place_model_{name}"
+            prob += v.x[i, j] <= pulp.lpSum(v.u[j, k] for k in pr.ref), f"model_{name}"
 
     pairs_of: dict[int, list[Pair]] = {}
     for pr in program.pairs:
         pairs_of.setdefault(pr.gi, []).append(pr)
     for i, prs in pairs_of.items():
-        if program.drop_hopeless:
-            prob += pulp.lpSum(v.y[pr.gi, pr.wj] for pr in prs) <= 1, f"one_place_g{i}"
-        else:
-            prob += pulp.lpSum(v.x[pr.gi, pr.wj] for pr in prs) == 1, f"one_place_g{i}"
+        prob += pulp.lpSum(v.x[pr.gi, pr.wj] for pr in prs) <= 1, f"one_place_g{i}"
 
-    ahead_var = v.y if program.drop_hopeless else v.x
+    ahead_var = v.x  # a queued group delays those behind it, whether it meets its SLO or not
     if program.method == "saa":
         _saa_constraints(prob, program, v, by_w, ahead_var)
     else:
@@ -216,6 +212,8 @@ def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
     for pr in program.pairs:
         if pr.current:
             terms.append((ahead_var[pr.gi, pr.wj], program.stickiness))
+        if program.place_reward:
+            terms.append((v.x[pr.gi, pr.wj], program.place_reward * G[pr.gi].value))
     for (j, k), var in v.u.items():
         if W[j].options[k].cost:
             terms.append((var, -W[j].options[k].cost))
@@ -298,13 +296,7 @@ def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) ->
     S = program.scenarios
     G = program.groups
     # Decode tokens of every program group in every scenario (moment-matched gamma).
-    means = np.array([g.tokens_mean for g in G])
-    vars_ = np.array([g.tokens_var for g in G])
-    tokens = np.tile(means, (S, 1))
-    pos = vars_ > 1e-9
-    if pos.any():
-        k = means[pos] ** 2 / vars_[pos]
-        tokens[:, pos] = rng.gamma(k, means[pos] / k, size=(S, int(pos.sum())))
+    tokens = sample_sum(np.array([g.tokens_mean for g in G]), np.array([g.tokens_var for g in G]), S, rng)
     # One uniform per worker and scenario: the references of the groups on one worker move
     # together (they share its running batch and kept queue).
     uni = rng.uniform(0.0005, 0.9995, size=(len(program.workers), S))
@@ -345,16 +337,12 @@ class _WarmHiGHS(pulp.HiGHS):
         super().callSolver(lp)
 
 
-def solve_program(program: Program, time_limit_s: float, warm: dict[str, float] | None = None,
+def solve_program(program: Program, time_limit_s: float,
                   built: tuple[pulp.LpProblem, ProgramVars] | None = None) -> ProgramSolution | None:
     """Solve with HiGHS in-process; None when no integer-feasible solution was found in time.
-    `warm`: variable name -> initial value (a MIP start, e.g. from the base plan)."""
+    Variables with an initial value (setInitialValue) are handed to HiGHS as a MIP start."""
     t0 = time.perf_counter()
     prob, v = built if built is not None else build_model(program)
-    if warm:
-        for var in prob.variables():
-            if var.name in warm:
-                var.setInitialValue(warm[var.name])
     solver = _WarmHiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), gapRel=1e-4, threads=1)
     prob.solve(solver)
     status = pulp.LpStatus[prob.status]
@@ -362,7 +350,7 @@ def solve_program(program: Program, time_limit_s: float, warm: dict[str, float] 
         return None
     on = lambda var: var.varValue is not None and var.varValue > 0.5  # noqa: E731
     on_time = {i: j for (i, j), var in v.y.items() if on(var)}
-    placed = {i: j for (i, j), var in v.x.items() if on(var)} if v.x else dict(on_time)
+    placed = {i: j for (i, j), var in v.x.items() if on(var)}
     options = {}
     for j, w in enumerate(program.workers):
         options[j] = 0 if w.fixed else next((k for k in range(len(w.options)) if on(v.u[j, k])), 0)
