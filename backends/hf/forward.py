@@ -37,32 +37,38 @@ class KVView:
 
     Duck-types the one `Cache` method attention modules call, `update(k, v, layer_idx)`:
     it writes the pass's new keys/values into the paged pool and returns every sequence's
-    whole context as a padded [B, kv_heads, context, head_dim] tensor."""
+    whole context as a padded [B, kv_heads, context, head_dim] tensor.
 
-    def __init__(self, kv: PagedKVCache, read_slots: torch.Tensor, write_slots: torch.Tensor,
-                 write_rows: torch.Tensor | None) -> None:
+    The context is gathered a block at a time: one index_select per layer over the rows'
+    block tables copies each block as one contiguous chunk, and needs no per-position
+    slot index (which would cost a handful of extra tensor ops per pass to build)."""
+
+    def __init__(self, kv: PagedKVCache, blocks: torch.Tensor, batch: int, width: int, context: int,
+                 write_slots: torch.Tensor, write_rows: torch.Tensor | None) -> None:
         self.kv = kv
-        self.batch, self.context = int(read_slots.shape[0]), int(read_slots.shape[1])
-        # Flat, so that one index_select per layer gathers keys and values of every row
-        # (advanced indexing with a [B, context] index is ~5x slower on CPU).
-        self.read_slots = read_slots.reshape(-1)  # [B * context] (padding -> any slot)
+        self.blocks = blocks  # [B * width] block ids, row-major (a short row repeats its first block)
+        self.context = context
         self.write_slots = write_slots  # [N] slots of the pass's valid new tokens
         self.write_rows = write_rows  # [B, T] bool of valid new tokens; None when no padding
+        # Every layer gathers into the same buffer, so the [B, kv_heads, context, head_dim]
+        # views attention gets are made once per pass, not per layer.
+        self._gathered = kv.gather_buffer(batch * width)  # [2, B * width, block_size, kvh, D]
+        dense = self._gathered.view(2, batch, -1, *self._gathered.shape[3:])[:, :, :context].transpose(2, 3)
+        self._keys, self._values = dense[0], dense[1]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        pool = self.kv.pool[layer_idx]  # [2, slots, kv_heads, head_dim]
-        k = key_states.transpose(1, 2)  # [B, T, kvh, D]
-        v = value_states.transpose(1, 2)
+        # Few tensor ops per layer on purpose: on CPU each costs microseconds however small.
+        new = torch.stack((key_states, value_states)).transpose(2, 3)  # [2, B, T, kvh, D]
         if self.write_rows is None:
-            k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+            new = new.reshape(2, -1, *new.shape[3:])
         else:
-            k, v = k[self.write_rows], v[self.write_rows]
-        pool[0].index_copy_(0, self.write_slots, k.to(pool.dtype))
-        pool[1].index_copy_(0, self.write_slots, v.to(pool.dtype))
-        both = pool.index_select(1, self.read_slots)  # [2, B * context, kvh, D]
-        both = both.view(2, self.batch, self.context, *both.shape[2:]).transpose(2, 3)
-        return both[0], both[1]
+            new = new[:, self.write_rows]  # [2, N, kvh, D]
+        if new.dtype != self.kv.dtype:
+            new = new.to(self.kv.dtype)
+        self.kv.layer_slots[layer_idx].index_copy_(1, self.write_slots, new)
+        torch.index_select(self.kv.layer_blocks[layer_idx], 1, self.blocks, out=self._gathered)
+        return self._keys, self._values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.context
@@ -107,53 +113,62 @@ class ForwardPass:
     # -- metadata (rebuilt when sequences leave or join mid-pass) ---------------------------
 
     def _prepare(self) -> None:
-        """Positions, KV slots and the attention mask of the current member sequences.
+        """Positions, KV blocks / slots and the attention mask of the member sequences.
 
-        Built with a handful of whole-batch tensor ops from plain Python lists (no
-        per-sequence tensors): this runs once per pass, i.e. once per decode step."""
+        Runs once per pass, i.e. once per decode step, so it is built from plain Python
+        lists with a few whole-batch tensor ops (no per-sequence tensors)."""
         device = self.kv.device
         seqs = self.seqs
+        bs = self.kv.block_size
         past_l = [seq.kv_len for seq in seqs]
         total_l = [seq.num_tokens for seq in seqs]
-        self.new_tokens = [t - p for t, p in zip(total_l, past_l, strict=True)]
-        self.t_max = t_max = max(self.new_tokens)
+        self.new_tokens = new_l = [t - p for t, p in zip(total_l, past_l, strict=True)]
+        self.t_max = t_max = max(new_l)
         ctx = max(total_l)
         same_total = min(total_l) == ctx
-        past = torch.tensor(past_l, dtype=torch.long)
-        t = torch.arange(t_max, dtype=torch.long)
-        positions = past[:, None] + t[None, :]  # [B, T]
-        # Block tables padded to one width: a padding key position maps to some slot of
-        # the row's first block; the mask hides it (or the row has no padding at all).
-        bs = self.kv.block_size
+        padded = min(new_l) != t_max
         tables = [self.kv.table(seq.id) for seq in seqs]
         width = -(-ctx // bs)
-        table = torch.tensor([tb[:width] + [tb[0]] * (width - len(tb)) for tb in tables], dtype=torch.long)
-        keys = torch.arange(ctx, dtype=torch.long)
-        read = table[:, keys // bs] * bs + keys % bs  # [B, ctx] slot of every key position
-        padded = min(self.new_tokens) != t_max
-        if padded:
-            total = torch.tensor(total_l, dtype=torch.long)
-            valid = t[None, :] < (total - past)[:, None]  # [B, T]
-            write = read.gather(1, positions.clamp(max=ctx - 1))[valid]
-        else:
+        # A row shorter than the longest repeats its first block up to the common width;
+        # the mask hides those key positions (or no row is shorter).
+        blocks = [b for tb in tables for b in (tb[:width] + [tb[0]] * (width - len(tb)))]
+        writes = [tb[pos // bs] * bs + pos % bs
+                  for tb, p, t in zip(tables, past_l, total_l, strict=True) for pos in range(p, t)]
+        past = torch.tensor(past_l, dtype=torch.long)
+        if t_max == 1:
+            positions = past[:, None]  # [B, 1]
             valid = None
-            write = read.gather(1, positions).reshape(-1)
-        # No mask where SDPA's own mask-free path is exactly right, as in HF generate():
-        # decode rows that all attend over the same context length (full attention), or a
-        # prefill from position 0 with no padding (is_causal; aligned because q == kv length).
-        no_mask = (t_max == 1 and same_total) or (not padded and same_total and max(past_l) == 0)
+        else:
+            t = torch.arange(t_max, dtype=torch.long)
+            positions = past[:, None] + t[None, :]  # [B, T]
+            valid = t[None, :] < torch.tensor(new_l, dtype=torch.long)[:, None] if padded else None
+        # No mask where SDPA's mask-free path is exactly right and the faster one:
+        #  - a prefill from position 0 with no padding: is_causal (aligned, q == kv length),
+        #    SDPA's flash path instead of repeat_kv + a masked kernel;
+        #  - on CUDA, decode rows that all attend over the same context length (a mask would
+        #    keep SDPA off its flash kernel). On CPU a decode pass keeps its (possibly
+        #    all-true) mask on purpose: with one, HF's sdpa_attention_forward folds each KV
+        #    head's query heads into one [B, kv_heads, groups, D] query (pack_gqa), which
+        #    runs faster there than SDPA's enable_gqa path taken without a mask (measured
+        #    in the engine at batch 16: ~300 vs ~350 us per layer; 2x in isolation).
+        decode_no_mask = t_max == 1 and same_total and device.type != "cpu"
+        no_mask = decode_no_mask or (t_max > 1 and not padded and same_total and max(past_l) == 0)
         if no_mask:
             self.mask = None
         else:
+            keys = torch.arange(ctx, dtype=torch.long)
             total = torch.tensor(total_l, dtype=torch.long)
             # Query t of a sequence sees keys 0..its own position; a padding query sees its
             # whole context (it must see something, or SDPA returns NaN for the row).
             last_visible = torch.minimum(positions, (total - 1)[:, None])
             self.mask = (keys[None, None, :] <= last_visible[:, :, None])[:, None].to(device)  # [B, 1, T, ctx]
         self.position_ids = positions.to(device)
-        self.view = KVView(self.kv, read.to(device), write.to(device),
+        self.view = KVView(self.kv, torch.tensor(blocks, dtype=torch.long, device=device), len(seqs), width, ctx,
+                           torch.tensor(writes, dtype=torch.long, device=device),
                            valid.to(device) if valid is not None else None)
-        self.last_index = torch.tensor([n - 1 for n in self.new_tokens], dtype=torch.long, device=device)
+        # Where each row's last new token sits; None: at t_max - 1 in every row.
+        self.last_index = (torch.tensor([n - 1 for n in new_l], dtype=torch.long, device=device)
+                           if padded else None)
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- running ----------------------------------------------------------------------------
@@ -216,8 +231,11 @@ class ForwardPass:
     @torch.inference_mode()
     def logits(self) -> torch.Tensor:
         """[B, vocab] float logits at each sequence's last new token (pass must be done)."""
-        rows = torch.arange(len(self.seqs), device=self.hidden.device)
-        last = self.hidden[rows, self.last_index]
+        if self.last_index is None:
+            last = self.hidden[:, -1]
+        else:
+            rows = torch.arange(len(self.seqs), device=self.hidden.device)
+            last = self.hidden[rows, self.last_index]
         return self.model.lm_head(self.model.model.norm(last)).float()
 
     def commit(self) -> None:

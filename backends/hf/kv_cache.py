@@ -57,6 +57,15 @@ class PagedKVCache:
             (num_layers, 2, self.num_blocks * block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.bytes_per_token = num_layers * 2 * num_kv_heads * head_dim * self.pool.element_size()
+        # Per-layer views made once (a view costs a tensor op each time it is made):
+        # [2, slots, kv_heads, head_dim] to write slots, [2, blocks, block_size, kv_heads,
+        # head_dim] to gather blocks.
+        self.layer_slots = [self.pool[i] for i in range(num_layers)]
+        self.layer_blocks = [
+            p.view(2, self.num_blocks, block_size, num_kv_heads, head_dim) for p in self.layer_slots
+        ]
+        # Where attention's gathered context goes (see `gather_buffer`).
+        self._gather = torch.empty(0, dtype=dtype, device=device)
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._tables: dict[str, list[int]] = {}
         self._reserved: dict[str, int] = {}  # blocks promised to a sequence (held or not yet allocated)
@@ -104,9 +113,22 @@ class PagedKVCache:
         need = self.blocks_for(tokens)
         if need > self._reserved[seq_id]:
             raise MemoryError(f"KV cache: {seq_id} outgrew its reservation ({tokens} tokens)")
+        fresh = []
         while len(table) < need:
-            table.append(self._free.pop())
+            fresh.append(self._free.pop())
+            table.append(fresh[-1])
+        if fresh:
+            # Attention reads a row's whole last block, and shorter rows read their
+            # first block again, up to the batch's longest context; the mask hides those
+            # positions, but they must hold finite numbers (a weight of 0 times NaN is NaN,
+            # and an allocated block may hold whatever the pool's memory held).
+            self._blocks_view()[:, :, fresh] = 0
         return table
+
+    def _blocks_view(self) -> torch.Tensor:
+        """The pool as [layers, 2, blocks, block_size, kv_heads, head_dim] (a view)."""
+        p = self.pool
+        return p.view(p.shape[0], 2, self.num_blocks, self.block_size, *p.shape[3:])
 
     def table(self, seq_id: str) -> list[int]:
         """The sequence's block ids in position order (the live list: do not modify)."""
@@ -117,6 +139,20 @@ class PagedKVCache:
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)
         pos = torch.arange(start, end, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def gather_buffer(self, blocks: int) -> torch.Tensor:
+        """[2, blocks, block_size, kv_heads, head_dim] scratch for one layer's gathered keys
+        and values, reused by every layer and pass: what it held is dead once the layer's
+        attention ran (nothing keeps the gathered tensors). A fresh ~1 MB tensor per layer
+        costs more than the copy into it on CPU (its pages are faulted in anew each time:
+        hundreds of page faults per decode step)."""
+        shape = (2, blocks, self.block_size, *self.pool.shape[3:])
+        need = 2 * blocks * self.block_size * self.pool.shape[3] * self.pool.shape[4]
+        if self._gather.numel() < need:
+            # Grown with headroom so that a batch growing a block at a time does not
+            # reallocate every time.
+            self._gather = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
+        return self._gather[:need].view(shape)
 
     # -- swap ------------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@
   same 16 prompts (equal lengths, so generate pads nothing), same model, same threads.
   The prompts are chosen so that no greedy continuation reaches eos within max_tokens:
   both then produce exactly `max_tokens` tokens per sequence at a full batch (the same
-  work). Engine and generate() runs alternate `reps` times; tokens per wall second and
-  per CPU second of the (single) engine thread, medians of the per-run ratios.
+  work). Engine steps and generate() steps alternate one for one (the engine steps from
+  generate()'s stopping-criteria hook), `reps` times; tokens per CPU second of the
+  (single) engine thread and per wall second, medians of the per-rep ratios.
 - batching: continuous vs static batching on a slice of the Azure conversation trace
   (lengths scaled to the tiny model: prompt / 8 in [4, 256], output / 4 in [4, 128]),
   offline (every request available at t=0), batch 16. Static = the classic loop: take
@@ -21,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,18 +65,6 @@ def _drain(engine) -> None:
         engine.step()
 
 
-@dataclass
-class _Timed:
-    """Wall and engine-thread CPU seconds of one measured piece of work."""
-
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-
-    def add(self, wall: float, cpu: float) -> None:
-        self.wall_s += wall
-        self.cpu_s += cpu
-
-
 def _full_length_prompts(engine, opts: EngineBenchOptions) -> list[list[int]]:
     """`batch` prompts whose greedy continuation reaches no stop token within max_tokens.
 
@@ -103,95 +93,109 @@ def _full_length_prompts(engine, opts: EngineBenchOptions) -> list[list[int]]:
     return chosen
 
 
+class _Lockstep:
+    """A generate() stopping criterion that never stops and runs one engine step each
+    time generate() finished one of its own: the two alternate step by step, so a busy
+    spell of a shared machine lands on both alike (separate runs of a few seconds each
+    differ by +-10% on a loaded machine). Both clocks are read at every hand-over, so
+    each side's time excludes the other's."""
+
+    def __init__(self, engine, clock: Callable[[], float]) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.generate_steps: list[float] = []  # [0]: generate()'s set-up and prefill
+        self.engine_steps: list[tuple[float, bool, int]] = []  # (seconds, prefill in it, tokens)
+        self.tokens: dict[str, list[int]] = {}
+        self._mark = 0.0
+
+    def start(self) -> None:
+        self._mark = self.clock()
+
+    def engine_step(self) -> None:
+        before = len(self.engine.pass_log)
+        t0 = self.clock()
+        events = self.engine.step()
+        seconds = self.clock() - t0
+        prefill = any(r.prefill for r in list(self.engine.pass_log)[before:])
+        self.engine_steps.append((seconds, prefill, len(events)))
+        for e in events:
+            self.tokens.setdefault(e.request_id, []).append(e.token_id)
+
+    def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+        self.generate_steps.append(self.clock() - self._mark)
+        if self.engine.has_work():
+            self.engine_step()
+        self._mark = self.clock()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def bench_throughput(opts: EngineBenchOptions, path: Path) -> dict:
     """Engine vs generate() on the same batch, the same prompts, the same token count.
 
-    Repeated `reps` times with engine and generate() runs interleaved, so that a busy
-    spell of a shared machine falls on both. Each run is timed on the wall clock and on
-    this thread's CPU clock: with one torch thread all the model math runs here, so the
-    CPU time is what the work cost on a core of its own. Decode = everything after the
-    first token: for the engine the step() calls that ran only decode passes (passes,
-    metadata, sampling, bookkeeping: all of step()), for generate() a full run minus a
-    1-token run (its prefill and set-up)."""
+    Engine steps and generate() steps alternate one for one (`_Lockstep`), `reps` times,
+    timed on this thread's CPU clock (with one torch thread all the model math runs
+    here, so it is what the work cost on a core of its own) and, in a second run of each
+    rep, on the wall clock. Decode = everything after the first token: the engine's
+    step() calls that ran only decode passes (whole step(): passes, metadata, sampling,
+    bookkeeping) against generate()'s steps after its first (its whole loop: forward,
+    cache, logits processing, stopping criteria)."""
+    from transformers import StoppingCriteriaList
+
     engine = make_bench_engine(path, opts.kind, device=opts.device, max_batch_size=opts.batch)
     prompts = _full_length_prompts(engine, opts)
     model = engine.model
     ids = torch.tensor(prompts, device=engine.device)
+    runs = 0
 
-    def generate(x: torch.Tensor, tokens: int) -> torch.Tensor:
-        return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
-                              do_sample=False, pad_token_id=0)
-
-    def run_engine(tag: str) -> tuple[_Timed, _Timed, int, int, dict[str, list[int]]]:
-        whole, decode = _Timed(), _Timed()
-        decode_tokens = 0
-        tokens: dict[str, list[int]] = {}
-        w0, c0 = time.perf_counter(), time.thread_time()
+    def lockstep(clock: Callable[[], float], tokens: int) -> tuple[_Lockstep, torch.Tensor]:
+        nonlocal runs
+        runs += 1
         for i, p in enumerate(prompts):
-            engine.add_request(EngineRequest(f"{tag}-{i}", "bench", p, max_tokens=opts.max_tokens))
-        while engine.has_work():
-            before = len(engine.pass_log)
-            w, c = time.perf_counter(), time.thread_time()
-            events = engine.step()
-            w, c = time.perf_counter() - w, time.thread_time() - c
-            new = list(engine.pass_log)[before:]
-            if new and not any(r.prefill for r in new):
-                decode.add(w, c)
-                decode_tokens += len(events)
-            for e in events:
-                tokens.setdefault(e.request_id, []).append(e.token_id)
-        whole.add(time.perf_counter() - w0, time.thread_time() - c0)
-        return whole, decode, sum(len(v) for v in tokens.values()), decode_tokens, tokens
-
-    def run_generate(tokens: int) -> tuple[_Timed, torch.Tensor]:
-        w0, c0 = time.perf_counter(), time.thread_time()
+            engine.add_request(EngineRequest(f"run{runs}-{i}", "bench", p, max_tokens=tokens))
+        pace = _Lockstep(engine, clock)
+        pace.start()
         with torch.inference_mode():
-            out = generate(ids, tokens)
-        return _Timed(time.perf_counter() - w0, time.thread_time() - c0), out
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                                 stopping_criteria=StoppingCriteriaList([pace]))
+        while engine.has_work():  # not expected: both need one step per token
+            pace.engine_step()
+        return pace, out
 
-    # Warm-up of both (allocator, kernels, the engine's first pass shapes).
-    run_engine("warm")
-    run_generate(4)
+    lockstep(time.thread_time, 4)  # warm-up of both (allocator, kernels, pass shapes)
     reps = []
-    reference: torch.Tensor | None = None
-    engine_out: dict[str, list[int]] = {}
-    for rep in range(opts.reps):
-        e_whole, e_decode, e_tokens, e_decode_tokens, engine_out = run_engine(f"r{rep}")
-        g_whole, out = run_generate(opts.max_tokens)
-        g_prefill, _ = run_generate(1)
-        reference = out
-        g_tokens = int((out.shape[1] - ids.shape[1]) * ids.shape[0])
-        g_decode_tokens = g_tokens - ids.shape[0]
-        g_decode = _Timed(g_whole.wall_s - g_prefill.wall_s, g_whole.cpu_s - g_prefill.cpu_s)
-        reps.append({
-            "engine_tokens": e_tokens,
-            "engine_wall_s": e_whole.wall_s,
-            "engine_cpu_s": e_whole.cpu_s,
-            "engine_decode_tokens": e_decode_tokens,
-            "engine_decode_wall_s": e_decode.wall_s,
-            "engine_decode_cpu_s": e_decode.cpu_s,
-            "generate_tokens": g_tokens,
-            "generate_wall_s": g_whole.wall_s,
-            "generate_cpu_s": g_whole.cpu_s,
-            "generate_decode_tokens": g_decode_tokens,
-            "generate_decode_wall_s": g_decode.wall_s,
-            "generate_decode_cpu_s": g_decode.cpu_s,
-        })
+    matches = 0
+    for _ in range(opts.reps):
+        row: dict[str, float | int] = {}
+        for clock_name, clock in (("cpu", time.thread_time), ("wall", time.perf_counter)):
+            pace, out = lockstep(clock, opts.max_tokens)
+            decode = [(s, n) for s, prefill, n in pace.engine_steps if not prefill]
+            row.update({
+                f"engine_decode_{clock_name}_s": sum(s for s, _ in decode),
+                f"engine_{clock_name}_s": sum(s for s, _, _ in pace.engine_steps),
+                f"generate_decode_{clock_name}_s": sum(pace.generate_steps[1:]),
+                f"generate_{clock_name}_s": sum(pace.generate_steps),
+            })
+            row["engine_decode_tokens"] = sum(n for _, n in decode)
+            row["engine_tokens"] = sum(n for _, _, n in pace.engine_steps)
+            row["generate_tokens"] = int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+            row["generate_decode_tokens"] = row["generate_tokens"] - ids.shape[0]
+            reference = out[:, ids.shape[1]:].tolist()
+            run_tokens = [pace.tokens.get(f"run{runs}-{i}") for i in range(len(prompts))]
+            matches = sum(a == b for a, b in zip(run_tokens, reference, strict=True))
+        reps.append(row)
     engine.close()
-    assert reference is not None
-    ref_rows = reference[:, ids.shape[1]:].tolist()
-    same = sum(engine_out.get(f"r{opts.reps - 1}-{i}") == row for i, row in enumerate(ref_rows))
 
     def rate(r: dict, who: str, what: str, clock: str) -> float:
-        tokens = r[f"{who}_decode_tokens"] if what == "decode" else r[f"{who}_tokens"]
-        return tokens / r[f"{who}{'_decode' if what == 'decode' else ''}_{clock}_s"]
+        part = "_decode" if what == "decode" else ""
+        return r[f"{who}{part}_tokens"] / r[f"{who}{part}_{clock}_s"]
 
     summary: dict[str, float] = {}
     for what in ("decode", "all"):
         for clock in ("cpu", "wall"):
             for who in ("engine", "generate"):
                 summary[f"{who}_{what}_tok_per_{clock}_s"] = statistics.median(rate(r, who, what, clock) for r in reps)
-            # The median of the per-rep ratios: each ratio compares runs taken side by side.
+            # The median of the per-rep ratios: each ratio compares steps taken side by side.
             summary[f"ratio_{what}_{clock}"] = statistics.median(
                 rate(r, "engine", what, clock) / rate(r, "generate", what, clock) for r in reps)
     return {
@@ -200,10 +204,10 @@ def bench_throughput(opts: EngineBenchOptions, path: Path) -> dict:
         "max_tokens": opts.max_tokens,
         "reps": reps,
         **summary,
-        "engine_matches_generate": same,
-        "measures": "engine vs generate() on the same 16 prompts (none reaches eos within max_tokens), "
-                    "runs interleaved; tokens per second of wall time and per second of this thread's "
-                    "CPU time (1 torch thread); decode = after the first token; medians over reps",
+        "engine_matches_generate": matches,
+        "measures": f"engine vs generate() on the same {opts.batch} prompts (none reaches eos within max_tokens), "
+                    "their steps alternating one for one; tokens per second of this thread's CPU time "
+                    "(1 torch thread) and of wall time; decode = after the first token; medians over reps",
     }
 
 
@@ -320,7 +324,7 @@ def print_report(report: dict) -> None:
     if "throughput" in report:
         r = report["throughput"]
         t = Table(title=f"Decode throughput, batch {r['batch']}, prompt {r['prompt_len']}, {r['max_tokens']} tokens each, "
-                        f"median of {len(r['reps'])} interleaved runs")
+                        f"median of {len(r['reps'])} lockstep runs")
         for c in ("", "tokens", "decode tok/CPU-s", "decode tok/s (wall)", "all tok/CPU-s", "all tok/s (wall)"):
             t.add_column(c, justify="right")
         for who, name in (("engine", "HFEngine"), ("generate", "generate()")):

@@ -58,9 +58,10 @@ def test_other_families_smoke(tiny_models, device, kind):
 
 def test_mask_free_paths_match_generate(tiny_models, device):
     """This test verifies that: 1. a batch of equal-length prompts is prefilled without an
-    attention mask (SDPA's causal path) and decoded without one while every row attends
-    over the same context length; 2. once a request of another length joins, its passes
-    carry a mask again; 3. every request still equals HF generate() for it alone."""
+    attention mask (SDPA's causal path), and on CUDA decoded without one while every row
+    attends over the same context length (on CPU decode keeps a mask: HF's faster
+    pack_gqa path); 2. once a request of another length joins, its decode passes carry a
+    mask; 3. every request still equals HF generate() for it alone."""
     folder = tiny_models["mixtral"]
     engine = make_engine({"m": ("mixtral", folder)}, device)
     same = [EngineRequest(f"s{i}", "m", r.prompt_token_ids[:12], max_tokens=8)
@@ -83,11 +84,29 @@ def test_mask_free_paths_match_generate(tiny_models, device):
 
     events = tokens_of(run_until_idle(engine, on_step=join_late))
     assert masks[0] == (3, 12, False)  # equal-length prefill from position 0: no mask
-    assert masks[1] == (3, 1, False) and masks[2] == (3, 1, False)  # equal contexts: no mask
+    on_cpu = device == "cpu"
+    assert masks[1] == (3, 1, on_cpu) and masks[2] == (3, 1, on_cpu)  # equal contexts
     assert (1, 5, False) in masks  # the late prompt alone: causal, no mask
     assert (4, 1, True) in masks  # decode rows with different contexts: masked
     for r in [*same, late]:
         assert events[r.request_id] == reference_tokens(folder, device, r), r.request_id
+
+
+def test_unwritten_kv_memory_does_not_leak(tiny_models, device):
+    """This test verifies that: 1. with the KV pool's memory full of NaN (what never
+    written memory may hold), requests of different lengths batched together still equal
+    HF generate(): the positions attention reads but masks (the unwritten tail of a row's
+    last block, the padding of shorter rows) hold finite values, as 0 x NaN would be NaN."""
+    folder = tiny_models["mixtral"]
+    engine = make_engine({"m": ("mixtral", folder)}, device)
+    engine._kv.pool.fill_(float("nan"))  # noqa: SLF001 - simulate garbage in fresh memory
+    reqs = make_requests(4, max_tokens=6, seed=13)
+    assert len({len(r.prompt_token_ids) for r in reqs}) > 1
+    for r in reqs:
+        engine.add_request(r)
+    got = tokens_of(run_until_idle(engine))
+    for r in reqs:
+        assert got[r.request_id] == reference_tokens(folder, device, r), r.request_id
 
 
 def test_stop_tokens_and_continuation(tiny_models, device):
