@@ -54,25 +54,36 @@ def victim_cost_s(w: WorkerState, r: RunningRequest, mechanism: str) -> float:
     return w.profile.prefill_time(tokens)
 
 
-def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
-    """How this worker can keep its BE running work from delaying LS groups, or None."""
-    if not _be_running(w):
+def removal_mechanism(config: PolicyConfig, w: WorkerState, requests: Sequence[RunningRequest],
+                      all_must_fit: bool = False) -> str | None:
+    """The cheaper enabled way to take these requests off the device, EVICT (recompute
+    their KV later) or SWAP (copy it to host memory and back), or None. A swap needs host
+    memory for the smallest of them (`all_must_fit`: for all of them)."""
+    if not requests:
         return None
     ops = set(config.planner.operations)
-    if "preempt" in ops and model_kind_is_moe(config, w.active_model):
-        return EXPERT
+    tokens = [r.prompt_tokens + r.generated_tokens for r in requests]
+    mean_tokens = int(sum(tokens) / len(tokens))
+    host_needed = sum(tokens) if all_must_fit else min(tokens)
     best, best_cost = None, float("inf")
-    be = _be_running(w)
-    tokens = [r.prompt_tokens + r.generated_tokens for r in be]
-    mean_tokens = sum(tokens) / len(tokens)
     # Both costs are affine in the tokens: the mean cost is the cost of the mean.
-    for name, mech, cost in (("evict", EVICT, w.profile.prefill_time(int(mean_tokens))),
-                             ("kv_swap", SWAP, 2.0 * w.profile.kv_swap_time(int(mean_tokens)))):
-        if name not in ops or (mech == SWAP and _host_kv_free(w) < min(tokens)):
+    for name, mech, cost in (("evict", EVICT, w.profile.prefill_time(mean_tokens)),
+                             ("kv_swap", SWAP, 2.0 * w.profile.kv_swap_time(mean_tokens))):
+        if name not in ops or (mech == SWAP and _host_kv_free(w) < host_needed):
             continue
         if cost < best_cost:
             best, best_cost = mech, cost
     return best
+
+
+def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
+    """How this worker can keep its BE running work from delaying LS groups, or None."""
+    be = _be_running(w)
+    if not be:
+        return None
+    if "preempt" in config.planner.operations and model_kind_is_moe(config, w.active_model):
+        return EXPERT
+    return removal_mechanism(config, w, be)
 
 
 def victims(w: WorkerState, needed: int, mechanism: str) -> list[RunningRequest]:

@@ -14,19 +14,19 @@ import pulp
 from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, meets_all
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
-from qlmserve.controller.policies.op_rules import (EXPERT, EVICT, SWAP, ModelChange, derive_operations,
+from qlmserve.controller.policies.op_rules import (EXPERT, ModelChange, derive_operations,
                                                    ls_requests_needing_slots, protection_cost_s,
-                                                   protection_mechanism, victim_cost_s)
+                                                   protection_mechanism, removal_mechanism, victim_cost_s)
 from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramSolution,
                                                       ProgramVars, ProgramWorker, build_model, solve_program)
 from qlmserve.controller.policies.registry import register
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState
 from qlmserve.operations.plan import Plan
 
-# Program size per millisecond of budget (pairs of group x candidate worker); measured with
-# `qlm bench-solver`: PuLP build + HiGHS solve of the chance program run at about 4 pairs/ms on
-# one core, SAA at about 4 / (scenarios / 4) pairs/ms.
-PAIRS_PER_MS = 4.0
+# Program size per millisecond of budget (pairs of group x candidate worker): what PuLP's
+# build and HiGHS's solve of the chance program get through on one (shared) core in
+# `qlm bench-solver` runs, about 2 pairs/ms; SAA programs are scaled down by scenarios / 4.
+PAIRS_PER_MS = 2.0
 MIN_PAIRS = 24
 # Below this many (group, worker) pairs every group enters the program and every worker is
 # a candidate (the program is then exact up to its order restriction; see the NOTE).
@@ -70,6 +70,7 @@ class QlmPolicy(SchedulingPolicy):
         self.last_plan: Plan | None = None
         self.last_decision: Decision | None = None  # the last plan's protection and swaps (for tools)
         self._edf_s_per_group = 4e-5  # measured cost of the EDF base per group (moving average)
+        self._finish_s = 0.0  # measured time from the chosen decision to the returned plan
         self._last_solve_at: float | None = None
         # Candidate workers per group at risk (the group's own worker is always one).
         self.candidates = 3
@@ -161,7 +162,8 @@ class QlmPolicy(SchedulingPolicy):
         # and the cost of pausing best-effort work (bounded by max_pause_s, not priced).
         t0 = time.perf_counter()
         planner = self.config.planner
-        deadline = t0 + planner.solve_budget_ms / 1000.0
+        # Keep back what turning the chosen decision into a plan took last time.
+        deadline = t0 + planner.solve_budget_ms / 1000.0 - min(self._finish_s, planner.solve_budget_ms / 4000.0)
         tick = _Tick(self, snapshot)
         best, cold = tick.base_decision(self.last_plan)
         best_score = tick.score(best)
@@ -176,12 +178,14 @@ class QlmPolicy(SchedulingPolicy):
             if edf_score.better_than(best_score):
                 best, best_score, cold = edf, edf_score, True
         source, note = self._improve(tick, best, best_score, cold, deadline)
+        t_finish = time.perf_counter()
         best, best_score = tick.best, tick.best_score
         self.last_decision = best
         ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
         plan = Plan(virtual_queues=best.queues, operations=ops, source=source,
                     predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
                     objective=best_score.primary, note=note, solve_time_s=time.perf_counter() - t0)
+        self._finish_s = 0.7 * self._finish_s + 0.3 * (time.perf_counter() - t_finish)
         self.last_plan = plan
         self._last_solve_at = snapshot.now
         return plan
@@ -266,7 +270,6 @@ class QlmPolicy(SchedulingPolicy):
 class _ProgramContext:
     program: Program
     kept: dict[str, list[str]]  # worker -> kept queue (groups outside the program)
-    index: dict[tuple[str, str], int]  # (group, worker) -> insertion index in the kept queue
     group_ids: list[str]
     worker_ids: list[str]
     protect_of: dict[str, str]  # worker -> mechanism its p variable stands for
@@ -440,7 +443,9 @@ class _Tick:
         return False
 
     def _can_clear(self, w: WorkerState) -> bool:
-        return bool(w.running) and "model_swap" in self.ops and bool(self.ops & {"evict", "kv_swap"})
+        """Whether the worker's batch may be taken off the device for a model swap now."""
+        running = [r for r in w.running if not r.swapped]
+        return "model_swap" in self.ops and removal_mechanism(self.cfg, w, running, all_must_fit=True) is not None
 
     def hopeless_last(self, d: Decision, hopeless: Iterable[str]) -> Decision:
         """drop_hopeless: groups that cannot meet their SLO anywhere go to the tail."""
@@ -473,10 +478,8 @@ class _Tick:
             if swap_ok or current is None or m in base_models:
                 change = None if running or w.loading_model else ModelChange(m)
                 opts.append(Option(f"{'drain' if running else 'load'}:{m}", m, 0.0, change))
-            if running and self._can_clear(w) and w.loading_model is None:
-                mech = SWAP if "kv_swap" in self.ops and ("evict" not in self.ops or sum(
-                    victim_cost_s(w, r, SWAP) for r in running) < sum(victim_cost_s(w, r, EVICT) for r in running)) \
-                    else EVICT
+            mech = removal_mechanism(self.cfg, w, running, all_must_fit=True) if swap_ok else None
+            if mech is not None and w.loading_model is None:
                 lost = sum(victim_cost_s(w, r, mech) for r in running)
                 opts.append(Option(f"clear:{m}", m, lost * self._lambda(w), ModelChange(m, mech)))
         return opts
@@ -596,16 +599,15 @@ class _Tick:
                     if 0 in ref:
                         state = self.fc.cursor(wid)
                 work = gw.work
-                prefill = wm.prefill_s(work)
                 free_s = 0.0
                 if state is not None:  # slots still free at the reference absorb work ahead
                     free = state.table.free - state.queued.count - (work.count - 1)
                     free_s = max(0, free) * state.table.item_mean * wm.step_s / wm.slots
                 pairs.append(Pair(
                     gi=gindex[gid], wj=j, order=(index[gid, wid], g.deadline, gid),
-                    add_mean=work.tokens * wm.step_s / wm.slots + prefill,
-                    add_var=work.var * (wm.step_s / wm.slots) ** 2, prefill_s=prefill, free_s=free_s,
-                    ref=ref, ref_ls=ref_ls, current=base_worker.get(gid) == wid))
+                    add_mean=self._add_mean(gid, wid), add_var=work.var * (wm.step_s / wm.slots) ** 2,
+                    prefill_s=wm.prefill_s(work), free_s=free_s, ref=ref, ref_ls=ref_ls,
+                    current=base_worker.get(gid) == wid))
         if not pairs:
             return None
         with_pair = sorted({pr.gi for pr in pairs})
@@ -621,7 +623,7 @@ class _Tick:
         program = Program(planner.method, self.beta, pgroups, pworkers, pairs, scenarios=planner.scenarios,
                           seed=int(self.snap.now * 1000) % (2**31),
                           place_reward=0.0 if planner.drop_hopeless else PLACE_REWARD)
-        ctx = _ProgramContext(program, kept, index, gids, wids, protect_of,
+        ctx = _ProgramContext(program, kept, gids, wids, protect_of,
                               {gid: base_worker.get(gid) or cand[gid][0].worker_id for gid in unplaced})
         return _Built(ctx, build_model(program))
 
