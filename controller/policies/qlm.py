@@ -71,6 +71,8 @@ class QlmPolicy(SchedulingPolicy):
         self.last_decision: Decision | None = None  # the last plan's protection and swaps (for tools)
         self._edf_s_per_group = 4e-5  # measured cost of the EDF base per group (moving average)
         self._finish_s = 0.0  # measured time from the chosen decision to the returned plan
+        self._edf_losses = 0  # consecutive ticks the EDF base lost to the last plan
+        self._solves = 0
         self._last_solve_at: float | None = None
         # Candidate workers per group at risk (the group's own worker is always one).
         self.candidates = 3
@@ -175,8 +177,10 @@ class QlmPolicy(SchedulingPolicy):
             edf_score = tick.score(edf)
             per_group = (time.perf_counter() - t_edf) / max(1, len(snapshot.groups))
             self._edf_s_per_group = 0.7 * self._edf_s_per_group + 0.3 * per_group
+            self._edf_losses += 1
             if edf_score.better_than(best_score):
                 best, best_score, cold = edf, edf_score, True
+                self._edf_losses = 0
         source, note = self._improve(tick, best, best_score, cold, deadline)
         t_finish = time.perf_counter()
         best, best_score = tick.best, tick.best_score
@@ -193,7 +197,11 @@ class QlmPolicy(SchedulingPolicy):
     def _edf_worth_it(self, groups: int, share_met: float, t0: float, deadline: float) -> bool:
         """Whether to also build the EDF plan as a base: when it is cheap against the budget
         (its measured cost per group), or when the last plan misses a fifth of the value
-        and half the budget is still left after it."""
+        and half the budget is still left after it; after three losses in a row, one tick
+        in five."""
+        self._solves += 1
+        if self._edf_losses >= 3 and self._solves % 5:
+            return False  # it lost the last three times: try it one tick in five
         budget = deadline - t0
         cost = self._edf_s_per_group * groups
         if cost <= 0.25 * budget:
