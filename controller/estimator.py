@@ -11,33 +11,29 @@ Three layers, each used by the next:
    running request's remaining length on the tokens it already produced and truncate
    at `max_tokens`.
 
-2. One worker's service model (`WorkerModel`, `QueueCursor`). A worker runs up to
-   `slots` sequences at once (continuous batching; `slots` is the batch limit, lowered
-   when the KV cache cannot hold that many sequences). Every decode iteration advances
-   every running sequence by one token and takes `step_s` (a function of the batch,
-   from the WorkerProfile); every admitted request first takes a prefill pass that
-   stalls the batch. Requests start in virtual-queue order on the first free slot (list
-   scheduling), so with W decode tokens of work ahead of a request (remaining tokens of
-   the running requests plus the queued requests before it), all `slots` slots are busy
-   until it starts and
-
-       B * start + (residual work of the B-1 other sequences in progress) = W,
-
-   i.e. start ~= (W - (B-1) * r) / B iterations, where r = E[L^2] / (2 E[L]) is the
-   mean residual of a sequence in progress (exact for exponential lengths; it is the
-   minimum of B residuals when only running work is ahead). With fewer than B
-   requests ahead the request starts at once. W is a sum of many independent lengths,
-   normal by the central limit theorem, so the start time has a mean and a variance.
-   A model swap in the queue drains the batch (the expected end of the last sequence,
-   r * H_B after the last start) and then loads the weights (cold or warm).
+2. One worker's service model (`WorkerModel`, `ReleaseTable`, `QueueCursor`). A worker
+   runs up to `slots` sequences at once (continuous batching; `slots` is the batch
+   limit, lowered when the KV cache cannot hold that many sequences). Every decode
+   iteration advances every running sequence by one token and takes `step_s` (a
+   function of the batch, from the WorkerProfile); every admitted request first takes a
+   prefill pass that stalls the batch. Requests start in virtual-queue order on the
+   first free slot (list scheduling), so a request's start is the time of the j-th slot
+   release, j counting the requests ahead of it beyond the free slots. With queued
+   lengths independent and identically distributed, each slot is an independent renewal
+   process (its running request's remaining length, then fresh lengths): the first
+   2 * slots releases, order statistics the CLT does not cover, come from a cached Monte
+   Carlo table; later starts add the queued work beyond them spread over the slots,
+   a sum of many lengths and so normal by the central limit theorem. A model swap in
+   the queue drains the batch and then loads the weights (cold or warm).
    Latency-sensitive groups on a worker whose best-effort running work is paused
    (expert-level preemption) or evicted/swapped out see only the latency-sensitive
-   running work ahead of them.
+   running work ahead of them. Swapped-out requests are not ahead of the queue.
 
 3. Groups in virtual queues (`Forecaster`). The TTFT of a group's requests in a given
    set of virtual queues: its first request and its last request (the group is
-   admitted oldest first), each a normal `WaitEstimate`; the expected fraction of its
-   requests that meet their deadline interpolates between the two.
+   admitted oldest first), each a `WaitEstimate` (mean and variance, gamma-shaped: the
+   normal of the CLT deep in a queue, right-skewed near its head); the expected fraction
+   of its requests that meet their deadline interpolates between the two.
 """
 
 from __future__ import annotations
