@@ -107,6 +107,9 @@ class HFEngine(Engine):
         self._live_ids: set[str] = set()  # every request the engine holds, inbox included
         self._ls_in_inbox = False  # read without the lock at stage boundaries (a bool is atomic)
         self._preempt_requested = False
+        # (pass, its pause count) whose last stage-boundary check found no LS work that
+        # could start (see _should_pause).
+        self._idle_verdict: tuple[ForwardPass, int] | None = None
 
         self._model_name: str | None = None
         self._model = None
@@ -322,9 +325,21 @@ class HFEngine(Engine):
             return True
         if not self.policy.may_pause(p.paused_s):
             return False
+        # While a pass runs, the engine thread does nothing else, so what decides whether
+        # LS work can start (waiting and running sequences, KV) changes only when the
+        # inbox is drained, and an LS arrival is what makes _ls_can_start drain it. A
+        # "no" therefore holds until an LS request arrives or the pass pauses: checking
+        # again at every boundary (a scan of the waiting queue, ~30 us) would cost ~1% of
+        # a BE pass for nothing.
+        if self._idle_verdict == (p, p.pauses) and not self._ls_in_inbox:
+            return False
         # Sequences aborted while this pass ran stay in it until the pass ends; a pause
         # point is a safe place to drop them, but not worth a pause of its own.
-        return self._ls_can_start()
+        if self._ls_can_start():
+            self._idle_verdict = None
+            return True
+        self._idle_verdict = (p, p.pauses)
+        return False
 
     # ------------------------------------------------------------------ passes
 

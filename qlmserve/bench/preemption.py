@@ -30,9 +30,13 @@ requests seconds late, so it pushes part of the LS work out of any window and it
 count inside the window looks higher although it did no more work.) With one torch
 thread all model work runs on the engine thread, so its CPU time is what the work cost
 on a core of its own, which other processes on a shared machine distort far less than
-wall time. Reported besides: LS TTFT p50 / p99 and BE TTFT p50 (pooled over rounds), the
-per-round BE ratio, and where the engine's CPU time went (prefill / decode / LS catch-up
-passes, and the rest: metadata, sampling, scheduling).
+wall time, but not entirely (they share caches and memory bandwidth: the same run's CPU
+time varies by several % from round to round on a loaded machine). So a third figure
+divides each run's CPU time by the median CPU time of a plain full-batch decode pass in
+that same run: BE tokens per full-batch decode step, with the machine's speed during the
+run divided out. Reported besides: LS TTFT p50 / p99 and BE TTFT p50 (pooled over
+rounds), the per-round BE ratios, and where the engine's CPU time went (prefill / decode
+/ LS catch-up passes, and the rest: metadata, sampling, scheduling).
 """
 
 from __future__ import annotations
@@ -230,6 +234,11 @@ def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, work: Wo
     passes = list(engine.pass_log)
     last = max((t for times in log.token_times.values() for t in times), default=t0)
     cpu_s = loop.cpu_seconds(t0, last)
+    # The machine's speed during this run, in the run's own terms: CPU seconds of a plain
+    # full-batch decode pass (same work in every mode; paused passes, LS catch-ups and
+    # passes with extra LS rows left out).
+    full = [p.cpu_seconds for p in passes
+            if not p.prefill and not p.catch_up and p.pauses == 0 and p.batch == opts.max_batch_size]
     for rid in ids:
         engine.abort(rid)
     engine.step()
@@ -246,6 +255,10 @@ def run_mode(opts: PreemptionOptions, path: Path, mode: PreemptionMode, work: Wo
         "ls_tokens": sum(len(log.token_times.get(r, [])) for r in ls_ids),
         "engine_cpu_s": cpu_s,
         "wall_s": last - t0,
+        "full_batch_step_cpu_s": statistics.median(full) if full else None,
+        # The run's cost in full-batch decode steps: CPU time with the machine's speed
+        # during the run divided out (a busy spell slows every pass of a run alike).
+        "engine_cost_steps": cpu_s / statistics.median(full) if full else None,
         "load_average_1m": [load_before, os.getloadavg()[0]],
         **pass_breakdown(passes),
     }
@@ -260,6 +273,8 @@ def summarize(mode: PreemptionMode, runs: list[dict]) -> dict:
     ls = [t for r in runs for t in r["ls_ttft"]]
     be = [t for r in runs for t in r["be_ttft"]]
     total = {k: sum(r[k] for r in runs) for k in _SUMMED}
+    steps = [r["engine_cost_steps"] for r in runs]
+    total["engine_cost_steps"] = sum(steps) if None not in steps else None
     return {
         "mode": mode.value,
         "complete": all(r["complete"] for r in runs),
@@ -274,6 +289,10 @@ def summarize(mode: PreemptionMode, runs: list[dict]) -> dict:
         "be_tokens_per_engine_cpu_s": total["be_tokens"] / max(total["engine_cpu_s"], 1e-9),
         "be_tokens_per_wall_s": total["be_tokens"] / max(total["wall_s"], 1e-9),
         "be_tokens_per_engine_cpu_s_per_round": [r["be_tokens"] / max(r["engine_cpu_s"], 1e-9) for r in runs],
+        # Per full-batch decode step of the same run (machine speed divided out).
+        "be_tokens_per_step": (total["be_tokens"] / total["engine_cost_steps"]) if total["engine_cost_steps"] else None,
+        "be_tokens_per_step_per_round": [r["be_tokens"] / r["engine_cost_steps"] if r["engine_cost_steps"] else None
+                                         for r in runs],
         "be_tokens_per_round": [r["be_tokens"] for r in runs],
         # CPU the engine thread spent outside passes: metadata, sampling, scheduling, idle polling.
         "other_cpu_s": total["engine_cpu_s"] - total["prefill_cpu_s"] - total["decode_cpu_s"]
@@ -308,6 +327,11 @@ def run(opts: PreemptionOptions) -> dict:
         r["be_cpu_throughput_vs_fcfs_per_round"] = [
             x / y for x, y in zip(r["be_tokens_per_engine_cpu_s_per_round"],
                                   base["be_tokens_per_engine_cpu_s_per_round"], strict=True)]
+        r["be_step_throughput_vs_fcfs"] = (r["be_tokens_per_step"] / base["be_tokens_per_step"]
+                                           if r["be_tokens_per_step"] and base["be_tokens_per_step"] else None)
+        r["be_step_throughput_vs_fcfs_per_round"] = [
+            (x / y) if x and y else None
+            for x, y in zip(r["be_tokens_per_step_per_round"], base["be_tokens_per_step_per_round"], strict=True)]
     loads = [x for m in MODES for run_ in runs[m] for x in run_["load_average_1m"]]
     return {
         "benchmark": "preemption",
@@ -330,7 +354,10 @@ def run(opts: PreemptionOptions) -> dict:
             "cpu_count": os.cpu_count(),
             "measures": "every mode runs the same requests (same arrival times) to completion; "
                         "BE tok/CPU-s = BE tokens / CPU seconds of the engine thread from the first "
-                        "arrival to the last token; tok/s (wall) the same over wall seconds",
+                        "arrival to the last token; BE tok/step = BE tokens / (that CPU time / the "
+                        "run's median CPU time of a plain full-batch decode pass), i.e. with the "
+                        "machine's speed during the run divided out; tok/s (wall) = BE tokens / "
+                        "wall seconds of the same span",
         },
         "results": results,
         # Per round and mode, without the TTFT samples: to see what noise did to each run.
@@ -365,16 +392,23 @@ def print_table(report: dict) -> None:
 
     t = Table(title="LS latency and BE throughput (the same work in every mode, run to completion)")
     for col in ("mode", "LS n", "LS TTFT p50", "LS TTFT p99", "BE TTFT p50", "p50 vs FCFS", "p99 vs FCFS",
-                "p50 vs iteration", "BE tokens", "BE tok/CPU-s", "vs FCFS", "per round", "BE tok/s (wall)",
-                "vs FCFS (wall)"):
+                "p50 vs iteration", "BE tokens", "BE tok/CPU-s", "vs FCFS", "per round", "BE tok/step",
+                "vs FCFS", "per round", "BE tok/s (wall)", "vs FCFS (wall)"):
         t.add_column(col, justify="right")
+
+    def rounds(values: list[float | None]) -> str:
+        return " ".join("-" if v is None else f"{v * 100:.0f}" for v in values)
+
     for r in report["results"]:
         t.add_row(r["mode"] + ("" if r["complete"] else " (incomplete)"), f"{r['ls_served']}/{r['ls_requests']}",
                   ms(r["ls_ttft_p50_s"]), ms(r["ls_ttft_p99_s"]), ms(r["be_ttft_p50_s"]),
                   x(r["ls_ttft_p50_speedup_vs_fcfs"]), x(r["ls_ttft_p99_speedup_vs_fcfs"]),
                   x(r["ls_ttft_p50_speedup_vs_iteration"]), str(r["be_tokens"]),
                   f"{r['be_tokens_per_engine_cpu_s']:.1f}", pct(r["be_cpu_throughput_vs_fcfs"]),
-                  " ".join(f"{v * 100:.0f}" for v in r["be_cpu_throughput_vs_fcfs_per_round"]),
+                  rounds(r["be_cpu_throughput_vs_fcfs_per_round"]),
+                  "-" if r["be_tokens_per_step"] is None else f"{r['be_tokens_per_step']:.2f}",
+                  "-" if r["be_step_throughput_vs_fcfs"] is None else pct(r["be_step_throughput_vs_fcfs"]),
+                  rounds(r["be_step_throughput_vs_fcfs_per_round"]),
                   f"{r['be_tokens_per_wall_s']:.1f}", pct(r["be_wall_throughput_vs_fcfs"]))
     console.print(t)
     t = Table(title="Where the engine thread's CPU went (all rounds)")
