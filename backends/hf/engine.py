@@ -353,6 +353,7 @@ class HFEngine(Engine):
 
     def _resume(self, p: ForwardPass) -> list[TokenEvent]:
         finished = p.run(self._should_pause)
+        self._idle_verdict = None  # it was about this run of `p` only
         # Sequences aborted while the pass ran (drained at a stage boundary) are already
         # freed; their rows only wrote KV into their own freed blocks, and nothing could be
         # admitted in between. A paused pass must let go of them before anyone reuses
