@@ -419,6 +419,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Merge result files of one scenario (e.g. extra loads run later) and report them as one."""
+    from qlmserve.bench.plots import plot_attainment, plot_ttft_cdf
+
+    console = _console()
+    results = [json.loads(Path(f).read_text()) for f in args.files]
+    keys = {r["setup"]["scenario"] for r in results}
+    if len(keys) != 1:
+        console.print(f"[red]the files hold different scenarios: {sorted(keys)}[/red]")
+        return 2
+    sc = SCENARIOS[keys.pop()]
+    merged: dict[tuple, dict] = {}
+    for r in results:
+        for run in r["runs"]:
+            merged[(run["policy"], run["operations"], run["load"])] = run  # later files win
+    setup = dict(results[0]["setup"])
+    setup["merged_from"] = [str(f) for f in args.files]
+    setup["capacity_per_file"] = [r["setup"]["capacity"] for r in results]
+    res = {"setup": setup, "runs": list(merged.values())}
+    res["targets"] = evaluate_targets(sc, res["runs"])
+    print_setup(console, setup)
+    caps = ", ".join(f"{c['req_s']:.2f}" for c in setup["capacity_per_file"])
+    console.print(f"  merged from {', '.join(setup['merged_from'])} (capacities {caps} req/s)")
+    print_table(console, sc, res["runs"])
+    print_targets(console, res["targets"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"scheduling-{sc.key}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=_round))
+    pngs = [plot_attainment(sc, res, f"{stem}-attainment.png"), plot_ttft_cdf(sc, res, f"{stem}-ttft-cdf.png")]
+    console.print(f"  wrote {stem}.json, {', '.join(str(p) for p in pngs)}")
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     """One simulation run on a fleet file, with its timing: for scale checks."""
     from qlmserve.controller.policy import load_policy
@@ -507,6 +541,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", help="write the summary here")
     s.add_argument("--charge-solve-time", action="store_true")
     s.set_defaults(func=cmd_sim)
+    r = sub.add_parser("report", help="merge result files of one scenario and print/plot them as one")
+    r.add_argument("files", nargs="+", help="scheduling-<scenario>.json files; later files win on equal runs")
+    r.add_argument("--out", default="out/bench/merged")
+    r.set_defaults(func=cmd_report)
     for name in BENCH_MODULES:
         try:
             mod = importlib.import_module(name)
