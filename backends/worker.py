@@ -378,15 +378,10 @@ class Worker:
                 rids = list(op.request_ids) or list(lt.held)
                 for rid in rids:
                     handed_back += self._evict(rid)
-            elif op.kind == "swap_out":
+            elif op.kind in ("swap_out", "swap_in"):
+                swap = eng.swap_out if op.kind == "swap_out" else eng.swap_in
                 for rid in op.request_ids:
-                    c = eng.swap_out(rid)
-                    seconds += c.seconds
-                    nbytes += c.bytes_moved
-                    handed_back.append(rid)
-            elif op.kind == "swap_in":
-                for rid in op.request_ids:
-                    c = eng.swap_in(rid)
+                    c = swap(rid)
                     seconds += c.seconds
                     nbytes += c.bytes_moved
                     handed_back.append(rid)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from qlmserve.yaml_config import parse_yaml_model
+from qlmserve.yaml_config import parse_yaml_model, read_config
 
 OPERATION_NAMES = ("evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt")
 OperationName = Literal["evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt"]
@@ -148,8 +148,4 @@ def parse_policy(text: str, source: str = "<string>", base_dir: Path | None = No
 
 def load_policy(path: str | Path) -> PolicyConfig:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from None
-    return parse_policy(text, source=str(path), base_dir=path.parent)
+    return parse_policy(read_config(path, PolicyError, "policy"), source=str(path), base_dir=path.parent)

@@ -4,6 +4,7 @@ all load through `parse_yaml_model`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TypeVar
 
 import yaml
@@ -39,6 +40,14 @@ def field_error(source: str, node: yaml.Node | None, loc: tuple, msg: str) -> st
     line = line_of(node, loc)
     where = f"{source}:{line}" if line else source
     return f"{where}: field '{'.'.join(str(p) for p in loc) or '<root>'}': {msg}"
+
+
+def read_config(path: str | Path, error: type[Exception], what: str) -> str:
+    """The text of a config file; an unreadable file raises `error` naming it."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
 
 
 def parse_yaml_model(text: str, model: type[M], source: str, error: type[Exception],

@@ -24,7 +24,7 @@ from qlmserve.operations.profiles import (
     load_gpu_profiles,
     load_profile_file,
 )
-from qlmserve.yaml_config import field_error, parse_yaml_model
+from qlmserve.yaml_config import field_error, parse_yaml_model, read_config
 
 GIB = 1 << 30
 
@@ -213,11 +213,7 @@ def build_fleet(cfg: FleetConfig, source: str = "<config>", base_dir: Path | Non
 
 def load_fleet(path: str | Path) -> Fleet:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise FleetError(f"{path}: cannot read fleet: {exc.strerror}") from None
-    return parse_fleet(text, source=str(path), base_dir=path.parent)
+    return parse_fleet(read_config(path, FleetError, "fleet"), source=str(path), base_dir=path.parent)
 
 
 def uniform_fleet(count: int, gpu: str, models: list[str], *, initial_models: list[str] | None = None,
