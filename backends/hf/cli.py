@@ -147,5 +147,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--be-backlog", type=int, default=8, help="preemption/backlog: BE requests waiting beyond the batch")
     p.add_argument("--load", type=float, default=1.3, help="preemption/open: arrival rate / calibrated capacity")
     p.add_argument("--max-pause", type=float, default=2.0, help="preemption: max_pause_s of EXPERT mode")
-    p.add_argument("--reps", type=int, default=3, help="throughput: engine / generate() runs, interleaved")
+    p.add_argument("--reps", type=int, default=3, help="throughput: lockstep engine / generate() runs")
     p.set_defaults(func=cmd_bench_engine)

@@ -57,7 +57,7 @@ class EngineBenchOptions:
     trace: str = "azure2023_conv.csv"
     trace_requests: int = 64
     loads: int = 3
-    reps: int = 3  # throughput: engine / generate() runs, interleaved
+    reps: int = 3  # throughput: lockstep engine / generate() runs (each on both clocks)
 
 
 def _drain(engine) -> None:
@@ -97,8 +97,8 @@ class _Lockstep:
     """A generate() stopping criterion that never stops and runs one engine step each
     time generate() finished one of its own: the two alternate step by step, so a busy
     spell of a shared machine lands on both alike (separate runs of a few seconds each
-    differ by +-10% on a loaded machine). Both clocks are read at every hand-over, so
-    each side's time excludes the other's."""
+    differ by +-10% on a loaded machine). The clock is read at every hand-over, so each
+    side's time excludes the other's."""
 
     def __init__(self, engine, clock: Callable[[], float]) -> None:
         self.engine = engine
