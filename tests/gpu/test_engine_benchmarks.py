@@ -28,12 +28,17 @@ def test_throughput_bench_compares_equal_work(tiny_models):
     assert r["ratio_decode_cpu"] > 0
 
 
-def test_preemption_bench_runs_the_same_work_in_every_mode(tiny_models):
+def test_preemption_bench_runs_the_same_work_in_every_mode(tiny_models, tmp_path):
     """This test verifies that: 1. FCFS and EXPERT runs of one backlog round both finish
     all its requests; 2. they produce the same BE tokens (same requests to completion),
     so BE tokens per CPU-second compare the cost of one job; 3. the machine-speed
     normalisation found plain full-batch decode passes in both runs."""
-    opts = PreemptionOptions(window_s=0.5, max_batch_size=4, be_backlog=2, be_stream=1.0)
+    # A length table in the published ShareGPT-lengths format, so the test needs no shared/ folder.
+    table = tmp_path / "lengths.csv"
+    rows = [(900, 300), (2400, 500), (400, 120), (3100, 700), (1500, 410), (700, 90), (2000, 380), (1100, 260)]
+    table.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n"
+                     + "".join(f"{p},{d},{p + d},{p / d}\n" for p, d in rows * 8))
+    opts = PreemptionOptions(window_s=0.5, max_batch_size=4, be_backlog=2, be_stream=1.0, trace=str(table))
     work = build_workload(dataclasses.replace(opts, seed=3), capacity=6.0)
     assert work.arrivals and work.be_lengths
     runs = {m: run_mode(opts, tiny_models["mixtral"], m, work) for m in (PreemptionMode.NONE, PreemptionMode.EXPERT)}
