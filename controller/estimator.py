@@ -448,6 +448,16 @@ class WorkerModel:
     backlog: Work  # running requests beyond the slots (a batch limit lowered under them), queued first
     model_bytes: Mapping[str, int] = field(default_factory=dict)
     item_stats: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # model -> queued length mean, var
+    # Iteration-level timing the release table leaves out. A request that starts on a
+    # free slot of a busy device waits for the in-flight iteration to end (uniform over
+    # one step) and gets its first token at the end of the next one, its prefill riding
+    # with a decode step of the batch (`lead_free`); one that starts at a slot release
+    # (a step boundary, counted from the partial step in flight) rides one step too
+    # (`lead_queued`). Latency-sensitive requests under LS-first admission (iteration or
+    # expert mode) prefill in an iteration of their own: no ride (`lead_ls`).
+    lead_free: WaitEstimate = ZERO
+    lead_queued: WaitEstimate = ZERO
+    lead_ls: WaitEstimate = ZERO
     fresh_tables: dict[str | None, ReleaseTable] = field(default_factory=dict, compare=False)  # cache of `fresh`
 
     @property
@@ -508,6 +518,7 @@ class QueueCursor:
     table_ls: ReleaseTable | None = None
     queued: Work = EMPTY  # requests admitted ahead in the current block
     prefill_s: float = 0.0  # their prefill passes
+    idle: bool = False  # nothing decodes when the block starts (after a swap, or a cleared batch)
 
     @classmethod
     def start(cls, wm: WorkerModel, protect_ls: bool = False, cleared: bool = False) -> QueueCursor:
@@ -515,16 +526,25 @@ class QueueCursor:
         device first (evicted or swapped out), e.g. for a model swap now."""
         if cleared:
             fresh = wm.fresh(wm.model) if wm.model is not None else wm.table
-            return cls(wm, protect_ls, wm.model, WaitEstimate(wm.ready_s, 0.0), fresh, fresh, EMPTY, 0.0)
+            return cls(wm, protect_ls, wm.model, WaitEstimate(wm.ready_s, 0.0), fresh, fresh, EMPTY, 0.0, True)
         return cls(wm, protect_ls, wm.model, WaitEstimate(wm.ready_s, 0.0), wm.table, wm.table_ls, wm.backlog, 0.0)
 
     def _view(self, latency_sensitive: bool) -> ReleaseTable:
         return self.table_ls if (self.protect_ls and latency_sensitive) else self.table
 
-    def _at(self, table: ReleaseTable, queued: Work, prefill_s: float) -> WaitEstimate:
+    def _lead(self, table: ReleaseTable, queued: Work, latency_sensitive: bool) -> WaitEstimate:
+        if queued.count >= table.free:
+            return self.wm.lead_queued
+        if self.idle:
+            return ZERO
+        return self.wm.lead_ls if latency_sensitive else self.wm.lead_free
+
+    def _at(self, table: ReleaseTable, queued: Work, prefill_s: float, latency_sensitive: bool = False
+            ) -> WaitEstimate:
         m, v = table.start(queued)
         step = self.wm.step_s
-        return self.base + WaitEstimate(m * step + prefill_s, v * step * step)
+        return self.base + self._lead(table, queued, latency_sensitive) + WaitEstimate(m * step + prefill_s,
+                                                                                       v * step * step)
 
     def free_at(self) -> WaitEstimate:
         """When the next request could start here, whatever its model (no swap counted)."""
@@ -541,23 +561,28 @@ class QueueCursor:
             base = base + WaitEstimate(m * wm.step_s + self.prefill_s, v * wm.step_s**2)
         base = base + WaitEstimate(wm.load_s(model), 0.0)
         fresh = wm.fresh(model)
-        return replace(self, model=model, base=base, table=fresh, table_ls=fresh, queued=EMPTY, prefill_s=0.0)
+        return replace(self, model=model, base=base, table=fresh, table_ls=fresh, queued=EMPTY, prefill_s=0.0,
+                       idle=True)
 
     def timing(self, gw: GroupWork) -> GroupTiming:
         """TTFT of the group's first and last request if it were next in this queue."""
         c = self._switched(gw.group.model)
         wm = c.wm
-        table = c._view(gw.group.latency_sensitive)
+        ls = gw.group.latency_sensitive
+        table = c._view(ls)
         n = gw.work.count
-        first = c._at(table, c.queued, c.prefill_s + wm.prefill_s(gw.work.share(1)))
-        last = c._at(table, c.queued + gw.work.share(n - 1), c.prefill_s + wm.prefill_s(gw.work))
+        # Requests that start on free slots at once prefill in one pass: the first token of
+        # the first comes when that whole pass ends.
+        together = min(n, max(1, table.free - c.queued.count))
+        first = c._at(table, c.queued, c.prefill_s + wm.prefill_s(gw.work.share(together)), ls)
+        last = c._at(table, c.queued + gw.work.share(n - 1), c.prefill_s + wm.prefill_s(gw.work), ls)
         return GroupTiming(first, last)
 
     def push(self, gw: GroupWork) -> GroupTiming:
         """Place the group next in the queue; returns its timing."""
         t = self.timing(gw)
         c = self._switched(gw.group.model)
-        self.model, self.base, self.table, self.table_ls = c.model, c.base, c.table, c.table_ls
+        self.model, self.base, self.table, self.table_ls, self.idle = c.model, c.base, c.table, c.table_ls, c.idle
         self.queued = c.queued + gw.work
         self.prefill_s = c.prefill_s + self.wm.prefill_s(gw.work)
         return t
@@ -625,8 +650,9 @@ def meets_all(forecasts: Iterable[GroupForecast], beta: float) -> np.ndarray:
 
 
 def _starts_rows(tables: list[ReleaseTable], blk_of: np.ndarray, count: np.ndarray, tokens: np.ndarray,
-                 var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ReleaseTable.start, elementwise: row i uses tables[blk_of[i]]."""
+                 var: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ReleaseTable.start, elementwise: row i uses tables[blk_of[i]]. Also whether the row
+    starts on a free slot, and the table's free slots."""
     uniq: dict[int, int] = {}
     flat_m, flat_v, meta = [], [], []
     off = 0
@@ -649,7 +675,7 @@ def _starts_rows(tables: list[ReleaseTable], blk_of: np.ndarray, count: np.ndarr
     m = tm[idx] + (tokens - implied * item_m) / slots
     v = tv[idx] + np.maximum(0.0, var - implied * item_v) / (slots * slots)
     is_free = count < free
-    return np.where(is_free, 0.0, np.maximum(0.0, m)), np.where(is_free, 0.0, v)
+    return np.where(is_free, 0.0, np.maximum(0.0, m)), np.where(is_free, 0.0, v), is_free, free
 
 
 def model_kind_is_moe(config: PolicyConfig | None, model: str | None) -> bool:
@@ -746,8 +772,18 @@ class Forecaster:
             if w.loading_model is not None:
                 ready = w.profile.model_load_time(snap.model_bytes.get(w.loading_model, 0),
                                                   w.loading_model in w.warm_models)
+            lead_free = lead_ls = ZERO
+            if mine and ready == 0.0:  # a busy device: see WorkerModel.lead_free
+                now_step = w.profile.decode_step_time(
+                    min(len(mine), slots), sum(r.prompt_tokens + r.generated_tokens for r in mine[:slots]))
+                residual = WaitEstimate(now_step / 2, now_step * now_step / 12)
+                lead_free = residual + WaitEstimate(now_step, 0.0)
+                lead_ls = ZERO if w.preemption_mode == "expert" else residual
+                if w.preemption_mode == "none":
+                    lead_ls = lead_free
             out[w.worker_id] = WorkerModel(w, slots, step, model, ready, table, table_ls, extra,
-                                           snap.model_bytes, self.item_stats)
+                                           snap.model_bytes, self.item_stats, lead_free=lead_free,
+                                           lead_queued=WaitEstimate(step / 2, step * step / 12), lead_ls=lead_ls)
         return out
 
     def cursor(self, worker_id: str, protect_ls: bool = False, cleared: bool = False) -> QueueCursor:
@@ -836,6 +872,7 @@ class Forecaster:
         tables: list[ReleaseTable] = []
         tables_ls: list[ReleaseTable] = []
         init_c, init_t, init_v, base_m, base_v, steps = [], [], [], [], [], []
+        idle: list[bool] = []
         prev_w = -1
         for b, i0 in enumerate(starts):
             k = int(widx[i0])
@@ -851,6 +888,7 @@ class Forecaster:
                     table, table_ls, init = wm.table, wm.table_ls, wm.backlog
                 bm, bv = wm.ready_s, 0.0
                 done_pre = 0.0
+                is_idle = cleared
             m_b = models[i0]
             if m_b != model:
                 if model is not None:
@@ -859,7 +897,8 @@ class Forecaster:
                     bv += dv * wm.step_s**2
                 bm += wm.load_s(m_b)
                 table = table_ls = wm.fresh(m_b)
-                init, done_pre, model = EMPTY, 0.0, m_b
+                init, done_pre, model, is_idle = EMPTY, 0.0, m_b, True
+            idle.append(is_idle)
             tables.append(table)
             tables_ls.append(table_ls if order[k] in prot else table)
             init_c.append(init.count)
@@ -883,16 +922,35 @@ class Forecaster:
         share = (n - 1) / np.maximum(n, 1)
         step = np.array(steps)[blk_of]
         bv_row = np.array(base_v)[blk_of]
-        fm, fv = _starts_rows(tables, blk_of, c0, t0, v0)
-        lm, lv = _starts_rows(tables, blk_of, c0 + n - 1, t0 + tok * share, v0 + var * share)
+        fm, fv, f_free, free = _starts_rows(tables, blk_of, c0, t0, v0)
+        lm, lv, l_free, _ = _starts_rows(tables, blk_of, c0 + n - 1, t0 + tok * share, v0 + var * share)
         use_ls = ls & np.array([tables_ls[b] is not tables[b] for b in range(len(starts))])[blk_of]
         if use_ls.any():
-            fm2, fv2 = _starts_rows(tables_ls, blk_of, c0, t0, v0)
-            lm2, lv2 = _starts_rows(tables_ls, blk_of, c0 + n - 1, t0 + tok * share, v0 + var * share)
-            fm, fv = np.where(use_ls, fm2, fm), np.where(use_ls, fv2, fv)
-            lm, lv = np.where(use_ls, lm2, lm), np.where(use_ls, lv2, lv)
+            fm2, fv2, f_free2, free2 = _starts_rows(tables_ls, blk_of, c0, t0, v0)
+            lm2, lv2, l_free2, _ = _starts_rows(tables_ls, blk_of, c0 + n - 1, t0 + tok * share, v0 + var * share)
+            fm, fv, f_free = np.where(use_ls, fm2, fm), np.where(use_ls, fv2, fv), np.where(use_ls, f_free2, f_free)
+            lm, lv, l_free = np.where(use_ls, lm2, lm), np.where(use_ls, lv2, lv), np.where(use_ls, l_free2, l_free)
+            free = np.where(use_ls, free2, free)
+        # QueueCursor.timing: the requests of the group that start on free slots at once
+        # prefill together, and QueueCursor._lead.
+        together = np.clip(free - c0, 1, np.maximum(n, 1))
+        pre1 = pre1 * together
+        w_of = widx
+        lead = np.array([[wm.lead_free.mean_s, wm.lead_free.var_s2, wm.lead_ls.mean_s, wm.lead_ls.var_s2,
+                          wm.lead_queued.mean_s, wm.lead_queued.var_s2] for wm in wms])[w_of]
+        idle_row = np.array(idle)[blk_of]
+
+        def lead_of(is_free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            fm_ = np.where(ls, lead[:, 2], lead[:, 0])
+            fv_ = np.where(ls, lead[:, 3], lead[:, 1])
+            fm_, fv_ = np.where(idle_row, 0.0, fm_), np.where(idle_row, 0.0, fv_)
+            return np.where(is_free, fm_, lead[:, 4]), np.where(is_free, fv_, lead[:, 5])
+
+        af, afv = lead_of(f_free)
+        al, alv = lead_of(l_free)
         step2 = step * step
-        return p0 + fm * step + pre1, bv_row + fv * step2, p0 + lm * step + pre, bv_row + lv * step2
+        return (p0 + fm * step + pre1 + af, bv_row + fv * step2 + afv, p0 + lm * step + pre + al,
+                bv_row + lv * step2 + alv)
 
 
 def predict_group_wait(snapshot: ClusterSnapshot, virtual_queues: dict[str, list[str]], group_id: str) -> WaitEstimate:

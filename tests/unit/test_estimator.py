@@ -3,6 +3,8 @@ against exact replays, and the agreement of its two evaluation paths."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -172,14 +174,15 @@ def test_wait_estimate_shape():
 
 def test_predicted_wait_grows_with_work_ahead_and_model_swaps():
     """This test verifies that:
-    1. the head group of an idle worker waits only for its own prefill;
+    1. the head group of an idle worker waits only for the prefill pass of its requests
+       (all four start on free slots together, so they prefill in one pass);
     2. every group queued ahead delays the next one;
     3. a group of another model waits for the batch to drain and the model to load."""
     cfg = make_policy(2)
     snap = _one_worker([4, 4, 4], 0, 8, {})
     queues = {"w0": [g.group_id for g in snap.groups]}
     waits = [predict_group_wait(snap, queues, g.group_id).mean_s for g in snap.groups]
-    assert waits[0] == pytest.approx(WorkerProfile().prefill_time(300))
+    assert waits[0] == pytest.approx(4 * WorkerProfile().prefill_time(300))
     assert waits[0] < waits[1] < waits[2]
     other = list(cfg.models)[1]
     g = snap.groups[2]
@@ -189,3 +192,33 @@ def test_predicted_wait_grows_with_work_ahead_and_model_swaps():
                               {other: 16 * 2**30})
     load = WorkerProfile().model_load_time(16 * 2**30, warm=False)
     assert predict_group_wait(swapped, queues, g.group_id).mean_s > waits[2] + load
+
+
+def test_free_slot_start_on_a_busy_device_waits_for_the_iteration_in_flight():
+    """This test verifies that:
+    1. a request that starts on a free slot of a busy device gets its first token after
+       the rest of the in-flight decode step (half a step on average) plus one iteration:
+       its prefill and a decode step of the batch it joins;
+    2. a latency-sensitive request on a worker in expert mode (prefilled at once, in a
+       pass of its own) waits only for its prefill;
+    3. the vectorised forecast of many groups agrees with the queue walk."""
+    snap = _one_worker([1], 4, 8, {})
+    w = snap.workers[0]
+    step = w.profile.decode_step_time(4, sum(r.prompt_tokens + r.generated_tokens for r in w.running))
+    wait = predict_group_wait(snap, {"w0": ["g0"]}, "g0")
+    assert wait.mean_s == pytest.approx(1.5 * step + w.profile.prefill_time(300))
+    assert wait.var_s2 == pytest.approx(step * step / 12)
+    g = snap.groups[0]
+    ls_group = replace(g, latency_sensitive=True)
+    expert = ClusterSnapshot(0.0, (ls_group,), (replace(w, preemption_mode="expert"),), {}, {})
+    assert predict_group_wait(expert, {"w0": ["g0"]}, "g0").mean_s == pytest.approx(w.profile.prefill_time(300))
+    many = _one_worker([3, 1, 2, 5, 1, 4, 2, 3, 1, 2, 6, 1, 2, 3], 5, 8, {})
+    fc = Forecaster(many)
+    queues = {"w0": [g.group_id for g in many.groups]}
+    bulk = fc.evaluate(queues)
+    cur = fc.cursor("w0")
+    for gid in queues["w0"]:
+        t = cur.push(fc.groups[gid])
+        assert bulk[gid].timing.first.mean_s == pytest.approx(t.first.mean_s)
+        assert bulk[gid].timing.last.mean_s == pytest.approx(t.last.mean_s)
+        assert bulk[gid].timing.last.var_s2 == pytest.approx(t.last.var_s2)
