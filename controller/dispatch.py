@@ -5,6 +5,12 @@ of its virtual queue while it has free batch slots, in queue order, and only for
 active model; when the head group needs another model and the worker has nothing of
 its own model left running, a model load is issued (every policy needs that to serve
 several models; planner-chosen swaps arrive as plan operations instead).
+
+Dispatch is work-conserving: a worker that has served its whole queue and still has
+free slots takes requests of its model that wait in other workers' queues beyond what
+those workers can start now, earliest deadline first. A plan is a forecast; when a
+worker frees up sooner than forecast (shorter outputs than expected), its slots should
+not idle until the next re-plan while requests it could serve wait elsewhere.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlmserve.controller.snapshot import ClusterSnapshot
-from qlmserve.operations.ops import LoadModel, Operation
+from qlmserve.operations.ops import Evict, LoadModel, Operation, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
 
@@ -26,16 +32,26 @@ class Assignment:
 def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int) -> tuple[list[Assignment], list[Operation]]:
     groups = {g.group_id: g for g in snapshot.groups}
     planned_loads = {op.worker_id: op.model for op in plan.operations if isinstance(op, LoadModel)}
+    # Requests the plan takes off a device (eviction, KV swap-out) free their slots for the
+    # requests it dispatches with them, and those it swaps back in take slots: the worker
+    # runs its operations first.
+    freed: dict[str, int] = {}
+    for op in plan.operations:
+        if isinstance(op, (Evict, SwapOut, SwapIn)):
+            n = len(op.request_ids) * (-1 if isinstance(op, SwapIn) else 1)
+            freed[op.worker_id] = freed.get(op.worker_id, 0) + n
     assignments: list[Assignment] = []
     ops: list[Operation] = []
+    spare: dict[str, int] = {}  # worker -> free slots left after its whole queue
     for w in snapshot.workers:
         if not w.accepts_work or w.loading_model is not None:
             continue
         active = sum(1 for r in w.running if not r.swapped)
-        slots = min(w.max_batch_size, max_running_per_worker) - active
+        slots = min(w.max_batch_size, max_running_per_worker) - active + freed.get(w.worker_id, 0)
         target_model = planned_loads.get(w.worker_id, w.active_model)
         if target_model != w.active_model:
             continue  # a planned model swap comes first; requests follow once it is done
+        blocked = False
         for gid in plan.virtual_queues.get(w.worker_id, []):
             if slots <= 0:
                 break
@@ -46,10 +62,52 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
                 own_running = any(r.model == w.active_model for r in w.running if not r.swapped)
                 if not own_running and not any(a.worker_id == w.worker_id for a in assignments):
                     ops.append(LoadModel(w.worker_id, g.model, reason=f"head group {gid} needs {g.model}"))
+                blocked = True
                 break  # strict queue order: later groups wait for this one
             for rid in g.request_ids:
                 if slots <= 0:
                     break
                 assignments.append(Assignment(w.worker_id, gid, rid))
                 slots -= 1
+        if slots > 0 and not blocked and w.active_model is not None:
+            spare[w.worker_id] = slots
+    if spare:
+        assignments.extend(_backfill(plan, snapshot, groups, spare, assignments))
     return assignments, ops
+
+
+def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[str, int],
+              assignments: list[Assignment]) -> list[Assignment]:
+    """Free slots left after a worker's own queue take the waiting requests other queues
+    cannot start now (earliest deadline first, latency-sensitive first on equal
+    deadlines), of the worker's active model."""
+    taken = {a.request_id for a in assignments}
+    left: list[tuple[tuple, str, str, int]] = []  # (order, group, model, prompt tokens)
+    for wid, queue in plan.virtual_queues.items():
+        for gid in queue:
+            g = groups.get(gid)
+            if g is None:
+                continue
+            for k, rid in enumerate(g.request_ids):
+                if rid not in taken:
+                    left.append(((g.deadline + (g.arrivals[k] - g.arrivals[0]), not g.latency_sensitive, rid), gid,
+                                 g.model, g.prompt_tokens[k]))
+    if not left:
+        return []
+    left.sort()
+    workers = {w.worker_id: w for w in snapshot.workers}
+    out: list[Assignment] = []
+    for wid in sorted(spare, key=lambda wid: -spare[wid]):
+        w = workers[wid]
+        kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
+        n = spare[wid]
+        rest = []
+        for item in left:
+            if n > 0 and item[2] == w.active_model and item[3] < kv_free:
+                kv_free -= item[3]
+                out.append(Assignment(wid, item[1], item[0][2]))
+                n -= 1
+            else:
+                rest.append(item)
+        left = rest
+    return out

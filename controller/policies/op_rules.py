@@ -86,13 +86,25 @@ def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
     return removal_mechanism(config, w, be)
 
 
-def victims(w: WorkerState, needed: int, mechanism: str) -> list[RunningRequest]:
+def slot_mechanism(config: PolicyConfig, w: WorkerState, mechanism: str) -> str | None:
+    """How BE running requests leave the device to give LS requests batch slots under a
+    protection `mechanism`: itself for EVICT / SWAP; under EXPERT (which pauses the BE
+    batch but frees no slot) the cheaper enabled removal, if any."""
+    if mechanism != EXPERT:
+        return mechanism
+    return removal_mechanism(config, w, _be_running(w))
+
+
+def victims(w: WorkerState, needed: int, mechanism: str | None) -> list[RunningRequest]:
     """The `needed` BE running requests that are cheapest to take off the device (host
     memory permitting, for a swap)."""
-    if needed <= 0 or mechanism == EXPERT:
+    if needed <= 0 or mechanism in (EXPERT, None):
         return []
     out, host = [], _host_kv_free(w)
-    for r in sorted(_be_running(w), key=lambda r: (victim_cost_s(w, r, mechanism), r.request_id)):
+    # Only requests that have started: one not yet prefilled holds no KV to move, and the
+    # engine admits latency-sensitive requests ahead of it anyway.
+    started = [r for r in _be_running(w) if r.first_token_at is not None]
+    for r in sorted(started, key=lambda r: (victim_cost_s(w, r, mechanism), r.request_id)):
         if len(out) >= needed:
             break
         tokens = r.prompt_tokens + r.generated_tokens
@@ -114,11 +126,13 @@ def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots
     return max(0, ls - max(0, slots - sum(1 for r in w.running if not r.swapped)))
 
 
-def protection_cost_s(w: WorkerState, queue: Sequence[GroupState], slots: int, mechanism: str) -> float:
-    if mechanism == EXPERT:
-        return 0.0
+def protection_cost_s(config: PolicyConfig, w: WorkerState, queue: Sequence[GroupState], slots: int,
+                      mechanism: str) -> float:
+    """Worker seconds of BE work lost by protecting: the removed requests' recompute or
+    copies (a pause by expert-level preemption loses none)."""
+    removal = slot_mechanism(config, w, mechanism)
     needed = ls_requests_needing_slots(w, queue, slots)
-    return sum(victim_cost_s(w, r, mechanism) for r in victims(w, needed, mechanism))
+    return sum(victim_cost_s(w, r, removal) for r in victims(w, needed, removal))
 
 
 def rule_protection(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecaster,
@@ -185,12 +199,13 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
                 op = SwapOut(wid, ids, reason=f"model swap to {change.model}") if change.clear == SWAP else \
                     Evict(wid, ids, reason=f"model swap to {change.model}")
                 ops.append(op)
-        elif mech in (EVICT, SWAP):
-            vs = victims(w, ls_requests_needing_slots(w, queue, slots), mech)
+        elif mech is not None:
+            removal = slot_mechanism(config, w, mech)
+            vs = victims(w, ls_requests_needing_slots(w, queue, slots), removal)
             if vs:
                 ids = tuple(r.request_id for r in vs)
-                reason = "latency-sensitive groups wait behind best-effort running requests"
-                ops.append(SwapOut(wid, ids, reason=reason) if mech == SWAP else Evict(wid, ids, reason=reason))
+                reason = "latency-sensitive groups need batch slots held by best-effort requests"
+                ops.append(SwapOut(wid, ids, reason=reason) if removal == SWAP else Evict(wid, ids, reason=reason))
         if change is not None and change.model != (w.loading_model or w.active_model):
             ops.append(LoadModel(wid, change.model, reason="planned model swap"))
         has_ls = any(g.latency_sensitive for g in queue)
@@ -210,12 +225,20 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
 
 
 def _swap_in(w: WorkerState, queue: Sequence[GroupState], slots: int, busy: bool) -> list[Operation]:
-    """Resume swapped-out requests of the active model into slots the queue head leaves free."""
+    """Resume swapped-out requests of the active model into free slots, ahead of queued
+    best-effort groups (they were admitted first, they hold host memory, and a request
+    swapped out for a latency-sensitive one must not starve behind newer work) but after
+    the latency-sensitive groups at the head of the queue."""
     swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
     if not swapped or busy or w.loading_model is not None:
         return []
     active = sum(1 for r in w.running if not r.swapped)
-    spare = slots - active - sum(g.size for g in queue if g.model == w.active_model)
+    ls_head = 0
+    for g in queue:
+        if not g.latency_sensitive:
+            break
+        ls_head += g.size
+    spare = slots - active - ls_head
     kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
     out = []
     for r in sorted(swapped, key=lambda r: (r.arrival, r.request_id)):

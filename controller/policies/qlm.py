@@ -98,6 +98,8 @@ class QlmPolicy(SchedulingPolicy):
             w = workers.get(wid)
             if q and (w is None or not w.accepts_work):
                 return True
+        if self.config.planner.ls_fast_path and self._ls_waits_for_slots(snapshot, last_plan, workers):
+            return True
         if self.operation_enabled("load_balance"):
             live = {g.group_id for g in snapshot.groups}
             has_work = {wid for wid, q in last_plan.virtual_queues.items() if live.intersection(q)}
@@ -110,6 +112,19 @@ class QlmPolicy(SchedulingPolicy):
         beta = self.config.planner.beta
         for gid, f in forecast.items():
             if last_plan.predicted_attainment.get(gid, 0.0) >= 0.5 and not f.meets(beta):
+                return True
+        return False
+
+    @staticmethod
+    def _ls_waits_for_slots(snapshot: ClusterSnapshot, last_plan: Plan, workers: Mapping[str, WorkerState]) -> bool:
+        """Whether latency-sensitive requests wait at the head of a queue whose worker has no
+        free slot for them (e.g. they joined a group the kept plan had already placed): the
+        fast path must free slots now, not when a best-effort request happens to finish."""
+        groups = {g.group_id: g for g in snapshot.groups}
+        for wid, q in last_plan.virtual_queues.items():
+            w = workers.get(wid)
+            head = groups.get(q[0]) if q else None
+            if w is not None and head is not None and head.latency_sensitive and w.free_slots < head.size:
                 return True
         return False
 
@@ -184,6 +199,8 @@ class QlmPolicy(SchedulingPolicy):
         source, note = self._improve(tick, best, best_score, cold, deadline)
         t_finish = time.perf_counter()
         best, best_score = tick.best, tick.best_score
+        if planner.ls_fast_path:
+            best = tick.ls_fast_path(best)
         self.last_decision = best
         ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
         plan = Plan(virtual_queues=best.queues, operations=ops, source=source,
@@ -560,7 +577,7 @@ class _Tick:
             pcost, cap = 0.0, None
             if mech is not None and ls_here:
                 protect_of[wid] = mech
-                pcost = protection_cost_s(w, [self.groups[g] for g in ls_here], wm.slots, mech) * self._lambda(w)
+                pcost = protection_cost_s(self.cfg, w, [self.groups[g] for g in ls_here], wm.slots, mech) * self._lambda(w)
                 cap = self.cfg.planner.max_pause_s if mech == EXPERT else None
             else:
                 mech = None
@@ -725,8 +742,37 @@ class _Tick:
             if mech != EXPERT and not ls_requests_needing_slots(w, q, slots):
                 continue  # free slots suffice: nothing to evict, nothing to credit
             protected[wid] = mech
-            cost += protection_cost_s(w, q, slots, mech) * self._lambda(w)
+            cost += protection_cost_s(self.cfg, w, q, slots, mech) * self._lambda(w)
         return Decision(queues, protected, changes, cost)
+
+    def ls_fast_path(self, d: Decision) -> Decision:
+        """planner.ls_fast_path: protect every worker whose queue starts with latency-sensitive
+        groups when protecting costs best-effort work no more than those groups' own
+        prefill (expert-level preemption is free; a KV swap-out for a batch slot costs two
+        copies), whether or not the program needed it for their SLO."""
+        protected = dict(d.protected)
+        cost = d.cost
+        for wid, queue in d.queues.items():
+            w = self.workers.get(wid)
+            if w is None or wid in protected or not queue or not self.groups[queue[0]].latency_sensitive:
+                continue
+            mech = protection_mechanism(self.cfg, w)
+            if mech is None:
+                continue
+            lead = []
+            for gid in queue:
+                if not self.groups[gid].latency_sensitive:
+                    break
+                lead.append(self.groups[gid])
+            slots = self.fc.workers[wid].slots
+            if mech != EXPERT and not ls_requests_needing_slots(w, lead, slots):
+                continue  # free slots suffice
+            lost = protection_cost_s(self.cfg, w, lead, slots, mech)
+            if lost > sum(self.fc.workers[wid].prefill_s(self.fc.groups[g.group_id].work) for g in lead):
+                continue
+            protected[wid] = mech
+            cost += lost * self._lambda(w)
+        return d if protected == d.protected else replace(d, protected=protected, cost=cost)
 
     def repair(self, d: Decision, built: _Built, deadline: float) -> Decision:
         """Local search with the exact estimator, while time is left: move a program group

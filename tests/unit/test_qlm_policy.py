@@ -51,14 +51,20 @@ def test_expert_preemption_protects_latency_sensitive_groups_on_moe_workers():
     1. an interactive group that would wait ~14 s behind a full best-effort batch on an MoE
        worker makes QLM switch that worker to expert-level preemption when `preempt` is on,
        and the plan then predicts the group meets its SLO;
-    2. nothing is evicted for it (preemption pauses, it does not discard work);
+    2. preemption pauses the batch but frees no batch slot: the batch is full, so exactly as
+       many best-effort requests as the group needs are evicted, the cheapest ones (least
+       recompute); with a free slot for each of its requests nothing is evicted;
     3. with no operations enabled the plan has no operations and predicts a miss."""
     cfg, snap = _protection_case(MIXTRAL, ("preempt", "evict"))
     plan = create_policy("qlm", cfg).solve(snap)
-    assert [op for op in plan.operations if isinstance(op, SetPreemption)] == [
-        SetPreemption("w0", "expert", cfg.planner.max_pause_s, reason=plan.operations[0].reason)]
-    assert not [op for op in plan.operations if isinstance(op, (Evict, SwapOut))]
+    sets = [op for op in plan.operations if isinstance(op, SetPreemption)]
+    assert sets == [SetPreemption("w0", "expert", cfg.planner.max_pause_s, reason=sets[0].reason)]
+    assert [op.request_ids for op in plan.operations if isinstance(op, (Evict, SwapOut))] == [("be0", "be1")]
     assert plan.predicted_attainment["ls"] > 0.9
+    w = snap.workers[0]
+    roomy = replace(snap, workers=(replace(w, running=w.running[:-2]),))
+    plan = create_policy("qlm", cfg).solve(roomy)
+    assert [op.kind.value for op in plan.operations] == ["set_preemption"]
     cfg_off, snap_off = _protection_case(MIXTRAL, ())
     plan_off = create_policy("qlm", cfg_off).solve(snap_off)
     assert plan_off.operations == []
