@@ -1,0 +1,53 @@
+"""Dispatch: from a plan's virtual queues to the requests each worker takes now."""
+
+from __future__ import annotations
+
+from qlmserve.controller.dispatch import dispatch
+from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
+from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import SwapOut
+from qlmserve.operations.plan import Plan
+
+MODEL = "m"
+
+
+def _worker(wid: str, running: int, slots: int = 4, model: str = MODEL) -> WorkerState:
+    run = tuple(RunningRequest(f"{wid}-r{i}", "old", model, "batch", 100, 10, 512, False, 0.0, 1.0)
+                for i in range(running))
+    return WorkerState(wid, model, frozenset(), 10**6, 0, slots, run, WorkerProfile())
+
+
+def _group(gid: str, size: int, ttft_s: float, ls: bool = False, model: str = MODEL) -> GroupState:
+    return GroupState(gid, model, "c", tuple(f"{gid}-{i}" for i in range(size)), (0.0,) * size, (100,) * size,
+                      (256,) * size, ttft_s, 0, 1.0, ls)
+
+
+def _taken(assignments) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for a in assignments:
+        out.setdefault(a.worker_id, []).append(a.request_id)
+    return out
+
+
+def test_free_slots_take_work_other_queues_cannot_start_now():
+    """This test verifies that:
+    1. each worker takes its own queue's requests first, in queue order, up to its free slots;
+    2. a worker whose whole queue is served and still has free slots takes the requests that
+       wait in other queues beyond what their workers can start now, earliest deadline first;
+    3. it never takes a request of a model it does not hold."""
+    snap = ClusterSnapshot(0.0, (_group("a", 3, 60.0), _group("b", 3, 10.0), _group("c", 2, 5.0, model="other")),
+                           (_worker("w0", 3), _worker("w1", 1)), {}, {})
+    plan = Plan({"w0": ["a", "b", "c"], "w1": []})
+    got = _taken(dispatch(plan, snap, 8)[0])
+    assert got["w0"] == ["a-0"]
+    # w1 has 3 free slots: b's requests go first (deadline 10 s before a's 60 s); c is another model
+    assert got["w1"] == ["b-0", "b-1", "b-2"]
+
+
+def test_slots_freed_by_the_plans_swap_out_go_to_the_requests_it_dispatches():
+    """This test verifies that a full worker whose plan swaps out two best-effort requests
+    takes two latency-sensitive requests in the same tick (the worker runs the swap first)."""
+    snap = ClusterSnapshot(0.0, (_group("ls", 3, 1.0, ls=True),), (_worker("w0", 4),), {}, {})
+    plan = Plan({"w0": ["ls"]}, [SwapOut("w0", ("w0-r0", "w0-r1"))])
+    assert _taken(dispatch(plan, snap, 4)[0]) == {"w0": ["ls-0", "ls-1"]}
+    assert dispatch(Plan({"w0": ["ls"]}), snap, 4)[0] == []
