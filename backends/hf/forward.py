@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import PagedKVCache
+from .kv_cache import MirrorLayer, PagedKVCache
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -41,34 +41,80 @@ class KVView:
 
     The context is gathered a block at a time: one index_select per layer over the rows'
     block tables copies each block as one contiguous chunk, and needs no per-position
-    slot index (which would cost a handful of extra tensor ops per pass to build)."""
+    slot index (which would cost a handful of extra tensor ops per pass to build). A
+    decode pass on CPU instead reuses the layer's mirror when it holds this batch one
+    token behind (see PagedKVCache.mirror), and gathers only to rebuild it."""
 
     def __init__(self, kv: PagedKVCache, blocks: torch.Tensor, batch: int, width: int, context: int,
-                 write_slots: torch.Tensor, write_rows: torch.Tensor | None) -> None:
+                 write_slots: torch.Tensor, write_rows: torch.Tensor | None,
+                 mirror: tuple[tuple, tuple, list[int]] | None = None) -> None:
         self.kv = kv
         self.blocks = blocks  # [B * width] block ids, row-major (a short row repeats its first block)
+        self.batch = batch
+        self.width = width
         self.context = context
         self.write_slots = write_slots  # [N] slots of the pass's valid new tokens
         self.write_rows = write_rows  # [B, T] bool of valid new tokens; None when no padding
-        # Every layer gathers into the same buffer, so the [B, kv_heads, context, head_dim]
-        # views attention gets are made once per pass, not per layer.
+        # (mirror key before this pass's token, key after it, each row's write position)
+        self.mirror = mirror
+        self._mirror_index: dict[int, torch.Tensor] = {}  # mirror cap -> flat write index per row
         self._gathered = kv.gather_buffer(batch * width)  # [2, B * width, block_size, kvh, D]
-        dense = self._gathered.view(2, batch, -1, *self._gathered.shape[3:])[:, :, :context].transpose(2, 3)
-        self._keys, self._values = dense[0], dense[1]
+        if mirror is None:
+            # Every layer gathers into the same buffer, so the [B, kv_heads, context, head_dim]
+            # views attention gets are made once per pass, not per layer.
+            dense = self._gathered.view(2, batch, -1, *self._gathered.shape[3:])[:, :, :context].transpose(2, 3)
+            self._keys, self._values = dense[0], dense[1]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         # Few tensor ops per layer on purpose: on CPU each costs microseconds however small.
-        new = torch.stack((key_states, value_states)).transpose(2, 3)  # [2, B, T, kvh, D]
+        stacked = torch.stack((key_states, value_states))  # [2, B, kvh, T, D]
+        if stacked.dtype != self.kv.dtype:
+            stacked = stacked.to(self.kv.dtype)
+        new = stacked.transpose(2, 3)  # [2, B, T, kvh, D]
         if self.write_rows is None:
             new = new.reshape(2, -1, *new.shape[3:])
         else:
             new = new[:, self.write_rows]  # [2, N, kvh, D]
-        if new.dtype != self.kv.dtype:
-            new = new.to(self.kv.dtype)
         self.kv.layer_slots[layer_idx].index_copy_(1, self.write_slots, new)
+        if self.mirror is not None:
+            return self._mirrored(layer_idx, stacked)
         torch.index_select(self.kv.layer_blocks[layer_idx], 1, self.blocks, out=self._gathered)
         return self._keys, self._values
+
+    def _mirrored(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`new`: [2, B, kvh, 1, D], the pass's keys and values (one token per row)."""
+        assert self.kv.mirror is not None and self.mirror is not None
+        before, after, positions = self.mirror
+        m = self.kv.mirror[layer_idx]
+        if m is not None and m.key == before and m.cap >= self.context:
+            index = self._mirror_index.get(m.cap)
+            if index is None:
+                heads = m.data.shape[2]
+                index = torch.tensor([(r * heads + h) * m.cap + p for r, p in enumerate(positions)
+                                      for h in range(heads)], dtype=torch.long)
+                self._mirror_index[m.cap] = index
+            m.data.view(2, -1, m.data.shape[-1]).index_copy_(1, index, new.view(2, -1, new.shape[-1]))
+        else:
+            m = self._rebuild_mirror(layer_idx)
+        m.key = after
+        dense = m.data[:, :, :, : self.context]  # [2, B, kvh, context, D]
+        return dense[0], dense[1]
+
+    def _rebuild_mirror(self, layer_idx: int) -> MirrorLayer:
+        """Gather the layer's context (the new token already written to the pool) into a
+        fresh mirror with room for the batch to grow: rebuilt when it outgrows it."""
+        kv = self.kv
+        assert kv.mirror is not None
+        torch.index_select(kv.layer_blocks[layer_idx], 1, self.blocks, out=self._gathered)
+        cap_blocks = self.width + self.width // 2 + 1
+        data, buf = kv.mirror_storage(layer_idx, self.batch, cap_blocks * kv.block_size)
+        width = self.width * kv.block_size
+        gathered = self._gathered.view(2, self.batch, width, data.shape[2], data.shape[4])
+        data[:, :, :, :width] = gathered.transpose(2, 3)
+        m = MirrorLayer(key=(), data=data, buf=buf)
+        kv.mirror[layer_idx] = m
+        return m
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.context
@@ -163,9 +209,13 @@ class ForwardPass:
             last_visible = torch.minimum(positions, (total - 1)[:, None])
             self.mask = (keys[None, None, :] <= last_visible[:, :, None])[:, None].to(device)  # [B, 1, T, ctx]
         self.position_ids = positions.to(device)
+        mirror = None
+        if t_max == 1 and self.kv.mirror is not None:
+            rows = tuple(seqs)
+            mirror = ((rows, tuple(past_l)), (rows, tuple(total_l)), past_l)
         self.view = KVView(self.kv, torch.tensor(blocks, dtype=torch.long, device=device), len(seqs), width, ctx,
                            torch.tensor(writes, dtype=torch.long, device=device),
-                           valid.to(device) if valid is not None else None)
+                           valid.to(device) if valid is not None else None, mirror)
         # Where each row's last new token sits; None: at t_max - 1 in every row.
         self.last_index = (torch.tensor([n - 1 for n in new_l], dtype=torch.long, device=device)
                            if padded else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from gpu_helpers import check_events, make_engine, make_requests, reference_tokens, run_until_idle, tokens_of
 from qlmserve.backends.engine import EngineError, EngineRequest, FinishReason
@@ -107,6 +108,50 @@ def test_unwritten_kv_memory_does_not_leak(tiny_models, device):
     got = tokens_of(run_until_idle(engine))
     for r in reqs:
         assert got[r.request_id] == reference_tokens(folder, device, r), r.request_id
+
+
+def test_decode_mirror_holds_what_the_pool_holds(tiny_models, device):
+    """This test verifies that: 1. on CPU, after every step, each layer's dense decode copy
+    (the mirror) holds, for every row of the batch it was last written for, exactly the
+    pool's keys and values of that sequence's committed positions; 2. it is reused from
+    step to step while the batch stays the same (no gather) and rebuilt when a request
+    joins or leaves; 3. tokens equal HF generate(). On CUDA there is no mirror."""
+    folder = tiny_models["mixtral"]
+    engine = make_engine({"m": ("mixtral", folder)}, device, max_batch_size=3)
+    kv = engine._kv  # noqa: SLF001 - the mirror is the engine's internal state
+    if device != "cpu":
+        assert kv.mirror is None
+        return
+    reqs = make_requests(5, max_tokens=7, seed=21)
+    rebuilt: list[int] = []  # per step: layers whose mirror is a new object
+    previous: list[object] = [None] * len(kv.mirror)
+
+    def feed(step: int) -> None:
+        if step < len(reqs):
+            engine.add_request(reqs[step])
+
+    events: dict[str, list[int]] = {}
+    for step in range(200):
+        feed(step)
+        if not engine.has_work():
+            break
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e.token_id)
+        rebuilt.append(sum(m is not p for m, p in zip(kv.mirror, previous, strict=True)))
+        previous = list(kv.mirror)
+        for layer, m in enumerate(kv.mirror):
+            if m is None:
+                continue
+            seqs, lens = m.key
+            for row, (seq, n) in enumerate(zip(seqs, lens, strict=True)):
+                if seq.id not in engine._seqs:  # noqa: SLF001 - finished: its blocks are gone
+                    continue
+                pool = kv.pool[layer][:, kv.slots(seq.id, 0, n)]  # [2, n, kvh, D]
+                assert torch.equal(m.data[:, row, :, :n], pool.transpose(1, 2)), (step, layer, seq.id)
+    assert 0 in rebuilt  # steady steps reuse every layer's mirror
+    assert rebuilt.count(len(kv.mirror)) >= 2  # joins and leaves rebuild them all
+    for r in reqs:
+        assert events[r.request_id] == reference_tokens(folder, device, r), r.request_id
 
 
 def test_stop_tokens_and_continuation(tiny_models, device):
