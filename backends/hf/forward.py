@@ -57,7 +57,7 @@ class KVView:
         self.write_rows = write_rows  # [B, T] bool of valid new tokens; None when no padding
         # (mirror key before this pass's token, key after it, each row's write position)
         self.mirror = mirror
-        self._mirror_index: dict[int, torch.Tensor] = {}  # mirror cap -> flat write index per row
+        self._mirror_index: dict[int, torch.Tensor] = {}  # mirror width -> flat write index per row
         self._gathered = kv.gather_buffer(batch * width)  # [2, B * width, block_size, kvh, D]
         if mirror is None:
             # Every layer gathers into the same buffer, so the [B, kv_heads, context, head_dim]
@@ -68,53 +68,43 @@ class KVView:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         # Few tensor ops per layer on purpose: on CPU each costs microseconds however small.
-        stacked = torch.stack((key_states, value_states))  # [2, B, kvh, T, D]
-        if stacked.dtype != self.kv.dtype:
-            stacked = stacked.to(self.kv.dtype)
-        new = stacked.transpose(2, 3)  # [2, B, T, kvh, D]
+        new = torch.stack((key_states, value_states)).transpose(2, 3)  # [2, B, T, kvh, D]
         if self.write_rows is None:
             new = new.reshape(2, -1, *new.shape[3:])
         else:
             new = new[:, self.write_rows]  # [2, N, kvh, D]
+        if new.dtype != self.kv.dtype:
+            new = new.to(self.kv.dtype)
         self.kv.layer_slots[layer_idx].index_copy_(1, self.write_slots, new)
         if self.mirror is not None:
-            return self._mirrored(layer_idx, stacked)
+            return self._mirrored(layer_idx, new)
         torch.index_select(self.kv.layer_blocks[layer_idx], 1, self.blocks, out=self._gathered)
         return self._keys, self._values
 
     def _mirrored(self, layer_idx: int, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`new`: [2, B, kvh, 1, D], the pass's keys and values (one token per row)."""
+        """`new`: [2, B, kvh, D], the pass's keys and values (one token per row)."""
         assert self.kv.mirror is not None and self.mirror is not None
         before, after, positions = self.mirror
         m = self.kv.mirror[layer_idx]
-        if m is not None and m.key == before and m.cap >= self.context:
-            index = self._mirror_index.get(m.cap)
+        if m is not None and m.key == before and m.width * self.kv.block_size >= self.context:
+            index = self._mirror_index.get(m.width)
             if index is None:
-                heads = m.data.shape[2]
-                index = torch.tensor([(r * heads + h) * m.cap + p for r, p in enumerate(positions)
-                                      for h in range(heads)], dtype=torch.long)
-                self._mirror_index[m.cap] = index
-            m.data.view(2, -1, m.data.shape[-1]).index_copy_(1, index, new.view(2, -1, new.shape[-1]))
+                row = m.width * self.kv.block_size
+                index = torch.tensor([r * row + p for r, p in enumerate(positions)], dtype=torch.long)
+                self._mirror_index[m.width] = index
+            m.data.view(2, -1, *m.data.shape[3:]).index_copy_(1, index, new)
         else:
-            m = self._rebuild_mirror(layer_idx)
+            # Gathered straight into the mirror (the new token already is in the pool): a
+            # rebuild costs what every step cost without the mirror. It holds the batch's
+            # whole blocks, so a row growing into a new block rebuilds it (every
+            # block_size steps of a steady batch).
+            data, buf = self.kv.mirror_storage(layer_idx, self.batch * self.width)
+            torch.index_select(self.kv.layer_blocks[layer_idx], 1, self.blocks, out=data)
+            m = MirrorLayer(key=(), data=data, width=self.width, buf=buf)
+            self.kv.mirror[layer_idx] = m
         m.key = after
-        dense = m.data[:, :, :, : self.context]  # [2, B, kvh, context, D]
-        return dense[0], dense[1]
-
-    def _rebuild_mirror(self, layer_idx: int) -> MirrorLayer:
-        """Gather the layer's context (the new token already written to the pool) into a
-        fresh mirror with room for the batch to grow: rebuilt when it outgrows it."""
-        kv = self.kv
-        assert kv.mirror is not None
-        torch.index_select(kv.layer_blocks[layer_idx], 1, self.blocks, out=self._gathered)
-        cap_blocks = self.width + self.width // 2 + 1
-        data, buf = kv.mirror_storage(layer_idx, self.batch, cap_blocks * kv.block_size)
-        width = self.width * kv.block_size
-        gathered = self._gathered.view(2, self.batch, width, data.shape[2], data.shape[4])
-        data[:, :, :, :width] = gathered.transpose(2, 3)
-        m = MirrorLayer(key=(), data=data, buf=buf)
-        kv.mirror[layer_idx] = m
-        return m
+        dense = m.data.view(2, self.batch, -1, *m.data.shape[3:])[:, :, : self.context].transpose(2, 3)
+        return dense[0], dense[1]  # [B, kvh, context, D] each
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.context

@@ -27,16 +27,13 @@ BLOCK_SIZE = 16
 
 @dataclass
 class MirrorLayer:
-    """One layer's dense copy of a decode batch's context: [2, rows, kv_heads, cap, head_dim]
-    (head-major, the layout attention reads: each head's context one contiguous run)."""
+    """One layer's dense copy of a decode batch's context, in the gathered layout
+    [2, rows * width, block_size, kv_heads, head_dim] (each row `width` blocks)."""
 
     key: tuple  # (the batch's Sequence objects in row order, the KV length of each) it holds
     data: torch.Tensor
+    width: int  # blocks per row: the mirror serves contexts up to width * block_size
     buf: torch.Tensor  # the flat storage under `data`, reused when the batch changes
-
-    @property
-    def cap(self) -> int:
-        return self.data.shape[3]
 
 
 @dataclass
@@ -183,19 +180,17 @@ class PagedKVCache:
             self._gather = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
         return self._gather[:need].view(shape)
 
-    def mirror_storage(self, layer: int, rows: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(data [2, rows, kv_heads, cap, head_dim], its flat storage) for a layer's mirror,
-        reusing the layer's last storage when large enough. What it holds beyond the part
-        rebuilt must be finite (it is: a fresh one is zeros, a reused one held KV), for the
-        reason given in `ensure`."""
+    def mirror_storage(self, layer: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(data [2, blocks, block_size, kv_heads, head_dim], its flat storage) for a layer's
+        mirror, reusing the layer's last storage when large enough (a rebuild overwrites
+        all of `data`)."""
         assert self.mirror is not None
-        shape = (2, rows, self.pool.shape[3], cap, self.pool.shape[4])
-        need = 2 * rows * cap * self.pool.shape[3] * self.pool.shape[4]
+        need = 2 * blocks * self.block_size * self.pool.shape[3] * self.pool.shape[4]
         old = self.mirror[layer]
         buf = old.buf if old is not None and old.buf.numel() >= need else None
         if buf is None:
-            buf = torch.zeros(need + need // 2, dtype=self.dtype, device=self.device)
-        return buf[:need].view(shape), buf
+            buf = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
+        return buf[:need].view(2, blocks, self.block_size, *self.pool.shape[3:]), buf
 
     # -- swap ------------------------------------------------------------------------------
 
