@@ -6,6 +6,11 @@ active model; when the head group needs another model and the worker has nothing
 its own model left running, a model load is issued (every policy needs that to serve
 several models; planner-chosen swaps arrive as plan operations instead).
 
+Swapped-out requests (KV in host memory) resume here, every tick, into free slots ahead
+of queued best-effort groups but after the latency-sensitive groups at the queue head:
+they were admitted first and hold host memory, and one swapped out to make room for a
+latency-sensitive request must not starve behind newer work.
+
 Dispatch is work-conserving: a worker that has served its whole queue and still has
 free slots takes requests of its model that wait in other workers' queues beyond what
 those workers can start now, earliest deadline first. A plan is a forecast; when a
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.controller.snapshot import ClusterSnapshot
+from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState
 from qlmserve.operations.ops import Evict, LoadModel, Operation, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
@@ -51,6 +56,10 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
         target_model = planned_loads.get(w.worker_id, w.active_model)
         if target_model != w.active_model:
             continue  # a planned model swap comes first; requests follow once it is done
+        resumed = _swap_ins(w, plan, groups, slots)
+        if resumed is not None:
+            ops.append(resumed)
+            slots -= len(resumed.request_ids)
         blocked = False
         for gid in plan.virtual_queues.get(w.worker_id, []):
             if slots <= 0:
@@ -74,6 +83,30 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
     if spare:
         assignments.extend(_backfill(plan, snapshot, groups, spare, assignments))
     return assignments, ops
+
+
+def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int) -> SwapIn | None:
+    """The swapped-out requests of the active model that resume now (see the module doc)."""
+    swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
+    if not swapped or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
+        return None
+    for gid in plan.virtual_queues.get(w.worker_id, []):
+        g = groups.get(gid)
+        if g is None:
+            continue
+        if not g.latency_sensitive:
+            break
+        slots -= g.size
+    kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
+    out = []
+    for r in sorted(swapped, key=lambda r: (r.arrival, r.request_id)):
+        tokens = r.prompt_tokens + r.generated_tokens
+        if slots <= 0 or tokens > kv_free:
+            break
+        out.append(r.request_id)
+        slots -= 1
+        kv_free -= tokens
+    return SwapIn(w.worker_id, tuple(out), reason="free slots") if out else None
 
 
 def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[str, int],

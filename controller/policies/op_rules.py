@@ -9,7 +9,7 @@ asks for it and its contribution can be measured by switching it off:
   - load balancing: a MoveGroup for every group whose worker changed;
   - model swap: LoadModel when the plan swaps a worker's model now (after evicting or
     swapping out what runs, when that is the plan), warm start of the model a queue
-    needs next, swap-in of paused requests when slots are free.
+    needs next (swapped-out requests resume through dispatch, every tick).
 
 The QLM policy decides protection and swaps in its program; baselines use the
 simple rule `rule_protection`. Only operations enabled in the policy file are made.
@@ -24,7 +24,7 @@ from qlmserve.controller.estimator import Forecaster, model_kind_is_moe
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
 from qlmserve.operations.ops import (OPS_BY_POLICY_NAME, DropWarm, Evict, LoadModel, MoveGroup, Operation, OpKind,
-                                     SetPreemption, SwapIn, SwapOut, WarmModel)
+                                     SetPreemption, SwapOut, WarmModel)
 
 EXPERT = "expert"
 EVICT = "evict"
@@ -214,7 +214,6 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
                                      reason="latency-sensitive groups wait behind a best-effort batch"))
         elif mech != EXPERT and w.preemption_mode == EXPERT and not has_ls:
             ops.append(SetPreemption(wid, "none", max_pause_s=max_pause, reason="no latency-sensitive work queued"))
-        ops.extend(_swap_in(w, queue, slots, mech is not None or change is not None))
         ops.extend(_warm(w, queue, change))
     for wid, queue in queues.items():
         for gid in queue:
@@ -222,33 +221,6 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
             if g is not None and g.worker_id is not None and g.worker_id != wid:
                 ops.append(MoveGroup(gid, g.worker_id, wid, reason="load balance"))
     return [op for op in ops if op.kind in kinds]
-
-
-def _swap_in(w: WorkerState, queue: Sequence[GroupState], slots: int, busy: bool) -> list[Operation]:
-    """Resume swapped-out requests of the active model into free slots, ahead of queued
-    best-effort groups (they were admitted first, they hold host memory, and a request
-    swapped out for a latency-sensitive one must not starve behind newer work) but after
-    the latency-sensitive groups at the head of the queue."""
-    swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
-    if not swapped or busy or w.loading_model is not None:
-        return []
-    active = sum(1 for r in w.running if not r.swapped)
-    ls_head = 0
-    for g in queue:
-        if not g.latency_sensitive:
-            break
-        ls_head += g.size
-    spare = slots - active - ls_head
-    kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
-    out = []
-    for r in sorted(swapped, key=lambda r: (r.arrival, r.request_id)):
-        tokens = r.prompt_tokens + r.generated_tokens
-        if spare <= 0 or tokens > kv_free:
-            break
-        out.append(r.request_id)
-        spare -= 1
-        kv_free -= tokens
-    return [SwapIn(w.worker_id, tuple(out), reason="free slots")] if out else []
 
 
 def _warm(w: WorkerState, queue: Sequence[GroupState], change: ModelChange | None) -> list[Operation]:
