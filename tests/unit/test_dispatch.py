@@ -51,3 +51,17 @@ def test_slots_freed_by_the_plans_swap_out_go_to_the_requests_it_dispatches():
     plan = Plan({"w0": ["ls"]}, [SwapOut("w0", ("w0-r0", "w0-r1"))])
     assert _taken(dispatch(plan, snap, 4)[0]) == {"w0": ["ls-0", "ls-1"]}
     assert dispatch(Plan({"w0": ["ls"]}), snap, 4)[0] == []
+
+
+def test_swapped_out_requests_resume_after_the_ls_head_and_before_queued_best_effort():
+    """This test verifies that dispatch, every tick (kept plans too), resumes swapped-out
+    requests into free slots after the latency-sensitive groups at the queue head and
+    before the queued best-effort groups, oldest first."""
+    w = _worker("w0", 1, slots=4)
+    swapped = tuple(RunningRequest(f"s{i}", "old", MODEL, "batch", 100, 20, 512, False, float(i), 1.0, swapped=True)
+                    for i in (2, 1))
+    w = WorkerState("w0", MODEL, frozenset(), 10**6, 0, 4, w.running + swapped, WorkerProfile())
+    snap = ClusterSnapshot(0.0, (_group("ls", 1, 1.0, ls=True), _group("be", 3, 600.0)), (w,), {}, {})
+    assignments, ops = dispatch(Plan({"w0": ["ls", "be"]}, source="kept"), snap, 4)
+    assert [(op.kind.value, op.request_ids) for op in ops] == [("swap_in", ("s1", "s2"))]
+    assert _taken(assignments) == {"w0": ["ls-0"]}
