@@ -92,7 +92,7 @@ class KVView:
                 row = m.width * self.kv.block_size
                 index = torch.tensor([r * row + p for r, p in enumerate(positions)], dtype=torch.long)
                 self._mirror_index[m.width] = index
-            m.data.view(2, -1, *m.data.shape[3:]).index_copy_(1, index, new)
+            m.slots.index_copy_(1, index, new)
         else:
             # Gathered straight into the mirror (the new token already is in the pool): a
             # rebuild costs what every step cost without the mirror. It holds the batch's
@@ -103,8 +103,7 @@ class KVView:
             m = MirrorLayer(key=(), data=data, width=self.width, buf=buf)
             self.kv.mirror[layer_idx] = m
         m.key = after
-        dense = m.data.view(2, self.batch, -1, *m.data.shape[3:])[:, :, : self.context].transpose(2, 3)
-        return dense[0], dense[1]  # [B, kvh, context, D] each
+        return m.heads[0, :, :, : self.context], m.heads[1, :, :, : self.context]  # [B, kvh, context, D]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.context

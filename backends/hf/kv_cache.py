@@ -18,7 +18,7 @@ whom to evict or swap when the queue wants more than fits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,16 @@ class MirrorLayer:
     data: torch.Tensor
     width: int  # blocks per row: the mirror serves contexts up to width * block_size
     buf: torch.Tensor  # the flat storage under `data`, reused when the batch changes
+    # Views made once per rebuild rather than per step (each costs a tensor op):
+    # [2, rows * width * block_size, kv_heads, head_dim] to write tokens into, and
+    # [2, rows, kv_heads, width * block_size, head_dim] for attention to slice.
+    slots: torch.Tensor = field(init=False)
+    heads: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        d = self.data
+        self.slots = d.view(2, -1, *d.shape[3:])
+        self.heads = d.view(2, d.shape[1] // self.width, -1, *d.shape[3:]).transpose(2, 3)
 
 
 @dataclass
