@@ -112,19 +112,22 @@ def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int) -> SwapIn | 
 def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[str, int],
               assignments: list[Assignment]) -> list[Assignment]:
     """Free slots left after a worker's own queue take the waiting requests other queues
-    cannot start now (earliest deadline first, latency-sensitive first on equal
-    deadlines), of the worker's active model."""
+    cannot start now, of the worker's active model: the next ones of each queue first (the
+    plan's own order is the policy's priority: FCFS's arrival order, EDF's deadlines,
+    QLM's plan), then earliest deadline first across queues."""
     taken = {a.request_id for a in assignments}
     left: list[tuple[tuple, str, str, int]] = []  # (order, group, model, prompt tokens)
     for wid, queue in plan.virtual_queues.items():
+        rank = 0
         for gid in queue:
             g = groups.get(gid)
             if g is None:
                 continue
             for k, rid in enumerate(g.request_ids):
                 if rid not in taken:
-                    left.append(((g.deadline + (g.arrivals[k] - g.arrivals[0]), not g.latency_sensitive, rid), gid,
-                                 g.model, g.prompt_tokens[k]))
+                    left.append(((rank, g.deadline + (g.arrivals[k] - g.arrivals[0]), rid), gid, g.model,
+                                 g.prompt_tokens[k]))
+                    rank += 1
     if not left:
         return []
     left.sort()

@@ -90,9 +90,9 @@ class PlannerConfig(_Strict):
     drop_hopeless: bool = False
     """Serve requests that can no longer meet their SLO last (named in results when on)."""
     ls_fast_path: bool = True
-    """QLM: latency-sensitive groups at the head of a queue always get the cheap protections
-    (expert-level preemption, KV swap-out of best-effort requests for batch slots), not only
-    when they would miss their SLO: their TTFT is kept as low as the worker allows."""
+    """QLM: latency-sensitive groups at the head of an MoE worker's queue always get expert-level
+    preemption (and KV swap-out of best-effort requests for batch slots), not only when they
+    would miss their SLO: their TTFT is kept as low as the worker allows."""
 
 
 class GroupingConfig(_Strict):

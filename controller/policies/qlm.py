@@ -746,10 +746,10 @@ class _Tick:
         return Decision(queues, protected, changes, cost)
 
     def ls_fast_path(self, d: Decision) -> Decision:
-        """planner.ls_fast_path: protect every worker whose queue starts with latency-sensitive
-        groups when protecting costs best-effort work no more than those groups' own
-        prefill (expert-level preemption is free; a KV swap-out for a batch slot costs two
-        copies), whether or not the program needed it for their SLO."""
+        """planner.ls_fast_path: protect every MoE worker whose queue starts with latency-sensitive
+        groups by expert-level preemption (the pause is free; a KV swap-out for a batch slot
+        costs two copies) when that costs best-effort work no more than those groups' own
+        prefill, whether or not the program needed it for their SLO."""
         protected = dict(d.protected)
         cost = d.cost
         for wid, queue in d.queues.items():
@@ -757,8 +757,8 @@ class _Tick:
             if w is None or wid in protected or not queue or not self.groups[queue[0]].latency_sensitive:
                 continue
             mech = protection_mechanism(self.cfg, w)
-            if mech is None:
-                continue
+            if mech != EXPERT:
+                continue  # eviction / KV swap alone cost best-effort throughput: only when the SLO needs it
             lead = []
             for gid in queue:
                 if not self.groups[gid].latency_sensitive:

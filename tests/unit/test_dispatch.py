@@ -33,15 +33,16 @@ def test_free_slots_take_work_other_queues_cannot_start_now():
     """This test verifies that:
     1. each worker takes its own queue's requests first, in queue order, up to its free slots;
     2. a worker whose whole queue is served and still has free slots takes the requests that
-       wait in other queues beyond what their workers can start now, earliest deadline first;
+       wait in other queues beyond what their workers can start now, next in their queue first
+       (the plan's order is the policy's priority);
     3. it never takes a request of a model it does not hold."""
     snap = ClusterSnapshot(0.0, (_group("a", 3, 60.0), _group("b", 3, 10.0), _group("c", 2, 5.0, model="other")),
                            (_worker("w0", 3), _worker("w1", 1)), {}, {})
     plan = Plan({"w0": ["a", "b", "c"], "w1": []})
     got = _taken(dispatch(plan, snap, 8)[0])
     assert got["w0"] == ["a-0"]
-    # w1 has 3 free slots: b's requests go first (deadline 10 s before a's 60 s); c is another model
-    assert got["w1"] == ["b-0", "b-1", "b-2"]
+    # w1 has 3 free slots: what w0 would start next (a's rest, then b); c is another model
+    assert got["w1"] == ["a-1", "a-2", "b-0"]
 
 
 def test_slots_freed_by_the_plans_swap_out_go_to_the_requests_it_dispatches():
