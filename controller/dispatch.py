@@ -13,7 +13,7 @@ latency-sensitive request must not starve behind newer work.
 
 Dispatch is work-conserving: a worker that has served its whole queue and still has
 free slots takes requests of its model that wait in other workers' queues beyond what
-those workers can start now, earliest deadline first. A plan is a forecast; when a
+those workers can start now, the next ones of each queue first. A plan is a forecast; when a
 worker frees up sooner than forecast (shorter outputs than expected), its slots should
 not idle until the next re-plan while requests it could serve wait elsewhere.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState
+from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
 from qlmserve.operations.ops import Evict, LoadModel, Operation, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
@@ -90,14 +90,9 @@ def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int) -> SwapIn | 
     swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
     if not swapped or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
         return None
-    for gid in plan.virtual_queues.get(w.worker_id, []):
-        g = groups.get(gid)
-        if g is None:
-            continue
-        if not g.latency_sensitive:
-            break
-        slots -= g.size
-    kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
+    slots -= sum(g.size for g in leading_latency_sensitive(groups.get(gid) for gid in
+                                                           plan.virtual_queues.get(w.worker_id, [])))
+    kv_free = w.kv_free_tokens
     out = []
     for r in sorted(swapped, key=lambda r: (r.arrival, r.request_id)):
         tokens = r.prompt_tokens + r.generated_tokens
@@ -135,7 +130,7 @@ def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[s
     out: list[Assignment] = []
     for wid in sorted(spare, key=lambda wid: -spare[wid]):
         w = workers[wid]
-        kv_free = w.kv_capacity_tokens - w.kv_used_tokens if w.kv_capacity_tokens > 0 else float("inf")
+        kv_free = w.kv_free_tokens
         n = spare[wid]
         rest = []
         for item in left:

@@ -7,6 +7,7 @@ gRPC or the clock (`now` is a field, taken from the injected clock).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from qlmserve.operations.costs import WorkerProfile
@@ -101,6 +102,11 @@ class WorkerState:
         return self.servable_models is None or model in self.servable_models
 
     @property
+    def kv_free_tokens(self) -> float:
+        """KV-cache tokens not in use (unbounded when the worker reports no capacity)."""
+        return self.kv_capacity_tokens - self.kv_used_tokens if self.kv_capacity_tokens > 0 else float("inf")
+
+    @property
     def free_slots(self) -> int:
         active = sum(1 for r in self.running if not r.swapped)
         return max(0, self.max_batch_size - active)
@@ -108,6 +114,19 @@ class WorkerState:
     @property
     def accepts_work(self) -> bool:
         return self.healthy and not self.draining
+
+
+def leading_latency_sensitive(queue: Iterable[GroupState | None]) -> list[GroupState]:
+    """The latency-sensitive groups at the head of a queue, up to its first best-effort group
+    (missing groups, None, are skipped)."""
+    out = []
+    for g in queue:
+        if g is None:
+            continue
+        if not g.latency_sensitive:
+            break
+        out.append(g)
+    return out
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from qlmserve.controller.estimator import Forecaster, model_kind_is_moe
 from qlmserve.controller.policy import PolicyConfig
-from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
+from qlmserve.controller.snapshot import (ClusterSnapshot, GroupState, RunningRequest, WorkerState,
+                                         leading_latency_sensitive)
 from qlmserve.operations.ops import (OPS_BY_POLICY_NAME, DropWarm, Evict, LoadModel, MoveGroup, Operation, OpKind,
                                      SetPreemption, SwapOut, WarmModel)
 
@@ -118,11 +119,7 @@ def victims(w: WorkerState, needed: int, mechanism: str | None) -> list[RunningR
 
 def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots: int) -> int:
     """LS requests of the queue's leading run (up to the first BE group) beyond the free slots."""
-    ls = 0
-    for g in queue:
-        if not g.latency_sensitive:
-            break
-        ls += g.size
+    ls = sum(g.size for g in leading_latency_sensitive(queue))
     return max(0, ls - max(0, slots - sum(1 for r in w.running if not r.swapped)))
 
 

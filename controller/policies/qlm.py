@@ -20,7 +20,7 @@ from qlmserve.controller.policies.op_rules import (EXPERT, ModelChange, derive_o
 from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramSolution,
                                                       ProgramVars, ProgramWorker, build_model, solve_program)
 from qlmserve.controller.policies.registry import register
-from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState
+from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState, leading_latency_sensitive
 from qlmserve.operations.plan import Plan
 
 # Program size per millisecond of budget (pairs of group x candidate worker): what PuLP's
@@ -759,14 +759,8 @@ class _Tick:
             mech = protection_mechanism(self.cfg, w)
             if mech != EXPERT:
                 continue  # eviction / KV swap alone cost best-effort throughput: only when the SLO needs it
-            lead = []
-            for gid in queue:
-                if not self.groups[gid].latency_sensitive:
-                    break
-                lead.append(self.groups[gid])
+            lead = leading_latency_sensitive(self.groups[gid] for gid in queue)
             slots = self.fc.workers[wid].slots
-            if mech != EXPERT and not ls_requests_needing_slots(w, lead, slots):
-                continue  # free slots suffice
             lost = protection_cost_s(self.cfg, w, lead, slots, mech)
             if lost > sum(self.fc.workers[wid].prefill_s(self.fc.groups[g.group_id].work) for g in lead):
                 continue
