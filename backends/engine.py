@@ -32,6 +32,20 @@ class PreemptionMode(str, enum.Enum):
     EXPERT = "expert"  # QLLM: pause a best-effort batch between layers / attention and experts
 
 
+# Under ITERATION and EXPERT a latency-sensitive request may join beyond max_batch_size, up
+# to this factor times it (KV must still fit): making it wait for a best-effort request to
+# finish, or taking one off the device for it, would put back the head-of-line blocking
+# these modes exist to remove. Every engine, the simulator and the controller share it.
+LS_BATCH_FACTOR = 2
+
+
+def batch_limit(mode: PreemptionMode | str, latency_sensitive: bool, max_batch_size: int) -> int:
+    """How many running sequences a request may join under `mode`."""
+    if latency_sensitive and PreemptionMode(mode) is not PreemptionMode.NONE:
+        return max_batch_size * LS_BATCH_FACTOR
+    return max_batch_size
+
+
 @dataclass
 class EngineRequest:
     """What an engine needs to run one request. Token ids only: text lives at the edges."""

@@ -50,6 +50,7 @@ from qlmserve.backends.engine import (
     FinishReason,
     OpCost,
     PreemptionMode,
+    batch_limit,
     TokenEvent,
 )
 from qlmserve.operations.costs import WorkerProfile
@@ -322,7 +323,7 @@ class SimEngine(Engine):
     def _ls_admissible(self) -> bool:
         self._take_inbox()
         free_kv = self.kv_capacity_tokens - self.kv_used_tokens
-        slots = self.max_batch_size - len(self._running)
+        slots = batch_limit(self.mode, True, self.max_batch_size) - len(self._running)
         for s in self._waiting:
             if s.req.latency_sensitive and s.req.model == self.active_model and slots > 0 \
                     and s.kv_tokens + 1 <= free_kv:
@@ -332,11 +333,13 @@ class SimEngine(Engine):
     def _plan_iteration(self, ls_only: bool = False) -> _Iteration | None:
         """Admit what fits and build the next iteration (None when there is nothing to do)."""
         free_kv = self.kv_capacity_tokens - self.kv_used_tokens
-        slots = self.max_batch_size - len(self._running)
+        running = len(self._running)
         admitted: list[_Seq] = []
         for s in self._admission_order():
-            if slots <= 0:
-                break
+            if running >= batch_limit(self.mode, s.req.latency_sensitive, self.max_batch_size):
+                if self.mode == PreemptionMode.NONE or not s.req.latency_sensitive:
+                    break  # (latency-sensitive requests come first: the rest are best-effort)
+                continue
             if ls_only and not s.req.latency_sensitive:
                 continue
             if s.req.model != self.active_model:
@@ -348,7 +351,7 @@ class SimEngine(Engine):
                 continue
             admitted.append(s)
             free_kv -= need
-            slots -= 1
+            running += 1
         for s in admitted:
             self._waiting.remove(s)
             self._admit_seq += 1

@@ -6,6 +6,10 @@ active model; when the head group needs another model and the worker has nothing
 its own model left running, a model load is issued (every policy needs that to serve
 several models; planner-chosen swaps arrive as plan operations instead).
 
+Under ITERATION / EXPERT (the mode in force, or the one the plan sets) latency-sensitive
+groups take slots beyond the batch limit, as the engines admit them
+(backends.engine.batch_limit); best-effort work only fills the batch limit.
+
 Swapped-out requests (KV in host memory) resume here, every tick, into free slots ahead
 of queued best-effort groups but after the latency-sensitive groups at the queue head:
 they were admitted first and hold host memory, and one swapped out to make room for a
@@ -23,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
-from qlmserve.operations.ops import Evict, LoadModel, Operation, SwapIn, SwapOut
+from qlmserve.backends.engine import batch_limit
+from qlmserve.operations.ops import Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
 
@@ -48,25 +53,31 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
     assignments: list[Assignment] = []
     ops: list[Operation] = []
     spare: dict[str, int] = {}  # worker -> free slots left after its whole queue
+    # The preemption mode each worker runs under once the plan's operations are done: under
+    # ITERATION / EXPERT latency-sensitive requests join beyond the batch limit.
+    modes = {op.worker_id: op.mode for op in plan.operations if isinstance(op, SetPreemption)}
     for w in snapshot.workers:
         if not w.accepts_work or w.loading_model is not None:
             continue
-        active = sum(1 for r in w.running if not r.swapped)
-        slots = min(w.max_batch_size, max_running_per_worker) - active + freed.get(w.worker_id, 0)
+        limit = min(w.max_batch_size, max_running_per_worker)
+        active = sum(1 for r in w.running if not r.swapped) - freed.get(w.worker_id, 0)
+        ls_extra = batch_limit(modes.get(w.worker_id, w.preemption_mode), True, limit) - limit
+        slots = limit - active
         target_model = planned_loads.get(w.worker_id, w.active_model)
         if target_model != w.active_model:
             continue  # a planned model swap comes first; requests follow once it is done
-        resumed = _swap_ins(w, plan, groups, slots)
+        resumed = _swap_ins(w, plan, groups, slots, ls_extra)
         if resumed is not None:
             ops.append(resumed)
             slots -= len(resumed.request_ids)
         blocked = False
         for gid in plan.virtual_queues.get(w.worker_id, []):
-            if slots <= 0:
-                break
             g = groups.get(gid)
             if g is None:
                 continue
+            extra = ls_extra if g.latency_sensitive else 0
+            if slots + extra <= 0:
+                break
             if g.model != w.active_model:
                 own_running = any(r.model == w.active_model for r in w.running if not r.swapped)
                 if not own_running and not any(a.worker_id == w.worker_id for a in assignments):
@@ -74,7 +85,7 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
                 blocked = True
                 break  # strict queue order: later groups wait for this one
             for rid in g.request_ids:
-                if slots <= 0:
+                if slots + extra <= 0:
                     break
                 assignments.append(Assignment(w.worker_id, gid, rid))
                 slots -= 1
@@ -85,13 +96,16 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
     return assignments, ops
 
 
-def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int) -> SwapIn | None:
-    """The swapped-out requests of the active model that resume now (see the module doc)."""
+def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int, ls_extra: int) -> SwapIn | None:
+    """The swapped-out requests of the active model that resume now (see the module doc):
+    into the slots the leading latency-sensitive groups leave (beyond `ls_extra`, the
+    slots those may take past the batch limit)."""
     swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
     if not swapped or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
         return None
-    slots -= sum(g.size for g in leading_latency_sensitive(groups.get(gid) for gid in
-                                                           plan.virtual_queues.get(w.worker_id, [])))
+    ls = sum(g.size for g in leading_latency_sensitive(groups.get(gid) for gid in
+                                                       plan.virtual_queues.get(w.worker_id, [])))
+    slots -= max(0, ls - ls_extra)
     kv_free = w.kv_free_tokens
     out = []
     for r in sorted(swapped, key=lambda r: (r.arrival, r.request_id)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from qlmserve.backends.engine import batch_limit
 from qlmserve.operations.costs import WorkerProfile
 
 
@@ -110,6 +111,12 @@ class WorkerState:
     def free_slots(self) -> int:
         active = sum(1 for r in self.running if not r.swapped)
         return max(0, self.max_batch_size - active)
+
+    def ls_free_slots(self, mode: str | None = None) -> int:
+        """Batch slots a latency-sensitive request may take under `mode` (default: the one in
+        force): beyond max_batch_size under ITERATION / EXPERT (backends.engine.batch_limit)."""
+        active = sum(1 for r in self.running if not r.swapped)
+        return max(0, batch_limit(mode or self.preemption_mode, True, self.max_batch_size) - active)
 
     @property
     def accepts_work(self) -> bool:

@@ -9,19 +9,16 @@
   work can start; it resumes later where it stopped.
 
 Under ITERATION and EXPERT an LS request may join beyond `max_batch_size` (up to
-`LS_BATCH_FACTOR` times it): making it wait for a BE request to finish would put back
-the head-of-line blocking these modes exist to remove. KV must still fit.
+`LS_BATCH_FACTOR` times it, backends.engine.batch_limit). KV must still fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.backends.engine import PreemptionMode
+from qlmserve.backends.engine import PreemptionMode, batch_limit
 
 from .sequence import Sequence
-
-LS_BATCH_FACTOR = 2
 
 
 @dataclass
@@ -43,9 +40,7 @@ class SchedulingPolicy:
         return sorted(waiting, key=lambda s: (not s.latency_sensitive, -s.request.priority, s.arrival))
 
     def batch_limit(self, seq: Sequence, max_batch_size: int) -> int:
-        if self.prioritized and seq.latency_sensitive:
-            return max_batch_size * LS_BATCH_FACTOR
-        return max_batch_size
+        return batch_limit(self.mode, seq.latency_sensitive, max_batch_size)
 
     def blocks_queue(self) -> bool:
         """Under FCFS a request that cannot join stops every request behind it."""

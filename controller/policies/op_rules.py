@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from qlmserve.backends.engine import batch_limit
 from qlmserve.controller.estimator import Forecaster, model_kind_is_moe
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import (ClusterSnapshot, GroupState, RunningRequest, WorkerState,
@@ -117,10 +118,15 @@ def victims(w: WorkerState, needed: int, mechanism: str | None) -> list[RunningR
     return out
 
 
-def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots: int) -> int:
-    """LS requests of the queue's leading run (up to the first BE group) beyond the free slots."""
+def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots: int,
+                              mechanism: str | None = None) -> int:
+    """LS requests of the queue's leading run (up to the first BE group) beyond the slots
+    they may take: under EXPERT protection, or a worker already in ITERATION / EXPERT mode,
+    LS requests join beyond the batch limit (backends.engine.batch_limit)."""
     ls = sum(g.size for g in leading_latency_sensitive(queue))
-    return max(0, ls - max(0, slots - sum(1 for r in w.running if not r.swapped)))
+    mode = EXPERT if mechanism == EXPERT else w.preemption_mode
+    limit = batch_limit(mode, True, slots)
+    return max(0, ls - max(0, limit - sum(1 for r in w.running if not r.swapped)))
 
 
 def protection_cost_s(config: PolicyConfig, w: WorkerState, queue: Sequence[GroupState], slots: int,
@@ -128,7 +134,7 @@ def protection_cost_s(config: PolicyConfig, w: WorkerState, queue: Sequence[Grou
     """Worker seconds of BE work lost by protecting: the removed requests' recompute or
     copies (a pause by expert-level preemption loses none)."""
     removal = slot_mechanism(config, w, mechanism)
-    needed = ls_requests_needing_slots(w, queue, slots)
+    needed = ls_requests_needing_slots(w, queue, slots, mechanism)
     return sum(victim_cost_s(w, r, removal) for r in victims(w, needed, removal))
 
 
@@ -198,14 +204,16 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
                 ops.append(op)
         elif mech is not None:
             removal = slot_mechanism(config, w, mech)
-            vs = victims(w, ls_requests_needing_slots(w, queue, slots), removal)
+            vs = victims(w, ls_requests_needing_slots(w, queue, slots, mech), removal)
             if vs:
                 ids = tuple(r.request_id for r in vs)
                 reason = "latency-sensitive groups need batch slots held by best-effort requests"
                 ops.append(SwapOut(wid, ids, reason=reason) if removal == SWAP else Evict(wid, ids, reason=reason))
         if change is not None and change.model != (w.loading_model or w.active_model):
             ops.append(LoadModel(wid, change.model, reason="planned model swap"))
-        has_ls = any(g.latency_sensitive for g in queue)
+        # LS work queued, or handed over and not started yet (it joins under the mode in force)
+        has_ls = any(g.latency_sensitive for g in queue) or any(
+            r.latency_sensitive and r.first_token_at is None and not r.swapped for r in w.running)
         if mech == EXPERT and w.preemption_mode != EXPERT:
             ops.append(SetPreemption(wid, EXPERT, max_pause_s=max_pause,
                                      reason="latency-sensitive groups wait behind a best-effort batch"))

@@ -124,7 +124,7 @@ class QlmPolicy(SchedulingPolicy):
         for wid, q in last_plan.virtual_queues.items():
             w = workers.get(wid)
             head = groups.get(q[0]) if q else None
-            if w is not None and head is not None and head.latency_sensitive and w.free_slots < head.size:
+            if w is not None and head is not None and head.latency_sensitive and w.ls_free_slots() < head.size:
                 return True
         return False
 
@@ -739,7 +739,7 @@ class _Tick:
             w = self.workers[wid]
             q = [self.groups[g] for g in queues.get(wid, [])]
             slots = self.fc.workers[wid].slots
-            if mech != EXPERT and not ls_requests_needing_slots(w, q, slots):
+            if mech != EXPERT and not ls_requests_needing_slots(w, q, slots, mech):
                 continue  # free slots suffice: nothing to evict, nothing to credit
             protected[wid] = mech
             cost += protection_cost_s(self.cfg, w, q, slots, mech) * self._lambda(w)

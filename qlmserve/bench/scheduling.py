@@ -106,9 +106,16 @@ def run_job(job: Job) -> dict:
     trace = _trace(job.trace_path)
     wl = scenario_workload(sc, trace, job.multiplier, job.window_s, job.seed)
     cfg = sc.policy(job.policy, job.operations, job.output_mean, job.output_std, job.tick_ms)
+    last = max(r.arrival for r in wl)
     res = Simulation(cfg, sc.fleet(job.workers), wl, policy_name=job.policy,
-                     options=SimOptions(drain_s=job.drain_s, charge_solve_time=job.charge_solve_time)).run()
+                     options=SimOptions(drain_s=job.drain_s, charge_solve_time=job.charge_solve_time,
+                                        probe_times=(last,))).run()
     s = summarize(res)
+    # Throughput under load: output tokens produced while requests still arrive, per
+    # second. The run's figure (drain included) also counts the drain after the last
+    # arrival, where a few long requests decide the end: which one starts last is a
+    # matter of luck of a finite trace, worth +-1% between equally good schedulers.
+    s["loaded_tok_s"] = res.tokens_at.get(last, 0) / last if last > 0 else 0.0
     s["ops_used"] = ops_used(s)
     s.update(scenario=job.scenario, operations=job.operations, load=job.load, multiplier=job.multiplier)
     # TTFT CDF per class (101 quantiles, censored at the end for unserved requests)
@@ -152,7 +159,7 @@ def print_table(console, sc: Scenario, runs: list[dict]) -> None:
     for c in classes:
         table.add_column(f"{c} %", justify="right")
     table.add_column("goodput tok/s", justify="right")
-    table.add_column("thrpt tok/s", justify="right")
+    table.add_column("thrpt tok/s load/run", justify="right")
     for c in classes:
         table.add_column(f"TTFT {c} p50/p99 s", justify="right")
     table.add_column("missed p99 s", justify="right")
@@ -165,7 +172,7 @@ def print_table(console, sc: Scenario, runs: list[dict]) -> None:
         last_load = s["load"]
         row = [f"{s['load']:.2f}", s["policy"], "on" if s["operations"] else "off", _fmt(100 * s["attainment"])]
         row += [_fmt(100 * (s["classes"].get(c, {}).get("attainment") or 0)) for c in classes]
-        row += [f"{s['goodput_tok_s']:.0f}", f"{s['throughput_tok_s']:.0f}"]
+        row += [f"{s['goodput_tok_s']:.0f}", f"{s['loaded_tok_s']:.0f}/{s['throughput_tok_s']:.0f}"]
         for c in classes:
             cc = s["classes"].get(c, {})
             row.append(f"{_t(cc.get('ttft_p50_s'))}/{_t(cc.get('ttft_p99_s'))}")
@@ -213,15 +220,16 @@ def evaluate_targets(sc: Scenario, runs: list[dict]) -> dict:
                     worst = {"gap": gap, "load": ld, "vs": p, "operations": ops}
     if worst is not None:
         out["qlm_vs_edf_sjf"] = {**worst, "target": "gap <= 0.01", "met": worst["gap"] <= 0.01}
-    # 3. QLM throughput >= FCFS at every load
+    # 3. QLM throughput >= FCFS at every load (under load; the run's figure, drain included, beside it)
     thr = []
     for ld in loads:
         q, f = by.get(("qlm", True, ld)), by.get(("fcfs", False, ld))
         if q and f:
-            thr.append({"load": ld, "qlm": q["throughput_tok_s"], "fcfs": f["throughput_tok_s"],
-                        "ratio": q["throughput_tok_s"] / max(f["throughput_tok_s"], 1e-9)})
+            thr.append({"load": ld, "qlm": q["loaded_tok_s"], "fcfs": f["loaded_tok_s"],
+                        "ratio": q["loaded_tok_s"] / max(f["loaded_tok_s"], 1e-9),
+                        "run_ratio": q["throughput_tok_s"] / max(f["throughput_tok_s"], 1e-9)})
     if thr:
-        out["throughput_vs_fcfs"] = {"per_load": thr, "target": "ratio >= 1.0 (within 0.5% noise)",
+        out["throughput_vs_fcfs"] = {"per_load": thr, "target": "ratio (under load) >= 1.0 (within 0.5% noise)",
                                      "met": all(t["ratio"] >= 0.995 for t in thr)}
     # 4. LS TTFT p99 >= 50x lower than FCFS with BE throughput within 3%
     if sc.ls_class and sc.class_mix.get(sc.ls_class, 0) <= 0.25:
@@ -235,7 +243,7 @@ def evaluate_targets(sc: Scenario, runs: list[dict]) -> dict:
                             "be_tok_s_ratio": q["be_output_tok_s"] / max(f["be_output_tok_s"], 1e-9)})
         if per:
             out["ls_p99_vs_fcfs"] = {"per_load": per, "target": "ratio >= 50 and BE throughput within 3%",
-                                     "met": any(p["ratio"] >= 50 and abs(p["be_tok_s_ratio"] - 1) <= 0.03
+                                     "met": all(p["ratio"] >= 50 and abs(p["be_tok_s_ratio"] - 1) <= 0.03
                                                 for p in per)}
     return out
 
@@ -325,7 +333,8 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "workload_at_lowest_load": describe_workload(sample),
         "wall_s": time.perf_counter() - t0,
         "code": provenance(),
-        "metrics": "SLO attainment: TTFT within the class target (unserved = missed); throughput and goodput: "
+        "metrics": "SLO attainment: TTFT within the class target (unserved = missed); throughput under load: "
+                   "output tokens produced up to the last arrival / that time; throughput (run) and goodput: "
                    "output tokens / run length (drain included), goodput counting requests that met their SLO; "
                    "TTFT percentiles count unserved requests at their wait when the run ended.",
     }

@@ -19,7 +19,8 @@ is inserted there, its first token comes out at once, and the paused pass then f
 without recomputation (its end moves by the inserted prefill). At most `max_pause_s` of
 prefill is inserted into one unit.
 
-ITERATION (and EXPERT) modes admit latency-sensitive requests first and prefill them in
+ITERATION (and EXPERT) modes admit latency-sensitive requests first, beyond the batch
+limit when needed (backends.engine.batch_limit, as every engine does), and prefill them in
 an iteration of their own; NONE admits in arrival order and mixes prefill with decode.
 """
 
@@ -31,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qlmserve.backends.engine import PreemptionMode
+from qlmserve.backends.engine import PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import (
     DropWarm,
@@ -368,7 +369,7 @@ class SimWorker:
         """Move what fits (batch slots, KV, prefill budget) from joining to running."""
         if not self.joining or self.active_model is None or self.loading_model is not None:
             return []
-        slots = self.spec.max_batch_size - len(self.running)
+        running = len(self.running)
         free_kv = self.kv_capacity - self.kv_used
         budget = self.max_prefill_tokens
         prof = self.profile
@@ -377,8 +378,10 @@ class SimWorker:
             order = sorted(self.joining, key=lambda r: (not r.latency_sensitive, -r.priority))
         adm: list[SimRequest] = []
         for r in order:
-            if slots <= 0:
-                break
+            if running >= batch_limit(self.mode, r.latency_sensitive, self.spec.max_batch_size):
+                if self.mode == PreemptionMode.NONE or not r.latency_sensitive:
+                    break  # (latency-sensitive requests come first: the rest are best-effort)
+                continue
             if ls_only and not r.latency_sensitive:
                 continue
             if r.model != self.active_model:
@@ -392,7 +395,7 @@ class SimWorker:
                     break  # FCFS: nobody overtakes the head
                 continue
             adm.append(r)
-            slots -= 1
+            running += 1
             free_kv -= need
             budget -= r.kv_tokens
         for r in adm:

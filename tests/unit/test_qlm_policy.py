@@ -12,6 +12,7 @@ import pytest
 
 from qlmserve.bench.instances import InstanceSpec, make_policy, random_snapshot
 from qlmserve.controller.policies import create_policy
+from qlmserve.controller.policies.op_rules import EXPERT, ls_requests_needing_slots, slot_mechanism, victims
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, Evict, LoadModel, OpKind, SetPreemption, SwapOut, WarmModel
@@ -51,20 +52,27 @@ def test_expert_preemption_protects_latency_sensitive_groups_on_moe_workers():
     1. an interactive group that would wait ~14 s behind a full best-effort batch on an MoE
        worker makes QLM switch that worker to expert-level preemption when `preempt` is on,
        and the plan then predicts the group meets its SLO;
-    2. preemption pauses the batch but frees no batch slot: the batch is full, so exactly as
-       many best-effort requests as the group needs are evicted, the cheapest ones (least
-       recompute); with a free slot for each of its requests nothing is evicted;
+    2. under expert preemption LS requests join beyond the batch limit (as the engines
+       admit them), so a full batch costs no eviction; only past that overflow room
+       (LS_BATCH_FACTOR x the batch) are best-effort requests evicted, exactly as many as
+       the group needs and the cheapest ones (least recompute);
     3. with no operations enabled the plan has no operations and predicts a miss."""
     cfg, snap = _protection_case(MIXTRAL, ("preempt", "evict"))
     plan = create_policy("qlm", cfg).solve(snap)
     sets = [op for op in plan.operations if isinstance(op, SetPreemption)]
     assert sets == [SetPreemption("w0", "expert", cfg.planner.max_pause_s, reason=sets[0].reason)]
-    assert [op.request_ids for op in plan.operations if isinstance(op, (Evict, SwapOut))] == [("be0", "be1")]
+    assert [op.kind.value for op in plan.operations] == ["set_preemption"]
     assert plan.predicted_attainment["ls"] > 0.9
     w = snap.workers[0]
-    roomy = replace(snap, workers=(replace(w, running=w.running[:-2]),))
-    plan = create_policy("qlm", cfg).solve(roomy)
-    assert [op.kind.value for op in plan.operations] == ["set_preemption"]
+    ls = list(snap.groups)
+    assert ls_requests_needing_slots(w, ls, 16, EXPERT) == 0
+    # A batch limit lowered under 2 x 16 running requests: no overflow room is left, so the
+    # group needs two slots, freed by the cheapest removal of the two cheapest requests.
+    more = tuple(replace(r, request_id=f"be{16 + i}", prompt_tokens=600 + i) for i, r in enumerate(w.running))
+    crowded = replace(w, running=w.running + more)
+    assert ls_requests_needing_slots(crowded, ls, 16, EXPERT) == 2
+    removal = slot_mechanism(cfg, crowded, EXPERT)
+    assert [r.request_id for r in victims(crowded, 2, removal)] == ["be0", "be1"]
     cfg_off, snap_off = _protection_case(MIXTRAL, ())
     plan_off = create_policy("qlm", cfg_off).solve(snap_off)
     assert plan_off.operations == []
