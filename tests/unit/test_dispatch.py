@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
-from qlmserve.operations.ops import SwapOut
+from qlmserve.operations.ops import SetPreemption, SwapOut
 from qlmserve.operations.plan import Plan
 
 MODEL = "m"
@@ -66,3 +68,16 @@ def test_swapped_out_requests_resume_after_the_ls_head_and_before_queued_best_ef
     assignments, ops = dispatch(Plan({"w0": ["ls", "be"]}, source="kept"), snap, 4)
     assert [(op.kind.value, op.request_ids) for op in ops] == [("swap_in", ("s1", "s2"))]
     assert _taken(assignments) == {"w0": ["ls-0"]}
+
+
+def test_latency_sensitive_groups_take_room_beyond_a_full_batch_under_preemption_modes():
+    """This test verifies that a worker whose batch is full takes the latency-sensitive group
+    at its queue head beyond the batch limit when it runs (or the plan sets) ITERATION or
+    EXPERT, as the engines admit them, but never a best-effort group; under NONE it takes none."""
+    snap = ClusterSnapshot(0.0, (_group("ls", 2, 1.0, ls=True), _group("be", 2, 60.0)), (_worker("w0", 4),), {}, {})
+    plan = Plan({"w0": ["ls", "be"]})
+    assert dispatch(plan, snap, 4)[0] == []  # NONE: no room
+    expert = replace(snap, workers=(replace(snap.workers[0], preemption_mode="expert"),))
+    assert _taken(dispatch(plan, expert, 4)[0]) == {"w0": ["ls-0", "ls-1"]}
+    planned = Plan({"w0": ["ls", "be"]}, [SetPreemption("w0", "iteration")])
+    assert _taken(dispatch(planned, snap, 4)[0]) == {"w0": ["ls-0", "ls-1"]}

@@ -12,7 +12,9 @@ import pytest
 
 from qlmserve.bench.instances import InstanceSpec, make_policy, random_snapshot
 from qlmserve.controller.policies import create_policy
-from qlmserve.controller.policies.op_rules import EXPERT, ls_requests_needing_slots, slot_mechanism, victims
+from qlmserve.controller.estimator import Forecaster
+from qlmserve.controller.policies.op_rules import (EXPERT, derive_operations, ls_requests_needing_slots, slot_mechanism,
+                                                   victims)
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, Evict, LoadModel, OpKind, SetPreemption, SwapOut, WarmModel
@@ -272,3 +274,20 @@ def test_plans_respect_model_memory_and_enabled_operations(seed: int):
                 assert workers[op.worker_id].can_serve(op.model)
         if not ops:
             assert plan.operations == []
+
+
+def test_a_worker_keeps_expert_mode_while_it_holds_latency_sensitive_requests_not_started():
+    """This test verifies that the operations switch a worker out of expert-level preemption
+    when no latency-sensitive work is queued for it, but not while it holds one handed over
+    and not started yet (under NONE it would wait for a slot behind the batch, in FCFS order)."""
+    cfg, snap = _protection_case(MIXTRAL, ("preempt", "evict"))
+    w = replace(snap.workers[0], preemption_mode="expert")
+    held = RunningRequest("ls-held", "ls", MIXTRAL, "interactive", 300, 0, 512, True, NOW - 0.2, None)
+
+    def ops_for(worker: WorkerState) -> list[str]:
+        s = replace(snap, groups=(), workers=(worker,))
+        return [op.kind.value for op in derive_operations(s, cfg, Forecaster(s, cfg.max_running_per_worker),
+                                                          {"w0": []}, {})]
+
+    assert ops_for(w) == ["set_preemption"]  # back to NONE: nothing latency-sensitive left
+    assert ops_for(replace(w, running=w.running + (held,))) == []

@@ -263,3 +263,26 @@ def test_injected_scheduler_and_solve_time_charge():
     assert res.plan_sources.get("least-queued", 0) > 0
     charged = Simulation(cfg, fleet, wl, options=SimOptions(charge_solve_time=True)).run()
     assert all(r.finished_at is not None for r in charged.requests)
+
+
+@pytest.mark.parametrize("mode", [PreemptionMode.NONE, PreemptionMode.ITERATION, PreemptionMode.EXPERT])
+def test_latency_sensitive_requests_join_a_full_batch_beyond_its_limit_unless_fcfs(mode):
+    """This test verifies that, as every engine admits them (backends.engine.batch_limit):
+    1. under ITERATION and EXPERT a latency-sensitive request handed to a worker whose batch
+       is full starts at once, beyond the batch limit, and the best-effort batch keeps running;
+    2. a best-effort request never joins beyond the limit;
+    3. under NONE (FCFS) the latency-sensitive request waits for a slot like anyone else."""
+    clock, sink, w = worker(mode=mode, batch=4)
+    w.assign([sreq(f"be{i}", prompt=200, out=400) for i in range(4)], 0.0)
+    w.poke(0.0)
+    run_until(clock, 1.0)
+    w.assign([sreq("be-late", prompt=200, out=10), sreq("ls", prompt=200, out=5, ls=True, arrival=1.0)], 1.0)
+    w.poke(1.0)
+    run_until(clock, 1.5)
+    running = {r.rid for r in w.running}
+    assert {f"be{i}" for i in range(4)} <= running and "be-late" not in running
+    ls = next(r for r in w.running + w.joining + sink.finished if r.rid == "ls")
+    if mode == PreemptionMode.NONE:
+        assert ls.first_token_at is None and len(w.running) == 4
+    else:
+        assert ls.first_token_at is not None and ls.first_token_at - 1.0 < 0.2
