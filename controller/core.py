@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from qlmserve.controller.clock import Clock, WallClock
 from qlmserve.controller.dispatch import dispatch
-from qlmserve.controller.estimator import LengthLearner, Moments, predict_group_wait
+from qlmserve.controller.estimator import LengthLearner, Moments, RecentMoments, predict_group_wait, with_running
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
@@ -108,6 +108,7 @@ class Controller:
         self.policy = policy
         self.scheduler: SchedulingPolicy = create_policy(policy.planner.policy, policy)
         self.tokenizers = TokenizerCache(policy.models)
+        self._recent_lengths = RecentMoments(policy.planner.length_half_life_s)
 
     async def warm_up(self) -> None:
         """Load tokenizers off the event loop so the first submission does not stall it."""
@@ -121,6 +122,7 @@ class Controller:
         tokenizers = TokenizerCache(policy.models)
         await asyncio.to_thread(tokenizers.load_all)
         self.policy, self.scheduler, self.tokenizers = policy, scheduler, tokenizers
+        self._recent_lengths.half_life_s = policy.planner.length_half_life_s
         self._solved_plan = None  # the new policy plans from scratch
         self._wake.set()
 
@@ -283,7 +285,7 @@ class Controller:
                                               swapped=rep_running.get(rid, (0, False))[1]))
             workers.append(h.state(tuple(running), self.policy.max_running_per_worker, healthy))
         snap = ClusterSnapshot(now=now, groups=tuple(groups), workers=tuple(workers),
-                               length_stats=await self._length_stats(),
+                               length_stats=await self._length_stats(now, [r for w in workers for r in w.running]),
                                model_bytes={n: s.weight_bytes or 0 for n, s in self.policy.models.items()})
         self.last_snapshot = snap
         self._update_gauges(snap)
@@ -331,12 +333,14 @@ class Controller:
             rows = await p.execute()
         return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
 
-    async def _length_stats(self) -> dict[tuple[str, str], LengthStats]:
-        """Learned output lengths (moments persisted in Redis by the token script) with the
-        policy's prior added by the estimator's LengthLearner."""
+    async def _length_stats(self, now: float, running: list[RunningRequest]) -> dict[tuple[str, str], LengthStats]:
+        """Learned output lengths (moments persisted in Redis by the token script, forgotten
+        with the policy's half-life) with the policy's prior added by the estimator's
+        LengthLearner, and the running requests counted as censored lengths."""
         observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
-        learner = LengthLearner(self.policy, observed)
-        return {(m, c): learner.stats(m, c) for m in self.policy.models for c in self.policy.slo_classes}
+        learner = LengthLearner(self.policy, self._recent_lengths.update(now, observed))
+        return with_running({(m, c): learner.stats(m, c) for m in self.policy.models
+                             for c in self.policy.slo_classes}, running)
 
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
         waiting: dict[str, int] = {c: 0 for c in self.policy.slo_classes}

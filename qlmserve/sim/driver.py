@@ -19,11 +19,11 @@ import bisect
 import dataclasses
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from qlmserve.controller.dispatch import dispatch
-from qlmserve.controller.estimator import LengthLearner
+from qlmserve.controller.estimator import LengthLearner, RecentMoments
 from qlmserve.controller.grouping import OpenGroup, choose_group
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig
@@ -83,25 +83,27 @@ class _Group:
 
 class _Lengths:
     """The estimator's LengthLearner, fed with every finished request. Snapshots read its
-    stats at most once per `refresh_s` (one more finish moves them by a hair; keeping the
-    same dict between refreshes lets a policy cache what it derives from them)."""
+    stats (forgetting old observations, RecentMoments; with the running requests counted
+    as censored lengths) once per `refresh_s`
+    (one more token moves them by a hair; keeping the same dict between refreshes lets a
+    policy cache what it derives from them)."""
 
     def __init__(self, cfg: PolicyConfig, refresh_s: float) -> None:
+        self.cfg = cfg
         self.learner = LengthLearner(cfg)
+        self.recent = RecentMoments(cfg.planner.length_half_life_s)
         self.refresh_s = refresh_s
         self._cache: dict[tuple[str, str], LengthStats] | None = None
         self._read_at = -1e18
-        self._dirty = True
 
     def observe(self, model: str, slo_class: str, tokens: int) -> None:
         self.learner.observe(model, slo_class, tokens)
-        self._dirty = True
 
-    def stats(self, now: float) -> dict[tuple[str, str], LengthStats]:
-        if self._cache is None or (self._dirty and now - self._read_at >= self.refresh_s):
-            self._cache = self.learner.length_stats()
+    def stats(self, now: float, workers: Iterable[WorkerState]) -> dict[tuple[str, str], LengthStats]:
+        if self._cache is None or now - self._read_at >= self.refresh_s:
+            recent = LengthLearner(self.cfg, self.recent.update(now, self.learner.state()))
+            self._cache = recent.length_stats(r for w in workers for r in w.running)
             self._read_at = now
-            self._dirty = False
         return self._cache
 
 
@@ -309,7 +311,7 @@ class Simulation:
             groups.append(self._group_state(g))
         workers = tuple(self._worker_state(w, now) for w in self.workers.values())
         return ClusterSnapshot(now=now, groups=tuple(groups), workers=workers,
-                               length_stats=self.lengths.stats(now), model_bytes=self.model_bytes)
+                               length_stats=self.lengths.stats(now, workers), model_bytes=self.model_bytes)
 
     def _group_state(self, g: _Group) -> GroupState:
         wid, pos = self._positions.get(g.group_id, (None, 0))

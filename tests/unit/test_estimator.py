@@ -10,9 +10,9 @@ import pytest
 
 from qlmserve.bench.instances import InstanceSpec, make_policy, random_snapshot
 from qlmserve.bench.replay import gamma_sampler, replay_ttft
-from qlmserve.controller.estimator import (Forecaster, LengthLearner, Moments, WaitEstimate, merge_moments,
-                                           predict_group_wait, prob_within_array, quantile_array,
-                                           remaining_moments)
+from qlmserve.controller.estimator import (Forecaster, LengthLearner, Moments, RecentMoments, WaitEstimate,
+                                           merge_moments, predict_group_wait, prob_within_array, quantile_array,
+                                           remaining_moments, with_running)
 from qlmserve.controller.policies import create_policy
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
@@ -47,6 +47,49 @@ def test_length_learner_blends_prior_and_observations():
     merged = merge_moments(learner.state(), other.state())
     assert merged[(MODEL, CLASS)] == m + Moments.of(10)
     assert set(learner.length_stats()) >= {(m, c) for m in cfg.models for c in cfg.slo_classes}
+
+
+def test_running_requests_correct_the_short_bias_of_finished_ones():
+    """This test verifies that:
+    1. lengths learned from the requests finished by time T of a batch that started at once
+       are biased short (the long ones still run);
+    2. counting the running ones as censored at the tokens they produced (with_running)
+       brings the mean and std back to within 5% of the true law's."""
+    cfg = make_policy(1)  # its prior (20 pseudo-requests) weighs little against 4,000
+    rng = np.random.default_rng(7)
+    true_mean, true_std = 300.0, 200.0
+    k = (true_mean / true_std) ** 2
+    lengths = np.maximum(1, rng.gamma(k, true_mean / k, size=4000).round())
+    t = 250  # decode steps so far: every request has produced min(L, t) tokens
+    learner = LengthLearner(cfg)
+    for x in lengths[lengths <= t]:
+        learner.observe(MODEL, CLASS, int(x))
+    running = [RunningRequest(f"r{i}", "g", MODEL, CLASS, 100, t, 100_000, False, 0.0, 1.0)
+               for i in range(int((lengths > t).sum()))]
+    biased = learner.stats(MODEL, CLASS)
+    assert biased.mean < 0.7 * true_mean
+    fixed = learner.length_stats(running)[(MODEL, CLASS)]
+    assert fixed.mean == pytest.approx(true_mean, rel=0.05)
+    assert fixed.std == pytest.approx(true_std, rel=0.05)
+    assert with_running({}, running) == {}  # nothing learned of that (model, class): nothing to correct
+
+
+def test_recent_moments_forget_with_the_half_life():
+    """This test verifies that:
+    1. the first update takes the whole history; with half-life 0 nothing is forgotten;
+    2. observations one half-life old count half as much as new ones, so after a shift
+       of the lengths the mean moves to the new ones faster than cumulative moments do;
+    3. a history that shrinks (a fresh store) restarts the view from it."""
+    key = (MODEL, CLASS)
+    old = Moments(100.0, 100.0 * 100, 100.0 * 100**2)
+    new = old + Moments(100.0, 100.0 * 300, 100.0 * 300**2)
+    assert RecentMoments(0).update(50.0, {key: new}) == {key: new}
+    view = RecentMoments(60.0)
+    assert view.update(0.0, {key: old}) == {key: old}
+    got = view.update(60.0, {key: new})[key]
+    assert got.count == pytest.approx(150.0)
+    assert got.total / got.count == pytest.approx((50 * 100 + 100 * 300) / 150)  # 233 vs 200 cumulative
+    assert view.update(61.0, {key: Moments.of(7)})[key] == Moments.of(7)
 
 
 @pytest.mark.parametrize("shape", [0.5, 1.0, 4.0])
