@@ -101,7 +101,9 @@ async def test_resume_after_client_drop(cluster, redis_url: str, prefix: str):
     3. the stream is trimmed behind the client, yet a resume from offset 0 still
        returns every token (rebuilt from the request's token ids)."""
     rt, client, *_ = cluster
-    req = submit_request("sim-a", prompt_token_ids=[5, 6, 7], max_tokens=60)
+    # Long enough that it cannot finish before the client reads its first chunks, even on a
+    # loaded machine (with 60 tokens the first read could already hold the finish).
+    req = submit_request("sim-a", prompt_token_ids=[5, 6, 7], max_tokens=300)
     got = None
     async for chunk in client.generate(req):
         got = got or GenerateResult(chunk.request_id)
