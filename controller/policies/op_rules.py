@@ -29,6 +29,11 @@ from qlmserve.operations.ops import (OPS_BY_POLICY_NAME, DropWarm, Evict, LoadMo
                                      SetPreemption, SwapOut, WarmModel)
 
 EXPERT = "expert"
+ITERATION = "iteration"
+# Protections that change the worker's preemption mode instead of taking requests off the
+# device: LS requests join beyond the batch limit and are prefilled first (and, EXPERT,
+# inside a paused best-effort pass); no best-effort work is lost.
+PREEMPTION_MODES = (EXPERT, ITERATION)
 EVICT = "evict"
 SWAP = "swap"
 
@@ -83,16 +88,19 @@ def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
     be = _be_running(w)
     if not be:
         return None
-    if "preempt" in config.planner.operations and model_kind_is_moe(config, w.active_model):
-        return EXPERT
+    if "preempt" in config.planner.operations:
+        # A dense model has no expert boundary to pause at: iteration-level preemption
+        # (LS first at the next iteration, beyond the batch limit) costs it no lost work,
+        # where an eviction or a KV swap-out costs recompute or two copies.
+        return EXPERT if model_kind_is_moe(config, w.active_model) else ITERATION
     return removal_mechanism(config, w, be)
 
 
 def slot_mechanism(config: PolicyConfig, w: WorkerState, mechanism: str) -> str | None:
     """How BE running requests leave the device to give LS requests batch slots under a
-    protection `mechanism`: itself for EVICT / SWAP; under EXPERT (which pauses the BE
-    batch but frees no slot) the cheaper enabled removal, if any."""
-    if mechanism != EXPERT:
+    protection `mechanism`: itself for EVICT / SWAP; under EXPERT / ITERATION (which frees
+    no slot; LS requests join beyond the batch limit) the cheaper enabled removal, if any."""
+    if mechanism not in PREEMPTION_MODES:
         return mechanism
     return removal_mechanism(config, w, _be_running(w))
 
@@ -100,7 +108,7 @@ def slot_mechanism(config: PolicyConfig, w: WorkerState, mechanism: str) -> str 
 def victims(w: WorkerState, needed: int, mechanism: str | None) -> list[RunningRequest]:
     """The `needed` BE running requests that are cheapest to take off the device (host
     memory permitting, for a swap)."""
-    if needed <= 0 or mechanism in (EXPERT, None):
+    if needed <= 0 or mechanism is None or mechanism in PREEMPTION_MODES:
         return []
     out, host = [], _host_kv_free(w)
     # Only requests that have started: one not yet prefilled holds no KV to move, and the
@@ -121,10 +129,10 @@ def victims(w: WorkerState, needed: int, mechanism: str | None) -> list[RunningR
 def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots: int,
                               mechanism: str | None = None) -> int:
     """LS requests of the queue's leading run (up to the first BE group) beyond the slots
-    they may take: under EXPERT protection, or a worker already in ITERATION / EXPERT mode,
-    LS requests join beyond the batch limit (backends.engine.batch_limit)."""
+    they may take: under EXPERT / ITERATION protection, or a worker already in one of those
+    modes, LS requests join beyond the batch limit (backends.engine.batch_limit)."""
     ls = sum(g.size for g in leading_latency_sensitive(queue))
-    mode = EXPERT if mechanism == EXPERT else w.preemption_mode
+    mode = mechanism if mechanism in PREEMPTION_MODES else w.preemption_mode
     limit = batch_limit(mode, True, slots)
     return max(0, ls - max(0, limit - sum(1 for r in w.running if not r.swapped)))
 
@@ -156,7 +164,7 @@ def rule_protection(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecas
               and not plain[gid].meets(beta)]
         if not ls:
             continue
-        if mech != EXPERT and not ls_requests_needing_slots(w, [fc.groups[g].group for g in queue],
+        if mech not in PREEMPTION_MODES and not ls_requests_needing_slots(w, [fc.groups[g].group for g in queue],
                                                                 fc.workers[w.worker_id].slots):
             continue  # free slots suffice for the leading LS groups: nothing to evict
         prot = fc.evaluate({w.worker_id: queue}, protected=[w.worker_id])
@@ -214,10 +222,10 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
         # LS work queued, or handed over and not started yet (it joins under the mode in force)
         has_ls = any(g.latency_sensitive for g in queue) or any(
             r.latency_sensitive and r.first_token_at is None and not r.swapped for r in w.running)
-        if mech == EXPERT and w.preemption_mode != EXPERT:
-            ops.append(SetPreemption(wid, EXPERT, max_pause_s=max_pause,
+        if mech in PREEMPTION_MODES and w.preemption_mode != mech:
+            ops.append(SetPreemption(wid, mech, max_pause_s=max_pause,
                                      reason="latency-sensitive groups wait behind a best-effort batch"))
-        elif mech != EXPERT and w.preemption_mode == EXPERT and not has_ls:
+        elif mech not in PREEMPTION_MODES and w.preemption_mode in PREEMPTION_MODES and not has_ls:
             ops.append(SetPreemption(wid, "none", max_pause_s=max_pause, reason="no latency-sensitive work queued"))
         ops.extend(_warm(w, queue, change))
     for wid, queue in queues.items():

@@ -14,7 +14,7 @@ import pulp
 from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, meets_all
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
-from qlmserve.controller.policies.op_rules import (EXPERT, ModelChange, derive_operations,
+from qlmserve.controller.policies.op_rules import (EXPERT, PREEMPTION_MODES, ModelChange, derive_operations,
                                                    ls_requests_needing_slots, protection_cost_s,
                                                    protection_mechanism, removal_mechanism, victim_cost_s)
 from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramSolution,
@@ -41,7 +41,7 @@ class Decision:
     """A candidate plan: virtual queues plus the worker-level choices they rely on."""
 
     queues: dict[str, list[str]]
-    protected: dict[str, str] = field(default_factory=dict)  # worker_id -> EXPERT / EVICT / SWAP
+    protected: dict[str, str] = field(default_factory=dict)  # worker_id -> EXPERT / ITERATION / EVICT / SWAP
     changes: dict[str, ModelChange] = field(default_factory=dict)  # worker_id -> model swap now
     cost: float = 0.0  # objective units spent on operations (lost work)
 
@@ -107,7 +107,7 @@ class QlmPolicy(SchedulingPolicy):
                                 for w in snapshot.workers):
                 return True  # an idle worker could take queued work
         fc = Forecaster(snapshot, self.config.max_running_per_worker)
-        protected = [w.worker_id for w in snapshot.workers if w.preemption_mode == EXPERT]
+        protected = [w.worker_id for w in snapshot.workers if w.preemption_mode in PREEMPTION_MODES]
         forecast = fc.evaluate(last_plan.virtual_queues, protected)
         beta = self.config.planner.beta
         for gid, f in forecast.items():
@@ -336,7 +336,7 @@ class _Tick:
         out = set(d.protected)
         for wid, q in d.queues.items():
             w = self.workers.get(wid)
-            if w is not None and w.preemption_mode == EXPERT and any(
+            if w is not None and w.preemption_mode in PREEMPTION_MODES and any(
                     self.groups[g].latency_sensitive for g in q if g in self.groups):
                 out.add(wid)
         return out
@@ -739,7 +739,7 @@ class _Tick:
             w = self.workers[wid]
             q = [self.groups[g] for g in queues.get(wid, [])]
             slots = self.fc.workers[wid].slots
-            if mech != EXPERT and not ls_requests_needing_slots(w, q, slots, mech):
+            if mech not in PREEMPTION_MODES and not ls_requests_needing_slots(w, q, slots, mech):
                 continue  # free slots suffice: nothing to evict, nothing to credit
             protected[wid] = mech
             cost += protection_cost_s(self.cfg, w, q, slots, mech) * self._lambda(w)
@@ -757,7 +757,7 @@ class _Tick:
             if w is None or wid in protected or not queue or not self.groups[queue[0]].latency_sensitive:
                 continue
             mech = protection_mechanism(self.cfg, w)
-            if mech != EXPERT:
+            if mech not in PREEMPTION_MODES:
                 continue  # eviction / KV swap alone cost best-effort throughput: only when the SLO needs it
             lead = leading_latency_sensitive(self.groups[gid] for gid in queue)
             slots = self.fc.workers[wid].slots

@@ -83,12 +83,18 @@ def test_expert_preemption_protects_latency_sensitive_groups_on_moe_workers():
 
 def test_eviction_or_kv_swap_protects_on_dense_workers_within_host_memory():
     """This test verifies that:
-    1. on a dense model (no expert-level preemption) with `evict` on, QLM evicts exactly as
-       many best-effort requests as the interactive group needs slots, the cheapest ones
-       (least recompute), and predicts the group then meets its SLO;
-    2. with only `kv_swap` on it swaps them out instead, when host memory can hold them;
-    3. with host memory too small for any of them it neither swaps nor evicts."""
+    1. on a dense model with `preempt` on, QLM protects the interactive group by
+       iteration-level preemption (LS first, beyond the batch limit): no request is taken
+       off the device, and the plan predicts the group meets its SLO;
+    2. with only `evict` on, QLM evicts exactly as many best-effort requests as the group
+       needs slots, the cheapest ones (least recompute);
+    3. with only `kv_swap` on it swaps them out instead, when host memory can hold them;
+    4. with host memory too small for any of them it neither swaps nor evicts."""
     cfg, snap = _protection_case(LLAMA, ("evict", "preempt"))
+    plan = create_policy("qlm", cfg).solve(snap)
+    assert [(op.kind.value, getattr(op, "mode", None)) for op in plan.operations] == [("set_preemption", "iteration")]
+    assert plan.predicted_attainment["ls"] > 0.9
+    cfg, snap = _protection_case(LLAMA, ("evict",))
     plan = create_policy("qlm", cfg).solve(snap)
     evicts = [op for op in plan.operations if isinstance(op, Evict)]
     assert len(evicts) == 1 and evicts[0].request_ids == ("be0", "be1")
