@@ -87,7 +87,7 @@ class PlannerConfig(_Strict):
     """SJF: a request waiting longer than this is promoted (priority aging)."""
     max_pause_s: float = Field(default=2.0, ge=0)
     """Longest a best-effort batch may stay paused by expert-level preemption."""
-    length_half_life_s: float = Field(default=60.0, ge=0)
+    length_half_life_s: float = Field(default=300.0, ge=0)
     """Output lengths learned online forget with this half-life (seconds), so that the
     estimator follows a workload whose outputs drift; 0 keeps every observation forever."""
     drop_hopeless: bool = False
