@@ -93,9 +93,10 @@ class PlannerConfig(_Strict):
     drop_hopeless: bool = False
     """Serve requests that can no longer meet their SLO last (named in results when on)."""
     ls_fast_path: bool = True
-    """QLM: latency-sensitive groups at the head of an MoE worker's queue always get expert-level
-    preemption (and KV swap-out of best-effort requests for batch slots), not only when they
-    would miss their SLO: their TTFT is kept as low as the worker allows."""
+    """QLM: latency-sensitive groups at the head of a worker's queue always get preemption
+    (expert-level on MoE workers, iteration-level on dense ones; LS requests join beyond the
+    batch limit), not only when they would miss their SLO: their TTFT is kept as low as the
+    worker allows."""
 
 
 class GroupingConfig(_Strict):

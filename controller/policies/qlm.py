@@ -746,10 +746,11 @@ class _Tick:
         return Decision(queues, protected, changes, cost)
 
     def ls_fast_path(self, d: Decision) -> Decision:
-        """planner.ls_fast_path: protect every MoE worker whose queue starts with latency-sensitive
-        groups by expert-level preemption (the pause is free; a KV swap-out for a batch slot
-        costs two copies) when that costs best-effort work no more than those groups' own
-        prefill, whether or not the program needed it for their SLO."""
+        """planner.ls_fast_path: protect every worker whose queue starts with latency-sensitive
+        groups by expert-level (MoE) or iteration-level (dense) preemption: LS requests join
+        beyond the batch limit and go first, no best-effort work is lost (a KV swap-out, only
+        past that room, costs two copies), when that costs best-effort work no more than
+        those groups' own prefill, whether or not the program needed it for their SLO."""
         protected = dict(d.protected)
         cost = d.cost
         for wid, queue in d.queues.items():
