@@ -60,7 +60,7 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
         if not w.accepts_work or w.loading_model is not None:
             continue
         limit = min(w.max_batch_size, max_running_per_worker)
-        active = sum(1 for r in w.running if not r.swapped) - freed.get(w.worker_id, 0)
+        active = w.active - freed.get(w.worker_id, 0)
         ls_extra = batch_limit(modes.get(w.worker_id, w.preemption_mode), True, limit) - limit
         slots = limit - active
         target_model = planned_loads.get(w.worker_id, w.active_model)

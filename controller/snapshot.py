@@ -108,15 +108,19 @@ class WorkerState:
         return self.kv_capacity_tokens - self.kv_used_tokens if self.kv_capacity_tokens > 0 else float("inf")
 
     @property
-    def free_slots(self) -> int:
-        active = sum(1 for r in self.running if not r.swapped)
-        return max(0, self.max_batch_size - active)
+    def active(self) -> int:
+        """Requests that hold a batch slot: everything held but the swapped-out ones."""
+        return sum(1 for r in self.running if not r.swapped)
 
-    def ls_free_slots(self, mode: str | None = None) -> int:
-        """Batch slots a latency-sensitive request may take under `mode` (default: the one in
-        force): beyond max_batch_size under ITERATION / EXPERT (backends.engine.batch_limit)."""
-        active = sum(1 for r in self.running if not r.swapped)
-        return max(0, batch_limit(mode or self.preemption_mode, True, self.max_batch_size) - active)
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_batch_size - self.active)
+
+    @property
+    def ls_free_slots(self) -> int:
+        """Batch slots a latency-sensitive request may take under the mode in force: beyond
+        max_batch_size under ITERATION / EXPERT (backends.engine.batch_limit)."""
+        return max(0, batch_limit(self.preemption_mode, True, self.max_batch_size) - self.active)
 
     @property
     def accepts_work(self) -> bool:

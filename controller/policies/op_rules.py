@@ -134,7 +134,7 @@ def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots
     ls = sum(g.size for g in leading_latency_sensitive(queue))
     mode = mechanism if mechanism in PREEMPTION_MODES else w.preemption_mode
     limit = batch_limit(mode, True, slots)
-    return max(0, ls - max(0, limit - sum(1 for r in w.running if not r.swapped)))
+    return max(0, ls - max(0, limit - w.active))
 
 
 def protection_cost_s(config: PolicyConfig, w: WorkerState, queue: Sequence[GroupState], slots: int,
@@ -164,8 +164,8 @@ def rule_protection(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forecas
               and not plain[gid].meets(beta)]
         if not ls:
             continue
-        if mech not in PREEMPTION_MODES and not ls_requests_needing_slots(w, [fc.groups[g].group for g in queue],
-                                                                fc.workers[w.worker_id].slots):
+        if mech not in PREEMPTION_MODES and not ls_requests_needing_slots(
+                w, [fc.groups[g].group for g in queue], fc.workers[w.worker_id].slots):
             continue  # free slots suffice for the leading LS groups: nothing to evict
         prot = fc.evaluate({w.worker_id: queue}, protected=[w.worker_id])
         if any(prot[gid].meets(beta) for gid in ls):

@@ -124,7 +124,7 @@ class QlmPolicy(SchedulingPolicy):
         for wid, q in last_plan.virtual_queues.items():
             w = workers.get(wid)
             head = groups.get(q[0]) if q else None
-            if w is not None and head is not None and head.latency_sensitive and w.ls_free_slots() < head.size:
+            if w is not None and head is not None and head.latency_sensitive and w.ls_free_slots < head.size:
                 return True
         return False
 

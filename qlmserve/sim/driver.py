@@ -83,10 +83,9 @@ class _Group:
 
 class _Lengths:
     """The estimator's LengthLearner, fed with every finished request. Snapshots read its
-    stats (forgetting old observations, RecentMoments; with the running requests counted
-    as censored lengths) once per `refresh_s`
-    (one more token moves them by a hair; keeping the same dict between refreshes lets a
-    policy cache what it derives from them)."""
+    stats (old observations forgotten by RecentMoments, running requests counted as
+    censored lengths) once per `refresh_s`: one more token moves them by a hair, and
+    keeping the same dict between refreshes lets a policy cache what it derives from them."""
 
     def __init__(self, cfg: PolicyConfig, refresh_s: float) -> None:
         self.cfg = cfg

@@ -22,7 +22,7 @@ class LeastQueuedPolicy(SchedulingPolicy):
         heaps: dict[str | None, list[tuple[int, str]]] = {}
         for w in snapshot.workers:
             if w.accepts_work:
-                load = sum(1 for r in w.running if not r.swapped)
+                load = w.active
                 heaps.setdefault(w.loading_model or w.active_model, []).append((load, w.worker_id))
         for h in heaps.values():
             heapq.heapify(h)
