@@ -64,6 +64,17 @@ class ClientService(client_pb2_grpc.ClientServicer):
         try:
             async for batch in store.read_stream(rid, offset):
                 tokens = [e for e in batch if e.token_id is not None and e.index >= offset]
+                nxt = tokens[0].index if tokens else batch[-1].index
+                if nxt > offset:
+                    # Trimmed while we looked: another reader of this request (e.g. the stream
+                    # of a client that dropped, still draining on the server) read and trimmed
+                    # them between our snapshot and this read. The ids string has them.
+                    ids = await store.generated_ids(rid)
+                    back = ids[offset:nxt]
+                    if back:
+                        yield client_pb2.TokenChunk(request_id=rid, index=offset, token_ids=back,
+                                                    text=await self._text(req.model, ids[:offset], back))
+                        offset += len(back)
                 last = batch[-1]
                 if tokens or last.finished:
                     yield client_pb2.TokenChunk(
