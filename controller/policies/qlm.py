@@ -9,16 +9,14 @@ from functools import cached_property
 
 import numpy as np
 
-import pulp
-
 from qlmserve.controller.estimator import Forecaster, GroupForecast, QueueCursor, meets_all
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails, eligible_mask, list_schedule
 from qlmserve.controller.policies.op_rules import (EXPERT, PREEMPTION_MODES, ModelChange, derive_operations,
                                                    ls_requests_needing_slots, protection_cost_s,
                                                    protection_mechanism, removal_mechanism, victim_cost_s)
-from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramSolution,
-                                                      ProgramVars, ProgramWorker, build_model, solve_program)
+from qlmserve.controller.policies.qlm_program import (Option, Pair, Program, ProgramGroup, ProgramModel,
+                                                      ProgramSolution, ProgramWorker, build_model, solve_program)
 from qlmserve.controller.policies.registry import register
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState, leading_latency_sensitive
 from qlmserve.operations.plan import Plan
@@ -26,7 +24,7 @@ from qlmserve.operations.plan import Plan
 # Program size per millisecond of budget (pairs of group x candidate worker): what PuLP's
 # build and HiGHS's solve of the chance program get through on one (shared) core in
 # `qlm bench-solver` runs, about 2 pairs/ms; SAA programs are scaled down by scenarios / 4.
-PAIRS_PER_MS = 2.0
+PAIRS_PER_MS = 1.0
 MIN_PAIRS = 24
 # Below this many (group, worker) pairs every group enters the program and every worker is
 # a candidate (the program is then exact up to its order restriction; see the NOTE).
@@ -34,6 +32,17 @@ FULL_PROGRAM_PAIRS = 48
 # With drop_hopeless off, a group the program cannot make meet its SLO still keeps its
 # deadline place unless that costs another group its SLO (Program.place_reward).
 PLACE_REWARD = 0.01
+# Shares of the tick's budget HiGHS and the local search (repair) may take at most. HiGHS
+# rarely proves optimality on the larger programs (it stops at the time limit with an
+# incumbent), and an exact evaluation in repair costs ~0.5 ms at 256 groups, so both are
+# capped rather than handed whatever is left; see the NOTE in `solve`.
+MILP_SHARE = 0.3
+# The EDF base is built every tick only while it costs at most this share of the budget
+# (~10 ms at 256 groups); else when the last plan misses a fifth of the value.
+EDF_BASE_SHARE = 0.1
+REPAIR_SHARE = 0.1
+# Repair tries every position in queues up to this long, else a few (_repair_positions).
+REPAIR_ALL_POSITIONS = 4
 
 
 @dataclass
@@ -74,6 +83,9 @@ class QlmPolicy(SchedulingPolicy):
         self._edf_losses = 0  # consecutive ticks the EDF base lost to the last plan
         self._solves = 0
         self._last_solve_at: float | None = None
+        # Groups at risk that the last program could not make meet their SLO -> when: the
+        # next ticks leave them where they are (see _unsettled) until max_plan_age_s passed.
+        self._settled: dict[str, tuple[float, int]] = {}  # group -> (when, its size then)
         # Candidate workers per group at risk (the group's own worker is always one).
         self.candidates = 3
         # Re-solve at least this often even when nothing is predicted to miss.
@@ -221,9 +233,28 @@ class QlmPolicy(SchedulingPolicy):
             return False  # it lost the last three times: try it one tick in five
         budget = deadline - t0
         cost = self._edf_s_per_group * groups
-        if cost <= 0.25 * budget:
+        if cost <= EDF_BASE_SHARE * budget:
             return True
         return share_met < 0.8 and time.perf_counter() + cost <= t0 + 0.5 * budget
+
+    def _unsettled(self, tick: _Tick, at_risk: list[str]) -> tuple[list[str], int]:
+        """(groups at risk the program should take this tick, how many it skips): those it
+        already tried within max_plan_age_s and could not make meet their SLO stay where
+        they are. Re-solving them every tick repeats the same hard program for no gain
+        (between ticks only a few requests finish); the plan-age re-solve, or the group
+        growing, brings them back."""
+        now = tick.snap.now
+        self._settled = {gid: (t, n) for gid, (t, n) in self._settled.items()
+                         if gid in tick.groups and now - t < self.max_plan_age_s and tick.groups[gid].size == n}
+        keep = [gid for gid in at_risk if gid not in self._settled]
+        return keep, len(at_risk) - len(keep)
+
+    def _settle(self, tick: _Tick, tried: list[str]) -> None:
+        """Remember the groups the program took that still miss in the chosen plan."""
+        for gid in tried:
+            f = tick.best_score.forecasts.get(gid)
+            if f is None or not f.meets(tick.beta):
+                self._settled[gid] = (tick.snap.now, tick.groups[gid].size)
 
     def _improve(self, tick: _Tick, base: Decision, base_score: Score, cold: bool,
                  deadline: float) -> tuple[str, str]:
@@ -239,10 +270,13 @@ class QlmPolicy(SchedulingPolicy):
         if planner.drop_hopeless and hopeless:
             moved = tick.hopeless_last(base, hopeless)
             if moved.queues != base.queues:
+                tick.best, tick.best_score = moved, tick.score(moved, like=(base, tick.best_score))
                 base = moved
-                tick.best, tick.best_score = base, tick.score(base)
         if not at_risk:
             return solved, "no group at risk that can still meet its SLO"
+        at_risk, settled = self._unsettled(tick, at_risk)
+        if not at_risk:
+            return solved, f"the {settled} groups at risk were tried less than {self.max_plan_age_s:g} s ago"
         if time.perf_counter() >= deadline:
             return fallback, f"timeout: the {planner.solve_budget_ms:g} ms budget was spent before the program"
         cap = max(MIN_PAIRS, int(PAIRS_PER_MS * planner.solve_budget_ms))
@@ -254,31 +288,38 @@ class QlmPolicy(SchedulingPolicy):
         left = deadline - time.perf_counter()
         if left <= 0:
             return fallback, "timeout: the budget was spent building the program"
-        sol, why = tick.solve_program(built, base, left * 0.85)
+        sol, why = tick.solve_program(built, base, min(left * 0.85, MILP_SHARE * planner.solve_budget_ms / 1000.0),
+                                      tick.best_score)
         if sol is None:
             return fallback, why
-        # The local search gets what is left, up to a third of the budget.
-        polish_until = min(deadline, time.perf_counter() + planner.solve_budget_ms / 3000.0)
-        cand = tick.repair(tick.assemble(built, sol), built, polish_until)
-        cand_score = tick.score(cand)
+        # The local search gets what is left, up to REPAIR_SHARE of the budget.
+        polish_until = min(deadline, time.perf_counter() + REPAIR_SHARE * planner.solve_budget_ms / 1000.0)
+        assembled = tick.assemble(built, sol)
+        assembled_score = tick.score(assembled, like=(tick.best, tick.best_score))
+        cand = tick.repair(assembled, assembled_score, built, polish_until)
+        cand_score = tick.score(cand, like=(assembled, assembled_score))
         size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
-        if not cand_score.better_than(tick.best_score):
+        better = cand_score.better_than(tick.best_score)
+        if better:
+            tick.best, tick.best_score = cand, cand_score
+        tried = set(built.ctx.group_ids) | set(built.ctx.unplaced)
+        self._settle(tick, [gid for gid in at_risk if gid in tried])
+        if not better:
             return solved, f"program {sol.status} ({size}) scored no better than the base plan"
-        tick.best, tick.best_score = cand, cand_score
         return solved, f"program {sol.status}: {size}, {sol.solve_s * 1e3:.1f} ms"
 
     # ---- for tests and tools --------------------------------------------------------------
 
-    def build_model(self, snapshot: ClusterSnapshot) -> tuple[pulp.LpProblem, ProgramVars]:
+    def build_model(self, snapshot: ClusterSnapshot) -> ProgramModel:
         """The program this snapshot would solve (all groups not meeting their SLO in the
-        base plan at risk, no size cap): for `.lp` dumps and tests."""
+        base plan at risk, no size cap): for `.lp` dumps (ProgramModel.to_pulp) and tests."""
         tick = _Tick(self, snapshot)
         base, _ = tick.base_decision(self.last_plan)
         score = tick.score(base)
         at_risk, _hopeless = tick.at_risk(base, score)
         built = tick.program(base, score, at_risk or [g.group_id for g in snapshot.groups], 10**9)
         if built is None:
-            return pulp.LpProblem("qlm_empty", pulp.LpMaximize), ProgramVars()
+            return ProgramModel()
         return built.model
 
     def plan_value(self, snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str]],
@@ -299,12 +340,13 @@ class _ProgramContext:
     worker_ids: list[str]
     protect_of: dict[str, str]  # worker -> mechanism its p variable stands for
     unplaced: dict[str, str]  # groups at risk with no feasible pair -> the worker whose tail they go to
+    full: bool = False  # every group and worker is in the program (a small instance)
 
 
 @dataclass
 class _Built:
     ctx: _ProgramContext
-    model: tuple[pulp.LpProblem, ProgramVars]
+    model: ProgramModel
 
 
 class _Tick:
@@ -341,9 +383,22 @@ class _Tick:
                 out.add(wid)
         return out
 
-    def score(self, d: Decision) -> Score:
-        cleared = [wid for wid, c in d.changes.items() if c.clear is not None]
-        fc = self.fc.evaluate(d.queues, self._effective_protected(d), cleared)
+    def score(self, d: Decision, like: tuple[Decision, Score] | None = None) -> Score:
+        """The decision's exact score. With `like` (another decision and its score), only
+        the workers whose queue, protection or cleared batch differ are evaluated again:
+        a group's forecast depends on its own worker alone."""
+        cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
+        prot = self._effective_protected(d)
+        if like is None:
+            return self._score_forecasts(self.fc.evaluate(d.queues, prot, cleared), d.cost)
+        other, other_score = like
+        o_cleared = {wid for wid, c in other.changes.items() if c.clear is not None}
+        o_prot = self._effective_protected(other)
+        changed = {wid for wid in set(d.queues) | set(other.queues)
+                   if d.queues.get(wid, []) != other.queues.get(wid, [])
+                   or (wid in prot) != (wid in o_prot) or (wid in cleared) != (wid in o_cleared)}
+        fc = {gid: f for gid, f in other_score.forecasts.items() if f.worker_id not in changed}
+        fc.update(self.fc.evaluate({wid: d.queues.get(wid, []) for wid in changed}, prot, cleared))
         return self._score_forecasts(fc, d.cost)
 
     def _score_forecasts(self, fc: dict[str, GroupForecast], cost: float) -> Score:
@@ -649,7 +704,7 @@ class _Tick:
                           seed=int(self.snap.now * 1000) % (2**31),
                           place_reward=0.0 if planner.drop_hopeless else PLACE_REWARD)
         ctx = _ProgramContext(program, kept, gids, wids, protect_of,
-                              {gid: base_worker.get(gid) or cand[gid][0].worker_id for gid in unplaced})
+                              {gid: base_worker.get(gid) or cand[gid][0].worker_id for gid in unplaced}, full)
         return _Built(ctx, build_model(program))
 
     def _insertion(self, g: GroupState, kept: list[str], states: list[QueueCursor], own_queue: list[str] | None,
@@ -671,25 +726,41 @@ class _Tick:
         work = self.fc.groups[gid].work
         return work.tokens * wm.step_s / wm.slots + wm.prefill_s(work)
 
-    def solve_program(self, built: _Built, base: Decision, limit_s: float) -> tuple[ProgramSolution | None, str]:
-        prob, v = built.model
+    def solve_program(self, built: _Built, base: Decision, limit_s: float,
+                      base_score: Score | None = None) -> tuple[ProgramSolution | None, str]:
+        m = built.model
         ctx = built.ctx
-        # MIP start from the base plan: every group where the base plan has it, meeting nothing
-        # (always feasible); HiGHS improves from there.
+        # MIP start from the base plan: every group where the base plan has it, meeting its
+        # SLO where the base plan's forecast says so and the program's (conservative)
+        # constraints agree; HiGHS improves from there. Starting from an incumbent as good
+        # as the base plan lets HiGHS prune from the first node.
         where = {gid: wid for wid, q in base.queues.items() for gid in q}
-        for (i, j), var in v.y.items():
-            var.setInitialValue(0)
-        for (i, j), var in v.x.items():
-            var.setInitialValue(1 if where.get(ctx.group_ids[i]) == ctx.worker_ids[j] else 0)
-        for (j, k), var in v.u.items():
-            var.setInitialValue(1 if k == 0 else 0)
-        for j, var in v.p.items():
-            var.setInitialValue(0)
-        for var in v.z.values():
-            var.setInitialValue(0)
+        start = np.zeros(m.num_cols)
+        meets = base_score.forecasts if base_score is not None else {}
+        ys = set()
+        stays = {(pr.gi, pr.wj) for pr in ctx.program.pairs if 0 in pr.ref}  # option 0: the worker keeps its model
+        for (i, j), c in m.vars.x.items():
+            gid = ctx.group_ids[i]
+            if where.get(gid) == ctx.worker_ids[j] and (i, j) in stays:
+                start[c] = 1.0
+                f = meets.get(gid)
+                if f is not None and f.meets(self.beta):
+                    y = m.vars.y[i, j]
+                    start[y] = 1.0
+                    ys.add(y)
+        for (j, k), c in m.vars.u.items():
+            start[c] = 1.0 if k == 0 else 0.0
+        for _ in range(3):  # y only tightens the rows it is in: drop those of violated rows
+            bad = m.violated(start)
+            if not len(bad):
+                break
+            for r in bad:
+                for c in m.row_cols(int(r)):
+                    if c in ys:
+                        start[c] = 0.0
         try:
-            sol = solve_program(ctx.program, limit_s, built=built.model)
-        except pulp.PulpSolverError as exc:
+            sol = solve_program(m, limit_s, start=start)
+        except RuntimeError as exc:
             return None, f"solver error: {exc}"
         if sol is None:
             return None, f"no integer solution within {limit_s * 1e3:.0f} ms"
@@ -769,11 +840,23 @@ class _Tick:
             cost += lost * self._lambda(w)
         return d if protected == d.protected else replace(d, protected=protected, cost=cost)
 
-    def repair(self, d: Decision, built: _Built, deadline: float) -> Decision:
+    def _repair_positions(self, gid: str, q: list[str]) -> Iterable[int]:
+        """Where repair tries `gid` in queue `q`: everywhere in a short queue; else the head,
+        the tail and around its deadline position (the program's order), which is where
+        the linearisation's errors move a group."""
+        if len(q) <= REPAIR_ALL_POSITIONS:
+            return range(len(q) + 1)
+        dl = self.groups[gid].deadline
+        at = next((k for k, h in enumerate(q) if self.groups[h].deadline > dl), len(q))
+        return sorted({0, max(0, at - 1), at, min(len(q), at + 1), len(q)})
+
+    def repair(self, d: Decision, d_score: Score, built: _Built, deadline: float) -> Decision:
         """Local search with the exact estimator, while time is left: move a program group
         (those that miss first, most valuable first) to the position on one of its candidate
         workers that raises the objective most; repeat until no move helps. It corrects
-        what the program's linearisation got wrong (free slots, variance tangents, order)."""
+        what the program's linearisation got wrong (free slots, variance tangents, order).
+        `d_score` is d's score: a worker's forecasts are evaluated again only once its
+        queue changes."""
         ctx = built.ctx
         cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
         cands: dict[str, list[str]] = {}
@@ -783,30 +866,37 @@ class _Tick:
         prot = self._effective_protected(d)
         where = {gid: wid for wid, q in queues.items() for gid in q}
 
-        def worker_score(wid: str, q: list[str]) -> tuple[float, float]:
+        def worker_score(wid: str, q: list[str]) -> tuple[float, float, dict[str, GroupForecast]]:
             if not q:
-                return 0.0, 0.0
-            s = self._score_forecasts(self.fc.evaluate({wid: q}, prot, cleared), 0.0)
-            return s.primary, s.expected
+                return 0.0, 0.0, {}
+            fc = self.fc.evaluate({wid: q}, prot, cleared)
+            s = self._score_forecasts(fc, 0.0)
+            return s.primary, s.expected, fc
 
-        def gain(new: tuple[float, float], old: tuple[float, float]) -> tuple[float, float]:
+        def gain(new: tuple, old: tuple) -> tuple[float, float]:
             return new[0] - old[0], new[1] - old[1]
 
-        current: dict[str, tuple[float, float]] = {}
+        by_worker: dict[str, dict[str, GroupForecast]] = {}
+        for gid, f in d_score.forecasts.items():
+            by_worker.setdefault(f.worker_id, {})[gid] = f
+        current: dict[str, tuple[float, float, dict[str, GroupForecast]]] = {}
 
-        def score_of(wid: str) -> tuple[float, float]:
+        def score_of(wid: str) -> tuple[float, float, dict[str, GroupForecast]]:
             if wid not in current:
-                current[wid] = worker_score(wid, queues.get(wid, []))
+                fc = by_worker.get(wid, {})
+                s = self._score_forecasts(fc, 0.0)
+                current[wid] = (s.primary, s.expected, fc)
             return current[wid]
 
-        touched = {wid for ws in cands.values() for wid in ws} | {where[g] for g in ctx.group_ids}
-        exhaustive = len(ctx.group_ids) <= FULL_PROGRAM_PAIRS
+        exhaustive = ctx.full
         improved = True
         while improved and time.perf_counter() < deadline:
             improved = False
-            fc_all = self.fc.evaluate({wid: queues.get(wid, []) for wid in touched}, prot, cleared)
-            meets = {g: fc_all[g].meets(self.beta) if g in fc_all else True for g in ctx.group_ids}
-            # Small programs: every group may move (a local optimum); large ones: those missing.
+            meets = {}
+            for g in ctx.group_ids:
+                f = score_of(where[g])[2].get(g) if g in where else None
+                meets[g] = f.meets(self.beta) if f is not None else True
+            # Small instances: every group may move (a local optimum); else those missing.
             movable = ctx.group_ids if exhaustive else [g for g in ctx.group_ids if not meets[g]]
             for gid in sorted(movable, key=lambda g: (meets[g], -self.value[g], g)):
                 if time.perf_counter() >= deadline:
@@ -817,8 +907,9 @@ class _Tick:
                 best, best_gain = None, (1e-9, 1e-9)
                 for wid in cands.get(gid, []):
                     q = src_q if wid == src else queues.get(wid, [])
-                    positions = range(len(q) + 1) if len(q) <= 12 else [0, len(q)]
-                    for pos in positions:
+                    for pos in self._repair_positions(gid, q):
+                        if time.perf_counter() >= deadline:
+                            break
                         trial = q[:pos] + [gid] + q[pos:]
                         if wid == src and trial == queues[src]:
                             continue

@@ -31,6 +31,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import highspy
 import numpy as np
 import pulp
 from scipy import special
@@ -103,11 +104,90 @@ class Program:
 
 @dataclass
 class ProgramVars:
-    y: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
-    x: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
-    u: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)
-    p: dict[int, pulp.LpVariable] = field(default_factory=dict)
-    z: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)
+    """Column index of every variable of a ProgramModel, by family."""
+
+    y: dict[tuple[int, int], int] = field(default_factory=dict)
+    x: dict[tuple[int, int], int] = field(default_factory=dict)
+    u: dict[tuple[int, int], int] = field(default_factory=dict)
+    p: dict[int, int] = field(default_factory=dict)
+    z: dict[tuple[int, int, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class ProgramModel:
+    """The program as a binary MILP in row form (maximise cost . col subject to
+    row_lo <= A col <= row_hi), with names for every column and row. It is stated once
+    (build_model); HiGHS takes its arrays in one call (solve_program) and `to_pulp` gives
+    the same program as a PuLP problem for `.lp` dumps and checks."""
+
+    program: Program | None = None  # what it states
+    vars: ProgramVars = field(default_factory=ProgramVars)
+    col_names: list[str] = field(default_factory=list)
+    cost: list[float] = field(default_factory=list)
+    row_names: list[str] = field(default_factory=list)
+    row_lo: list[float] = field(default_factory=list)
+    row_hi: list[float] = field(default_factory=list)
+    starts: list[int] = field(default_factory=lambda: [0])
+    index: list[int] = field(default_factory=list)
+    value: list[float] = field(default_factory=list)
+
+    def col(self, name: str) -> int:
+        self.col_names.append(name)
+        self.cost.append(0.0)
+        return len(self.col_names) - 1
+
+    def row(self, terms: list[tuple[int, float]], lo: float, hi: float, name: str) -> None:
+        """lo <= sum(terms) <= hi; the coefficients of a repeated column are summed."""
+        coef: dict[int, float] = {}
+        for c, a in terms:
+            coef[c] = coef.get(c, 0.0) + a
+        self.index.extend(coef)
+        self.value.extend(coef.values())
+        self.starts.append(len(self.index))
+        self.row_names.append(name)
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+
+    def le(self, terms: list[tuple[int, float]], rhs: float, name: str) -> None:
+        self.row(terms, -math.inf, rhs, name)
+
+    def violated(self, col: np.ndarray) -> np.ndarray:
+        """Indices of the rows these column values violate."""
+        idx = np.asarray(self.index, dtype=np.int64)
+        prod = np.asarray(self.value) * col[idx] if len(idx) else np.zeros(0)
+        starts = np.asarray(self.starts)
+        act = np.zeros(len(self.row_names))
+        nonempty = starts[1:] > starts[:-1]
+        if nonempty.any():
+            act[nonempty] = np.add.reduceat(prod, starts[:-1][nonempty])
+        return np.flatnonzero((act > np.asarray(self.row_hi) + 1e-7) | (act < np.asarray(self.row_lo) - 1e-7))
+
+    def row_cols(self, r: int) -> list[int]:
+        return self.index[self.starts[r]:self.starts[r + 1]]
+
+    @property
+    def num_cols(self) -> int:
+        return len(self.col_names)
+
+    def to_pulp(self) -> tuple[pulp.LpProblem, list[pulp.LpVariable]]:
+        """The same program as a PuLP problem (maximise) and its variables by column."""
+        prob = pulp.LpProblem("qlm_program", pulp.LpMaximize)
+        cols = [pulp.LpVariable(n, cat="Binary") for n in self.col_names]
+        for r, name in enumerate(self.row_names):
+            a, b = self.starts[r], self.starts[r + 1]
+            expr = pulp.LpAffineExpression([(cols[c], v) for c, v in zip(self.index[a:b], self.value[a:b])])
+            lo, hi = self.row_lo[r], self.row_hi[r]
+            if lo == hi:
+                prob += expr == hi, name
+            elif math.isinf(lo):
+                prob += expr <= hi, name
+            else:
+                prob += expr >= lo, name
+                if not math.isinf(hi):
+                    prob += expr <= hi, f"{name}_hi"
+        prob += pulp.LpAffineExpression([(cols[c], v) for c, v in enumerate(self.cost) if v]), \
+            "weighted_requests_meeting_slo"
+        return prob, cols
 
 
 @dataclass
@@ -128,15 +208,6 @@ def _tag(s: str) -> str:
     return _ILLEGAL.sub("_", s)[:24]
 
 
-def _expr(terms: list[tuple[pulp.LpVariable, float]], constant: float = 0.0) -> pulp.LpAffineExpression:
-    """A linear expression that sums the coefficients of repeated variables
-    (pulp.LpAffineExpression built from a list keeps only the last one)."""
-    coef: dict[pulp.LpVariable, float] = {}
-    for var, c in terms:
-        coef[var] = coef.get(var, 0.0) + c
-    return pulp.LpAffineExpression(list(coef.items()), constant=constant)
-
-
 def _quantile_terms(mean: float, var: float, beta: float) -> tuple[float, float, float]:
     """(beta-quantile, its z-score, sigma) of a TTFT with these moments, gamma-shaped like
     WaitEstimate.quantile (normal when the shape is large)."""
@@ -151,10 +222,10 @@ def _normal_z(beta: float) -> float:
     return float(special.ndtri(beta))
 
 
-def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
-    """The program as a PuLP problem (maximise)."""
-    prob = pulp.LpProblem(f"qlm_{program.method}", pulp.LpMaximize)
-    v = ProgramVars()
+def build_model(program: Program) -> ProgramModel:
+    """The program (maximise), stated once."""
+    m = ProgramModel(program)
+    v = m.vars
     G, W = program.groups, program.workers
     by_w: dict[int, list[Pair]] = {}
     for pr in program.pairs:
@@ -165,72 +236,70 @@ def build_model(program: Program) -> tuple[pulp.LpProblem, ProgramVars]:
     for j, w in enumerate(W):
         if not w.fixed:
             for k, opt in enumerate(w.options):
-                v.u[j, k] = pulp.LpVariable(f"u_w{j}_o{k}_{_tag(w.worker_id)}_{_tag(opt.key)}", cat="Binary")
-            prob += pulp.lpSum(v.u[j, k] for k in range(len(w.options))) == 1, f"one_option_w{j}"
+                v.u[j, k] = m.col(f"u_w{j}_o{k}_{_tag(w.worker_id)}_{_tag(opt.key)}")
+            m.row([(v.u[j, k], 1.0) for k in range(len(w.options))], 1.0, 1.0, f"one_option_w{j}")
         if w.protect is not None:
-            v.p[j] = pulp.LpVariable(f"p_w{j}_{_tag(w.worker_id)}", cat="Binary")
+            v.p[j] = m.col(f"p_w{j}_{_tag(w.worker_id)}")
             if not w.fixed:  # protection is about the running batch: only when the worker keeps it
-                prob += v.p[j] <= v.u[j, 0], f"protect_needs_stay_w{j}"
+                m.le([(v.p[j], 1.0), (v.u[j, 0], -1.0)], 0.0, f"protect_needs_stay_w{j}")
     for pr in program.pairs:
         i, j = pr.gi, pr.wj
         name = f"g{i}_w{j}_{_tag(G[i].group_id)}"
-        v.y[i, j] = pulp.LpVariable(f"y_{name}", cat="Binary")
-        v.x[i, j] = pulp.LpVariable(f"x_{name}", cat="Binary")
-        prob += v.y[i, j] <= v.x[i, j], f"meet_needs_place_{name}"
+        v.y[i, j] = m.col(f"y_{name}")
+        v.x[i, j] = m.col(f"x_{name}")
+        m.le([(v.y[i, j], 1.0), (v.x[i, j], -1.0)], 0.0, f"meet_needs_place_{name}")
         if not W[j].fixed:
-            prob += v.x[i, j] <= pulp.lpSum(v.u[j, k] for k in pr.ref), f"model_{name}"
+            m.le([(v.x[i, j], 1.0)] + [(v.u[j, k], -1.0) for k in pr.ref], 0.0, f"model_{name}")
 
     pairs_of: dict[int, list[Pair]] = {}
     for pr in program.pairs:
         pairs_of.setdefault(pr.gi, []).append(pr)
     for i, prs in pairs_of.items():
-        prob += pulp.lpSum(v.x[pr.gi, pr.wj] for pr in prs) <= 1, f"one_place_g{i}"
+        m.le([(v.x[pr.gi, pr.wj], 1.0) for pr in prs], 1.0, f"one_place_g{i}")
 
     ahead_var = v.x  # a queued group delays those behind it, whether it meets its SLO or not
     if program.method == "saa":
-        _saa_constraints(prob, program, v, by_w, ahead_var)
+        _saa_constraints(m, program, by_w, ahead_var)
     else:
-        _chance_constraints(prob, program, v, by_w, ahead_var)
+        _chance_constraints(m, program, by_w, ahead_var)
 
-    # Expert-level preemption pauses the best-effort batch only for max_pause_s.
+    # Expert-level preemption pauses the best-effort batch only for max_pause_s:
+    # sum(add_mean y) <= cap + total (1 - p).
     for j, w in enumerate(W):
         if w.protect == "expert" and w.pause_cap_s is not None and j in by_w:
             ls = [pr for pr in by_w[j] if G[pr.gi].latency_sensitive]
             if ls:
                 total = sum(pr.add_mean for pr in ls)
-                prob += (pulp.lpSum(pr.add_mean * v.y[pr.gi, j] for pr in ls)
-                         <= w.pause_cap_s + total * (1 - v.p[j])), f"pause_cap_w{j}"
+                m.le([(v.y[pr.gi, j], pr.add_mean) for pr in ls] + [(v.p[j], total)], w.pause_cap_s + total,
+                     f"pause_cap_w{j}")
 
-    terms = []
+    cost = m.cost
     if program.method == "saa":
         s_n = program.scenarios
-        for (i, j, _s), var in v.z.items():
-            terms.append((var, G[i].value / s_n))
+        for (i, _j, _s), c in v.z.items():
+            cost[c] += G[i].value / s_n
     else:
-        for (i, j), var in v.y.items():
-            terms.append((var, G[i].value))
+        for (i, _j), c in v.y.items():
+            cost[c] += G[i].value
     for pr in program.pairs:
         if pr.current:
-            terms.append((ahead_var[pr.gi, pr.wj], program.stickiness))
+            cost[ahead_var[pr.gi, pr.wj]] += program.stickiness
         if program.place_reward:
-            terms.append((v.x[pr.gi, pr.wj], program.place_reward * G[pr.gi].value))
-    for (j, k), var in v.u.items():
-        if W[j].options[k].cost:
-            terms.append((var, -W[j].options[k].cost))
-    for j, var in v.p.items():
-        if W[j].protect_cost:
-            terms.append((var, -W[j].protect_cost))
-    prob += _expr(terms), "weighted_requests_meeting_slo"
-    return prob, v
+            cost[v.x[pr.gi, pr.wj]] += program.place_reward * G[pr.gi].value
+    for (j, k), c in v.u.items():
+        cost[c] -= W[j].options[k].cost
+    for j, c in v.p.items():
+        cost[c] -= W[j].protect_cost
+    return m
 
 
 def _ref_terms(program: Program, v: ProgramVars, pr: Pair, ref_q: dict[int, float], ls_q: float | None
-               ) -> tuple[list, float, float]:
+               ) -> tuple[list[tuple[int, float]], float, float]:
     """The pair's reference quantile (ref_q: per option of its worker; ls_q: with
     protection) as linear terms in the worker's option and protection plus a constant,
     and the largest value it can take."""
     w = program.workers[pr.wj]
-    terms: list[tuple[pulp.LpVariable, float]] = []
+    terms: list[tuple[int, float]] = []
     if w.fixed:
         const = hi = ref_q[0]
     else:
@@ -244,13 +313,9 @@ def _ref_terms(program: Program, v: ProgramVars, pr: Pair, ref_q: dict[int, floa
     return terms, const, hi
 
 
-def _add_le(prob: pulp.LpProblem, terms: list[tuple[pulp.LpVariable, float]], rhs: float, name: str) -> None:
-    """prob += sum(terms) <= rhs, built once (repeated variables summed)."""
-    prob.addConstraint(pulp.LpConstraint(_expr(terms), sense=pulp.LpConstraintLE, rhs=rhs, name=name), name)
-
-
-def _chance_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
+def _chance_constraints(m: ProgramModel, program: Program, by_w, ahead_var) -> None:
     beta = program.beta
+    v = m.vars
     for j, prs in by_w.items():
         for idx, pr in enumerate(prs):
             i = pr.gi
@@ -275,9 +340,9 @@ def _chance_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var)
             decode = [(ahead_var[h.gi, j], h.add_mean - h.prefill_s + slope * h.add_var) for h in ahead]
             big_m = max(0.0, hi + sum(max(0.0, h.add_mean + slope * h.add_var) for h in ahead) - slack)
             meet = [(v.y[i, j], big_m)]
-            _add_le(prob, ref + always + decode + meet, slack + big_m - const + pr.free_s, f"slo_g{i}_w{j}")
+            m.le(ref + always + decode + meet, slack + big_m - const + pr.free_s, f"slo_g{i}_w{j}")
             if pr.free_s > 0 and ahead:
-                _add_le(prob, ref + always + meet, slack + big_m - const, f"slo_free_g{i}_w{j}")
+                m.le(ref + always + meet, slack + big_m - const, f"slo_free_g{i}_w{j}")
 
 
 def _draw(mv: tuple[float, float], u: float) -> float:
@@ -310,7 +375,8 @@ def _draw(mv: tuple[float, float], u: float) -> float:
 # method "chance", which scales; "saa" suits small fleets with budget to spare.
 
 
-def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) -> None:
+def _saa_constraints(m: ProgramModel, program: Program, by_w, ahead_var) -> None:
+    v = m.vars
     rng = np.random.default_rng(program.seed)
     S = program.scenarios
     G = program.groups
@@ -332,49 +398,52 @@ def _saa_constraints(prob, program: Program, v: ProgramVars, by_w, ahead_var) ->
                 ref, const, hi = _ref_terms(program, v, pr, ref_q, ls_q)
                 decode = [(ahead_var[h.gi, j], float(tokens[s, h.gi]) * w.step_per_slot) for h in ahead]
                 big_m = max(0.0, hi + sum(a for _, a in always + decode) - G[i].slack_s)
-                zv = pulp.LpVariable(f"z_g{i}_w{j}_s{s}", cat="Binary")
-                v.z[i, j, s] = zv
-                _add_le(prob, [(zv, 1.0), (v.y[i, j], -1.0)], 0.0, f"scenario_needs_place_g{i}_w{j}_s{s}")
+                zv = v.z[i, j, s] = m.col(f"z_g{i}_w{j}_s{s}")
+                m.le([(zv, 1.0), (v.y[i, j], -1.0)], 0.0, f"scenario_needs_place_g{i}_w{j}_s{s}")
                 meet = [(zv, big_m)]
-                _add_le(prob, ref + always + decode + meet, G[i].slack_s + big_m - const + pr.free_s,
-                        f"slo_g{i}_w{j}_s{s}")
+                m.le(ref + always + decode + meet, G[i].slack_s + big_m - const + pr.free_s, f"slo_g{i}_w{j}_s{s}")
                 if pr.free_s > 0 and ahead:
-                    _add_le(prob, ref + always + meet, G[i].slack_s + big_m - const, f"slo_free_g{i}_w{j}_s{s}")
+                    m.le(ref + always + meet, G[i].slack_s + big_m - const, f"slo_free_g{i}_w{j}_s{s}")
 
 
-class _WarmHiGHS(pulp.HiGHS):
-    """pulp.HiGHS that hands the variables' initial values to HiGHS as a MIP start."""
-
-    def callSolver(self, lp):  # noqa: N802 (PuLP's name)
-        cols, vals = [], []
-        for var in lp.variables():
-            if var.varValue is not None:
-                cols.append(var.index)
-                vals.append(float(var.varValue))
-        if cols:
-            lp.solverModel.setSolution(len(cols), np.array(cols, dtype=np.int32), np.array(vals, dtype=np.float64))
-        super().callSolver(lp)
-
-
-def solve_program(program: Program, time_limit_s: float,
-                  built: tuple[pulp.LpProblem, ProgramVars] | None = None) -> ProgramSolution | None:
+def solve_program(m: ProgramModel, time_limit_s: float, start: np.ndarray | None = None,
+                  gap_rel: float = 1e-4) -> ProgramSolution | None:
     """Solve with HiGHS in-process; None when no integer-feasible solution was found in time.
-    Variables with an initial value (setInitialValue) are handed to HiGHS as a MIP start."""
+    `start` (a value per column) is handed to HiGHS as a MIP start. The model goes to
+    HiGHS in one call, as arrays: handing it over a column and a row at a time (PuLP's
+    HiGHS interface) took longer than HiGHS's own work on the 256 x 32 instances of
+    `qlm bench-solver`."""
     t0 = time.perf_counter()
-    prob, v = built if built is not None else build_model(program)
-    solver = _WarmHiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), gapRel=1e-4, threads=1)
-    prob.solve(solver)
-    status = pulp.LpStatus[prob.status]
-    if status != "Optimal" or prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return None
-    on = lambda var: var.varValue is not None and var.varValue > 0.5  # noqa: E731
-    on_time = {i: j for (i, j), var in v.y.items() if on(var)}
-    placed = {i: j for (i, j), var in v.x.items() if on(var)}
-    options = {}
-    for j, w in enumerate(program.workers):
-        options[j] = 0 if w.fixed else next((k for k in range(len(w.options)) if on(v.u[j, k])), 0)
-    protected = {j for j, var in v.p.items() if on(var)}
-    return ProgramSolution(
-        status="optimal" if prob.sol_status == pulp.LpSolutionOptimal else "feasible",
-        objective=float(pulp.value(prob.objective) or 0.0), on_time=on_time, placed=placed,
-        options=options, protected=protected, solve_s=time.perf_counter() - t0)
+    n, rows = m.num_cols, len(m.row_names)
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
+    h.setOptionValue("mip_rel_gap", gap_rel)
+    h.setOptionValue("time_limit", max(1e-3, time_limit_s))
+    ones = np.ones(n)
+    status = h.passModel(n, rows, len(m.index), int(highspy.MatrixFormat.kRowwise), int(highspy.ObjSense.kMaximize),
+                         0.0, np.asarray(m.cost, dtype=np.float64), np.zeros(n), ones,
+                         np.asarray(m.row_lo, dtype=np.float64), np.asarray(m.row_hi, dtype=np.float64),
+                         np.asarray(m.starts[:-1], dtype=np.int32), np.asarray(m.index, dtype=np.int32),
+                         np.asarray(m.value, dtype=np.float64),
+                         np.full(n, int(highspy.HighsVarType.kInteger), dtype=np.int32))
+    if status == highspy.HighsStatus.kError:
+        raise RuntimeError("HiGHS rejected the program")
+    if start is not None:
+        h.setSolution(n, np.arange(n, dtype=np.int32), np.asarray(start, dtype=np.float64))
+    h.run()
+    model_status = h.getModelStatus()
+    info = h.getInfo()
+    optimal = model_status == highspy.HighsModelStatus.kOptimal
+    if not optimal and (model_status != highspy.HighsModelStatus.kTimeLimit or info.primal_solution_status != 2):
+        return None  # infeasible, an error, or the time limit with no integer solution
+    col = np.asarray(h.getSolution().col_value) > 0.5
+    v = m.vars
+    on_time = {i: j for (i, j), c in v.y.items() if col[c]}
+    placed = {i: j for (i, j), c in v.x.items() if col[c]}
+    options = {j: 0 if w.fixed else next((k for k in range(len(w.options)) if col[v.u[j, k]]), 0)
+               for j, w in enumerate(m.program.workers)}
+    protected = {j for j, c in v.p.items() if col[c]}
+    return ProgramSolution(status="optimal" if optimal else "feasible", objective=float(info.objective_function_value),
+                           on_time=on_time, placed=placed, options=options, protected=protected,
+                           solve_s=time.perf_counter() - t0)

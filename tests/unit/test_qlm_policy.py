@@ -193,22 +193,31 @@ def test_solve_is_a_pure_function_of_the_snapshot():
 
 def test_build_model_is_a_named_pulp_program():
     """This test verifies that:
-    1. build_model returns a PuLP problem whose variables and constraints carry readable
+    1. the program converts to a PuLP problem whose variables and constraints carry readable
        family names (y_ placements, u_ worker options, slo_ deadlines, one_place_);
-    2. it solves in-process with HiGHS to an optimal status;
-    3. the SAA program has one scenario variable per pair and scenario."""
+    2. solved through PuLP's HiGHS interface it is optimal at the same objective as the
+       planner's own one-call hand-off of the arrays to HiGHS (the two read one program);
+    3. the SAA program has one scenario variable per pair and scenario, and both routes
+       agree on it too."""
+    from qlmserve.controller.policies.qlm_program import solve_program
+
     cfg = make_policy(2, solve_budget_ms=2000.0)
     snap = random_snapshot(cfg, InstanceSpec(groups=10, workers=3, load=1.5), 4)
-    prob, v = create_policy("qlm", cfg).build_model(snap)
-    names = [var.name for var in prob.variables()]
-    assert v.y and all(n.startswith(("y_", "u_", "p_", "x_")) for n in names)
-    constraints = [c.name for c in prob.constraints()]
-    assert any(c.startswith("slo_g") for c in constraints) and any(c.startswith("one_place_g") for c in constraints)
-    prob.solve(pulp.HiGHS(msg=False, timeLimit=10))
-    assert pulp.LpStatus[prob.status] == "Optimal"
-    cfg = make_policy(2, method="saa", scenarios=5, solve_budget_ms=2000.0)
-    _prob, v = create_policy("qlm", cfg).build_model(snap)
-    assert len(v.z) == 5 * len(v.y)
+    for method, scenarios in (("chance", 16), ("saa", 5)):
+        cfg = make_policy(2, method=method, scenarios=scenarios, solve_budget_ms=2000.0)
+        model = create_policy("qlm", cfg).build_model(snap)
+        prob, _cols = model.to_pulp()
+        names = [var.name for var in prob.variables()]
+        assert model.vars.y and all(n.startswith(("y_", "u_", "p_", "x_", "z_")) for n in names)
+        constraints = [c.name for c in prob.constraints()]
+        assert any(c.startswith("slo_g") for c in constraints) and any(c.startswith("one_place_g") for c in constraints)
+        prob.solve(pulp.HiGHS(msg=False, timeLimit=10))
+        assert pulp.LpStatus[prob.status] == "Optimal"
+        direct = solve_program(model, 10.0)
+        assert direct is not None and direct.status == "optimal"
+        assert direct.objective == pytest.approx(pulp.value(prob.objective), abs=1e-6), method
+        if method == "saa":
+            assert len(model.vars.z) == scenarios * len(model.vars.y)
 
 
 def test_timeouts_fall_back_to_the_last_plan_or_edf():
