@@ -24,7 +24,7 @@ from qlmserve.operations.plan import Plan
 # Program size per millisecond of budget (pairs of group x candidate worker): what PuLP's
 # build and HiGHS's solve of the chance program get through on one (shared) core in
 # `qlm bench-solver` runs, about 2 pairs/ms; SAA programs are scaled down by scenarios / 4.
-PAIRS_PER_MS = 1.0
+PAIRS_PER_MS = 2.0
 MIN_PAIRS = 24
 # Below this many (group, worker) pairs every group enters the program and every worker is
 # a candidate (the program is then exact up to its order restriction; see the NOTE).
@@ -32,15 +32,17 @@ FULL_PROGRAM_PAIRS = 48
 # With drop_hopeless off, a group the program cannot make meet its SLO still keeps its
 # deadline place unless that costs another group its SLO (Program.place_reward).
 PLACE_REWARD = 0.01
-# Shares of the tick's budget HiGHS and the local search (repair) may take at most. HiGHS
-# rarely proves optimality on the larger programs (it stops at the time limit with an
-# incumbent), and an exact evaluation in repair costs ~0.5 ms at 256 groups, so both are
-# capped rather than handed whatever is left; see the NOTE in `solve`.
-MILP_SHARE = 0.3
+# What HiGHS and the local search (repair) may take, by the size of the work rather than
+# by the budget: HiGHS seldom proves optimality on programs of more than ~30 groups within
+# a tick (it stops at its time limit with an incumbent, which the MIP start keeps at least
+# as good as the base plan), and repair's cost is per program group still missing (about
+# 15 exact evaluations of one queue each). Budget shares would give a tick at 256 groups
+# far more than it needs and one at 2,000 far less. See `qlm bench-solver`.
+MILP_S_PER_PAIR = 0.15e-3
+REPAIR_S_PER_MISS = 0.5e-3
 # The EDF base is built every tick only while it costs at most this share of the budget
 # (~10 ms at 256 groups); else when the last plan misses a fifth of the value.
-EDF_BASE_SHARE = 0.1
-REPAIR_SHARE = 0.1
+EDF_BASE_SHARE = 0.25
 # Repair tries every position in queues up to this long, else a few (_repair_positions).
 REPAIR_ALL_POSITIONS = 4
 
@@ -288,15 +290,13 @@ class QlmPolicy(SchedulingPolicy):
         left = deadline - time.perf_counter()
         if left <= 0:
             return fallback, "timeout: the budget was spent building the program"
-        sol, why = tick.solve_program(built, base, min(left * 0.85, MILP_SHARE * planner.solve_budget_ms / 1000.0),
-                                      tick.best_score)
+        pairs = len(built.ctx.program.pairs)
+        sol, why = tick.solve_program(built, base, min(left * 0.85, MILP_S_PER_PAIR * pairs), tick.best_score)
         if sol is None:
             return fallback, why
-        # The local search gets what is left, up to REPAIR_SHARE of the budget.
-        polish_until = min(deadline, time.perf_counter() + REPAIR_SHARE * planner.solve_budget_ms / 1000.0)
         assembled = tick.assemble(built, sol)
         assembled_score = tick.score(assembled, like=(tick.best, tick.best_score))
-        cand = tick.repair(assembled, assembled_score, built, polish_until)
+        cand = tick.repair(assembled, assembled_score, built, deadline)
         cand_score = tick.score(cand, like=(assembled, assembled_score))
         size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
         better = cand_score.better_than(tick.best_score)
@@ -889,6 +889,7 @@ class _Tick:
             return current[wid]
 
         exhaustive = ctx.full
+        first = True
         improved = True
         while improved and time.perf_counter() < deadline:
             improved = False
@@ -898,6 +899,9 @@ class _Tick:
                 meets[g] = f.meets(self.beta) if f is not None else True
             # Small instances: every group may move (a local optimum); else those missing.
             movable = ctx.group_ids if exhaustive else [g for g in ctx.group_ids if not meets[g]]
+            if first:  # REPAIR_S_PER_MISS per group that may move
+                deadline = min(deadline, time.perf_counter() + REPAIR_S_PER_MISS * len(movable))
+                first = False
             for gid in sorted(movable, key=lambda g: (meets[g], -self.value[g], g)):
                 if time.perf_counter() >= deadline:
                     break
