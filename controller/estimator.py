@@ -49,7 +49,8 @@ import numpy as np
 from scipy import special
 
 from qlmserve.controller.policy import OutputPrior, PolicyConfig
-from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
+from qlmserve.controller.snapshot import (DEFAULT_LENGTHS, ClusterSnapshot, GroupState, LengthStats, RunningRequest,
+                                         WorkerState)
 
 _STD_NORMAL = NormalDist()
 
@@ -190,9 +191,6 @@ def moments_key(model: str, slo_class: str) -> str:
 def parse_moments_key(key: str | bytes) -> tuple[str, str]:
     model, slo_class = json.loads(key.decode() if isinstance(key, bytes) else key)
     return str(model), str(slo_class)
-
-
-DEFAULT_LENGTHS = LengthStats(mean=128.0, var=128.0**2, count=0)
 
 
 class RecentMoments:
@@ -626,38 +624,47 @@ class QueueCursor:
         """When the next request could start here, whatever its model (no swap counted)."""
         return self._at(self.table, self.queued, self.prefill_s)
 
-    def _switched(self, model: str) -> QueueCursor:
-        """The cursor after a model swap to `model`: the current block drains, then the load."""
+    def switch_base(self, model: str) -> WaitEstimate:
+        """When a block of `model` would start after this queue (its current block drained,
+        then the load); the current block's start when `model` is loaded already."""
         if model == self.model:
-            return self
+            return self.base
         wm = self.wm
         base = self.base
         if self.model is not None:
             m, v = self.table.drain(self.queued)
             base = base + WaitEstimate(m * wm.step_s + self.prefill_s, v * wm.step_s**2)
-        base = base + WaitEstimate(wm.load_s(model), 0.0)
-        fresh = wm.fresh(model)
-        return replace(self, model=model, base=base, table=fresh, table_ls=fresh, queued=EMPTY, prefill_s=0.0,
-                       idle=True)
+        return base + WaitEstimate(wm.load_s(model), 0.0)
+
+    def _switched(self, model: str) -> QueueCursor:
+        """The cursor after a model swap to `model`: the current block drains, then the load."""
+        if model == self.model:
+            return self
+        fresh = self.wm.fresh(model)
+        return replace(self, model=model, base=self.switch_base(model), table=fresh, table_ls=fresh, queued=EMPTY,
+                       prefill_s=0.0, idle=True)
 
     def timing(self, gw: GroupWork) -> GroupTiming:
         """TTFT of the group's first and last request if it were next in this queue."""
-        c = self._switched(gw.group.model)
-        wm = c.wm
+        return self._switched(gw.group.model)._timing(gw)
+
+    def _timing(self, gw: GroupWork) -> GroupTiming:
+        """timing() on a cursor already on the group's model."""
+        wm = self.wm
         ls = gw.group.latency_sensitive
-        table = c._view(ls)
+        table = self._view(ls)
         n = gw.work.count
         # Requests that start on free slots at once prefill in one pass: the first token of
         # the first comes when that whole pass ends.
-        together = min(n, max(1, table.free - c.queued.count))
-        first = c._at(table, c.queued, c.prefill_s + wm.prefill_s(gw.work.share(together)), ls)
-        last = c._at(table, c.queued + gw.work.share(n - 1), c.prefill_s + wm.prefill_s(gw.work), ls)
+        together = min(n, max(1, table.free - self.queued.count))
+        first = self._at(table, self.queued, self.prefill_s + wm.prefill_s(gw.work.share(together)), ls)
+        last = self._at(table, self.queued + gw.work.share(n - 1), self.prefill_s + wm.prefill_s(gw.work), ls)
         return GroupTiming(first, last)
 
     def push(self, gw: GroupWork) -> GroupTiming:
         """Place the group next in the queue; returns its timing."""
-        t = self.timing(gw)
         c = self._switched(gw.group.model)
+        t = c._timing(gw)
         self.model, self.base, self.table, self.table_ls, self.idle = c.model, c.base, c.table, c.table_ls, c.idle
         self.queued = c.queued + gw.work
         self.prefill_s = c.prefill_s + self.wm.prefill_s(gw.work)
@@ -797,19 +804,24 @@ class Forecaster:
             mean = s1 / n
             self.item_stats[m] = (mean, max(0.0, s2 / n - mean * mean))
         self._prompt_mean = {m: (sum(v) / len(v) if v else 0.0) for m, v in prompts.items()}
+        self._decode_moments: dict[tuple, tuple[float, float]] = {}
         self.groups: dict[str, GroupWork] = {g.group_id: self.group_work(g) for g in groups}
         self.workers: dict[str, WorkerModel] = self._worker_models(max_running)
 
     def group_work(self, g: GroupState) -> GroupWork:
-        st = self.snapshot.lengths(g.model, g.slo_class)
-        tokens = var = 0.0
-        for cap in g.max_tokens:
-            m, v = fresh_length_moments(st.mean, st.var, cap)
-            tokens += m
-            var += v
-        w = Work(g.size, tokens, var, float(g.total_prompt_tokens))
-        now = self.snapshot.now
-        return GroupWork(g, w, tuple(a + g.ttft_s - now for a in g.arrivals))
+        key = (g.model, g.slo_class, g.max_tokens)
+        moments = self._decode_moments.get(key)
+        if moments is None:  # groups of one class with the same caps share their sums
+            st = self.snapshot.lengths(g.model, g.slo_class)
+            tokens = var = 0.0
+            for cap in g.max_tokens:
+                m, v = fresh_length_moments(st.mean, st.var, cap)
+                tokens += m
+                var += v
+            moments = self._decode_moments[key] = (tokens, var)
+        w = Work(len(g.request_ids), moments[0], moments[1], float(g.total_prompt_tokens))
+        late = g.ttft_s - self.snapshot.now
+        return GroupWork(g, w, tuple(a + late for a in g.arrivals))
 
     def _worker_models(self, max_running: int | None) -> dict[str, WorkerModel]:
         snap = self.snapshot

@@ -27,6 +27,10 @@ class LengthStats:
         return self.var**0.5
 
 
+# What a (model, SLO class) with no learned or configured lengths is assumed to produce.
+DEFAULT_LENGTHS = LengthStats(mean=128.0, var=128.0**2, count=0)
+
+
 @dataclass(frozen=True)
 class GroupState:
     """Waiting requests of one (model, SLO class) that arrived close together."""
@@ -163,4 +167,4 @@ class ClusterSnapshot:
         raise KeyError(group_id)
 
     def lengths(self, model: str, slo_class: str) -> LengthStats:
-        return self.length_stats.get((model, slo_class), LengthStats(mean=128.0, var=128.0**2, count=0))
+        return self.length_stats.get((model, slo_class), DEFAULT_LENGTHS)

@@ -49,7 +49,9 @@ class QueueTails:
                     cur.push(fc.groups[gid])
             self.cursors.append(cur)
         self.serve = np.array([[w.can_serve(m) for m in self.models] for w in workers], dtype=bool).reshape(n, k)
+        self.barred = np.where(self.serve, 0.0, np.inf)  # added to a start: inf where w cannot serve m
         self.kv = np.array([w.kv_capacity_tokens if w.kv_capacity_tokens > 0 else np.inf for w in workers])
+        self.kv_min = float(self.kv.min()) if n else np.inf
         self.kv_check = kv_check
         self.same = np.empty(n)
         self.switch = np.empty((n, k))
@@ -62,19 +64,17 @@ class QueueTails:
         self.same[i] = cur.free_at().mean_s
         self.tail_model[i] = self.midx.get(cur.model, -1) if cur.model is not None else -1
         for m, j in self.midx.items():
-            self.switch[i, j] = cur._switched(m).base.mean_s if self.serve[i, j] else np.inf
+            self.switch[i, j] = cur.switch_base(m).mean_s if self.serve[i, j] else np.inf
 
     def start(self, g: GroupState, model_aware: bool = True) -> np.ndarray:
         """When `g`'s first request could start at each worker's tail (inf: not allowed)."""
         j = self.midx[g.model]
-        if model_aware:
-            t = np.where(self.tail_model == j, self.same, self.switch[:, j])
-        else:
-            t = self.same.copy()
-        t = np.where(self.serve[:, j], t, np.inf)
+        t = np.where(self.tail_model == j, self.same, self.switch[:, j]) if model_aware else self.same
+        t = t + self.barred[:, j]
         if self.kv_check:
             need = max(g.prompt_tokens) + self.fc.snapshot.lengths(g.model, g.slo_class).mean
-            t = np.where(self.kv >= need, t, np.inf)
+            if need > self.kv_min:
+                t[self.kv < need] = np.inf
         return t
 
     def push(self, i: int, gid: str) -> None:
@@ -82,11 +82,12 @@ class QueueTails:
         self._refresh(i)
 
 
-def eligible_mask(tails: QueueTails, g: GroupState, allow_swap: bool) -> np.ndarray:
+def eligible_mask(tails: QueueTails, g: GroupState, allow_swap: bool, start: np.ndarray | None = None) -> np.ndarray:
     """Workers that may take group `g`: healthy, able to hold it (model, KV), and (without
     model swaps) already on its model or empty. If none is, swaps are allowed for it
-    (otherwise it would never run); if no worker can hold it at all, any worker may."""
-    start = tails.start(g)
+    (otherwise it would never run); if no worker can hold it at all, any worker may.
+    `start`: tails.start(g) when the caller has it already."""
+    start = tails.start(g) if start is None else start
     ok = np.isfinite(start)
     if not ok.any():
         return np.ones(len(tails.wids), dtype=bool)
@@ -118,11 +119,12 @@ def list_schedule(snapshot: ClusterSnapshot, order: Iterable[GroupState], *, mod
     for g in order:
         if g.group_id not in fc.groups:
             continue
-        ok = eligible_mask(tails, g, allow_swap)
+        start = tails.start(g)
+        ok = eligible_mask(tails, g, allow_swap, start)
         if sticky and g.worker_id in index and ok[index[g.worker_id]]:
             i = index[g.worker_id]
         else:
-            t = np.where(ok, tails.start(g, model_aware), np.inf)
+            t = np.where(ok, start if model_aware else tails.start(g, False), np.inf)
             if not np.isfinite(t).any():
                 t = np.where(ok, tails.same, np.inf)
             i = int(np.argmin(t))

@@ -32,14 +32,17 @@ FULL_PROGRAM_PAIRS = 48
 # With drop_hopeless off, a group the program cannot make meet its SLO still keeps its
 # deadline place unless that costs another group its SLO (Program.place_reward).
 PLACE_REWARD = 0.01
-# What HiGHS and the local search (repair) may take, by the size of the work rather than
-# by the budget: HiGHS seldom proves optimality on programs of more than ~30 groups within
-# a tick (it stops at its time limit with an incumbent, which the MIP start keeps at least
-# as good as the base plan), and repair's cost is per program group still missing (about
-# 15 exact evaluations of one queue each). Budget shares would give a tick at 256 groups
-# far more than it needs and one at 2,000 far less. See `qlm bench-solver`.
-MILP_S_PER_PAIR = 0.15e-3
-REPAIR_S_PER_MISS = 0.5e-3
+# What HiGHS and the local search (repair) may take: by the size of the work, at least
+# ALLOWANCE_FLOOR of the budget. HiGHS seldom proves optimality on programs of more than
+# ~30 groups within a tick (it stops at its time limit with an incumbent, which the MIP
+# start keeps at least as good as the base plan), and repair's cost is per program group
+# still missing (about 15 exact evaluations of one queue each). Shares of the budget alone
+# gave a tick at 256 groups far more than it needs (the p50 target) and one at 2,000
+# groups less (its plans fell below EDF's in `qlm bench-solver`); the floor lets a large
+# budget buy exact solves of small programs (deterministic plans, the exhaustive tests).
+MILP_S_PER_PAIR = 0.08e-3
+REPAIR_S_PER_MISS = 0.3e-3
+ALLOWANCE_FLOOR = 0.1
 # The EDF base is built every tick only while it costs at most this share of the budget
 # (~10 ms at 256 groups); else when the last plan misses a fifth of the value.
 EDF_BASE_SHARE = 0.25
@@ -290,13 +293,14 @@ class QlmPolicy(SchedulingPolicy):
         left = deadline - time.perf_counter()
         if left <= 0:
             return fallback, "timeout: the budget was spent building the program"
-        pairs = len(built.ctx.program.pairs)
-        sol, why = tick.solve_program(built, base, min(left * 0.85, MILP_S_PER_PAIR * pairs), tick.best_score)
+        floor = ALLOWANCE_FLOOR * planner.solve_budget_ms / 1000.0
+        limit = min(left * 0.85, max(floor, MILP_S_PER_PAIR * len(built.ctx.program.pairs)))
+        sol, why = tick.solve_program(built, base, limit, tick.best_score)
         if sol is None:
             return fallback, why
         assembled = tick.assemble(built, sol)
         assembled_score = tick.score(assembled, like=(tick.best, tick.best_score))
-        cand = tick.repair(assembled, assembled_score, built, deadline)
+        cand = tick.repair(assembled, assembled_score, built, deadline, floor)
         cand_score = tick.score(cand, like=(assembled, assembled_score))
         size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
         better = cand_score.better_than(tick.best_score)
@@ -398,8 +402,14 @@ class _Tick:
                    if d.queues.get(wid, []) != other.queues.get(wid, [])
                    or (wid in prot) != (wid in o_prot) or (wid in cleared) != (wid in o_cleared)}
         fc = {gid: f for gid, f in other_score.forecasts.items() if f.worker_id not in changed}
-        fc.update(self.fc.evaluate({wid: d.queues.get(wid, []) for wid in changed}, prot, cleared))
-        return self._score_forecasts(fc, d.cost)
+        new = self.fc.evaluate({wid: d.queues.get(wid, []) for wid in changed}, prot, cleared)
+        fc.update(new)
+        # Both objectives are sums over groups: move other's by what the changed workers add.
+        was = self._score_forecasts({gid: f for gid, f in other_score.forecasts.items() if f.worker_id in changed},
+                                    0.0)
+        now = self._score_forecasts(new, 0.0)
+        return Score(other_score.primary + other.cost + now.primary - was.primary - d.cost,
+                     other_score.expected + now.expected - was.expected, fc)
 
     def _score_forecasts(self, fc: dict[str, GroupForecast], cost: float) -> Score:
         expected = sum(self.value[g] * f.attainment() for g, f in fc.items())
@@ -450,8 +460,9 @@ class _Tick:
             heads = self.heads
             queued = np.array([sum(self._add_mean(gid, wid) for gid in queues[wid]) for wid in heads.wids])
             for g in sorted(new, key=lambda g: (g.deadline, g.group_id)):
-                ok = eligible_mask(heads, g, allow_swap)
-                t = np.where(ok, heads.start(g) + queued, np.inf)
+                start = heads.start(g)
+                ok = eligible_mask(heads, g, allow_swap, start)
+                t = np.where(ok, start + queued, np.inf)
                 if not np.isfinite(t).any():
                     t = np.where(ok, queued, np.inf)
                 i = int(np.argmin(t))
@@ -489,8 +500,9 @@ class _Tick:
     def candidates_of(self, g: GroupState, k: int) -> list[WorkerState]:
         """The `k` workers where `g` could start soonest at the head of the queue (its own
         worker too); only its own worker when load balancing is off."""
-        ok = eligible_mask(self.heads, g, "model_swap" in self.ops)
-        t = np.where(ok, self.heads.start(g), np.inf)
+        start = self.heads.start(g)
+        ok = eligible_mask(self.heads, g, "model_swap" in self.ops, start)
+        t = np.where(ok, start, np.inf)
         if not np.isfinite(t).any():
             return []
         own = self.windex.get(g.worker_id) if g.worker_id is not None else None
@@ -850,13 +862,14 @@ class _Tick:
         at = next((k for k, h in enumerate(q) if self.groups[h].deadline > dl), len(q))
         return sorted({0, max(0, at - 1), at, min(len(q), at + 1), len(q)})
 
-    def repair(self, d: Decision, d_score: Score, built: _Built, deadline: float) -> Decision:
+    def repair(self, d: Decision, d_score: Score, built: _Built, deadline: float, floor_s: float = 0.0) -> Decision:
         """Local search with the exact estimator, while time is left: move a program group
         (those that miss first, most valuable first) to the position on one of its candidate
         workers that raises the objective most; repeat until no move helps. It corrects
         what the program's linearisation got wrong (free slots, variance tangents, order).
         `d_score` is d's score: a worker's forecasts are evaluated again only once its
-        queue changes."""
+        queue changes. It stops at `deadline`, or after REPAIR_S_PER_MISS per group that
+        may move (at least `floor_s`)."""
         ctx = built.ctx
         cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
         cands: dict[str, list[str]] = {}
@@ -899,8 +912,8 @@ class _Tick:
                 meets[g] = f.meets(self.beta) if f is not None else True
             # Small instances: every group may move (a local optimum); else those missing.
             movable = ctx.group_ids if exhaustive else [g for g in ctx.group_ids if not meets[g]]
-            if first:  # REPAIR_S_PER_MISS per group that may move
-                deadline = min(deadline, time.perf_counter() + REPAIR_S_PER_MISS * len(movable))
+            if first:
+                deadline = min(deadline, time.perf_counter() + max(floor_s, REPAIR_S_PER_MISS * len(movable)))
                 first = False
             for gid in sorted(movable, key=lambda g: (meets[g], -self.value[g], g)):
                 if time.perf_counter() >= deadline:
