@@ -757,14 +757,13 @@ class _Tick:
         work = self.fc.groups[gid].work
         return work.tokens * wm.step_s / wm.slots + wm.prefill_s(work)
 
-    def solve_program(self, built: _Built, base: Decision, limit_s: float,
-                      base_score: Score | None = None) -> tuple[ProgramSolution | None, str]:
+    def mip_start(self, built: _Built, base: Decision, base_score: Score | None = None) -> np.ndarray:
+        """The program's columns for the base plan: every group where the base plan has it,
+        meeting its SLO where the base plan's forecast says so and the program's
+        (conservative) rows agree. A feasible incumbent as good as the base plan lets
+        HiGHS prune from its first node."""
         m = built.model
         ctx = built.ctx
-        # MIP start from the base plan: every group where the base plan has it, meeting its
-        # SLO where the base plan's forecast says so and the program's (conservative)
-        # constraints agree; HiGHS improves from there. Starting from an incumbent as good
-        # as the base plan lets HiGHS prune from the first node.
         where = {gid: wid for wid, q in base.queues.items() for gid in q}
         start = np.zeros(m.num_cols)
         meets = base_score.forecasts if base_score is not None else {}
@@ -789,6 +788,12 @@ class _Tick:
                 for c in m.row_cols(int(r)):
                     if c in ys:
                         start[c] = 0.0
+        return start
+
+    def solve_program(self, built: _Built, base: Decision, limit_s: float,
+                      base_score: Score | None = None) -> tuple[ProgramSolution | None, str]:
+        m = built.model
+        start = self.mip_start(built, base, base_score)
         try:
             sol = solve_program(m, limit_s, start=start)
         except RuntimeError as exc:

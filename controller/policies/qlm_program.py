@@ -1,10 +1,11 @@
-"""The QLM policy's stochastic program: its data, the PuLP model, and the solve.
+"""The QLM policy's stochastic program: its data, the model, and the solve.
 
 The policy (qlm.py) decides which groups enter the program and computes every
 coefficient from the RWT estimator; this module only states the mixed-integer
 program and solves it with HiGHS in-process. See QlmPolicy.solve for the algorithm.
 
-Variables (all binary), named so that `.lp` dumps read:
+Variables (all binary), named so that `.lp` dumps (ProgramModel.to_pulp; `qlm bench-solver
+--dump-lp DIR`) read:
   x_g{i}_w{j}      group i is queued on worker j, at its pair's `order` among the
                    program groups there (at most one worker; a group queued nowhere is
                    served last and delays no one)

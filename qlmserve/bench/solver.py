@@ -58,10 +58,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def bench_size(groups: int, workers: int, *, ticks: int, seed: int, method: str, budget_ms: float,
-               load: float, edf_every: int) -> dict:
+               load: float, edf_every: int, dump_lp: str | None = None) -> dict:
     cfg = make_policy(2, method=method, solve_budget_ms=budget_ms)
     snap = random_snapshot(cfg, InstanceSpec(groups=groups, workers=workers, load=load), seed)
     qlm = create_policy("qlm", cfg)
+    if dump_lp:  # the cold snapshot's program (every group missing in the base plan at risk), as PuLP writes it
+        Path(dump_lp).mkdir(parents=True, exist_ok=True)
+        qlm.build_model(snap).to_pulp()[0].writeLP(str(Path(dump_lp) / f"qlm-{groups}x{workers}-seed{seed}.lp"))
     edf = create_policy("edf", cfg)
     total = sum(g.weight * g.size for g in snap.groups)
     t0 = time.perf_counter()
@@ -233,7 +236,7 @@ def cmd_bench_solver(args: argparse.Namespace) -> int:
         for groups, workers in sizes:
             budget = args.budget_ms or default_budget_ms(groups)
             r = bench_size(groups, workers, ticks=args.ticks, seed=args.seed, method=args.method, budget_ms=budget,
-                           load=args.load, edf_every=args.edf_every)
+                           load=args.load, edf_every=args.edf_every, dump_lp=args.dump_lp)
             rows.append(r)
             obj = "-" if r["objective_share"] is None else \
                 f"{r['objective_share']:.3f} / {r['edf_objective_share']:.3f}"
@@ -265,5 +268,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instances", type=int, default=12, help="instances per size for --compare-methods")
     p.add_argument("--draws", type=int, default=100, help="replays per plan for --compare-methods")
     p.add_argument("--scenarios", type=int, default=16, help="SAA scenarios for --compare-methods")
+    p.add_argument("--dump-lp", metavar="DIR", help="write each size's cold-start program as a PuLP .lp file here")
     p.add_argument("--json", default="out/bench-solver.json", help="write results here (default out/bench-solver.json)")
     p.set_defaults(func=cmd_bench_solver)

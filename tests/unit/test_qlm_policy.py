@@ -332,3 +332,68 @@ def test_incremental_score_equals_a_full_evaluation():
         assert set(incremental.forecasts) == set(full.forecasts)
         for gid, f in full.forecasts.items():
             assert incremental.forecasts[gid].attainment() == pytest.approx(f.attainment(), abs=1e-12)
+
+
+def test_mip_start_is_feasible_and_solutions_never_worse():
+    """This test verifies that:
+    1. the MIP start the planner hands HiGHS (the base plan, meeting the SLO where the base
+       forecast and the program's rows agree) violates no row of the program;
+    2. it marks some groups as meeting (it is more than the all-miss start);
+    3. HiGHS's solution scores at least the start's objective."""
+    import numpy as np
+
+    from qlmserve.controller.policies.qlm import _Tick
+    from qlmserve.controller.policies.qlm_program import solve_program
+
+    meeting = 0
+    for seed in range(4):
+        cfg = make_policy(2, solve_budget_ms=2000.0)
+        snap = random_snapshot(cfg, InstanceSpec(groups=60, workers=8, load=1.3), seed)
+        tick = _Tick(create_policy("qlm", cfg), snap)
+        base, _ = tick.base_decision(None)
+        score = tick.score(base)
+        at_risk, _ = tick.at_risk(base, score)
+        built = tick.program(base, score, at_risk or list(tick.groups), 10**6)
+        assert built is not None
+        start = tick.mip_start(built, base, score)
+        m = built.model
+        assert len(m.violated(start)) == 0, seed
+        meeting += int(sum(start[c] for c in m.vars.y.values()))
+        sol = solve_program(m, 10.0, start=start)
+        assert sol is not None and sol.objective >= float(np.dot(m.cost, start)) - 1e-9
+    assert meeting > 0
+
+
+def test_groups_the_program_could_not_rescue_wait_for_the_plan_to_age():
+    """This test verifies that:
+    1. groups at risk that the program took and that still miss in the chosen plan are
+       left out of the next tick's program (`_unsettled`), others are not;
+    2. they come back once max_plan_age_s has passed, or as soon as the group grows (a
+       request joined it), or when they met their SLO in the plan."""
+    from qlmserve.controller.policies.qlm import Score, _Tick
+
+    cfg = make_policy(2)
+    snap = random_snapshot(cfg, InstanceSpec(groups=30, workers=4, load=2.0), 1)
+    policy = create_policy("qlm", cfg)
+    tick = _Tick(policy, snap)
+    gids = [g.group_id for g in snap.groups]
+    tried, other = gids[:3], gids[3]
+    base = tick.edf_decision()
+    tick.best_score = tick.score(base)
+    missing = [g for g in tried if not tick.best_score.forecasts[g].meets(tick.beta)]
+    met = [g for g in tried if g not in missing]
+    policy._settle(tick, tried)
+    assert set(policy._settled) == set(missing)
+    keep, skipped = policy._unsettled(_Tick(policy, snap), tried + [other])
+    assert set(keep) == set(met) | {other} and skipped == len(missing)
+    # Forced: every tried group missed.
+    tick.best_score = Score(0.0, 0.0, {})
+    policy._settle(tick, tried)
+    later = replace(snap, now=snap.now + policy.max_plan_age_s)
+    assert policy._unsettled(_Tick(policy, later), tried)[0] == tried
+    policy._settle(tick, tried)
+    grown = [replace(g, request_ids=g.request_ids + ("extra",), arrivals=g.arrivals + (snap.now,),
+                     prompt_tokens=g.prompt_tokens + (10,), max_tokens=g.max_tokens + (10,))
+             if g.group_id == tried[0] else g for g in snap.groups]
+    keep, _ = policy._unsettled(_Tick(policy, replace(snap, groups=tuple(grown))), tried)
+    assert keep == [tried[0]]
