@@ -34,14 +34,16 @@ FULL_PROGRAM_PAIRS = 48
 # With drop_hopeless off, a group the program cannot make meet its SLO still keeps its
 # deadline place unless that costs another group its SLO (Program.place_reward).
 PLACE_REWARD = 0.01
-# What HiGHS and the local search (repair) may take: by the size of the work, at least
-# ALLOWANCE_FLOOR of the budget. HiGHS seldom proves optimality on programs of more than
-# ~30 groups within a tick (it stops at its time limit with an incumbent, which the MIP
-# start keeps at least as good as the base plan), and repair's cost is per program group
-# still missing (about 15 exact evaluations of one queue each). Shares of the budget alone
-# gave a tick at 256 groups far more than it needs (the p50 target) and one at 2,000
-# groups less (its plans fell below EDF's in `qlm bench-solver`); the floor lets a large
-# budget buy exact solves of small programs (deterministic plans, the exhaustive tests).
+# What HiGHS and the local search (repair) may take on a partial program: by the size of
+# the work, at least ALLOWANCE_FLOOR of the budget. HiGHS seldom proves optimality on
+# programs of more than ~30 groups within a tick (it stops at its time limit with an
+# incumbent, which the MIP start keeps at least as good as the base plan), and repair's
+# cost is per program group still missing (about 15 exact evaluations of one queue each).
+# Shares of the budget alone gave a tick at 256 groups far more than it needs (the p50
+# target) and one at 2,000 groups less (its plans fell below EDF's in `qlm bench-solver`).
+# A small instance, all of it in the program (ctx.full), gets what is left of the budget:
+# it is solved exactly, whatever the machine's speed (deterministic plans, the exhaustive
+# tests).
 MILP_S_PER_PAIR = 0.08e-3
 REPAIR_S_PER_MISS = 0.3e-3
 ALLOWANCE_FLOOR = 0.05
@@ -304,7 +306,9 @@ class QlmPolicy(SchedulingPolicy):
         if left <= 0:
             return fallback, "timeout: the budget was spent building the program"
         floor = ALLOWANCE_FLOOR * planner.solve_budget_ms / 1000.0
-        limit = min(left * 0.85, max(floor, MILP_S_PER_PAIR * len(built.ctx.program.pairs)))
+        limit = left * 0.85
+        if not built.ctx.full:  # a small instance is solved exactly; else by the size of the program
+            limit = min(limit, max(floor, MILP_S_PER_PAIR * len(built.ctx.program.pairs)))
         sol, why = tick.solve_program(built, base, limit, tick.best_score)
         if sol is None:
             return fallback, why
@@ -892,8 +896,8 @@ class _Tick:
         workers that raises the objective most; repeat until no move helps. It corrects
         what the program's linearisation got wrong (free slots, variance tangents, order).
         `d_score` is d's score: a worker's forecasts are evaluated again only once its
-        queue changes. It stops at `deadline`, or after REPAIR_S_PER_MISS per group that
-        may move (at least `floor_s`)."""
+        queue changes. It stops at `deadline`, or on a partial program after
+        REPAIR_S_PER_MISS per group that may move (at least `floor_s`)."""
         ctx = built.ctx
         cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
         cands: dict[str, list[str]] = {}
@@ -936,9 +940,9 @@ class _Tick:
                 meets[g] = f.meets(self.beta) if f is not None else True
             # Small instances: every group may move (a local optimum); else those missing.
             movable = ctx.group_ids if exhaustive else [g for g in ctx.group_ids if not meets[g]]
-            if first:
+            if first and not exhaustive:
                 deadline = min(deadline, time.perf_counter() + max(floor_s, REPAIR_S_PER_MISS * len(movable)))
-                first = False
+            first = False
             for gid in sorted(movable, key=lambda g: (meets[g], -self.value[g], g)):
                 if time.perf_counter() >= deadline:
                     break
