@@ -76,6 +76,22 @@ class Score:
         return self.primary > other.primary - eps and self.expected > other.expected + eps
 
 
+class Stopwatch:
+    """Milliseconds per phase of one solve, and what happened in it (QlmPolicy.last_phases;
+    `qlm bench-solver --phases`)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.events: list[str] = []
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """The time since the previous lap goes to `phase`."""
+        t = time.perf_counter()
+        self.ms[phase] = self.ms.get(phase, 0.0) + (t - self._t) * 1e3
+        self._t = t
+
+
 @register
 class QlmPolicy(SchedulingPolicy):
     """QLM's global scheduler: a chance-constrained or sample-average stochastic program
@@ -87,6 +103,7 @@ class QlmPolicy(SchedulingPolicy):
         super().__init__(config)
         self.last_plan: Plan | None = None
         self.last_decision: Decision | None = None  # the last plan's protection and swaps (for tools)
+        self.last_phases: Stopwatch | None = None  # where the last solve's time went (for tools)
         self._edf_s_per_group = 4e-5  # measured cost of the EDF base per group (moving average)
         self._finish_s = 0.0  # measured time from the chosen decision to the returned plan
         self._edf_losses = 0  # consecutive ticks the EDF base lost to the last plan
@@ -206,9 +223,12 @@ class QlmPolicy(SchedulingPolicy):
         planner = self.config.planner
         # Keep back what turning the chosen decision into a plan took last time.
         deadline = t0 + planner.solve_budget_ms / 1000.0 - min(self._finish_s, planner.solve_budget_ms / 4000.0)
+        sw = self.last_phases = Stopwatch()
         tick = _Tick(self, snapshot)
+        sw.lap("estimator")
         best, cold = tick.base_decision(self.last_plan)
         best_score = tick.score(best)
+        sw.lap("base")
         if not cold and best_score.primary < tick.max_value - 1e-9 and self._edf_worth_it(
                 len(snapshot.groups), best_score.primary / tick.max_value, t0, deadline):
             # EDF list scheduling from scratch may start better than the last plan.
@@ -222,7 +242,9 @@ class QlmPolicy(SchedulingPolicy):
             if edf_score.better_than(best_score):
                 best, best_score, cold = edf, edf_score, True
                 self._edf_losses = 0
-        source, note = self._improve(tick, best, best_score, cold, deadline)
+            sw.events.append("edf base won" if cold else "edf base lost")
+            sw.lap("edf base")
+        source, note = self._improve(tick, best, best_score, cold, deadline, sw)
         t_finish = time.perf_counter()
         best, best_score = tick.best, tick.best_score
         if planner.ls_fast_path:
@@ -233,6 +255,7 @@ class QlmPolicy(SchedulingPolicy):
                     predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
                     objective=best_score.primary, note=note, solve_time_s=time.perf_counter() - t0)
         self._finish_s = 0.7 * self._finish_s + 0.3 * (time.perf_counter() - t_finish)
+        sw.lap("operations")
         self.last_plan = plan
         self._last_solve_at = snapshot.now
         return plan
@@ -241,9 +264,9 @@ class QlmPolicy(SchedulingPolicy):
         """Whether to also build the EDF plan as a base: when it is cheap against the budget
         (its measured cost per group), or when it won the last time or the last plan
         misses a fifth of the value, and half the budget is still left after it; after
-        three losses in a row, one tick in five. (At 256 groups EDF from scratch beat the
-        last plan in 71 of 98 ticks it was built in `qlm bench-solver`: the queues a plan
-        leaves drift as requests start, and EDF rebalances them.)"""
+        three losses in a row, one tick in five. (EDF from scratch often beats the last
+        plan, `qlm bench-solver --phases`: the queues a plan leaves drift as requests
+        start, and EDF rebalances them.)"""
         self._solves += 1
         if self._edf_losses >= 3 and self._solves % 5:
             return False  # it lost the last three times: try it one tick in five
@@ -274,7 +297,7 @@ class QlmPolicy(SchedulingPolicy):
                 self._settled[gid] = (tick.snap.now, tick.groups[gid].size)
 
     def _improve(self, tick: _Tick, base: Decision, base_score: Score, cold: bool,
-                 deadline: float) -> tuple[str, str]:
+                 deadline: float, sw: Stopwatch) -> tuple[str, str]:
         """Steps (2)-(5) of the NOTE on top of the base decision; leaves the best decision in
         `tick.best` and returns (Plan.source, Plan.note)."""
         planner = self.config.planner
@@ -292,6 +315,7 @@ class QlmPolicy(SchedulingPolicy):
         if not at_risk:
             return solved, "no group at risk that can still meet its SLO"
         at_risk, settled = self._unsettled(tick, at_risk)
+        sw.lap("risk")
         if not at_risk:
             return solved, f"the {settled} groups at risk were tried less than {self.max_plan_age_s:g} s ago"
         if time.perf_counter() >= deadline:
@@ -300,6 +324,7 @@ class QlmPolicy(SchedulingPolicy):
         if planner.method == "saa":
             cap = max(MIN_PAIRS, int(cap * 4 / max(4, planner.scenarios)))
         built = tick.program(base, tick.best_score, at_risk, cap)
+        sw.lap("program")
         if built is None:
             return solved, "no group at risk has a candidate worker"
         left = deadline - time.perf_counter()
@@ -310,6 +335,8 @@ class QlmPolicy(SchedulingPolicy):
         if not built.ctx.full:  # a small instance is solved exactly; else by the size of the program
             limit = min(limit, max(floor, MILP_S_PER_PAIR * len(built.ctx.program.pairs)))
         sol, why = tick.solve_program(built, base, limit, tick.best_score)
+        sw.lap("highs")
+        sw.events.append(f"program {sol.status}" if sol is not None else "program unsolved")
         if sol is None:
             return fallback, why
         assembled = tick.assemble(built, sol)
@@ -319,12 +346,15 @@ class QlmPolicy(SchedulingPolicy):
         exact = {gid for gid in ids if gid in fcs and fcs[gid].meets(tick.beta)}
         if sol.status == "optimal" and exact == {ids[i] for i in sol.on_time}:
             # The exact estimator agrees with the solved program on every program group:
-            # nothing for the local search to correct (it found a gain in 2 of 19 such
-            # ticks of `qlm bench-solver` at 256 groups, against 19 of 37 otherwise).
+            # nothing for the local search to correct (it seldom found a gain in such
+            # ticks, about half the time otherwise: `qlm bench-solver --phases`).
             cand, cand_score = assembled, assembled_score
+            sw.events.append("repair skipped")
         else:
             cand = tick.repair(assembled, assembled_score, built, deadline, floor)
             cand_score = tick.score(cand, like=(assembled, assembled_score))
+            sw.events.append("repair gained" if cand_score.better_than(assembled_score) else "repair no gain")
+        sw.lap("repair")
         size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
         better = cand_score.better_than(tick.best_score)
         if better:

@@ -73,6 +73,8 @@ def bench_size(groups: int, workers: int, *, ticks: int, seed: int, method: str,
     solve_ms: list[float] = []
     tick_ms: list[float] = []
     sources: Counter[str] = Counter()
+    phase_ms: Counter[str] = Counter()  # summed over the ticks that solved (QlmPolicy.last_phases)
+    events: Counter[str] = Counter()
     ratios: list[float] = []
     edf_ratios: list[float] = []
     dt = cfg.tick_interval_ms / 1000.0
@@ -86,6 +88,9 @@ def bench_size(groups: int, workers: int, *, ticks: int, seed: int, method: str,
             t2 = time.perf_counter()
             solve_ms.append((t2 - t1) * 1e3)
             sources[plan.source] += 1
+            for phase, ms in qlm.last_phases.ms.items():
+                phase_ms[phase] += ms
+            events.update(qlm.last_phases.events)
         else:
             t2 = t1
             sources["kept (no re-solve)"] += 1
@@ -100,6 +105,8 @@ def bench_size(groups: int, workers: int, *, ticks: int, seed: int, method: str,
         "solve_ms": {"p50": _pct(solve_ms, 50), "p99": _pct(solve_ms, 99), "max": max(solve_ms, default=float("nan"))},
         "tick_ms": {"p50": _pct(tick_ms, 50), "p99": _pct(tick_ms, 99), "max": max(tick_ms, default=float("nan"))},
         "sources": dict(sources),
+        "phase_ms_mean": {k: v / max(1, len(solve_ms)) for k, v in phase_ms.items()},
+        "events": dict(events),
         "objective_share": statistics.fmean(ratios) if ratios else None,
         "edf_objective_share": statistics.fmean(edf_ratios) if edf_ratios else None,
     }
@@ -246,6 +253,17 @@ def cmd_bench_solver(args: argparse.Namespace) -> int:
                           ", ".join(f"{k}: {v}" for k, v in sorted(r["sources"].items())), obj)
         out["curve"] = rows
         console.print(table)
+        if args.phases:
+            phases = ["estimator", "base", "edf base", "risk", "program", "highs", "repair", "operations"]
+            ptable = Table(title="where a solve's time went: mean ms per solve (ticks that solved), and what happened",
+                           header_style="bold")
+            for col in ["groups x workers", *phases, "events (ticks)"]:
+                ptable.add_column(col, justify="right")
+            for r in rows:
+                means = (f"{r['phase_ms_mean'].get(p, 0.0):.1f}" for p in phases)
+                ptable.add_row(f"{r['groups']} x {r['workers']}", *means,
+                               ", ".join(f"{k}: {v}" for k, v in sorted(r["events"].items())))
+            console.print(ptable)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +286,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instances", type=int, default=12, help="instances per size for --compare-methods")
     p.add_argument("--draws", type=int, default=100, help="replays per plan for --compare-methods")
     p.add_argument("--scenarios", type=int, default=16, help="SAA scenarios for --compare-methods")
+    p.add_argument("--phases", action="store_true", help="also print where each size's solve time went")
     p.add_argument("--dump-lp", metavar="DIR", help="write each size's cold-start program as a PuLP .lp file here")
     p.add_argument("--json", default="out/bench-solver.json", help="write results here (default out/bench-solver.json)")
     p.set_defaults(func=cmd_bench_solver)

@@ -397,3 +397,20 @@ def test_groups_the_program_could_not_rescue_wait_for_the_plan_to_age():
              if g.group_id == tried[0] else g for g in snap.groups]
     keep, _ = policy._unsettled(_Tick(policy, replace(snap, groups=tuple(grown))), tried)
     assert keep == [tried[0]]
+
+
+def test_last_phases_account_for_the_solve():
+    """This test verifies that:
+    1. after a solve that runs the program, QlmPolicy.last_phases has the estimator, base,
+       program, HiGHS and repair phases, each non-negative, and they add up to no more
+       than the plan's solve time (plus timer noise);
+    2. its events say how the program was solved."""
+    cfg = make_policy(2, solve_budget_ms=2000.0)
+    snap = random_snapshot(cfg, InstanceSpec(groups=60, workers=8, load=1.5), 2)
+    policy = create_policy("qlm", cfg)
+    plan = policy.solve(snap)
+    sw = policy.last_phases
+    assert {"estimator", "base", "program", "highs", "repair", "operations"} <= set(sw.ms), (sw.ms, plan.note)
+    assert all(v >= 0 for v in sw.ms.values())
+    assert sum(sw.ms.values()) <= plan.solve_time_s * 1e3 + 1.0
+    assert any(e.startswith("program ") for e in sw.events)
