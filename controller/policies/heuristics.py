@@ -82,12 +82,11 @@ class QueueTails:
         self._refresh(i)
 
 
-def eligible_mask(tails: QueueTails, g: GroupState, allow_swap: bool, start: np.ndarray | None = None) -> np.ndarray:
+def eligible_mask(tails: QueueTails, g: GroupState, allow_swap: bool, start: np.ndarray) -> np.ndarray:
     """Workers that may take group `g`: healthy, able to hold it (model, KV), and (without
     model swaps) already on its model or empty. If none is, swaps are allowed for it
     (otherwise it would never run); if no worker can hold it at all, any worker may.
-    `start`: tails.start(g) when the caller has it already."""
-    start = tails.start(g) if start is None else start
+    `start` is tails.start(g), which every caller goes on to use."""
     ok = np.isfinite(start)
     if not ok.any():
         return np.ones(len(tails.wids), dtype=bool)

@@ -791,7 +791,7 @@ class _Tick:
         work = self.fc.groups[gid].work
         return work.tokens * wm.step_s / wm.slots + wm.prefill_s(work)
 
-    def mip_start(self, built: _Built, base: Decision, base_score: Score | None = None) -> np.ndarray:
+    def mip_start(self, built: _Built, base: Decision, base_score: Score) -> np.ndarray:
         """The program's columns for the base plan: every group where the base plan has it,
         meeting its SLO where the base plan's forecast says so and the program's
         (conservative) rows agree. A feasible incumbent as good as the base plan lets
@@ -800,7 +800,7 @@ class _Tick:
         ctx = built.ctx
         where = {gid: wid for wid, q in base.queues.items() for gid in q}
         start = np.zeros(m.num_cols)
-        meets = base_score.forecasts if base_score is not None else {}
+        meets = base_score.forecasts
         ys = set()
         stays = {(pr.gi, pr.wj) for pr in ctx.program.pairs if 0 in pr.ref}  # option 0: the worker keeps its model
         for (i, j), c in m.vars.x.items():
@@ -825,7 +825,7 @@ class _Tick:
         return start
 
     def solve_program(self, built: _Built, base: Decision, limit_s: float,
-                      base_score: Score | None = None) -> tuple[ProgramSolution | None, str]:
+                      base_score: Score) -> tuple[ProgramSolution | None, str]:
         m = built.model
         start = self.mip_start(built, base, base_score)
         try:
