@@ -33,4 +33,4 @@ def _load_builtin() -> None:
     # Importing the modules registers their classes; kept lazy so that importing the
     # registry does not pull in PuLP and SciPy.
     from qlmserve.controller.policies import heuristics  # noqa: F401
-    from qlmserve.controller.policies import qlm  # noqa: F401
+    from qlmserve.controller.policies import qlm  # noqa: F401 (a package)

@@ -1,7 +1,7 @@
 """Exact replay of a plan's virtual queues with known output lengths.
 
 The RWT estimator approximates the continuous-batching service model of
-`controller/estimator.py` (slots, decode iterations, prefill stalls, model swaps)
+`controller/estimator/` (slots, decode iterations, prefill stalls, model swaps)
 with a normal distribution. This module runs that same service model exactly,
 request by request, for one draw of every output length: it is the ground truth
 the estimator's calibration test and the chance-vs-SAA comparison are judged by.

@@ -199,7 +199,7 @@ def test_build_model_is_a_named_pulp_program():
        planner's own one-call hand-off of the arrays to HiGHS (the two read one program);
     3. the SAA program has one scenario variable per pair and scenario, and both routes
        agree on it too."""
-    from qlmserve.controller.policies.qlm_program import solve_program
+    from qlmserve.controller.policies.qlm.program import solve_program
 
     cfg = make_policy(2, solve_budget_ms=2000.0)
     snap = random_snapshot(cfg, InstanceSpec(groups=10, workers=3, load=1.5), 4)
@@ -314,13 +314,15 @@ def test_incremental_score_equals_a_full_evaluation():
        cleared batch differ are evaluated again) gives the same objective, expected value
        and forecasts as scoring it from scratch, for both methods;
     2. this holds with moved groups, a protected worker and an operation cost."""
-    from qlmserve.controller.policies.qlm import Decision, _Tick
+    from qlmserve.controller.policies.qlm.base_plan import edf_decision
+    from qlmserve.controller.policies.qlm.decision import Decision
+    from qlmserve.controller.policies.qlm.tick import Tick
 
     for method in ("chance", "saa"):
         cfg = make_policy(2, method=method)
         snap = random_snapshot(cfg, InstanceSpec(groups=40, workers=6, load=1.5), 3)
-        tick = _Tick(create_policy("qlm", cfg), snap)
-        base = tick.edf_decision()
+        tick = Tick(create_policy("qlm", cfg), snap)
+        base = edf_decision(tick)
         base_score = tick.score(base)
         queues = {wid: list(q) for wid, q in base.queues.items()}
         src, dst = [wid for wid, q in queues.items() if q][:2]
@@ -342,20 +344,23 @@ def test_mip_start_is_feasible_and_solutions_never_worse():
     3. HiGHS's solution scores at least the start's objective."""
     import numpy as np
 
-    from qlmserve.controller.policies.qlm import _Tick
-    from qlmserve.controller.policies.qlm_program import solve_program
+    from qlmserve.controller.policies.qlm.base_plan import base_decision
+    from qlmserve.controller.policies.qlm.program import solve_program
+    from qlmserve.controller.policies.qlm.program_build import mip_start, program
+    from qlmserve.controller.policies.qlm.risk import groups_at_risk
+    from qlmserve.controller.policies.qlm.tick import Tick
 
     meeting = 0
     for seed in range(4):
         cfg = make_policy(2, solve_budget_ms=2000.0)
         snap = random_snapshot(cfg, InstanceSpec(groups=60, workers=8, load=1.3), seed)
-        tick = _Tick(create_policy("qlm", cfg), snap)
-        base, _ = tick.base_decision(None)
+        tick = Tick(create_policy("qlm", cfg), snap)
+        base, _ = base_decision(tick, None)
         score = tick.score(base)
-        at_risk, _ = tick.at_risk(base, score)
-        built = tick.program(base, score, at_risk or list(tick.groups), 10**6)
+        at_risk, _ = groups_at_risk(tick, base, score)
+        built = program(tick, base, score, at_risk or list(tick.groups), 10**6)
         assert built is not None
-        start = tick.mip_start(built, base, score)
+        start = mip_start(tick, built, base, score)
         m = built.model
         assert len(m.violated(start)) == 0, seed
         meeting += int(sum(start[c] for c in m.vars.y.values()))
@@ -370,32 +375,34 @@ def test_groups_the_program_could_not_rescue_wait_for_the_plan_to_age():
        left out of the next tick's program (`_unsettled`), others are not;
     2. they come back once max_plan_age_s has passed, or as soon as the group grows (a
        request joined it), or when they met their SLO in the plan."""
-    from qlmserve.controller.policies.qlm import Score, _Tick
+    from qlmserve.controller.policies.qlm.base_plan import edf_decision
+    from qlmserve.controller.policies.qlm.decision import Score
+    from qlmserve.controller.policies.qlm.tick import Tick
 
     cfg = make_policy(2)
     snap = random_snapshot(cfg, InstanceSpec(groups=30, workers=4, load=2.0), 1)
     policy = create_policy("qlm", cfg)
-    tick = _Tick(policy, snap)
+    tick = Tick(policy, snap)
     gids = [g.group_id for g in snap.groups]
     tried, other = gids[:3], gids[3]
-    base = tick.edf_decision()
+    base = edf_decision(tick)
     tick.best_score = tick.score(base)
     missing = [g for g in tried if not tick.best_score.forecasts[g].meets(tick.beta)]
     met = [g for g in tried if g not in missing]
     policy._settle(tick, tried)
     assert set(policy._settled) == set(missing)
-    keep, skipped = policy._unsettled(_Tick(policy, snap), tried + [other])
+    keep, skipped = policy._unsettled(Tick(policy, snap), tried + [other])
     assert set(keep) == set(met) | {other} and skipped == len(missing)
     # Forced: every tried group missed.
     tick.best_score = Score(0.0, 0.0, {})
     policy._settle(tick, tried)
     later = replace(snap, now=snap.now + policy.max_plan_age_s)
-    assert policy._unsettled(_Tick(policy, later), tried)[0] == tried
+    assert policy._unsettled(Tick(policy, later), tried)[0] == tried
     policy._settle(tick, tried)
     grown = [replace(g, request_ids=g.request_ids + ("extra",), arrivals=g.arrivals + (snap.now,),
                      prompt_tokens=g.prompt_tokens + (10,), max_tokens=g.max_tokens + (10,))
              if g.group_id == tried[0] else g for g in snap.groups]
-    keep, _ = policy._unsettled(_Tick(policy, replace(snap, groups=tuple(grown))), tried)
+    keep, _ = policy._unsettled(Tick(policy, replace(snap, groups=tuple(grown))), tried)
     assert keep == [tried[0]]
 
 

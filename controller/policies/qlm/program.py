@@ -1,6 +1,6 @@
 """The QLM policy's stochastic program: its data, the model, and the solve.
 
-The policy (qlm.py) decides which groups enter the program and computes every
+The policy (policy.py and program_build.py) decides which groups enter the program and computes every
 coefficient from the RWT estimator; this module only states the mixed-integer
 program and solves it with HiGHS in-process. See QlmPolicy.solve for the algorithm.
 
