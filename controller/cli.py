@@ -4,8 +4,6 @@ Tables for people, `--json` for scripts."""
 
 from __future__ import annotations
 
-from qlmserve.ui import console
-
 import argparse
 import asyncio
 import json
@@ -15,6 +13,8 @@ import sys
 import time
 
 from google.protobuf.json_format import MessageToDict
+
+from qlmserve.ui import console
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 

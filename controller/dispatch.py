@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
 from qlmserve.backends.engine import batch_limit
+from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
 from qlmserve.operations.ops import Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 

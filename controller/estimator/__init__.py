@@ -37,12 +37,30 @@ waiting-time and length distributions they share):
    of its requests that meet their deadline interpolates between the two.
 """
 
-from qlmserve.controller.estimator.distributions import (ZERO, WaitEstimate, normal_cdf, normal_z, prob_within_array,
-                                                         quantile_array, sample_sum)
-from qlmserve.controller.estimator.forecast import (Forecaster, GroupForecast, meets_all, model_kind_is_moe,
-                                                    predict_group_wait)
-from qlmserve.controller.estimator.lengths import (LengthLearner, Moments, RecentMoments, merge_moments,
-                                                   remaining_moments, with_running)
+from qlmserve.controller.estimator.distributions import (
+                                                         ZERO,
+                                                         WaitEstimate,
+                                                         normal_cdf,
+                                                         normal_z,
+                                                         prob_within_array,
+                                                         quantile_array,
+                                                         sample_sum,
+)
+from qlmserve.controller.estimator.forecast import (
+                                                         Forecaster,
+                                                         GroupForecast,
+                                                         meets_all,
+                                                         model_kind_is_moe,
+                                                         predict_group_wait,
+)
+from qlmserve.controller.estimator.lengths import (
+                                                         LengthLearner,
+                                                         Moments,
+                                                         RecentMoments,
+                                                         merge_moments,
+                                                         remaining_moments,
+                                                         with_running,
+)
 from qlmserve.controller.estimator.service_model import GroupTiming, GroupWork, QueueCursor, Work, WorkerModel
 
 __all__ = ["ZERO", "Forecaster", "GroupForecast", "GroupTiming", "GroupWork", "LengthLearner", "Moments",

@@ -13,6 +13,7 @@ from qlmserve.controller.estimator.distributions import ZERO, WaitEstimate, prob
 from qlmserve.controller.estimator.lengths import fresh_length_moments, remaining_moments
 from qlmserve.controller.estimator.service_model import (
     EMPTY,
+    TABLE_SLOTS_BUILT,
     GroupTiming,
     GroupWork,
     QueueCursor,
@@ -23,6 +24,7 @@ from qlmserve.controller.estimator.service_model import (
 )
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import DEFAULT_LENGTHS, ClusterSnapshot, GroupState
+from qlmserve.controller.solve_budget import WorkMeter
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,14 @@ class Forecaster:
     """The RWT estimator for one snapshot: each group's work, each worker's rates, and
     the TTFT forecast of every group under a set of virtual queues."""
 
-    def __init__(self, snapshot: ClusterSnapshot, max_running: int | None = None) -> None:
+    def __init__(self, snapshot: ClusterSnapshot, max_running: int | None = None,
+                 meter: WorkMeter | None = None) -> None:
+        """`meter` counts the work done with this forecaster (the planner's solve budget)."""
         self.snapshot = snapshot
+        self.meter = meter
         groups = snapshot.groups
+        if meter is not None:
+            meter.charge("fc_group", len(groups))
         # Per model: mean prompt, and the output-length mix of its waiting requests (the
         # lengths the release tables assume for queued requests).
         prompts: dict[str, list[float]] = {}
@@ -130,7 +137,10 @@ class Forecaster:
         self._prompt_mean = {m: (sum(v) / len(v) if v else 0.0) for m, v in prompts.items()}
         self._decode_moments: dict[tuple, tuple[float, float]] = {}
         self.groups: dict[str, GroupWork] = {g.group_id: self.group_work(g) for g in groups}
+        built = TABLE_SLOTS_BUILT[0]
         self.workers: dict[str, WorkerModel] = self._worker_models(max_running)
+        if meter is not None:
+            meter.charge("table_slot", TABLE_SLOTS_BUILT[0] - built)
 
     def group_work(self, g: GroupState) -> GroupWork:
         key = (g.model, g.slo_class, g.max_tokens)
@@ -195,10 +205,13 @@ class Forecaster:
                     lead_ls = lead_free
             out[w.worker_id] = WorkerModel(w, slots, step, model, ready, table, table_ls, extra,
                                            snap.model_bytes, self.item_stats, lead_free=lead_free,
-                                           lead_queued=WaitEstimate(step / 2, step * step / 12), lead_ls=lead_ls)
+                                           lead_queued=WaitEstimate(step / 2, step * step / 12), lead_ls=lead_ls,
+                                           meter=self.meter)
         return out
 
     def cursor(self, worker_id: str, protect_ls: bool = False, cleared: bool = False) -> QueueCursor:
+        if self.meter is not None:
+            self.meter.charge("cursor_start")
         return QueueCursor.start(self.workers[worker_id], protect_ls, cleared)
 
     def evaluate(self, virtual_queues: Mapping[str, Iterable[str]], protected: Iterable[str] = (),
@@ -222,6 +235,8 @@ class Forecaster:
                     widx.append(k)
         if not gws:
             return {}
+        if len(gws) > _SMALL_EVALUATION and self.meter is not None:
+            self.meter.charge("eval_call")
         if len(gws) <= _SMALL_EVALUATION:  # numpy's per-call overhead outweighs the loop
             out = {}
             for wid in order:

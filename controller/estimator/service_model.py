@@ -13,6 +13,7 @@ import numpy as np
 
 from qlmserve.controller.estimator.distributions import ZERO, WaitEstimate
 from qlmserve.controller.snapshot import DEFAULT_LENGTHS, GroupState, WorkerState
+from qlmserve.controller.solve_budget import WorkMeter
 
 # ---- 2. one worker's service model ------------------------------------------------------
 
@@ -100,11 +101,24 @@ def _q(x: float) -> float:
     return round(math.log(max(x, 1e-6)) * 8) / 8
 
 
+# Slots of the Monte Carlo tables built so far (cache misses of _unit_table): what a
+# planner's meter charges for them ("table_slot", controller/solve_budget.py).
+TABLE_SLOTS_BUILT = [0]
+
+
+def reset_table_cache() -> None:
+    """Forget the cached tables, so that a run's table builds (and the work charged for
+    them) do not depend on what ran before it in the process (the simulator's runs)."""
+    _unit_table.cache_clear()
+    _scaled_table.cache_clear()
+
+
 @lru_cache(maxsize=4096)
 def _unit_table(slots: int, n_run: int, qk_run: float, qk_item: float, q_ratio: float
                 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Release times for queued lengths of mean 1 (gamma shape exp(qk_item)) and running
     remainders of mean exp(q_ratio) (shape exp(qk_run))."""
+    TABLE_SLOTS_BUILT[0] += slots
     rng = np.random.default_rng(_TABLE_SEED + 7 * slots + n_run)
     k_item, k_run, ratio = math.exp(qk_item), math.exp(qk_run), math.exp(q_ratio)
     jv = TRANSIENT_ROUNDS * slots
@@ -172,6 +186,7 @@ class WorkerModel:
     lead_queued: WaitEstimate = ZERO
     lead_ls: WaitEstimate = ZERO
     fresh_tables: dict[str | None, ReleaseTable] = field(default_factory=dict, compare=False)  # cache of `fresh`
+    meter: WorkMeter | None = field(default=None, compare=False)  # counts the queue walks (solve_budget)
 
     @property
     def worker_id(self) -> str:
@@ -189,7 +204,10 @@ class WorkerModel:
         table = self.fresh_tables.get(model)
         if table is None:
             m, v = self.item_stats.get(model or "", (DEFAULT_LENGTHS.mean, DEFAULT_LENGTHS.var))
+            built = TABLE_SLOTS_BUILT[0]
             table = self.fresh_tables[model] = release_table(self.slots, np.empty(0), np.empty(0), m, v)
+            if self.meter is not None:
+                self.meter.charge("table_slot", TABLE_SLOTS_BUILT[0] - built)
         return table
 
 
@@ -285,6 +303,8 @@ class QueueCursor:
 
     def timing(self, gw: GroupWork) -> GroupTiming:
         """TTFT of the group's first and last request if it were next in this queue."""
+        if self.wm.meter is not None:
+            self.wm.meter.charge("cursor")
         return self._switched(gw.group.model)._timing(gw)
 
     def _timing(self, gw: GroupWork) -> GroupTiming:
@@ -302,6 +322,8 @@ class QueueCursor:
 
     def push(self, gw: GroupWork) -> GroupTiming:
         """Place the group next in the queue; returns its timing."""
+        if self.wm.meter is not None:
+            self.wm.meter.charge("cursor")
         c = self._switched(gw.group.model)
         t = c._timing(gw)
         self.model, self.base, self.table, self.table_ls, self.idle = c.model, c.base, c.table, c.table_ls, c.idle

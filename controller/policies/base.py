@@ -7,17 +7,27 @@ from typing import ClassVar
 
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot
+from qlmserve.controller.solve_budget import SolveClock, WallSolveClock
 from qlmserve.operations.plan import Plan
 
 
 class SchedulingPolicy(ABC):
     """`solve(snapshot) -> Plan`. A policy may keep state between ticks (the last plan, for
-    warm starts and hysteresis) but never touches Redis, gRPC or the clock."""
+    warm starts and hysteresis) but never touches Redis, gRPC or the clock; the time a
+    solve may take comes from its SolveClock (wall time live, modelled work in the
+    simulator: controller/solve_budget.py)."""
 
     name: ClassVar[str]
 
-    def __init__(self, config: PolicyConfig) -> None:
+    def __init__(self, config: PolicyConfig, clock: SolveClock | None = None) -> None:
         self.config = config
+        self.clock: SolveClock = clock or WallSolveClock()
+
+    def charge_bookkeeping(self, snapshot: ClusterSnapshot) -> None:
+        """Count the per-group work every solve does around its estimator (placement,
+        operations, the plan's fields)."""
+        self.clock.meter.charge("group", len(snapshot.groups))
+        self.clock.meter.charge("worker", len(snapshot.workers))
 
     @abstractmethod
     def solve(self, snapshot: ClusterSnapshot) -> Plan:
@@ -30,11 +40,17 @@ class SchedulingPolicy(ABC):
 
     def next_plan(self, snapshot: ClusterSnapshot, last_solved: Plan | None) -> tuple[Plan, bool]:
         """The plan of this tick and whether it was solved: a fresh solve, or the last solved
-        plan's queues kept (source "kept", no operations: those were carried out already)."""
+        plan's queues kept (source "kept", no operations: those were carried out already).
+        Either way the plan's solve_time_s is what this call took on the policy's clock."""
+        t0 = self.clock.now()
+        self.clock.meter.charge("tick")
         if last_solved is not None and not self.needs_replan(snapshot, last_solved):
             return Plan(virtual_queues=last_solved.virtual_queues, source="kept",
-                        predicted_attainment=last_solved.predicted_attainment), False
-        return self.solve(snapshot), True
+                        predicted_attainment=last_solved.predicted_attainment,
+                        solve_time_s=self.clock.now() - t0), False
+        plan = self.solve(snapshot)
+        plan.solve_time_s = self.clock.now() - t0
+        return plan, True
 
     def operation_enabled(self, name: str) -> bool:
         """Whether the policy file allows an operation (evict, kv_swap, model_swap, ...)."""

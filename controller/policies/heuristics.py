@@ -12,7 +12,6 @@ follow the queues. Each operation's contribution is then visible by switching it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -68,6 +67,8 @@ class QueueTails:
 
     def start(self, g: GroupState, model_aware: bool = True) -> np.ndarray:
         """When `g`'s first request could start at each worker's tail (inf: not allowed)."""
+        if self.fc.meter is not None:
+            self.fc.meter.charge("tail_start")
         j = self.midx[g.model]
         t = np.where(self.tail_model == j, self.same, self.switch[:, j]) if model_aware else self.same
         t = t + self.barred[:, j]
@@ -141,8 +142,9 @@ class OrderPolicy(SchedulingPolicy):
         raise NotImplementedError
 
     def solve(self, snapshot: ClusterSnapshot) -> Plan:
-        t0 = time.perf_counter()
-        fc = Forecaster(snapshot, self.config.max_running_per_worker)
+        t0 = self.clock.now()
+        self.charge_bookkeeping(snapshot)
+        fc = Forecaster(snapshot, self.config.max_running_per_worker, self.clock.meter)
         order = sorted(snapshot.groups, key=self.key(snapshot))
         queues = list_schedule(snapshot, order, model_aware=self.model_aware,
                                sticky=not self.operation_enabled("load_balance"),
@@ -153,7 +155,7 @@ class OrderPolicy(SchedulingPolicy):
         forecast = fc.evaluate(queues, protected)
         return Plan(virtual_queues=queues, operations=ops, source=self.name,
                     predicted_attainment={gid: f.attainment() for gid, f in forecast.items()},
-                    solve_time_s=time.perf_counter() - t0)
+                    solve_time_s=self.clock.now() - t0)
 
 
 @register

@@ -23,10 +23,25 @@ from dataclasses import dataclass
 from qlmserve.backends.engine import batch_limit
 from qlmserve.controller.estimator import Forecaster, model_kind_is_moe
 from qlmserve.controller.policy import PolicyConfig
-from qlmserve.controller.snapshot import (ClusterSnapshot, GroupState, RunningRequest, WorkerState,
-                                         leading_latency_sensitive)
-from qlmserve.operations.ops import (OPS_BY_POLICY_NAME, DropWarm, Evict, LoadModel, MoveGroup, Operation, OpKind,
-                                     SetPreemption, SwapOut, WarmModel)
+from qlmserve.controller.snapshot import (
+    ClusterSnapshot,
+    GroupState,
+    RunningRequest,
+    WorkerState,
+    leading_latency_sensitive,
+)
+from qlmserve.operations.ops import (
+    OPS_BY_POLICY_NAME,
+    DropWarm,
+    Evict,
+    LoadModel,
+    MoveGroup,
+    Operation,
+    OpKind,
+    SetPreemption,
+    SwapOut,
+    WarmModel,
+)
 
 EXPERT = "expert"
 ITERATION = "iteration"

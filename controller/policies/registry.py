@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policy import PolicyConfig
+from qlmserve.controller.solve_budget import SolveClock
 
 _REGISTRY: dict[str, type[SchedulingPolicy]] = {}
 
@@ -20,17 +21,20 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_policy(name: str, config: PolicyConfig) -> SchedulingPolicy:
+def create_policy(name: str, config: PolicyConfig, clock: SolveClock | None = None) -> SchedulingPolicy:
+    """The registered policy `name`; `clock` bounds its solves (default: the wall clock)."""
     _load_builtin()
     try:
         cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}") from None
-    return cls(config)
+    return cls(config, clock)
 
 
 def _load_builtin() -> None:
     # Importing the modules registers their classes; kept lazy so that importing the
     # registry does not pull in PuLP and SciPy.
-    from qlmserve.controller.policies import heuristics  # noqa: F401
-    from qlmserve.controller.policies import qlm  # noqa: F401 (a package)
+    from qlmserve.controller.policies import (
+        heuristics,  # noqa: F401
+        qlm,  # noqa: F401 (a package)
+    )

@@ -216,7 +216,13 @@ def cmd_bench_solver(args: argparse.Namespace) -> int:
     console = _console()
     sizes = parse_sizes(args.sizes)
     out: dict = {"setup": _setup(args)}
-    if args.compare_methods:
+    if args.calibrate:
+        from qlmserve.bench.solve_calibration import run as calibrate
+
+        cal_sizes = sizes if args.sizes != DEFAULT_SIZES else [(16, 4), (64, 8), (256, 32), (1000, 128)]
+        out["calibration"] = calibrate(console, cal_sizes, list(range(args.seed, args.seed + 3)), args.ticks,
+                                       args.load, args.budget_ms)
+    elif args.compare_methods:
         sizes = parse_sizes(args.sizes) if args.sizes != DEFAULT_SIZES else [(16, 4), (64, 8)]
         res = compare_methods(sizes, args.instances, args.seed, args.budget_ms or 200.0, args.load, args.draws,
                               args.scenarios)
@@ -287,6 +293,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draws", type=int, default=100, help="replays per plan for --compare-methods")
     p.add_argument("--scenarios", type=int, default=16, help="SAA scenarios for --compare-methods")
     p.add_argument("--phases", action="store_true", help="also print where each size's solve time went")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the modelled cost of the planner's work units (deterministic mode) to this machine")
     p.add_argument("--dump-lp", metavar="DIR", help="write each size's cold-start program as a PuLP .lp file here")
     p.add_argument("--json", default="out/bench-solver.json", help="write results here (default out/bench-solver.json)")
     p.set_defaults(func=cmd_bench_solver)

@@ -9,8 +9,14 @@ Each tick does what controller/core.py does against Redis, here against memory:
 Requests join groups with controller/grouping.py's `choose_group`; finished requests
 feed the learned output-length distribution the RWT estimator reads; a request at risk
 (latency-sensitive, or a TTFT target under ten ticks) wakes the tick at once, as in the
-controller. Time is the `EventClock`'s: nothing here reads the wall clock except to
-measure how long the planner took (optionally charged to simulated time).
+controller. Time is the `EventClock`'s. The planner runs on a WorkSolveClock
+(controller/solve_budget.py): its budget is modelled work, the same on any machine, and
+each plan takes effect once its modelled solve time has passed on the simulated clock,
+as a controller's plan does once its tick ends; the next regular tick starts a tick
+interval after that. So a seed gives the same result on any machine, under any load.
+With `charge_solve_time` the planner runs on the wall clock instead and its measured time
+is charged (the old mode, which depends on the machine). The wall clock is read only to
+report how long the run and the planner took.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ from dataclasses import dataclass, field
 
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import LengthLearner, RecentMoments
+from qlmserve.controller.estimator.service_model import reset_table_cache
 from qlmserve.controller.grouping import OpenGroup, choose_group
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
+from qlmserve.controller.solve_budget import SolveClock, WallSolveClock, WorkSolveClock
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, MoveGroup, Operation
 from qlmserve.operations.plan import Plan
-from qlmserve.sim.clock import EventClock
+from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import Fleet
 from qlmserve.sim.metrics import SimResult
 from qlmserve.sim.request import SimRequest, SimStatus
@@ -44,7 +52,9 @@ PlanObserver = Callable[["Simulation", ClusterSnapshot, Plan], None]
 class SimOptions:
     tick_interval_s: float | None = None  # default: the policy's tick_interval_ms
     wake_on_urgent: bool = True  # tick at once when a request at risk arrives (as the controller does)
-    charge_solve_time: bool = False  # apply a plan only after the planner's measured wall time
+    # Plan on the wall clock and charge the planner's measured time (depends on the machine
+    # and its load); default: modelled work on a WorkSolveClock, charged (deterministic).
+    charge_solve_time: bool = False
     drain_s: float | None = None  # stop this long after the last arrival; None: when all have finished
     max_prefill_tokens: int = 8192  # prompt tokens one iteration may prefill (vLLM-like budget)
     max_tokens: int | None = None  # max_tokens a client asks for; default: the model's context left
@@ -117,12 +127,14 @@ class Simulation:
         self.cfg = policy
         self.fleet = fleet
         self.options = options or SimOptions()
+        self.solve_clock: SolveClock = WallSolveClock() if self.options.charge_solve_time else WorkSolveClock()
         if scheduler is not None:
             self.scheduler = scheduler
+            self.scheduler.clock = self.solve_clock
             self.policy_name = scheduler.name
         else:
             self.policy_name = policy_name or policy.planner.policy
-            self.scheduler = create_policy(self.policy_name, policy)
+            self.scheduler = create_policy(self.policy_name, policy, self.solve_clock)
         self.clock = EventClock()
         self.tick_s = self.options.tick_interval_s or policy.tick_interval_ms / 1000.0
         self.workers: dict[str, SimWorker] = {
@@ -148,7 +160,10 @@ class Simulation:
         self._last_tick_at = -1.0
         self._stop_at: float | None = None
         # results
-        self.solve_times: list[float] = []
+        self.solve_times: list[float] = []  # wall seconds of each solve (reporting only)
+        self.solve_model_s: list[float] = []  # each solve's time on the solve clock (charged)
+        self._busy_until = 0.0  # the last tick's plan takes effect then (its solve time charged)
+        self._regular_timer: Timer | None = None
         self.plan_sources: Counter[str] = Counter()
         self.ops_applied: Counter[str] = Counter()
         self.ops_rejected: Counter[str] = Counter()
@@ -191,12 +206,13 @@ class Simulation:
 
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
+        reset_table_cache()  # the run's table builds are charged: the same whatever ran before
         if self.requests:
             self.clock.call_at(self.requests[0].arrival, self._on_arrival)
             last = self.requests[-1].arrival
             if self.options.drain_s is not None:
                 self._stop_at = last + self.options.drain_s
-        self.clock.call_at(0.0, self._regular_tick)
+        self._regular_timer = self.clock.call_at(0.0, self._regular_tick)
         for t in self.options.probe_times:
             self.clock.call_at(t, lambda t=t: self._probe(t))
         while self._finished < len(self.requests):
@@ -218,6 +234,7 @@ class Simulation:
             worker_counters={wid: w.counters for wid, w in self.workers.items()},
             in_flight_tokens=sum(sum(w.progress(end).values()) for w in self.workers.values()),
             tokens_at=dict(self.tokens_at), kept_ticks=self.kept_ticks, planner_wall_s=self.planner_wall_s,
+            solve_model_s=self.solve_model_s, solve_clock="wall" if self.options.charge_solve_time else "modelled",
         )
 
     def _probe(self, t: float) -> None:
@@ -240,7 +257,7 @@ class Simulation:
             # The controller plans at once for a request at risk, but one tick at a time:
             # wake-ups coalesce within `wake_min_gap_s` of the previous tick.
             self._wake_pending = True
-            self.clock.call_at(max(now, self._last_tick_at + self.options.wake_min_gap_s), self._wake_tick)
+            self.clock.call_at(max(now, self._busy_until + self.options.wake_min_gap_s), self._wake_tick)
 
     def _join_group(self, r: SimRequest, now: float) -> None:
         key = (r.model, r.slo_class)
@@ -257,14 +274,28 @@ class Simulation:
         og.add(r)
 
     def _regular_tick(self) -> None:
-        self._tick()
-        if self._finished < len(self.requests):
-            self.clock.call_later(self.tick_s, self._regular_tick)
+        self._regular_timer = None
+        self._run_tick()
 
     def _wake_tick(self) -> None:
         self._wake_pending = False
         if self.clock.now() - self._last_tick_at >= self.options.wake_min_gap_s - 1e-9:
-            self._tick()  # else a regular tick ran meanwhile and planned for this arrival
+            self._run_tick()  # else a regular tick ran meanwhile and planned for this arrival
+
+    def _run_tick(self) -> None:
+        """A tick, as the controller's loop runs them: one at a time (a tick that starts
+        while the last one's solve is still charged waits for it), and the regular timer
+        restarts from the end of every tick."""
+        now = self.clock.now()
+        if now < self._busy_until - 1e-12:
+            if self._regular_timer is None:
+                self._regular_timer = self.clock.call_at(self._busy_until, self._regular_tick)
+            return
+        self._tick()
+        if self._finished < len(self.requests):
+            if self._regular_timer is not None:
+                self._regular_timer.cancel()
+            self._regular_timer = self.clock.call_at(self._busy_until + self.tick_s, self._regular_tick)
 
     def _tick(self) -> None:
         now = self.clock.now()
@@ -273,25 +304,28 @@ class Simulation:
         self._last_tick_at = now
         self.ticks += 1
         snap = self._snapshot(now)
+        cost = 0.0
         if not snap.groups and not any(w.running for w in snap.workers):
             plan = Plan(source="idle")
-            wall = 0.0
         else:
             t0 = time.perf_counter()
             # A kept plan's queues are dispatched again, its operations not (SchedulingPolicy.next_plan).
             plan, solved = self.scheduler.next_plan(snap, self._solved_plan)
+            wall = time.perf_counter() - t0
+            cost = plan.solve_time_s  # on the solve clock: modelled, or wall under charge_solve_time
             if solved:
                 self._solved_plan = plan
-                self.solve_times.append(time.perf_counter() - t0)
+                self.solve_times.append(wall)
+                self.solve_model_s.append(cost)
             else:
                 self.kept_ticks += 1
-            wall = time.perf_counter() - t0
             self.planner_wall_s += wall
         self.plan_sources[plan.source] += 1
         for obs in self.options.observers:
             obs(self, snap, plan)
-        if self.options.charge_solve_time and wall > 0:
-            self.clock.call_at(now + wall, lambda: self._apply(plan, snap))
+        self._busy_until = now + cost
+        if cost > 0:
+            self.clock.call_at(self._busy_until, lambda: self._apply(plan, snap))
         else:
             self._apply(plan, snap)
         if self.options.progress is not None:

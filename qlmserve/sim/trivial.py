@@ -6,7 +6,6 @@ controller's registry: the simulator takes it as an injected scheduler."""
 from __future__ import annotations
 
 import heapq
-import time
 
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.snapshot import ClusterSnapshot
@@ -17,7 +16,8 @@ class LeastQueuedPolicy(SchedulingPolicy):
     name = "least-queued"
 
     def solve(self, snapshot: ClusterSnapshot) -> Plan:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
+        self.charge_bookkeeping(snapshot)
         queues: dict[str, list[str]] = {w.worker_id: [] for w in snapshot.workers if w.accepts_work}
         heaps: dict[str | None, list[tuple[int, str]]] = {}
         for w in snapshot.workers:
@@ -33,4 +33,4 @@ class LeastQueuedPolicy(SchedulingPolicy):
             load, wid = heapq.heappop(h)
             queues[wid].append(g.group_id)
             heapq.heappush(h, (load + g.size, wid))
-        return Plan(virtual_queues=queues, source=self.name, solve_time_s=time.perf_counter() - t0)
+        return Plan(virtual_queues=queues, source=self.name, solve_time_s=self.clock.now() - t0)

@@ -34,16 +34,7 @@ from typing import Protocol
 
 from qlmserve.backends.engine import PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
-from qlmserve.operations.ops import (
-    DropWarm,
-    Evict,
-    LoadModel,
-    Operation,
-    SetPreemption,
-    SwapIn,
-    SwapOut,
-    WarmModel,
-)
+from qlmserve.operations.ops import DropWarm, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut, WarmModel
 from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import ModelRuntime, WorkerSpec
 from qlmserve.sim.request import SimRequest, SimStatus

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from qlmserve.controller.estimator import GroupForecast
 from qlmserve.controller.policies.op_rules import ModelChange
+from qlmserve.controller.solve_budget import SolveClock
 
 
 @dataclass
@@ -35,13 +36,25 @@ class Stopwatch:
     """Milliseconds per phase of one solve, and what happened in it (QlmPolicy.last_phases;
     `qlm bench-solver --phases`)."""
 
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
+    def __init__(self, clock: SolveClock) -> None:
+        self.clock = clock
+        self.ms: dict[str, float] = {}  # phase -> milliseconds on the policy's clock
+        self.wall_ms: dict[str, float] = {}  # phase -> wall milliseconds (the same live)
+        self.units: dict[str, dict[str, float]] = {}  # phase -> units of work counted (solve_budget)
         self.events: list[str] = []
-        self._t = time.perf_counter()
+        self._t = clock.now()
+        self._wall = time.perf_counter()
+        self._counts = dict(clock.meter.counts)
 
     def lap(self, phase: str) -> None:
         """The time since the previous lap goes to `phase`."""
-        t = time.perf_counter()
+        t, wall = self.clock.now(), time.perf_counter()
         self.ms[phase] = self.ms.get(phase, 0.0) + (t - self._t) * 1e3
-        self._t = t
+        self.wall_ms[phase] = self.wall_ms.get(phase, 0.0) + (wall - self._wall) * 1e3
+        counts = self.clock.meter.counts
+        units = self.units.setdefault(phase, {})
+        for k, v in counts.items():
+            d = v - self._counts.get(k, 0.0)
+            if d:
+                units[k] = units.get(k, 0.0) + d
+        self._t, self._wall, self._counts = t, wall, dict(counts)

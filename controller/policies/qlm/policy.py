@@ -3,7 +3,6 @@ that explains the algorithm once; each stage lives in its own module of this pac
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 from qlmserve.controller.estimator import Forecaster
@@ -18,7 +17,9 @@ from qlmserve.controller.policies.qlm.repair import repair
 from qlmserve.controller.policies.qlm.risk import groups_at_risk, hopeless_last
 from qlmserve.controller.policies.qlm.tick import Tick
 from qlmserve.controller.policies.registry import register
+from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState
+from qlmserve.controller.solve_budget import SolveClock
 from qlmserve.operations.plan import Plan
 
 # Program size per millisecond of budget (pairs of group x candidate worker). At 256 groups
@@ -52,8 +53,8 @@ class QlmPolicy(SchedulingPolicy):
 
     name = "qlm"
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, config: PolicyConfig, clock: SolveClock | None = None) -> None:
+        super().__init__(config, clock)
         self.last_plan: Plan | None = None
         self.last_decision: Decision | None = None  # the last plan's protection and swaps (for tools)
         self.last_phases: Stopwatch | None = None  # where the last solve's time went (for tools)
@@ -98,7 +99,7 @@ class QlmPolicy(SchedulingPolicy):
             if has_work and any(w.accepts_work and w.free_slots > 0 and w.worker_id not in has_work
                                 for w in snapshot.workers):
                 return True  # an idle worker could take queued work
-        fc = Forecaster(snapshot, self.config.max_running_per_worker)
+        fc = Forecaster(snapshot, self.config.max_running_per_worker, self.clock.meter)
         protected = [w.worker_id for w in snapshot.workers if w.preemption_mode in PREEMPTION_MODES]
         forecast = fc.evaluate(last_plan.virtual_queues, protected)
         beta = self.config.planner.beta
@@ -172,11 +173,11 @@ class QlmPolicy(SchedulingPolicy):
         # swap per worker within a plan, where hopeless groups go (kept, or served last),
         # groups at risk beyond the budget's program size (they keep their base place),
         # and the cost of pausing best-effort work (bounded by max_pause_s, not priced).
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         planner = self.config.planner
         # Keep back what turning the chosen decision into a plan took last time.
         deadline = t0 + planner.solve_budget_ms / 1000.0 - min(self._finish_s, planner.solve_budget_ms / 4000.0)
-        sw = self.last_phases = Stopwatch()
+        sw = self.last_phases = Stopwatch(self.clock)
         tick = Tick(self, snapshot)
         sw.lap("estimator")
         best, cold = base_decision(tick, self.last_plan)
@@ -185,10 +186,10 @@ class QlmPolicy(SchedulingPolicy):
         if not cold and best_score.primary < tick.max_value - 1e-9 and self._edf_worth_it(
                 len(snapshot.groups), best_score.primary / tick.max_value, t0, deadline):
             # EDF list scheduling from scratch may start better than the last plan.
-            t_edf = time.perf_counter()
+            t_edf = self.clock.now()
             edf = edf_decision(tick)
             edf_score = tick.score(edf)
-            per_group = (time.perf_counter() - t_edf) / max(1, len(snapshot.groups))
+            per_group = (self.clock.now() - t_edf) / max(1, len(snapshot.groups))
             self._edf_s_per_group = 0.7 * self._edf_s_per_group + 0.3 * per_group
             self._edf_losses += 1
             self._edf_builds += 1
@@ -198,16 +199,17 @@ class QlmPolicy(SchedulingPolicy):
             sw.events.append("edf base won" if cold else "edf base lost")
             sw.lap("edf base")
         source, note = self._improve(tick, best, best_score, cold, deadline, sw)
-        t_finish = time.perf_counter()
+        t_finish = self.clock.now()
         best, best_score = tick.best, tick.best_score
         if planner.ls_fast_path:
             best = ls_fast_path(tick, best)
         self.last_decision = best
         ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
+        self.charge_bookkeeping(snapshot)  # the operations and the plan's per-group fields
         plan = Plan(virtual_queues=best.queues, operations=ops, source=source,
                     predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
-                    objective=best_score.primary, note=note, solve_time_s=time.perf_counter() - t0)
-        self._finish_s = 0.7 * self._finish_s + 0.3 * (time.perf_counter() - t_finish)
+                    objective=best_score.primary, note=note, solve_time_s=self.clock.now() - t0)
+        self._finish_s = 0.7 * self._finish_s + 0.3 * (self.clock.now() - t_finish)
         sw.lap("operations")
         self.last_plan = plan
         self._last_solve_at = snapshot.now
@@ -228,7 +230,7 @@ class QlmPolicy(SchedulingPolicy):
         if cost <= EDF_BASE_SHARE * budget:
             return True
         won_last = self._edf_builds > 0 and self._edf_losses == 0
-        return (won_last or share_met < 0.8) and time.perf_counter() + cost <= t0 + 0.5 * budget
+        return (won_last or share_met < 0.8) and self.clock.now() + cost <= t0 + 0.5 * budget
 
     def _unsettled(self, tick: Tick, at_risk: list[str]) -> tuple[list[str], int]:
         """(groups at risk the program should take this tick, how many it skips): those it
@@ -271,7 +273,7 @@ class QlmPolicy(SchedulingPolicy):
         sw.lap("risk")
         if not at_risk:
             return solved, f"the {settled} groups at risk were tried less than {self.max_plan_age_s:g} s ago"
-        if time.perf_counter() >= deadline:
+        if self.clock.now() >= deadline:
             return fallback, f"timeout: the {planner.solve_budget_ms:g} ms budget was spent before the program"
         cap = max(MIN_PAIRS, int(PAIRS_PER_MS * planner.solve_budget_ms))
         if planner.method == "saa":
@@ -280,7 +282,7 @@ class QlmPolicy(SchedulingPolicy):
         sw.lap("program")
         if built is None:
             return solved, "no group at risk has a candidate worker"
-        left = deadline - time.perf_counter()
+        left = deadline - self.clock.now()
         if left <= 0:
             return fallback, "timeout: the budget was spent building the program"
         floor = ALLOWANCE_FLOOR * planner.solve_budget_ms / 1000.0

@@ -39,6 +39,7 @@ from scipy import special
 
 from qlmserve.controller.estimator import sample_sum
 from qlmserve.controller.policies.op_rules import ModelChange
+from qlmserve.controller.solve_budget import SolveClock, highs_checkpoints
 
 
 @dataclass(frozen=True)
@@ -407,20 +408,43 @@ def _saa_constraints(m: ProgramModel, program: Program, by_w, ahead_var) -> None
                     m.le(ref + always + meet, G[i].slack_s + big_m - const, f"slo_free_g{i}_w{j}_s{s}")
 
 
+# On a deterministic clock HiGHS stops by its own checkpoints; this wall-clock limit is only
+# a guard against a runaway solve (it does not bind on a machine within 20x of the
+# reference one, and would make that run machine-dependent if it did).
+WORK_MODE_TIME_GUARD_S = 30.0
+
+
 def solve_program(m: ProgramModel, time_limit_s: float, start: np.ndarray | None = None,
-                  gap_rel: float = 1e-4) -> ProgramSolution | None:
+                  gap_rel: float = 1e-4, clock: SolveClock | None = None) -> ProgramSolution | None:
     """Solve with HiGHS in-process; None when no integer-feasible solution was found in time.
     `start` (a value per column) is handed to HiGHS as a MIP start. The model goes to
     HiGHS in one call, as arrays: handing it over a column and a row at a time (PuLP's
     HiGHS interface) took longer than HiGHS's own work on the 256 x 32 instances of
-    `qlm bench-solver`."""
-    t0 = time.perf_counter()
+    `qlm bench-solver`.
+
+    On a deterministic clock (the simulator) `time_limit_s` is modelled time: HiGHS stops
+    after the number of its MIP interrupt checkpoints that the allowance buys
+    (solve_budget.highs_checkpoints), which is the same on any machine, and the clock's
+    meter is charged for the checkpoints it ran. HiGHS with one thread is deterministic;
+    its wall-clock time limit is then only a guard (WORK_MODE_TIME_GUARD_S)."""
+    now = clock.now if clock is not None else time.perf_counter
+    t0 = now()
     n, rows = m.num_cols, len(m.row_names)
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
     h.setOptionValue("mip_rel_gap", gap_rel)
-    h.setOptionValue("time_limit", max(1e-3, time_limit_s))
+    deterministic = clock is not None and clock.deterministic
+    h.setOptionValue("time_limit", WORK_MODE_TIME_GUARD_S if deterministic else max(1e-3, time_limit_s))
+    limit = highs_checkpoints(time_limit_s) if deterministic else None
+    checkpoints = [0]
+
+    def on_checkpoint(e: highspy.highs.HighsCallbackEvent) -> None:
+        checkpoints[0] += 1
+        if limit is not None and checkpoints[0] >= limit:
+            e.interrupt()
+
+    h.cbMipInterrupt.subscribe(on_checkpoint)
     ones = np.ones(n)
     status = h.passModel(n, rows, len(m.index), int(highspy.MatrixFormat.kRowwise), int(highspy.ObjSense.kMaximize),
                          0.0, np.asarray(m.cost, dtype=np.float64), np.zeros(n), ones,
@@ -435,9 +459,13 @@ def solve_program(m: ProgramModel, time_limit_s: float, start: np.ndarray | None
     h.run()
     model_status = h.getModelStatus()
     info = h.getInfo()
+    if clock is not None:
+        clock.meter.charge("highs_setup")
+        clock.meter.charge("highs_checkpoint", checkpoints[0])
     optimal = model_status == highspy.HighsModelStatus.kOptimal
-    if not optimal and (model_status != highspy.HighsModelStatus.kTimeLimit or info.primal_solution_status != 2):
-        return None  # infeasible, an error, or the time limit with no integer solution
+    stopped = model_status in (highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kInterrupt)
+    if not optimal and (not stopped or info.primal_solution_status != 2):
+        return None  # infeasible, an error, or stopped with no integer solution
     col = np.asarray(h.getSolution().col_value) > 0.5
     v = m.vars
     on_time = {i: j for (i, j), c in v.y.items() if col[c]}
@@ -447,4 +475,4 @@ def solve_program(m: ProgramModel, time_limit_s: float, start: np.ndarray | None
     protected = {j for j, c in v.p.items() if col[c]}
     return ProgramSolution(status="optimal" if optimal else "feasible", objective=float(info.objective_function_value),
                            on_time=on_time, placed=placed, options=options, protected=protected,
-                           solve_s=time.perf_counter() - t0)
+                           solve_s=now() - t0)

@@ -220,7 +220,10 @@ def build(tick: Tick, base: Decision, cand: dict[str, list[WorkerState]], full: 
                       place_reward=0.0 if planner.drop_hopeless else PLACE_REWARD)
     ctx = ProgramContext(program, kept, gids, wids, protect_of,
                           {gid: base_worker.get(gid) or cand[gid][0].worker_id for gid in unplaced}, full)
-    return Built(ctx, build_model(program))
+    model = build_model(program)
+    meter = tick.policy.clock.meter
+    meter.charge("pair", len(pairs))
+    return Built(ctx, model)
 
 
 def insertion(tick: Tick, g: GroupState, kept: list[str], states: list[QueueCursor], own_queue: list[str] | None,
@@ -277,7 +280,7 @@ def run_solver(tick: Tick, built: Built, base: Decision, limit_s: float,
     m = built.model
     start = mip_start(tick, built, base, base_score)
     try:
-        sol = solve_program(m, limit_s, start=start)
+        sol = solve_program(m, limit_s, start=start, clock=tick.policy.clock)
     except RuntimeError as exc:
         return None, f"solver error: {exc}"
     if sol is None:

@@ -3,7 +3,6 @@ corrects what the program's linearisation got wrong."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -39,6 +38,7 @@ def repair(tick: Tick, d: Decision, d_score: Score, built: Built, deadline: floa
     queue changes. It stops at `deadline`, or on a partial program after
     REPAIR_S_PER_MISS per group that may move (at least `floor_s`)."""
     ctx = built.ctx
+    clock = tick.policy.clock
     cleared = {wid for wid, c in d.changes.items() if c.clear is not None}
     cands: dict[str, list[str]] = {}
     for pr in ctx.program.pairs:
@@ -72,7 +72,7 @@ def repair(tick: Tick, d: Decision, d_score: Score, built: Built, deadline: floa
     exhaustive = ctx.full
     first = True
     improved = True
-    while improved and time.perf_counter() < deadline:
+    while improved and clock.now() < deadline:
         improved = False
         meets = {}
         for g in ctx.group_ids:
@@ -81,10 +81,10 @@ def repair(tick: Tick, d: Decision, d_score: Score, built: Built, deadline: floa
         # Small instances: every group may move (a local optimum); else those missing.
         movable = ctx.group_ids if exhaustive else [g for g in ctx.group_ids if not meets[g]]
         if first and not exhaustive:
-            deadline = min(deadline, time.perf_counter() + max(floor_s, REPAIR_S_PER_MISS * len(movable)))
+            deadline = min(deadline, clock.now() + max(floor_s, REPAIR_S_PER_MISS * len(movable)))
         first = False
         for gid in sorted(movable, key=lambda g: (meets[g], -tick.value[g], g)):
-            if time.perf_counter() >= deadline:
+            if clock.now() >= deadline:
                 break
             src = where[gid]
             src_q = [h for h in queues[src] if h != gid]
@@ -93,7 +93,7 @@ def repair(tick: Tick, d: Decision, d_score: Score, built: Built, deadline: floa
             for wid in cands.get(gid, []):
                 q = src_q if wid == src else queues.get(wid, [])
                 for pos in repair_positions(tick, gid, q):
-                    if time.perf_counter() >= deadline:
+                    if clock.now() >= deadline:
                         break
                     trial = q[:pos] + [gid] + q[pos:]
                     if wid == src and trial == queues[src]:

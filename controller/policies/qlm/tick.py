@@ -24,7 +24,7 @@ class Tick:
         self.snap = snapshot
         self.beta = self.cfg.planner.beta
         self.method = self.cfg.planner.method
-        self.fc = Forecaster(snapshot, self.cfg.max_running_per_worker)
+        self.fc = Forecaster(snapshot, self.cfg.max_running_per_worker, policy.clock.meter)
         self.live = [w for w in snapshot.workers if w.accepts_work]
         self.workers = {w.worker_id: w for w in self.live}
         self.windex = {w.worker_id: i for i, w in enumerate(self.live)}
@@ -72,6 +72,7 @@ class Tick:
                      other_score.expected + now.expected - was.expected, fc)
 
     def score_forecasts(self, fc: dict[str, GroupForecast], cost: float) -> Score:
+        self.policy.clock.meter.charge("score_group", len(fc))
         expected = sum(self.value[g] * f.attainment() for g, f in fc.items())
         if self.method == "saa":
             primary = expected - cost
