@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from qlmserve.backends.engine import Engine
-from qlmserve.controller.policy import ModelSpec
+from qlmserve.operations.model_spec import ModelSpec
 
 ENGINE_NAMES = ("hf", "sim")
 

@@ -50,8 +50,8 @@ from qlmserve.backends.engine import (
     FinishReason,
     OpCost,
     PreemptionMode,
-    batch_limit,
     TokenEvent,
+    batch_limit,
 )
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.sim.clock import Clock, RealClock

@@ -10,10 +10,9 @@ import time
 
 import redis
 
+from qlmserve import redis_scripts as scripts
 from qlmserve.backends.engine import TokenEvent
-from qlmserve.controller import scripts
-from qlmserve.controller.keys import Keys
-from qlmserve.controller.store import FINISHED_RETENTION_S
+from qlmserve.redis_keys import FINISHED_RETENTION_S, Keys
 
 
 class TokenSink:

@@ -30,7 +30,7 @@ import yaml
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, PreemptionMode, TokenEvent
 from qlmserve.backends.factory import create_engine
 from qlmserve.backends.token_sink import TokenSink
-from qlmserve.controller.policy import ModelSpec
+from qlmserve.operations.model_spec import ModelSpec
 from qlmserve.pb import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("qlm.worker")

@@ -1,4 +1,4 @@
-"""`qlm serve | worker | submit | status | cancel | queue | workers | plan | policy | drain`.
+"""`qlm serve | submit | status | cancel | queue | workers | plan | policy | drain`.
 
 Tables for people, `--json` for scripts."""
 
@@ -33,20 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-log-dir", help="keep local workers' logs here")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="run a worker that dials a controller")
-    p.add_argument("--controller", default=DEFAULT_ADDRESS)
-    p.add_argument("--id", default="", help="worker id (default: host-pid)")
-    p.add_argument("--engine", default="hf", choices=["hf", "sim"])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--kv-capacity", type=int, help="KV cache capacity in tokens")
-    p.add_argument("--preload", help="model to load before taking work")
-    p.add_argument("--preemption", default="none", choices=["none", "iteration", "expert"])
-    p.add_argument("--max-pause", type=float, default=2.0)
-    p.add_argument("--sim-profile", help="WorkerProfile YAML for --engine sim")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF engine (default 1)")
-    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="submit a request and stream its tokens")
     _addr(p)
@@ -149,17 +135,6 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def cmd_worker(args) -> int:
-    from qlmserve.backends.worker import WorkerOptions, run_worker
-
-    _logging()
-    return run_worker(WorkerOptions(controller=args.controller, worker_id=args.id, engine=args.engine,
-                                    device=args.device, max_batch_size=args.max_batch,
-                                    kv_capacity_tokens=args.kv_capacity, preload=args.preload,
-                                    preemption=args.preemption, max_pause_s=args.max_pause,
-                                    sim_profile=args.sim_profile, seed=args.seed, threads=args.threads))
 
 
 # ---- client commands -----------------------------------------------------------------

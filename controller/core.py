@@ -30,7 +30,7 @@ from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStat
 from qlmserve.controller.store import GroupRecord, RedisStore, SubmitResult
 from qlmserve.controller.tokenizers import TokenizerCache
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
-from qlmserve.operations.ops import LoadModel, MoveGroup, Operation
+from qlmserve.operations.ops import LoadModel, MoveGroup, Operation, SetPreemption
 from qlmserve.operations.plan import Plan
 
 log = logging.getLogger("qlm.controller")
@@ -405,7 +405,8 @@ class Controller:
         if rids and any(op2.kind == kind and set(op2.request_ids) & set(rids) for op2 in h.pending.values()):
             return
         self.metrics.operations.labels(kind).inc()
-        h.send(OpCommand(next_op_id(), kind, rids, model, getattr(op, "mode", ""), getattr(op, "max_pause_s", 0.0)))
+        mode = op.mode.value if isinstance(op, SetPreemption) else ""
+        h.send(OpCommand(next_op_id(), kind, rids, model, mode, getattr(op, "max_pause_s", 0.0)))
 
     # ---- worker sessions --------------------------------------------------------------
 

@@ -8,7 +8,7 @@ several models; planner-chosen swaps arrive as plan operations instead).
 
 Under ITERATION / EXPERT (the mode in force, or the one the plan sets) latency-sensitive
 groups take slots beyond the batch limit, as the engines admit them
-(backends.engine.batch_limit); best-effort work only fills the batch limit.
+(operations.batching.batch_limit); best-effort work only fills the batch limit.
 
 Swapped-out requests (KV in host memory) resume here, every tick, into free slots ahead
 of queued best-effort groups but after the latency-sensitive groups at the queue head:
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.backends.engine import batch_limit
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
+from qlmserve.operations.batching import batch_limit
 from qlmserve.operations.ops import Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 

@@ -33,7 +33,7 @@ def ensure_models(policy: PolicyConfig) -> None:
     """Build the tiny random-weight models a policy asks for (tiny_seed) where missing."""
     for spec in policy.models.values():
         if spec.tiny_seed is not None and spec.path:
-            from qlmserve.backends.hf.tiny import ensure_tiny_model
+            from qlmserve.tiny_models import ensure_tiny_model
 
             ensure_tiny_model(spec.kind, spec.path, seed=spec.tiny_seed, num_layers=spec.tiny_layers)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from qlmserve.backends.engine import batch_limit
+from qlmserve.operations.batching import PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
 
 
@@ -98,7 +98,7 @@ class WorkerState:
     loading_model: str | None = None  # a model swap in progress
     # models this worker can hold (device memory, engine support); None = any model of the policy
     servable_models: frozenset[str] | None = None
-    preemption_mode: str = "none"  # backends.engine.PreemptionMode value now in force
+    preemption_mode: PreemptionMode = PreemptionMode.NONE  # the mode in force
     # host RAM set aside for swapped-out KV (GPU-CPU state swap); None = not limited
     host_kv_capacity_tokens: int | None = None
     host_kv_used_tokens: int = 0
@@ -123,7 +123,7 @@ class WorkerState:
     @property
     def ls_free_slots(self) -> int:
         """Batch slots a latency-sensitive request may take under the mode in force: beyond
-        max_batch_size under ITERATION / EXPERT (backends.engine.batch_limit)."""
+        max_batch_size under ITERATION / EXPERT (operations.batching.batch_limit)."""
         return max(0, batch_limit(self.preemption_mode, True, self.max_batch_size) - self.active)
 
     @property

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from qlmserve.controller import scripts
+from qlmserve import redis_scripts as scripts
 from qlmserve.controller.grouping import OpenGroup, choose_group
-from qlmserve.controller.keys import Keys
 from qlmserve.controller.policy import GroupingConfig
 from qlmserve.controller.request import Request, RequestStatus
+from qlmserve.redis_keys import FINISHED_RETENTION_S, Keys
 
 IDEMPOTENCY_TTL_S = 24 * 3600
-FINISHED_RETENTION_S = 3600  # a finished request, its tokens and stream stay readable this long
 
 
 @dataclass(frozen=True)

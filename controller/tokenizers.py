@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from qlmserve.controller.policy import ModelSpec
+    from qlmserve.operations.model_spec import ModelSpec
 
 
 class TokenizerCache:

@@ -3,17 +3,19 @@ worker. Nothing here talks to a network; the controller turns them into worker
 commands at the edge (controller/service/convert.py), the simulator applies them
 to simulated workers.
 
-Each operation has `estimated_cost(profile, ...)`, the time it costs the worker,
-which the planner weighs against the SLO time it buys.
+What an operation costs is modelled where the planner weighs it against the SLO time it
+buys: lost and recomputed work in controller/policies/op_rules.py (victim_cost_s,
+protection_cost_s), model loads and drains in the RWT estimator, all from the worker's
+WorkerProfile (operations/costs.py).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
-from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.batching import PreemptionMode
 
 
 class OpKind(str, enum.Enum):
@@ -34,10 +36,6 @@ class Evict:
     reason: str = ""
     kind: OpKind = OpKind.EVICT
 
-    def estimated_cost(self, profile: WorkerProfile, recompute_tokens: int = 0) -> float:
-        """Eviction is free now; the cost is recomputing the KV when the request runs again."""
-        return profile.prefill_time(recompute_tokens)
-
 
 @dataclass(frozen=True)
 class SwapOut:
@@ -45,9 +43,6 @@ class SwapOut:
     request_ids: tuple[str, ...]
     reason: str = ""
     kind: OpKind = OpKind.SWAP_OUT
-
-    def estimated_cost(self, profile: WorkerProfile, kv_tokens: int = 0) -> float:
-        return profile.kv_swap_time(kv_tokens)
 
 
 @dataclass(frozen=True)
@@ -57,9 +52,6 @@ class SwapIn:
     reason: str = ""
     kind: OpKind = OpKind.SWAP_IN
 
-    def estimated_cost(self, profile: WorkerProfile, kv_tokens: int = 0) -> float:
-        return profile.kv_swap_time(kv_tokens)
-
 
 @dataclass(frozen=True)
 class LoadModel:
@@ -67,9 +59,6 @@ class LoadModel:
     model: str
     reason: str = ""
     kind: OpKind = OpKind.LOAD_MODEL
-
-    def estimated_cost(self, profile: WorkerProfile, weight_bytes: int = 0, warm: bool = False) -> float:
-        return profile.model_load_time(weight_bytes, warm)
 
 
 @dataclass(frozen=True)
@@ -79,10 +68,6 @@ class WarmModel:
     reason: str = ""
     kind: OpKind = OpKind.WARM_MODEL
 
-    def estimated_cost(self, profile: WorkerProfile, weight_bytes: int = 0) -> float:
-        """Runs beside serving (disk -> host RAM); it costs host memory, not device time."""
-        return 0.0
-
 
 @dataclass(frozen=True)
 class DropWarm:
@@ -90,9 +75,6 @@ class DropWarm:
     model: str
     reason: str = ""
     kind: OpKind = OpKind.DROP_WARM
-
-    def estimated_cost(self, profile: WorkerProfile) -> float:
-        return 0.0
 
 
 @dataclass(frozen=True)
@@ -107,21 +89,15 @@ class MoveGroup:
     def worker_id(self) -> str:
         return self.dst_worker_id
 
-    def estimated_cost(self, profile: WorkerProfile) -> float:
-        """Waiting requests live in Redis, so moving a group between virtual queues is free."""
-        return 0.0
-
 
 @dataclass(frozen=True)
 class SetPreemption:
     worker_id: str
-    mode: str  # backends.engine.PreemptionMode value: none | iteration | expert
+    mode: PreemptionMode
     max_pause_s: float = 2.0
     reason: str = ""
     kind: OpKind = OpKind.SET_PREEMPTION
 
-    def estimated_cost(self, profile: WorkerProfile) -> float:
-        return 0.0
 
 
 Operation = Union[Evict, SwapOut, SwapIn, LoadModel, WarmModel, DropWarm, MoveGroup, SetPreemption]
@@ -130,7 +106,10 @@ Operation = Union[Evict, SwapOut, SwapIn, LoadModel, WarmModel, DropWarm, MoveGr
 WORKER_OPS = (OpKind.EVICT, OpKind.SWAP_OUT, OpKind.SWAP_IN, OpKind.LOAD_MODEL,
               OpKind.WARM_MODEL, OpKind.DROP_WARM, OpKind.SET_PREEMPTION)
 
-# Policy operation names (controller/policy.py OPERATION_NAMES) -> the op kinds they allow.
+# The operations a policy file may enable (planner.operations).
+OPERATION_NAMES = ("evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt")
+OperationName = Literal["evict", "kv_swap", "model_swap", "warm_start", "load_balance", "preempt"]
+# Policy operation names -> the op kinds they allow.
 OPS_BY_POLICY_NAME: dict[str, tuple[OpKind, ...]] = {
     "evict": (OpKind.EVICT,),
     "kv_swap": (OpKind.SWAP_OUT, OpKind.SWAP_IN),

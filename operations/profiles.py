@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from qlmserve.operations.costs import WorkerProfile
 
+from qlmserve.operations.costs import WorkerProfile
 from qlmserve.yaml_config import parse_yaml_model
 
 DEFAULT_GPU_PROFILES = Path(__file__).resolve().parent.parent / "configs" / "gpu_profiles.yaml"

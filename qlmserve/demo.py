@@ -9,8 +9,6 @@ table per SLO class.
 
 from __future__ import annotations
 
-from qlmserve.ui import console
-
 import argparse
 import asyncio
 import json
@@ -21,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from qlmserve.ui import console
 
 
 @dataclass

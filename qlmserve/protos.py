@@ -30,8 +30,8 @@ def _digest(files: list[Path]) -> str:
 
 
 def generate() -> None:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     files = _proto_files()
     if not files:

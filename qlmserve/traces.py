@@ -346,7 +346,6 @@ def build_workload(trace: Trace, spec: WorkloadSpec) -> list[WorkloadRequest]:
     rng = np.random.default_rng(spec.seed)
     period = trace.period_s / spec.load
     base = [(r.arrival_s - trace.records[0].arrival_s) / spec.load for r in trace.records]
-    n_trace = len(trace.records)
     out: list[tuple[float, int, int]] = []  # (arrival, source index, loop)
     loop = 0
     while True:

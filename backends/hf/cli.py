@@ -33,7 +33,7 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
     from qlmserve.bench.hf_bench_common import BENCH_LAYERS, BENCH_SHAPE
 
-    from .tiny import ensure_tiny_model
+    from qlmserve.tiny_models import ensure_tiny_model
 
     overrides = _parse_overrides(args.set or [])
     layers = args.layers
@@ -50,7 +50,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from qlmserve.controller.policy import ModelSpec
+    from qlmserve.operations.model_spec import ModelSpec
 
     from .engine import HFEngine
     from .profile import ProfileOptions, profile_engine
@@ -103,7 +103,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .tiny import TINY_KINDS
+    from qlmserve.tiny_models import TINY_KINDS
 
     p = sub.add_parser("models", help="local model folders (tiny models with seeded weights)")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")

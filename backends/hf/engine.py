@@ -28,16 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qlmserve.backends.engine import (
-    Engine,
-    EngineError,
-    EngineRequest,
-    EngineStats,
-    OpCost,
-    PreemptionMode,
-    TokenEvent,
-)
-from qlmserve.controller.policy import ModelSpec
+from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, OpCost, PreemptionMode, TokenEvent
+from qlmserve.operations.model_spec import ModelSpec
 
 from .forward import ForwardPass
 from .kv_cache import PagedKVCache

@@ -9,14 +9,14 @@
   work can start; it resumes later where it stopped.
 
 Under ITERATION and EXPERT an LS request may join beyond `max_batch_size` (up to
-`LS_BATCH_FACTOR` times it, backends.engine.batch_limit). KV must still fit.
+`LS_BATCH_FACTOR` times it, operations.batching.batch_limit). KV must still fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.backends.engine import PreemptionMode, batch_limit
+from qlmserve.operations.batching import PreemptionMode, batch_limit
 
 from .sequence import Sequence
 

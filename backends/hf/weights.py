@@ -24,7 +24,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from qlmserve.controller.policy import ModelSpec
+    from qlmserve.operations.model_spec import ModelSpec
 
 
 @dataclass(frozen=True)

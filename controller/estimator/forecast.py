@@ -25,6 +25,7 @@ from qlmserve.controller.estimator.service_model import (
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import DEFAULT_LENGTHS, ClusterSnapshot, GroupState
 from qlmserve.controller.solve_budget import WorkMeter
+from qlmserve.operations.batching import PreemptionMode
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,8 @@ class Forecaster:
                     min(len(mine), slots), sum(r.prompt_tokens + r.generated_tokens for r in mine[:slots]))
                 residual = WaitEstimate(now_step / 2, now_step * now_step / 12)
                 lead_free = residual + WaitEstimate(now_step, 0.0)
-                lead_ls = ZERO if w.preemption_mode == "expert" else residual
-                if w.preemption_mode == "none":
+                lead_ls = ZERO if w.preemption_mode == PreemptionMode.EXPERT else residual
+                if w.preemption_mode == PreemptionMode.NONE:
                     lead_ls = lead_free
             out[w.worker_id] = WorkerModel(w, slots, step, model, ready, table, table_ls, extra,
                                            snap.model_bytes, self.item_stats, lead_free=lead_free,

@@ -13,8 +13,9 @@ import numpy as np
 from scipy import special
 
 from qlmserve.controller.estimator.distributions import gamma_shape_scale
-from qlmserve.controller.policy import OutputPrior, PolicyConfig
+from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import DEFAULT_LENGTHS, LengthStats, RunningRequest
+from qlmserve.operations.model_spec import OutputPrior
 
 # ---- 1. output lengths ------------------------------------------------------------------
 

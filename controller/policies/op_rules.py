@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from qlmserve.backends.engine import batch_limit
 from qlmserve.controller.estimator import Forecaster, model_kind_is_moe
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import (
@@ -30,6 +29,7 @@ from qlmserve.controller.snapshot import (
     WorkerState,
     leading_latency_sensitive,
 )
+from qlmserve.operations.batching import PreemptionMode, batch_limit
 from qlmserve.operations.ops import (
     OPS_BY_POLICY_NAME,
     DropWarm,
@@ -43,12 +43,10 @@ from qlmserve.operations.ops import (
     WarmModel,
 )
 
-EXPERT = "expert"
-ITERATION = "iteration"
 # Protections that change the worker's preemption mode instead of taking requests off the
-# device: LS requests join beyond the batch limit and are prefilled first (and, EXPERT,
+# device: LS requests join beyond the batch limit and are prefilled first (and, PreemptionMode.EXPERT,
 # inside a paused best-effort pass); no best-effort work is lost.
-PREEMPTION_MODES = (EXPERT, ITERATION)
+PREEMPTION_MODES = (PreemptionMode.EXPERT, PreemptionMode.ITERATION)
 EVICT = "evict"
 SWAP = "swap"
 
@@ -107,13 +105,13 @@ def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
         # A dense model has no expert boundary to pause at: iteration-level preemption
         # (LS first at the next iteration, beyond the batch limit) costs it no lost work,
         # where an eviction or a KV swap-out costs recompute or two copies.
-        return EXPERT if model_kind_is_moe(config, w.active_model) else ITERATION
+        return PreemptionMode.EXPERT if model_kind_is_moe(config, w.active_model) else PreemptionMode.ITERATION
     return removal_mechanism(config, w, be)
 
 
 def slot_mechanism(config: PolicyConfig, w: WorkerState, mechanism: str) -> str | None:
     """How BE running requests leave the device to give LS requests batch slots under a
-    protection `mechanism`: itself for EVICT / SWAP; under EXPERT / ITERATION (which frees
+    protection `mechanism`: itself for EVICT / SWAP; under PreemptionMode.EXPERT / PreemptionMode.ITERATION (which frees
     no slot; LS requests join beyond the batch limit) the cheaper enabled removal, if any."""
     if mechanism not in PREEMPTION_MODES:
         return mechanism
@@ -144,8 +142,8 @@ def victims(w: WorkerState, needed: int, mechanism: str | None) -> list[RunningR
 def ls_requests_needing_slots(w: WorkerState, queue: Sequence[GroupState], slots: int,
                               mechanism: str | None = None) -> int:
     """LS requests of the queue's leading run (up to the first BE group) beyond the slots
-    they may take: under EXPERT / ITERATION protection, or a worker already in one of those
-    modes, LS requests join beyond the batch limit (backends.engine.batch_limit)."""
+    they may take: under PreemptionMode.EXPERT / PreemptionMode.ITERATION protection, or a worker already in one of those
+    modes, LS requests join beyond the batch limit (operations.batching.batch_limit)."""
     ls = sum(g.size for g in leading_latency_sensitive(queue))
     mode = mechanism if mechanism in PREEMPTION_MODES else w.preemption_mode
     limit = batch_limit(mode, True, slots)
@@ -241,7 +239,7 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
             ops.append(SetPreemption(wid, mech, max_pause_s=max_pause,
                                      reason="latency-sensitive groups wait behind a best-effort batch"))
         elif mech not in PREEMPTION_MODES and w.preemption_mode in PREEMPTION_MODES and not has_ls:
-            ops.append(SetPreemption(wid, "none", max_pause_s=max_pause, reason="no latency-sensitive work queued"))
+            ops.append(SetPreemption(wid, PreemptionMode.NONE, max_pause_s=max_pause, reason="no latency-sensitive work queued"))
         ops.extend(_warm(w, queue, change))
     for wid, queue in queues.items():
         for gid in queue:

@@ -22,8 +22,8 @@ from qlmserve.controller.estimator import WaitEstimate, predict_group_wait
 from qlmserve.controller.policies import policy_names
 from qlmserve.controller.snapshot import ClusterSnapshot
 from qlmserve.operations.plan import Plan
-from qlmserve.sim.driver import Simulation, SimOptions
-from qlmserve.traces import load_trace, resolve_trace_path
+from qlmserve.sim.driver import SimOptions, Simulation
+from qlmserve.traces import resolve_trace_path
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 
 from qlmserve.backends.engine import EngineRequest, PreemptionMode, TokenEvent
 from qlmserve.backends.hf.engine import HFEngine
-from qlmserve.backends.hf.tiny import ensure_tiny_model
-from qlmserve.controller.policy import ModelSpec
+from qlmserve.operations.model_spec import ModelSpec
+from qlmserve.tiny_models import ensure_tiny_model
 
 BENCH_SHAPE: dict[str, int] = dict(
     hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlmserve.controller.policy import OPERATION_NAMES, PolicyConfig
+from qlmserve.controller.policy import PolicyConfig
+from qlmserve.operations.ops import OPERATION_NAMES
 from qlmserve.operations.profiles import load_gpu_profiles
 from qlmserve.sim.fleet import Fleet, uniform_fleet
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.controller.policies import policy_names
-from qlmserve.sim.driver import Simulation, SimOptions
+from qlmserve.sim.driver import SimOptions, Simulation
 from qlmserve.sim.metrics import ops_used, summarize
 from qlmserve.traces import Trace, WorkloadSpec, build_workload, describe_workload, load_trace, resolve_trace_path
 

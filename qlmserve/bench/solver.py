@@ -29,8 +29,8 @@ import numpy as np
 from qlmserve.bench.instances import InstanceSpec, advance, make_policy, random_snapshot
 from qlmserve.bench.replay import gamma_sampler, replay_ttft
 from qlmserve.controller.policies import create_policy
-from qlmserve.controller.policies.op_rules import EXPERT
 from qlmserve.controller.snapshot import ClusterSnapshot
+from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.plan import Plan
 
 DEFAULT_SIZES = "16x4,64x8,256x32,1000x128,2000x256"
@@ -125,13 +125,13 @@ def plan_effects(policy, snapshot: ClusterSnapshot, plan: Plan) -> tuple[frozens
     else:
         prot, cleared = set(), set()
         for op in plan.operations:
-            if op.kind.value == "set_preemption" and op.mode == EXPERT:
+            if op.kind.value == "set_preemption" and op.mode == PreemptionMode.EXPERT:
                 prot.add(op.worker_id)
             if op.kind.value in ("evict", "swap_out"):
                 prot.add(op.worker_id)
     groups = {g.group_id: g for g in snapshot.groups}
     for w in snapshot.workers:
-        if w.preemption_mode == EXPERT and any(groups[g].latency_sensitive for g in plan.virtual_queues.get(
+        if w.preemption_mode == PreemptionMode.EXPERT and any(groups[g].latency_sensitive for g in plan.virtual_queues.get(
                 w.worker_id, []) if g in groups):
             prot.add(w.worker_id)
     return frozenset(prot), frozenset(cleared)

@@ -9,8 +9,6 @@ through the real gRPC Submit API with many concurrent clients.
 
 from __future__ import annotations
 
-from qlmserve.ui import console
-
 import argparse
 import asyncio
 import json
@@ -21,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from qlmserve.ui import console
 
 
 def register(sub: argparse._SubParsersAction) -> None:

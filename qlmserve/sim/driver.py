@@ -399,7 +399,7 @@ class Simulation:
             running=tuple(running), profile=w.profile, gpu=spec.gpu,
             host_ram_models=int(spec.host_ram_bytes // biggest) if biggest else 0,
             loading_model=w.loading_model, servable_models=frozenset(spec.models),
-            preemption_mode=w.mode.value, host_kv_capacity_tokens=spec.host_kv_tokens,
+            preemption_mode=w.mode, host_kv_capacity_tokens=spec.host_kv_tokens,
             host_kv_used_tokens=w.host_kv_used,
         )
         self._worker_cache[w.worker_id] = ((w.version, ready, now), ws)

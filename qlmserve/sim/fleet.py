@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from qlmserve.backends.engine import PreemptionMode
+from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.profiles import GpuProfileTable, ProfileError, load_gpu_profiles, load_profile_file
 from qlmserve.yaml_config import field_error, parse_yaml_model, read_config

@@ -20,7 +20,7 @@ without recomputation (its end moves by the inserted prefill). At most `max_paus
 prefill is inserted into one unit.
 
 ITERATION (and EXPERT) modes admit latency-sensitive requests first, beyond the batch
-limit when needed (backends.engine.batch_limit, as every engine does), and prefill them in
+limit when needed (operations.batching.batch_limit, as every engine does), and prefill them in
 an iteration of their own; NONE admits in arrival order and mixes prefill with decode.
 """
 
@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qlmserve.backends.engine import PreemptionMode, batch_limit
+from qlmserve.operations.batching import PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import DropWarm, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut, WarmModel
 from qlmserve.sim.clock import EventClock, Timer

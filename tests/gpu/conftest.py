@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlmserve.backends.hf.tiny import TINY_KINDS, ensure_tiny_model
+from qlmserve.tiny_models import TINY_KINDS, ensure_tiny_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 import torch
-
 from gpu_helpers import check_events, make_engine, make_requests, reference_tokens, run_until_idle, tokens_of
+
 from qlmserve.backends.engine import EngineError, EngineRequest, FinishReason
 
 pytestmark = pytest.mark.gpu

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from gpu_helpers import make_engine, make_requests, reference_tokens, run_until_idle, tokens_of
+
 from qlmserve.backends.engine import EngineError
 
 pytestmark = pytest.mark.gpu

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from gpu_helpers import make_engine
+
 from qlmserve.backends.hf.profile import ProfileOptions, profile_engine
-from qlmserve.backends.hf.tiny import MARKER, ensure_tiny_model
 from qlmserve.cli import main as qlm_main
 from qlmserve.operations.profiles import load_profile_file
+from qlmserve.tiny_models import MARKER, ensure_tiny_model
 
 pytestmark = pytest.mark.gpu
 

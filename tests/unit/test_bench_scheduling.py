@@ -8,7 +8,7 @@ from qlmserve.bench.calibrate import PredictionRecorder, calibration
 from qlmserve.bench.scenarios import SCENARIOS
 from qlmserve.bench.scheduling import Job, evaluate_targets, output_stats, run_job, scenario_workload
 from qlmserve.cli import build_parser
-from qlmserve.sim.driver import Simulation, SimOptions
+from qlmserve.sim.driver import SimOptions, Simulation
 from qlmserve.traces import BUNDLED_AZURE_SLICE, load_trace
 
 

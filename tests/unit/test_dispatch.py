@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
+from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import SetPreemption, SwapOut
 from qlmserve.operations.plan import Plan
@@ -77,7 +78,7 @@ def test_latency_sensitive_groups_take_room_beyond_a_full_batch_under_preemption
     snap = ClusterSnapshot(0.0, (_group("ls", 2, 1.0, ls=True), _group("be", 2, 60.0)), (_worker("w0", 4),), {}, {})
     plan = Plan({"w0": ["ls", "be"]})
     assert dispatch(plan, snap, 4)[0] == []  # NONE: no room
-    expert = replace(snap, workers=(replace(snap.workers[0], preemption_mode="expert"),))
+    expert = replace(snap, workers=(replace(snap.workers[0], preemption_mode=PreemptionMode.EXPERT),))
     assert _taken(dispatch(plan, expert, 4)[0]) == {"w0": ["ls-0", "ls-1"]}
-    planned = Plan({"w0": ["ls", "be"]}, [SetPreemption("w0", "iteration")])
+    planned = Plan({"w0": ["ls", "be"]}, [SetPreemption("w0", PreemptionMode.ITERATION)])
     assert _taken(dispatch(planned, snap, 4)[0]) == {"w0": ["ls-0", "ls-1"]}

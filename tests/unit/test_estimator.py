@@ -10,9 +10,19 @@ import pytest
 
 from qlmserve.bench.instances import InstanceSpec, make_policy, random_snapshot
 from qlmserve.bench.replay import gamma_sampler, replay_ttft
-from qlmserve.controller.estimator import (Forecaster, LengthLearner, Moments, RecentMoments, WaitEstimate,
-                                           merge_moments, predict_group_wait, prob_within_array, quantile_array,
-                                           remaining_moments, with_running)
+from qlmserve.controller.estimator import (
+    Forecaster,
+    LengthLearner,
+    Moments,
+    RecentMoments,
+    WaitEstimate,
+    merge_moments,
+    predict_group_wait,
+    prob_within_array,
+    quantile_array,
+    remaining_moments,
+    with_running,
+)
 from qlmserve.controller.policies import create_policy
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile

@@ -11,11 +11,11 @@ import pulp
 import pytest
 
 from qlmserve.bench.instances import InstanceSpec, make_policy, random_snapshot
-from qlmserve.controller.policies import create_policy
 from qlmserve.controller.estimator import Forecaster
-from qlmserve.controller.policies.op_rules import (EXPERT, derive_operations, ls_requests_needing_slots, slot_mechanism,
-                                                   victims)
+from qlmserve.controller.policies import create_policy
+from qlmserve.controller.policies.op_rules import derive_operations, ls_requests_needing_slots, slot_mechanism, victims
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
+from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, Evict, LoadModel, OpKind, SetPreemption, SwapOut, WarmModel
 
@@ -62,18 +62,18 @@ def test_expert_preemption_protects_latency_sensitive_groups_on_moe_workers():
     cfg, snap = _protection_case(MIXTRAL, ("preempt", "evict"))
     plan = create_policy("qlm", cfg).solve(snap)
     sets = [op for op in plan.operations if isinstance(op, SetPreemption)]
-    assert sets == [SetPreemption("w0", "expert", cfg.planner.max_pause_s, reason=sets[0].reason)]
+    assert sets == [SetPreemption("w0", PreemptionMode.EXPERT, cfg.planner.max_pause_s, reason=sets[0].reason)]
     assert [op.kind.value for op in plan.operations] == ["set_preemption"]
     assert plan.predicted_attainment["ls"] > 0.9
     w = snap.workers[0]
     ls = list(snap.groups)
-    assert ls_requests_needing_slots(w, ls, 16, EXPERT) == 0
+    assert ls_requests_needing_slots(w, ls, 16, PreemptionMode.EXPERT) == 0
     # A batch limit lowered under 2 x 16 running requests: no overflow room is left, so the
     # group needs two slots, freed by the cheapest removal of the two cheapest requests.
     more = tuple(replace(r, request_id=f"be{16 + i}", prompt_tokens=600 + i) for i, r in enumerate(w.running))
     crowded = replace(w, running=w.running + more)
-    assert ls_requests_needing_slots(crowded, ls, 16, EXPERT) == 2
-    removal = slot_mechanism(cfg, crowded, EXPERT)
+    assert ls_requests_needing_slots(crowded, ls, 16, PreemptionMode.EXPERT) == 2
+    removal = slot_mechanism(cfg, crowded, PreemptionMode.EXPERT)
     assert [r.request_id for r in victims(crowded, 2, removal)] == ["be0", "be1"]
     cfg_off, snap_off = _protection_case(MIXTRAL, ())
     plan_off = create_policy("qlm", cfg_off).solve(snap_off)
@@ -327,7 +327,7 @@ def test_incremental_score_equals_a_full_evaluation():
         queues = {wid: list(q) for wid, q in base.queues.items()}
         src, dst = [wid for wid, q in queues.items() if q][:2]
         queues[dst].insert(0, queues[src].pop())
-        d = Decision(queues, protected={dst: EXPERT}, cost=0.5)
+        d = Decision(queues, protected={dst: PreemptionMode.EXPERT}, cost=0.5)
         full, incremental = tick.score(d), tick.score(d, like=(base, base_score))
         assert incremental.primary == pytest.approx(full.primary, abs=1e-9), method
         assert incremental.expected == pytest.approx(full.expected, abs=1e-9), method

@@ -10,7 +10,7 @@ from qlmserve.backends.engine import PreemptionMode
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.operations.ops import Evict, LoadModel, SetPreemption, SwapIn, SwapOut
 from qlmserve.sim.clock import EventClock
-from qlmserve.sim.driver import Simulation, SimOptions
+from qlmserve.sim.driver import SimOptions, Simulation
 from qlmserve.sim.fleet import FleetError, load_fleet, parse_fleet, uniform_fleet
 from qlmserve.sim.metrics import summarize
 from qlmserve.sim.request import SimRequest, SimStatus
@@ -180,7 +180,7 @@ def test_model_load_warm_is_cheaper_than_cold_and_evicts_old_batch():
 
 def _ls_ttft(mode: PreemptionMode) -> float:
     clock, sink, w = worker(mode=mode)
-    w.submit_op(SetPreemption(w.worker_id, mode.value, max_pause_s=2.0), 0.0)
+    w.submit_op(SetPreemption(w.worker_id, mode, max_pause_s=2.0), 0.0)
     be = [sreq(f"be{i}", prompt=4000, out=50) for i in range(8)]  # one long prefill iteration
     w.assign(be, 0.0)
     w.poke(0.0)
@@ -267,7 +267,7 @@ def test_injected_scheduler_and_solve_time_charge():
 
 @pytest.mark.parametrize("mode", [PreemptionMode.NONE, PreemptionMode.ITERATION, PreemptionMode.EXPERT])
 def test_latency_sensitive_requests_join_a_full_batch_beyond_its_limit_unless_fcfs(mode):
-    """This test verifies that, as every engine admits them (backends.engine.batch_limit):
+    """This test verifies that, as every engine admits them (operations.batching.batch_limit):
     1. under ITERATION and EXPERT a latency-sensitive request handed to a worker whose batch
        is full starts at once, beyond the batch limit, and the best-effort batch keeps running;
     2. a best-effort request never joins beyond the limit;

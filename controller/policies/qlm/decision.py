@@ -15,7 +15,7 @@ class Decision:
     """A candidate plan: virtual queues plus the worker-level choices they rely on."""
 
     queues: dict[str, list[str]]
-    protected: dict[str, str] = field(default_factory=dict)  # worker_id -> EXPERT / ITERATION / EVICT / SWAP
+    protected: dict[str, str] = field(default_factory=dict)  # worker_id -> PreemptionMode.EXPERT / PreemptionMode.ITERATION / EVICT / SWAP
     changes: dict[str, ModelChange] = field(default_factory=dict)  # worker_id -> model swap now
     cost: float = 0.0  # objective units spent on operations (lost work)
 

@@ -40,6 +40,7 @@ from scipy import special
 from qlmserve.controller.estimator import sample_sum
 from qlmserve.controller.policies.op_rules import ModelChange
 from qlmserve.controller.solve_budget import SolveClock, highs_checkpoints
+from qlmserve.operations.batching import PreemptionMode
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ProgramWorker:
     worker_id: str
     options: list[Option]  # one for a worker that keeps its queue ("fixed")
     fixed: bool  # its kept queue decides its model; no u variables
-    protect: str | None = None  # protection mechanism available (op_rules EXPERT / EVICT / SWAP)
+    protect: str | None = None  # protection mechanism available (op_rules PreemptionMode.EXPERT / EVICT / SWAP)
     protect_cost: float = 0.0  # objective units when protected
     pause_cap_s: float | None = None  # expert preemption: LS work here must fit max_pause_s
     step_per_slot: float = 0.0  # seconds of TTFT one decode token of work ahead adds (step / slots)
@@ -268,7 +269,7 @@ def build_model(program: Program) -> ProgramModel:
     # Expert-level preemption pauses the best-effort batch only for max_pause_s:
     # sum(add_mean y) <= cap + total (1 - p).
     for j, w in enumerate(W):
-        if w.protect == "expert" and w.pause_cap_s is not None and j in by_w:
+        if w.protect == PreemptionMode.EXPERT and w.pause_cap_s is not None and j in by_w:
             ls = [pr for pr in by_w[j] if G[pr.gi].latency_sensitive]
             if ls:
                 total = sum(pr.add_mean for pr in ls)

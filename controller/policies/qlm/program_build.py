@@ -9,7 +9,6 @@ import numpy as np
 
 from qlmserve.controller.estimator import QueueCursor
 from qlmserve.controller.policies.op_rules import (
-    EXPERT,
     PREEMPTION_MODES,
     ModelChange,
     ls_requests_needing_slots,
@@ -33,6 +32,7 @@ from qlmserve.controller.policies.qlm.program import (
 from qlmserve.controller.policies.qlm.risk import candidates_of
 from qlmserve.controller.policies.qlm.tick import Tick
 from qlmserve.controller.snapshot import GroupState, WorkerState
+from qlmserve.operations.batching import PreemptionMode
 
 # Below this many (group, worker) pairs every group enters the program and every worker is
 # a candidate (the program is then exact up to its order restriction; see the NOTE).
@@ -148,7 +148,7 @@ def build(tick: Tick, base: Decision, cand: dict[str, list[WorkerState]], full: 
         if mech is not None and ls_here:
             protect_of[wid] = mech
             pcost = protection_cost_s(tick.cfg, w, [tick.groups[g] for g in ls_here], wm.slots, mech) * tick.value_rate(w)
-            cap = tick.cfg.planner.max_pause_s if mech == EXPERT else None
+            cap = tick.cfg.planner.max_pause_s if mech == PreemptionMode.EXPERT else None
         else:
             mech = None
         pworkers.append(ProgramWorker(wid, opts, fixed, mech, pcost, cap, wm.step_s / wm.slots))

@@ -99,13 +99,7 @@ def _base_config(kind: str, num_layers: int, vocab_size: int) -> dict[str, Any]:
 
 def tiny_config(kind: str, *, num_layers: int = 8, vocab_size: int = 512, **overrides: Any) -> PretrainedConfig:
     """The `transformers` config of a tiny model of `kind`, with `overrides` applied."""
-    from transformers import (
-        LlamaConfig,
-        MixtralConfig,
-        OlmoeConfig,
-        Qwen2MoeConfig,
-        Qwen3MoeConfig,
-    )
+    from transformers import LlamaConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     classes = {
         "mixtral": MixtralConfig,

@@ -1,4 +1,6 @@
-"""Redis key names, in one place. Every key starts with the deployment prefix.
+"""Redis key names, in one place: the data layout the controller and its workers share
+(with the Lua scripts in qlmserve/redis_scripts.py). Every key starts with the
+deployment prefix.
 
 Scripts compute some key names from the prefix, so QLM needs a single Redis (or a
 cluster with every key in one hash slot: use a prefix like "{qlm}").
@@ -7,6 +9,9 @@ cluster with every key in one hash slot: use a prefix like "{qlm}").
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# A finished request, its tokens and stream stay readable this long (seconds).
+FINISHED_RETENTION_S = 3600
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,37 @@
+"""`qlm worker`: a worker process that dials a controller and runs one engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+# The controller's default address (controller/cli.py serves on it by default).
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run a worker that dials a controller")
+    p.add_argument("--controller", default=DEFAULT_ADDRESS, help=f"controller address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--id", default="", help="worker id (default: host-pid)")
+    p.add_argument("--engine", default="hf", choices=["hf", "sim"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--kv-capacity", type=int, help="KV cache capacity in tokens")
+    p.add_argument("--preload", help="model to load before taking work")
+    p.add_argument("--preemption", default="none", choices=["none", "iteration", "expert"])
+    p.add_argument("--max-pause", type=float, default=2.0)
+    p.add_argument("--sim-profile", help="WorkerProfile YAML for --engine sim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF engine (default 1)")
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args) -> int:
+    from qlmserve.backends.worker import WorkerOptions, run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(WorkerOptions(controller=args.controller, worker_id=args.id, engine=args.engine,
+                                    device=args.device, max_batch_size=args.max_batch,
+                                    kv_capacity_tokens=args.kv_capacity, preload=args.preload,
+                                    preemption=args.preemption, max_pause_s=args.max_pause,
+                                    sim_profile=args.sim_profile, seed=args.seed, threads=args.threads))
