@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from qlmserve.operations.batching import LS_BATCH_FACTOR, PreemptionMode, batch_limit
+from qlmserve.operations.costs import WorkerProfile
 
 __all__ = ["LS_BATCH_FACTOR", "PreemptionMode", "batch_limit"]  # re-exported: engines' vocabulary
 
@@ -84,6 +85,16 @@ class EngineStats:
     prefill_tokens_per_s: float  # measured, exponentially smoothed
     decode_tokens_per_s: float  # measured per sequence at the current batch size
     device: str = "cpu"
+    # What the planner needs beyond that (controller/cluster_view.py): the cost model of
+    # the active model (configured for the simulated engine, fitted for a real one), the
+    # models this engine can hold, host memory for warm weights and swapped-out KV, and
+    # the preemption mode in force.
+    profile: WorkerProfile | None = None
+    servable_models: list[str] = field(default_factory=list)
+    host_ram_bytes: int = 0
+    host_kv_capacity_tokens: int | None = None  # None: not limited
+    host_kv_used_tokens: int = 0
+    preemption: PreemptionMode = PreemptionMode.NONE
 
 
 class EngineError(RuntimeError):

@@ -183,6 +183,7 @@ class SimEngine(Engine):
         kv_capacity_tokens: int = 100_000,
         max_batch_size: int = 16,
         host_ram_bytes: int = 0,
+        host_kv_capacity_tokens: int | None = None,
         clock: Clock | None = None,
         seed: int = 0,
         output_lengths: OutputLengths | None = None,
@@ -205,6 +206,7 @@ class SimEngine(Engine):
         self._default_kv = kv_capacity_tokens
         self.max_batch_size = max_batch_size
         self.host_ram_bytes = host_ram_bytes
+        self.host_kv_capacity_tokens = host_kv_capacity_tokens  # swapped-out KV the host holds; None: no limit
         self.clock: Clock = clock if clock is not None else RealClock()
         self.seed = seed
         self.output_lengths = output_lengths or OutputLengths()
@@ -507,6 +509,10 @@ class SimEngine(Engine):
             self._swapped[request_id] = s
             self._count("swap_out")
             return OpCost(0.0, 0, "not prefilled yet; nothing to copy")
+        held = sum(x.kv_tokens for x in self._swapped.values())
+        if self.host_kv_capacity_tokens is not None and held + s.kv_tokens > self.host_kv_capacity_tokens:
+            raise EngineError(f"swap out {request_id}: {s.kv_tokens} KV tokens do not fit host memory "
+                              f"({held}/{self.host_kv_capacity_tokens} tokens held)")
         nbytes = s.kv_tokens * self.profile.kv_bytes_per_token
         cost = self.profile.kv_swap_time(s.kv_tokens)
         self._sleep(cost)
@@ -604,4 +610,10 @@ class SimEngine(Engine):
             prefill_tokens_per_s=self._prefill_tps,
             decode_tokens_per_s=self._decode_tps,
             device=self.device,
+            profile=self.profile,
+            servable_models=sorted(self._models),
+            host_ram_bytes=self.host_ram_bytes,
+            host_kv_capacity_tokens=self.host_kv_capacity_tokens,
+            host_kv_used_tokens=sum(s.kv_tokens for s in self._swapped.values()),
+            preemption=self.mode,
         )

@@ -30,6 +30,7 @@ import yaml
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, PreemptionMode, TokenEvent
 from qlmserve.backends.factory import create_engine
 from qlmserve.backends.token_sink import TokenSink
+from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.model_spec import ModelSpec
 from qlmserve.pb import worker_pb2, worker_pb2_grpc
 
@@ -269,14 +270,19 @@ class Worker:
         swapped = set(s.swapped)
         running = [worker_pb2.RunningEntry(request_id=rid, attempt=h.attempt, swapped=rid in swapped)
                    for rid, h in held.items()]
-        return worker_pb2.WorkerState(
+        state = worker_pb2.WorkerState(
             active_model=s.active_model or "", warm_models=s.warm_models, kv_capacity_tokens=s.kv_capacity_tokens,
             kv_used_tokens=s.kv_used_tokens, running=running, waiting=s.waiting, max_batch_size=s.max_batch_size,
             prefill_tokens_per_s=s.prefill_tokens_per_s, decode_tokens_per_s=s.decode_tokens_per_s, device=s.device,
-            loading_model=self._loading or "", preemption=self._preemption)
+            loading_model=self._loading or "", preemption=s.preemption.value, servable_models=s.servable_models,
+            host_ram_bytes=s.host_ram_bytes, host_kv_used_tokens=s.host_kv_used_tokens)
+        if s.host_kv_capacity_tokens is not None:
+            state.host_kv_capacity_tokens = s.host_kv_capacity_tokens
+        if s.profile is not None:
+            state.cost.CopyFrom(cost_to_pb(s.profile))
+        return state
 
     _loading: str | None = None
-    _preemption: str = "none"
 
     # ---- messages from the controller -------------------------------------------------
 
@@ -308,7 +314,6 @@ class Worker:
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
                                kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
-        self._preemption = o.preemption
         tokenizers = {}
         if o.engine == "hf":
             from transformers import AutoTokenizer
@@ -399,7 +404,6 @@ class Worker:
                 eng.drop_warm(op.model)
             elif op.kind == "set_preemption":
                 eng.set_preemption(PreemptionMode(op.mode), op.max_pause_s)
-                self._preemption = op.mode
             else:
                 raise EngineError(f"unknown operation {op.kind!r}")
             ok, err = True, ""
@@ -460,3 +464,12 @@ def run_worker(opts: WorkerOptions) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def cost_to_pb(p: WorkerProfile) -> worker_pb2.CostModel:
+    return worker_pb2.CostModel(
+        prefill_base_s=p.prefill_base_s, prefill_per_token_s=p.prefill_per_token_s, decode_base_s=p.decode_base_s,
+        decode_per_seq_s=p.decode_per_seq_s, decode_per_ctx_token_s=p.decode_per_ctx_token_s,
+        kv_bytes_per_token=p.kv_bytes_per_token, kv_swap_bytes_per_s=p.kv_swap_bytes_per_s,
+        load_cold_bytes_per_s=p.load_cold_bytes_per_s, load_warm_bytes_per_s=p.load_warm_bytes_per_s,
+        load_fixed_s=p.load_fixed_s)

@@ -20,14 +20,22 @@ import time
 from dataclasses import dataclass
 
 from qlmserve.controller.clock import Clock, WallClock
+from qlmserve.controller.cluster_view import (
+    ClusterView,
+    GroupView,
+    RequestView,
+    build_snapshot,
+    learned_lengths,
+    running_request,
+)
 from qlmserve.controller.dispatch import dispatch
-from qlmserve.controller.estimator import LengthLearner, Moments, RecentMoments, predict_group_wait, with_running
+from qlmserve.controller.estimator import Moments, RecentMoments, predict_group_wait
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
 from qlmserve.controller.request import Request, RequestStatus, Sampling
-from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest
-from qlmserve.controller.store import GroupRecord, RedisStore, SubmitResult
+from qlmserve.controller.snapshot import ClusterSnapshot
+from qlmserve.controller.store import RedisStore, SubmitResult
 from qlmserve.controller.tokenizers import TokenizerCache
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
 from qlmserve.operations.ops import LoadModel, MoveGroup, Operation, SetPreemption
@@ -92,6 +100,9 @@ class Controller:
         self.workers: dict[str, WorkerHandle] = {}
         self._sessions = 0
         self._meta: dict[str, _Meta] = {}
+        # Tokens a waiting request produced before it was requeued (they change only on a
+        # requeue, which this controller performs, or are read with the request's meta).
+        self._waiting_generated: dict[str, int] = {}
         self._ttft_cursor: str | None = None  # last TTFT log entry put in the histogram
         self._wake = asyncio.Event()
         self._stopping = False
@@ -253,6 +264,20 @@ class Controller:
         return plan
 
     async def snapshot(self) -> ClusterSnapshot:
+        """The planner's input, built by the one builder the simulator uses too
+        (controller/cluster_view.py) from this controller's view of Redis and its workers."""
+        view = await self.view()
+        running = [running_request(r, self.policy) for w in view.workers for r in w.running]
+        observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
+        lengths = learned_lengths(self.policy, self._recent_lengths.update(view.now, observed), running)
+        snap = build_snapshot(view, self.policy, self.last_plan.placement(), lengths)
+        self.last_snapshot = snap
+        self._update_gauges(snap)
+        return snap
+
+    async def view(self) -> ClusterView:
+        """Groups and their waiting requests from Redis; workers from their reports and the
+        running sets in Redis, with each running request's progress."""
         now = self.clock.now()
         records = await self.store.groups()
         await self.store.drop_empty_groups(records)
@@ -263,52 +288,33 @@ class Controller:
         need = [rid for g in records for rid in g.waiting if rid not in self._meta]
         need += [rid for r in running_by_worker.values() for rid in r if rid not in self._meta]
         await self._load_meta(need)
-        run_rids = [rid for r in running_by_worker.values() for rid in r]
-        progress = await self._progress(run_rids)
+        progress = await self._progress([rid for r in running_by_worker.values() for rid in r])
         await self._observe_ttfts()
-
-        groups = []
-        for g in records:
-            groups.append(self._group_state(g, now))
+        groups = tuple(GroupView(g.group_id, g.model, g.slo_class, g.created_at,
+                                 tuple(self._request_view(rid) for rid in g.waiting if rid in self._meta))
+                       for g in records)
+        if self._waiting_generated:  # keep only requests still waiting
+            waiting = {r.request_id for g in groups for r in g.waiting}
+            self._waiting_generated = {k: v for k, v in self._waiting_generated.items() if k in waiting}
         workers = []
         for wid, h in self.workers.items():
-            healthy = h.connected and h.report is not None
-            running = []
             rep_running = h.report.running if h.report else {}
+            running = []
             for rid in running_by_worker.get(wid, {}):
-                m = self._meta.get(rid)
-                if m is None:
+                if rid not in self._meta:
                     continue
                 gen, first = progress.get(rid, (0, None))
-                running.append(RunningRequest(rid, m.group_id, m.model, m.slo_class, m.prompt_tokens, gen,
-                                              m.max_tokens, m.latency_sensitive, m.arrival, first,
-                                              swapped=rep_running.get(rid, (0, False))[1]))
-            workers.append(h.state(tuple(running), self.policy.max_running_per_worker, healthy))
-        snap = ClusterSnapshot(now=now, groups=tuple(groups), workers=tuple(workers),
-                               length_stats=await self._length_stats(now, [r for w in workers for r in w.running]),
-                               model_bytes={n: s.weight_bytes or 0 for n, s in self.policy.models.items()})
-        self.last_snapshot = snap
-        self._update_gauges(snap)
-        return snap
+                running.append(self._request_view(rid, gen, first, swapped=rep_running.get(rid, (0, False))[1]))
+            workers.append(h.view(tuple(running), healthy=h.connected and h.report is not None))
+        return ClusterView(now=now, groups=groups, workers=tuple(workers),
+                           model_bytes={n: s.weight_bytes or 0 for n, s in self.policy.models.items()})
 
-    def _group_state(self, g: GroupRecord, now: float) -> GroupState:
-        metas = [self._meta[rid] for rid in g.waiting if rid in self._meta]
-        slo = self.slo_of(g.slo_class)
-        ttft = slo.ttft_s if slo else (metas[0].ttft_slo_s if metas else 60.0)
-        return GroupState(
-            group_id=g.group_id, model=g.model, slo_class=g.slo_class,
-            request_ids=tuple(rid for rid in g.waiting if rid in self._meta),
-            arrivals=tuple(m.arrival for m in metas), prompt_tokens=tuple(m.prompt_tokens for m in metas),
-            max_tokens=tuple(m.max_tokens for m in metas), ttft_s=ttft, priority=slo.priority if slo else 0,
-            weight=slo.weight if slo else 1.0, latency_sensitive=slo.latency_sensitive if slo else False,
-            worker_id=self.last_plan.queue_of(g.group_id),
-            position=self._position(g.group_id), created_at=g.created_at)
-
-    def _position(self, gid: str) -> int:
-        for q in self.last_plan.virtual_queues.values():
-            if gid in q:
-                return q.index(gid)
-        return 0
+    def _request_view(self, rid: str, generated: int | None = None, first_token_at: float | None = None,
+                      swapped: bool = False) -> RequestView:
+        m = self._meta[rid]
+        gen = self._waiting_generated.get(rid, 0) if generated is None else generated
+        return RequestView(rid, m.group_id, m.model, m.slo_class, m.arrival, m.prompt_tokens, m.max_tokens, gen,
+                           first_token_at, swapped, m.ttft_slo_s, m.latency_sensitive)
 
     async def _observe_ttfts(self) -> None:
         """First tokens logged by workers since the last tick, into the TTFT histogram."""
@@ -321,6 +327,8 @@ class Controller:
             return
         reqs = await self.store.get_requests(rids)
         for rid, r in reqs.items():
+            if r.generated:  # requeued with tokens: planned with them (cluster_view.group_state)
+                self._waiting_generated[rid] = r.generated
             self._meta[rid] = _Meta(r.model, r.slo_class, r.group_id, r.arrival, r.prompt_tokens, r.max_tokens,
                                     r.ttft_slo_s, r.latency_sensitive)
 
@@ -332,15 +340,6 @@ class Controller:
                 p.hmget(self.store.k.req(rid), "generated", "first_token_at")
             rows = await p.execute()
         return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
-
-    async def _length_stats(self, now: float, running: list[RunningRequest]) -> dict[tuple[str, str], LengthStats]:
-        """Learned output lengths (moments persisted in Redis by the token script, forgotten
-        with the policy's half-life) with the policy's prior added by the estimator's
-        LengthLearner, and the running requests counted as censored lengths."""
-        observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
-        learner = LengthLearner(self.policy, self._recent_lengths.update(now, observed))
-        return with_running({(m, c): learner.stats(m, c) for m in self.policy.models
-                             for c in self.policy.slo_classes}, running)
 
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
         waiting: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
@@ -504,6 +503,9 @@ class Controller:
             await self.store.r.hdel(self.store.k.worker_running(wid), rid)
             return
         await self.store.requeue(rid, m.group_id, wid, now)
+        gen = await self.store.r.hget(self.store.k.req(rid), "generated")
+        if gen and int(gen):
+            self._waiting_generated[rid] = int(gen)
 
     async def drain(self, wid: str, requeue_running: bool) -> int:
         h = self.workers.get(wid)

@@ -11,7 +11,8 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 
-from qlmserve.controller.snapshot import RunningRequest, WorkerState
+from qlmserve.controller.cluster_view import RequestView, WorkerView
+from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 
 
@@ -54,7 +55,12 @@ class WorkerReport:
     decode_tokens_per_s: float
     device: str
     loading_model: str | None
-    preemption: str
+    preemption: PreemptionMode  # the mode in force
+    profile: WorkerProfile | None = None  # the engine's cost model; None: not reported
+    servable_models: list[str] = field(default_factory=list)  # empty: every model of the policy
+    host_ram_bytes: int = 0
+    host_kv_capacity_tokens: int | None = None
+    host_kv_used_tokens: int = 0
 
 
 _op_ids = itertools.count(1)
@@ -91,32 +97,36 @@ class WorkerHandle:
     def pending_kind(self, kind: str, model: str = "") -> bool:
         return any(op.kind == kind and (not model or op.model == model) for op in self.pending.values())
 
-    def profile(self) -> WorkerProfile:
-        """A cost model from the worker's measured rates (per-token prefill, per-step decode)."""
+    def rate_profile(self) -> WorkerProfile:
+        """A cost model from the worker's measured rates alone (per-token prefill, per-step
+        decode, no batch dependence): for an engine that reports no cost model."""
         r = self.report
         if r is None or r.prefill_tokens_per_s <= 0 or r.decode_tokens_per_s <= 0:
             return WorkerProfile(name=self.worker_id)
         return WorkerProfile(prefill_base_s=0.0, prefill_per_token_s=1.0 / r.prefill_tokens_per_s,
                              decode_base_s=1.0 / r.decode_tokens_per_s, decode_per_seq_s=0.0, name=self.worker_id)
 
-    def state(self, running: tuple[RunningRequest, ...], max_running: int, healthy: bool) -> WorkerState:
+    def view(self, running: tuple[RequestView, ...], healthy: bool) -> WorkerView:
+        """What the planner is told about this worker (controller/cluster_view.py builds its
+        WorkerState): the worker's own report, and a model swap sent but not answered."""
         r = self.report
         loading = r.loading_model if r else None
         if loading is None:
             for op in self.pending.values():
                 if op.kind == "load_model":
                     loading = op.model
-        return WorkerState(
-            worker_id=self.worker_id,
-            active_model=r.active_model if r else None,
+        if r is not None and r.profile is not None:
+            profile = r.profile
+        else:
+            profile = self.rate_profile()
+        return WorkerView(
+            worker_id=self.worker_id, healthy=healthy, draining=self.draining, gpu=self.device,
+            active_model=r.active_model if r else None, loading_model=loading,
             warm_models=frozenset(r.warm_models if r else ()),
-            kv_capacity_tokens=r.kv_capacity_tokens if r else 0,
-            kv_used_tokens=r.kv_used_tokens if r else 0,
-            max_batch_size=min(max_running, r.max_batch_size) if r and r.max_batch_size else max_running,
-            running=running,
-            profile=self.profile(),
-            healthy=healthy,
-            draining=self.draining,
-            gpu=self.device,
-            loading_model=loading,
-        )
+            kv_capacity_tokens=r.kv_capacity_tokens if r else 0, kv_used_tokens=r.kv_used_tokens if r else 0,
+            engine_max_batch=r.max_batch_size if r else 0, profile=profile,
+            preemption_mode=r.preemption if r else PreemptionMode.NONE,
+            servable_models=frozenset(r.servable_models) if r and r.servable_models else None,
+            host_ram_bytes=r.host_ram_bytes if r else 0,
+            host_kv_capacity_tokens=r.host_kv_capacity_tokens if r else None,
+            host_kv_used_tokens=r.host_kv_used_tokens if r else 0, running=running)

@@ -35,5 +35,9 @@ class Plan:
                 return worker_id
         return None
 
+    def placement(self) -> dict[str, tuple[str, int]]:
+        """group_id -> (worker_id, position in its virtual queue)."""
+        return {gid: (wid, i) for wid, q in self.virtual_queues.items() for i, gid in enumerate(q)}
+
     def ops_for(self, worker_id: str) -> list[Operation]:
         return [op for op in self.operations if op.worker_id == worker_id]

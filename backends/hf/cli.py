@@ -32,7 +32,6 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlmserve.bench.hf_bench_common import BENCH_LAYERS, BENCH_SHAPE
-
     from qlmserve.tiny_models import ensure_tiny_model
 
     overrides = _parse_overrides(args.set or [])

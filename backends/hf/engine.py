@@ -21,6 +21,7 @@ NOTE(one step): a step first drains the inbox, then either
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qlmserve.backends.cost_fit import CostFit
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, OpCost, PreemptionMode, TokenEvent
 from qlmserve.operations.model_spec import ModelSpec
 
@@ -116,6 +118,7 @@ class HFEngine(Engine):
         self.pass_log: deque[PassRecord] = deque(maxlen=4096)
         self._prefill_tps = 0.0
         self._decode_tps = 0.0
+        self._cost = CostFit()  # the batch-dependent cost model this engine reports
         if initial_model is not None:
             self.load_model(initial_model)
 
@@ -395,8 +398,10 @@ class HFEngine(Engine):
             return
         if p.is_prefill:
             self._prefill_tps += _EMA * (new / p.compute_s - self._prefill_tps)
+            self._cost.prefill(new, p.compute_s)
         else:
             self._decode_tps += _EMA * (1.0 / p.compute_s - self._decode_tps)
+            self._cost.decode(len(p.seqs), ctx, p.compute_s)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -550,6 +555,10 @@ class HFEngine(Engine):
             prefill_tokens_per_s=self._prefill_tps,
             decode_tokens_per_s=self._decode_tps,
             device=str(self.device),
+            profile=self._cost.profile(),
+            servable_models=sorted(self.models),
+            host_ram_bytes=_physical_memory_bytes(),
+            preemption=self.policy.mode,
         )
 
     def close(self) -> None:
@@ -557,3 +566,11 @@ class HFEngine(Engine):
         self._kv = None
         self.weights.warm.clear()
         free_device_memory(self.device)
+
+
+def _physical_memory_bytes() -> int:
+    """Host RAM, where warm model copies live (the planner divides it by model sizes)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 from qlmserve.controller.core import SubmitInput
 from qlmserve.controller.request import Request, Sampling
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerReport
+from qlmserve.operations.batching import PreemptionMode
+from qlmserve.operations.costs import WorkerProfile
 from qlmserve.pb import client_pb2, worker_pb2
 
 
@@ -50,4 +52,16 @@ def report_from_pb(s: worker_pb2.WorkerState) -> WorkerReport:
         running={e.request_id: (e.attempt, e.swapped) for e in s.running}, waiting=list(s.waiting),
         max_batch_size=s.max_batch_size, prefill_tokens_per_s=s.prefill_tokens_per_s,
         decode_tokens_per_s=s.decode_tokens_per_s, device=s.device, loading_model=s.loading_model or None,
-        preemption=s.preemption)
+        preemption=PreemptionMode(s.preemption or "none"), profile=cost_from_pb(s.cost) if s.HasField("cost") else None,
+        servable_models=list(s.servable_models), host_ram_bytes=s.host_ram_bytes,
+        host_kv_capacity_tokens=s.host_kv_capacity_tokens if s.HasField("host_kv_capacity_tokens") else None,
+        host_kv_used_tokens=s.host_kv_used_tokens)
+
+
+def cost_from_pb(c: worker_pb2.CostModel) -> WorkerProfile:
+    return WorkerProfile(
+        prefill_base_s=c.prefill_base_s, prefill_per_token_s=c.prefill_per_token_s, decode_base_s=c.decode_base_s,
+        decode_per_seq_s=c.decode_per_seq_s, decode_per_ctx_token_s=c.decode_per_ctx_token_s,
+        kv_bytes_per_token=c.kv_bytes_per_token, kv_swap_bytes_per_s=c.kv_swap_bytes_per_s,
+        load_cold_bytes_per_s=c.load_cold_bytes_per_s, load_warm_bytes_per_s=c.load_warm_bytes_per_s,
+        load_fixed_s=c.load_fixed_s, name="reported")

@@ -22,19 +22,27 @@ report how long the run and the planner took.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from qlmserve.controller.cluster_view import (
+    ClusterView,
+    GroupView,
+    RequestView,
+    StateCache,
+    WorkerView,
+    build_snapshot,
+    learned_lengths,
+)
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import LengthLearner, RecentMoments
 from qlmserve.controller.estimator.service_model import reset_table_cache
 from qlmserve.controller.grouping import OpenGroup, choose_group
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig
-from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
+from qlmserve.controller.snapshot import ClusterSnapshot, LengthStats, WorkerState
 from qlmserve.controller.solve_budget import SolveClock, WallSolveClock, WorkSolveClock
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, MoveGroup, Operation
 from qlmserve.operations.plan import Plan
@@ -75,8 +83,8 @@ class _Group:
     waiting: list[SimRequest] = field(default_factory=list)  # by arrival
     arrivals: list[float] = field(default_factory=list)  # parallel to waiting (for bisect)
     version: int = 0
-    cache_key: tuple | None = None
-    cache: GroupState | None = None
+    view: GroupView | None = None  # the view of `view_version` (rebuilt when the group changes)
+    view_version: int = -1
 
     def add(self, r: SimRequest) -> None:
         i = bisect.bisect_right(self.arrivals, r.arrival)
@@ -110,8 +118,8 @@ class _Lengths:
 
     def stats(self, now: float, workers: Iterable[WorkerState]) -> dict[tuple[str, str], LengthStats]:
         if self._cache is None or now - self._read_at >= self.refresh_s:
-            recent = LengthLearner(self.cfg, self.recent.update(now, self.learner.state()))
-            self._cache = recent.length_stats(r for w in workers for r in w.running)
+            self._cache = learned_lengths(self.cfg, self.recent.update(now, self.learner.state()),
+                                          [r for w in workers for r in w.running])
             self._read_at = now
         return self._cache
 
@@ -153,7 +161,8 @@ class Simulation:
         self.lengths = _Lengths(policy, self.options.state_refresh_s)
         self.last_plan = Plan.make_empty()
         self._positions: dict[str, tuple[str, int]] = {}
-        self._worker_cache: dict[str, tuple[tuple, WorkerState]] = {}
+        self._worker_cache: dict[str, tuple[tuple, WorkerView]] = {}
+        self._states = StateCache()  # states of unchanged views, reused (controller/cluster_view.py)
         self._next_arrival = 0
         self._finished = 0
         self._wake_pending = False
@@ -334,83 +343,65 @@ class Simulation:
     # ---- snapshot ----------------------------------------------------------------------------
 
     def _snapshot(self, now: float) -> ClusterSnapshot:
-        groups = []
+        """The controller's snapshot rules (controller/cluster_view.py) over this fleet's view.
+        Views of unchanged groups and workers are kept, so their states are reused."""
         for gid in list(self.groups):
             g = self.groups[gid]
-            if not g.waiting:
-                if self.open_groups.get((g.model, g.slo_class)) is not g:
-                    del self.groups[gid]
-                continue
-            groups.append(self._group_state(g))
-        workers = tuple(self._worker_state(w, now) for w in self.workers.values())
-        return ClusterSnapshot(now=now, groups=tuple(groups), workers=workers,
-                               length_stats=self.lengths.stats(now, workers), model_bytes=self.model_bytes)
+            if not g.waiting and self.open_groups.get((g.model, g.slo_class)) is not g:
+                del self.groups[gid]
+        view = ClusterView(now=now, groups=tuple(self._group_view(g) for g in self.groups.values() if g.waiting),
+                           workers=tuple(self._worker_view(w, now) for w in self.workers.values()),
+                           model_bytes=self.model_bytes)
+        workers = [self._states.worker(w, self.cfg, self.model_bytes) for w in view.workers]
+        snap = build_snapshot(view, self.cfg, self._positions, self.lengths.stats(now, workers), self._states)
+        self._states.forget(self.groups)
+        return snap
 
-    def _group_state(self, g: _Group) -> GroupState:
-        wid, pos = self._positions.get(g.group_id, (None, 0))
-        if g.cache is not None and g.cache_key == (g.version, wid, pos):
-            return g.cache
-        if g.cache is not None and g.cache_key[0] == g.version:
-            gs = dataclasses.replace(g.cache, worker_id=wid, position=pos)  # only its place moved
-        else:
+    def _group_view(self, g: _Group) -> GroupView:
+        if g.view is None or g.view_version != g.version:
             slo = self.cfg.slo_classes[g.slo_class]
-            reqs = g.waiting
-            # A requeued request carries its tokens: it must prefill them again and may
-            # produce only what max_tokens leaves.
-            gs = GroupState(
-                group_id=g.group_id, model=g.model, slo_class=g.slo_class,
-                request_ids=tuple([r.rid for r in reqs]), arrivals=tuple(g.arrivals),
-                prompt_tokens=tuple([r.prompt_tokens + r.generated for r in reqs]),
-                max_tokens=tuple([r.max_tokens - r.generated for r in reqs]),
-                ttft_s=slo.ttft_s, priority=slo.priority, weight=slo.weight,
-                latency_sensitive=slo.latency_sensitive, worker_id=wid, position=pos, created_at=g.created_at)
-        g.cache_key, g.cache = (g.version, wid, pos), gs
-        return gs
+            g.view = GroupView(g.group_id, g.model, g.slo_class, g.created_at, tuple(
+                RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
+                            r.generated, r.first_token_at, False, slo.ttft_s, slo.latency_sensitive)
+                for r in g.waiting))
+            g.view_version = g.version
+        return g.view
 
-    def _worker_state(self, w: SimWorker, now: float) -> WorkerState:
-        # A worker's state is rebuilt when it changed (a request joined, finished, an
+    def _worker_view(self, w: SimWorker, now: float) -> WorkerView:
+        # A worker's view is rebuilt when it changed (a request joined, finished, an
         # operation ran) or, for the token counts of a long decode stretch, once per
         # `state_refresh_s`, the cadence of a real worker's heartbeat.
         cached = self._worker_cache.get(w.worker_id)
         ready = w.warm_ready(now)
         if cached is not None:
-            (version, warm, built_at), ws = cached
+            (version, warm, built_at), wv = cached
             if version == w.version and warm == ready and now - built_at < self.options.state_refresh_s:
-                return ws
+                return wv
         prog = w.progress(now)
-        running = []
-        for r in w.running:
-            running.append(RunningRequest(r.rid, r.group_id, r.model, r.slo_class, r.prompt_tokens,
-                                          r.generated + prog.get(id(r), 0), r.max_tokens, r.latency_sensitive,
-                                          r.arrival, r.first_token_at))
-        for r in w.joining:
-            running.append(RunningRequest(r.rid, r.group_id, r.model, r.slo_class, r.prompt_tokens, r.generated,
-                                          r.max_tokens, r.latency_sensitive, r.arrival, r.first_token_at))
-        for r in w.swapped.values():
-            running.append(RunningRequest(r.rid, r.group_id, r.model, r.slo_class, r.prompt_tokens, r.generated,
-                                          r.max_tokens, r.latency_sensitive, r.arrival, r.first_token_at,
-                                          swapped=True))
+
+        def rv(r: SimRequest, extra: int = 0, swapped: bool = False) -> RequestView:
+            return RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
+                               r.generated + extra, r.first_token_at, swapped, r.ttft_s, r.latency_sensitive)
+
+        running = [rv(r, prog.get(id(r), 0)) for r in w.running]
+        running += [rv(r) for r in w.joining]
+        running += [rv(r, swapped=True) for r in w.swapped.values()]
         spec = w.spec
-        biggest = max(m.weight_bytes for m in spec.models.values())
-        ws = WorkerState(
-            worker_id=w.worker_id, active_model=w.active_model, warm_models=ready,
-            kv_capacity_tokens=w.kv_capacity, kv_used_tokens=w.kv_used + sum(prog.values()),
-            max_batch_size=min(spec.max_batch_size, self.cfg.max_running_per_worker),
-            running=tuple(running), profile=w.profile, gpu=spec.gpu,
-            host_ram_models=int(spec.host_ram_bytes // biggest) if biggest else 0,
-            loading_model=w.loading_model, servable_models=frozenset(spec.models),
-            preemption_mode=w.mode, host_kv_capacity_tokens=spec.host_kv_tokens,
-            host_kv_used_tokens=w.host_kv_used,
-        )
-        self._worker_cache[w.worker_id] = ((w.version, ready, now), ws)
-        return ws
+        wv = WorkerView(
+            worker_id=w.worker_id, healthy=True, draining=False, gpu=spec.gpu, active_model=w.active_model,
+            loading_model=w.loading_model, warm_models=ready, kv_capacity_tokens=w.kv_capacity,
+            kv_used_tokens=w.kv_used + sum(prog.values()), engine_max_batch=spec.max_batch_size, profile=w.profile,
+            preemption_mode=w.mode, servable_models=frozenset(spec.models), host_ram_bytes=spec.host_ram_bytes,
+            host_kv_capacity_tokens=spec.host_kv_tokens, host_kv_used_tokens=w.host_kv_used, running=tuple(running))
+        self._worker_cache[w.worker_id] = ((w.version, ready, now), wv)
+        return wv
 
     # ---- applying a plan ---------------------------------------------------------------------
 
     def _apply(self, plan: Plan, snap: ClusterSnapshot) -> None:
         now = self.clock.now()
         self.last_plan = plan
-        self._positions = {gid: (wid, i) for wid, q in plan.virtual_queues.items() for i, gid in enumerate(q)}
+        self._positions = plan.placement()
         touched: set[str] = set()
         for op in plan.operations:
             if op.kind not in self.allowed_kinds:

@@ -15,6 +15,7 @@ from qlmserve.controller.estimator import Forecaster
 from qlmserve.controller.policies import create_policy
 from qlmserve.controller.policies.op_rules import derive_operations, ls_requests_needing_slots, slot_mechanism, victims
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
+from qlmserve.controller.solve_budget import WorkSolveClock
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, Evict, LoadModel, OpKind, SetPreemption, SwapOut, WarmModel
@@ -60,7 +61,7 @@ def test_expert_preemption_protects_latency_sensitive_groups_on_moe_workers():
        the group needs and the cheapest ones (least recompute);
     3. with no operations enabled the plan has no operations and predicts a miss."""
     cfg, snap = _protection_case(MIXTRAL, ("preempt", "evict"))
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     sets = [op for op in plan.operations if isinstance(op, SetPreemption)]
     assert sets == [SetPreemption("w0", PreemptionMode.EXPERT, cfg.planner.max_pause_s, reason=sets[0].reason)]
     assert [op.kind.value for op in plan.operations] == ["set_preemption"]
@@ -76,7 +77,7 @@ def test_expert_preemption_protects_latency_sensitive_groups_on_moe_workers():
     removal = slot_mechanism(cfg, crowded, PreemptionMode.EXPERT)
     assert [r.request_id for r in victims(crowded, 2, removal)] == ["be0", "be1"]
     cfg_off, snap_off = _protection_case(MIXTRAL, ())
-    plan_off = create_policy("qlm", cfg_off).solve(snap_off)
+    plan_off = create_policy("qlm", cfg_off, WorkSolveClock()).solve(snap_off)
     assert plan_off.operations == []
     assert plan_off.predicted_attainment["ls"] < 0.1
 
@@ -91,20 +92,20 @@ def test_eviction_or_kv_swap_protects_on_dense_workers_within_host_memory():
     3. with only `kv_swap` on it swaps them out instead, when host memory can hold them;
     4. with host memory too small for any of them it neither swaps nor evicts."""
     cfg, snap = _protection_case(LLAMA, ("evict", "preempt"))
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     assert [(op.kind.value, getattr(op, "mode", None)) for op in plan.operations] == [("set_preemption", "iteration")]
     assert plan.predicted_attainment["ls"] > 0.9
     cfg, snap = _protection_case(LLAMA, ("evict",))
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     evicts = [op for op in plan.operations if isinstance(op, Evict)]
     assert len(evicts) == 1 and evicts[0].request_ids == ("be0", "be1")
     assert not [op for op in plan.operations if isinstance(op, SetPreemption)]
     assert plan.predicted_attainment["ls"] > 0.9
     cfg, snap = _protection_case(LLAMA, ("kv_swap",), host_kv=10**6)
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     assert [op.request_ids for op in plan.operations if isinstance(op, SwapOut)] == [("be0", "be1")]
     cfg, snap = _protection_case(LLAMA, ("kv_swap",), host_kv=100)
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     assert not [op for op in plan.operations if op.kind in (OpKind.SWAP_OUT, OpKind.EVICT)]
 
 
@@ -125,13 +126,13 @@ def test_model_swap_loads_the_warm_copy_now():
     2. with `model_swap` off it plans no load (the groups still get a queue: dispatch loads a
        model lazily when nothing else can run)."""
     cfg, snap = _swap_case(("model_swap", "load_balance", "warm_start"))
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     assert [op for op in plan.operations if isinstance(op, LoadModel)] == [
         LoadModel("w1", MIXTRAL, reason="planned model swap")]
     assert sorted(plan.virtual_queues["w1"]) == ["g0", "g1", "g2"]
     assert all(plan.predicted_attainment[g] > 0.9 for g in ("g0", "g1", "g2"))
     cfg, snap = _swap_case(("load_balance",))
-    plan = create_policy("qlm", cfg).solve(snap)
+    plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
     assert not [op for op in plan.operations if isinstance(op, LoadModel)]
     assert sorted(g for q in plan.virtual_queues.values() for g in q) == ["g0", "g1", "g2"]
 
@@ -145,7 +146,7 @@ def test_warm_starts_respect_host_ram():
     for seed in range(6):
         snap = random_snapshot(cfg, InstanceSpec(groups=30, workers=5, load=1.5), seed)
         snap = replace(snap, workers=tuple(replace(w, host_ram_models=1) for w in snap.workers))
-        plan = create_policy("qlm", cfg).solve(snap)
+        plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
         for w in snap.workers:
             warm = set(w.warm_models)
             for op in plan.ops_for(w.worker_id):
@@ -164,7 +165,7 @@ def test_needs_replan():
        needs one."""
     cfg = make_policy(2, operations=("evict", "preempt"))
     snap = random_snapshot(cfg, InstanceSpec(groups=20, workers=4, load=0.6, placed_fraction=0.0), 2)
-    policy = create_policy("qlm", cfg)
+    policy = create_policy("qlm", cfg, WorkSolveClock())
     policy.max_plan_age_s = 30.0
     plan = policy.solve(snap)
     assert not policy.needs_replan(snap, plan)
@@ -187,7 +188,7 @@ def test_solve_is_a_pure_function_of_the_snapshot():
     for method in ("chance", "saa"):
         cfg = make_policy(2, method=method, solve_budget_ms=2000.0, scenarios=4)
         snap = random_snapshot(cfg, InstanceSpec(groups=12, workers=3, load=1.5), 5)
-        a, b = create_policy("qlm", cfg).solve(snap), create_policy("qlm", cfg).solve(snap)
+        a, b = create_policy("qlm", cfg, WorkSolveClock()).solve(snap), create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
         assert a.virtual_queues == b.virtual_queues and a.operations == b.operations, method
 
 
@@ -205,7 +206,7 @@ def test_build_model_is_a_named_pulp_program():
     snap = random_snapshot(cfg, InstanceSpec(groups=10, workers=3, load=1.5), 4)
     for method, scenarios in (("chance", 16), ("saa", 5)):
         cfg = make_policy(2, method=method, scenarios=scenarios, solve_budget_ms=2000.0)
-        model = create_policy("qlm", cfg).build_model(snap)
+        model = create_policy("qlm", cfg, WorkSolveClock()).build_model(snap)
         prob, _cols = model.to_pulp()
         names = [var.name for var in prob.variables()]
         assert model.vars.y and all(n.startswith(("y_", "u_", "p_", "x_", "z_")) for n in names)
@@ -228,7 +229,7 @@ def test_timeouts_fall_back_to_the_last_plan_or_edf():
     cfg = make_policy(2, solve_budget_ms=0.001)
     for placed, source in ((0.9, "last-plan"), (0.0, "fallback-edf")):
         snap = random_snapshot(cfg, InstanceSpec(groups=60, workers=6, load=2.0, placed_fraction=placed), 8)
-        plan = create_policy("qlm", cfg).solve(snap)
+        plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
         assert plan.source == source and "timeout" in plan.note, (plan.source, plan.note)
         assert sorted(g for q in plan.virtual_queues.values() for g in q) == sorted(g.group_id for g in snap.groups)
 
@@ -248,7 +249,7 @@ def test_matches_exhaustive_search(ops: tuple[str, ...], load: float, max_group:
         spec = InstanceSpec(groups=4, workers=2, load=load, max_group_size=max_group, placed_fraction=0.0,
                             heterogeneous=False, idle_workers=0.0, swapped_fraction=0.0)
         snap = random_snapshot(cfg, spec, seed)
-        policy = create_policy("qlm", cfg)
+        policy = create_policy("qlm", cfg, WorkSolveClock())
         plan = policy.solve(snap)
         wids = [w.worker_id for w in snap.workers]
         gids = [g.group_id for g in snap.groups]
@@ -276,7 +277,7 @@ def test_plans_respect_model_memory_and_enabled_operations(seed: int):
         only = frozenset({next(iter(cfg.models))})  # one worker cannot hold the second model
         snap = replace(snap, workers=(replace(snap.workers[0], servable_models=only, active_model=next(iter(only))),
                                       *snap.workers[1:]))
-        plan = create_policy("qlm", cfg).solve(snap)
+        plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
         groups = {g.group_id: g for g in snap.groups}
         workers = {w.worker_id: w for w in snap.workers}
         for wid, q in plan.virtual_queues.items():
@@ -321,7 +322,7 @@ def test_incremental_score_equals_a_full_evaluation():
     for method in ("chance", "saa"):
         cfg = make_policy(2, method=method)
         snap = random_snapshot(cfg, InstanceSpec(groups=40, workers=6, load=1.5), 3)
-        tick = Tick(create_policy("qlm", cfg), snap)
+        tick = Tick(create_policy("qlm", cfg, WorkSolveClock()), snap)
         base = edf_decision(tick)
         base_score = tick.score(base)
         queues = {wid: list(q) for wid, q in base.queues.items()}
@@ -354,7 +355,7 @@ def test_mip_start_is_feasible_and_solutions_never_worse():
     for seed in range(4):
         cfg = make_policy(2, solve_budget_ms=2000.0)
         snap = random_snapshot(cfg, InstanceSpec(groups=60, workers=8, load=1.3), seed)
-        tick = Tick(create_policy("qlm", cfg), snap)
+        tick = Tick(create_policy("qlm", cfg, WorkSolveClock()), snap)
         base, _ = base_decision(tick, None)
         score = tick.score(base)
         at_risk, _ = groups_at_risk(tick, base, score)
@@ -381,7 +382,7 @@ def test_groups_the_program_could_not_rescue_wait_for_the_plan_to_age():
 
     cfg = make_policy(2)
     snap = random_snapshot(cfg, InstanceSpec(groups=30, workers=4, load=2.0), 1)
-    policy = create_policy("qlm", cfg)
+    policy = create_policy("qlm", cfg, WorkSolveClock())
     tick = Tick(policy, snap)
     gids = [g.group_id for g in snap.groups]
     tried, other = gids[:3], gids[3]
@@ -414,7 +415,7 @@ def test_last_phases_account_for_the_solve():
     2. its events say how the program was solved."""
     cfg = make_policy(2, solve_budget_ms=2000.0)
     snap = random_snapshot(cfg, InstanceSpec(groups=60, workers=8, load=1.5), 2)
-    policy = create_policy("qlm", cfg)
+    policy = create_policy("qlm", cfg, WorkSolveClock())
     plan = policy.solve(snap)
     sw = policy.last_phases
     assert {"estimator", "base", "program", "highs", "repair", "operations"} <= set(sw.ms), (sw.ms, plan.note)
