@@ -21,12 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preemption", default="none", choices=["none", "iteration", "expert"])
     p.add_argument("--max-pause", type=float, default=2.0)
     p.add_argument("--sim-profile", help="WorkerProfile YAML for --engine sim")
+    p.add_argument("--sim-fleet", help="for --engine sim: a fleet file; the worker is its --sim-worker (models, "
+                                       "profiles, KV, host memory as the simulator gives them)")
+    p.add_argument("--sim-worker", help="the worker id in --sim-fleet (default: --id)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="with --sim-fleet: run this many times slower than the profiles (one machine for a fleet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF engine (default 1)")
     p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args) -> int:
+    from qlmserve.backends.factory import SimFleetWorker
     from qlmserve.backends.worker import WorkerOptions, run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,4 +40,6 @@ def cmd_worker(args) -> int:
                                     device=args.device, max_batch_size=args.max_batch,
                                     kv_capacity_tokens=args.kv_capacity, preload=args.preload,
                                     preemption=args.preemption, max_pause_s=args.max_pause,
-                                    sim_profile=args.sim_profile, seed=args.seed, threads=args.threads))
+                                    sim_profile=args.sim_profile, seed=args.seed, threads=args.threads,
+                                    sim_fleet=SimFleetWorker(args.sim_fleet, args.sim_worker or args.id,
+                                                             args.time_scale) if args.sim_fleet else None))

@@ -36,7 +36,7 @@ import hashlib
 import math
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,6 +66,22 @@ def _stable_u64(*parts: object) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+# The prompt-coded output length: two tokens, base CODE_BASE, after a marker token, so that
+# the length of any trace (< CODE_BASE**2 tokens) fits token ids every vocabulary has.
+CODE_MARK, CODE_BASE = 7, 4096
+
+
+def code_output_length(n: int) -> list[int]:
+    """The three prompt tokens that tell a simulated engine to produce `n` tokens."""
+    return [CODE_MARK, 1 + n // CODE_BASE, 1 + n % CODE_BASE]
+
+
+def prompt_coded_length(prompt_token_ids: Sequence[int]) -> int | None:
+    if len(prompt_token_ids) >= 3 and prompt_token_ids[0] == CODE_MARK:
+        return (prompt_token_ids[1] - 1) * CODE_BASE + prompt_token_ids[2] - 1
+    return None
+
+
 @dataclass(frozen=True)
 class OutputLengths:
     """How many tokens a simulated request produces before its stop token.
@@ -75,12 +91,16 @@ class OutputLengths:
       - "fixed": always `mean` tokens;
       - "lognormal": lognormal with the given mean and std (a heavy right tail, like
         chat traces);
-      - "empirical": uniform draw from `values` (e.g. a trace's output lengths).
-    The draw is a function of (seed, request id) only, so a request that is evicted and
-    resumed, or replayed on another worker, stops at the same length.
+      - "empirical": uniform draw from `values` (e.g. a trace's output lengths);
+      - "prompt": the length written into the prompt's first two tokens
+        (`prompt_coded_length`): a replayed trace's true output length, which the client
+        knows and the controller does not (a real model's output length is a function of
+        its prompt too), while the request's max_tokens stays what a client would ask.
+    The draw is a function of (seed, request id, prompt) only, so a request that is
+    evicted and resumed, or replayed on another worker, stops at the same length.
     """
 
-    kind: Literal["max_tokens", "fixed", "lognormal", "empirical"] = "max_tokens"
+    kind: Literal["max_tokens", "fixed", "lognormal", "empirical", "prompt"] = "max_tokens"
     mean: float = 128.0
     std: float = 128.0
     values: tuple[int, ...] = ()
@@ -93,9 +113,11 @@ class OutputLengths:
         if self.kind == "empirical" and not self.values:
             raise ValueError("OutputLengths(kind='empirical') needs values")
 
-    def draw(self, seed: int, request_id: str, max_tokens: int) -> int:
+    def draw(self, seed: int, request_id: str, max_tokens: int, prompt_token_ids: Sequence[int] = ()) -> int:
         if self.kind == "max_tokens":
             n = max_tokens
+        elif self.kind == "prompt":
+            n = prompt_coded_length(prompt_token_ids) or max_tokens
         elif self.kind == "fixed":
             n = int(round(self.mean))
         else:
@@ -184,6 +206,7 @@ class SimEngine(Engine):
         max_batch_size: int = 16,
         host_ram_bytes: int = 0,
         host_kv_capacity_tokens: int | None = None,
+        warm_models: Sequence[str] = (),
         clock: Clock | None = None,
         seed: int = 0,
         output_lengths: OutputLengths | None = None,
@@ -225,7 +248,7 @@ class SimEngine(Engine):
         self._swapped: dict[str, _Seq] = {}
         self._paused: _Iteration | None = None
         self._admit_seq = 0
-        self._warm: dict[str, float] = {}  # model -> clock time its host copy is ready
+        self._warm: dict[str, float] = {m: self.clock.now() for m in warm_models}  # model -> copy ready at
         self._prefill_tps = 0.0
         self._decode_tps = 0.0
 
@@ -309,7 +332,7 @@ class SimEngine(Engine):
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
         for req in inbox:
-            target = self.output_lengths.draw(self.seed, req.request_id, req.max_tokens)
+            target = self.output_lengths.draw(self.seed, req.request_id, req.max_tokens, req.prompt_token_ids)
             reason = FinishReason.LENGTH if target >= req.max_tokens else FinishReason.STOP
             target = max(target, len(req.generated_token_ids) + 1)
             self._waiting.append(_Seq(req, target, reason, list(req.generated_token_ids)))

@@ -28,7 +28,7 @@ import redis
 import yaml
 
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, PreemptionMode, TokenEvent
-from qlmserve.backends.factory import create_engine
+from qlmserve.backends.factory import SimFleetWorker, create_engine
 from qlmserve.backends.token_sink import TokenSink
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.model_spec import ModelSpec
@@ -51,6 +51,7 @@ class WorkerOptions:
     preemption: str = "none"
     max_pause_s: float = 2.0
     sim_profile: str | None = None  # WorkerProfile YAML for the sim engine
+    sim_fleet: SimFleetWorker | None = None  # or: this worker of a simulated fleet (backends/factory.py)
     seed: int = 0
     # CPU threads of the HF engine. One per worker by default: several workers sharing
     # a few cores with more threads each spin against each other (measured 20x slower
@@ -312,7 +313,8 @@ class Worker:
 
             torch.set_num_threads(max(1, o.threads))
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
-                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed)
+                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed,
+                               sim_fleet=o.sim_fleet)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
         tokenizers = {}
         if o.engine == "hf":

@@ -4,7 +4,7 @@ engine's profiler) or from published GPU figures (configs/gpu_profiles.yaml)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,18 @@ class WorkerProfile:
     load_warm_bytes_per_s: float = 20e9  # host RAM -> device
     load_fixed_s: float = 0.5  # process/graph set-up of a model load
     name: str = "default"
+
+    def slowed(self, factor: float) -> WorkerProfile:
+        """The same worker running `factor` times slower (every duration times `factor`):
+        what a simulated engine runs on when one machine stands in for a fleet in real time
+        (`qlm bench live`)."""
+        f = factor
+        return replace(self, prefill_base_s=self.prefill_base_s * f, prefill_per_token_s=self.prefill_per_token_s * f,
+                       decode_base_s=self.decode_base_s * f, decode_per_seq_s=self.decode_per_seq_s * f,
+                       decode_per_ctx_token_s=self.decode_per_ctx_token_s * f,
+                       kv_swap_bytes_per_s=self.kv_swap_bytes_per_s / f,
+                       load_cold_bytes_per_s=self.load_cold_bytes_per_s / f,
+                       load_warm_bytes_per_s=self.load_warm_bytes_per_s / f, load_fixed_s=self.load_fixed_s * f)
 
     def prefill_time(self, tokens: int) -> float:
         return self.prefill_base_s + self.prefill_per_token_s * max(0, tokens)

@@ -72,7 +72,7 @@ def plot_ttft_cdf(sc: Scenario, res: dict, path: str | Path) -> Path:
             ax.plot([max(x, 1e-3) for x in q], ys, color=COLORS.get(r["policy"]),
                     linestyle="-" if r["operations"] else "--",
                     label=f"{r['policy']} (ops {'on' if r['operations'] else 'off'})")
-        slo = sc.classes[cls]["ttft_s"]
+        slo = res["setup"]["classes"][cls]["ttft_s"]
         ax.axvline(slo, color="black", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.set_xlabel("TTFT, s (dotted: SLO)")

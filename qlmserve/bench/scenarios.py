@@ -9,6 +9,12 @@ with every result.
   a      QLM WA: one model, mixed interactive and batch classes, Azure conversation trace.
   b      QLM WB: several models on fewer workers (model swaps forced), batch classes.
   c      QLM WC (MegaPrompt): long prompts, Mooncake trace, a 32k-context model.
+  ls2    The reference setup for latency-sensitive work (issue 12): 8 x A100, Llama-2-7B,
+         Azure conversation trace, 20% LS with a 2 s TTFT, 80% best-effort at W/3.
+  ls2m   The same on the Mooncake synthetic trace (prompt-heavy) with Mistral-7B.
+  mm3    Several models on one fleet (issue 17): 8 x A100, three models drawn uniformly,
+         initial models round-robin, the ls2 classes, Azure conversation trace.
+  mm3m   The same on the Mooncake synthetic trace.
   ls20   QLLM's setup: 20% latency-sensitive requests, a mixture-of-experts model
          (Mixtral 8x7B on 2 x A100), where expert-level preemption applies; ls20t the same
          with the LS target scaled as QLLM defines it (10 decode iterations of the engine).
@@ -56,7 +62,17 @@ class Scenario:
     host_kv_gb: float | None = 64.0
     notes: str = ""
     ls_class: str | None = "interactive"  # the latency-sensitive class, for the LS/BE figures
+    # When set, the best-effort classes' TTFT target is this share of the arrival window
+    # (the reference setup's W/3: the same fluid bound for any window).
+    be_ttft_window_share: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def classes_for(self, window_s: float) -> dict[str, dict]:
+        """The SLO classes for an arrival window of `window_s` seconds."""
+        if self.be_ttft_window_share is None:
+            return self.classes
+        return {k: (v if v.get("latency_sensitive") else {**v, "ttft_s": self.be_ttft_window_share * window_s})
+                for k, v in self.classes.items()}
 
     def fleet(self, workers: int | None = None) -> Fleet:
         fl = uniform_fleet(workers or self.workers, self.gpu, list(self.models),
@@ -77,7 +93,8 @@ class Scenario:
         return {m: t.model(m).max_context for m in self.models}
 
     def policy(self, policy: str, operations: bool, output_mean: float, output_std: float,
-               tick_interval_ms: float = 100.0, models: list[str] | None = None) -> PolicyConfig:
+               tick_interval_ms: float = 100.0, models: list[str] | None = None,
+               window_s: float | None = None) -> PolicyConfig:
         """The policy file of this scenario. The output-length prior is the trace's own mean and
         std (what an operator would set from history), worth 20 requests."""
         t = load_gpu_profiles()
@@ -88,13 +105,52 @@ class Scenario:
         return PolicyConfig.model_validate({
             "tick_interval_ms": tick_interval_ms,
             "max_running_per_worker": self.max_batch_size,
-            "slo_classes": self.classes,
+            "slo_classes": self.classes_for(window_s if window_s is not None else self.window_s),
             "models": models,
             "planner": {"policy": policy, "operations": list(OPERATION_NAMES) if operations else []},
         })
 
 
+# The reference classes of issues 12 and 17: interactive work at a real 2 s TTFT, best-effort
+# work at W/3 of the arrival window (100 s for a 5-minute window).
+REFERENCE_CLASSES: dict[str, dict] = {
+    "interactive": {"ttft_s": 2.0, "priority": 2, "latency_sensitive": True},
+    "batch": {"ttft_s": 100.0, "priority": 0},
+}
+THREE_MODELS = ("llama-2-7b", "mistral-7b", "llama-2-13b")
+
 SCENARIOS: dict[str, Scenario] = {
+    "ls2": Scenario(
+        key="ls2", title="Reference LS setup: 20% interactive at 2 s TTFT, Llama-2-7B on 8 x A100, Azure trace",
+        trace="azure2023_conv.csv", gpu="A100-80GB", workers=8, models=("llama-2-7b",),
+        initial_models=("llama-2-7b",), model_mix={"llama-2-7b": 1.0}, classes=REFERENCE_CLASSES,
+        class_mix={"interactive": 0.2, "batch": 0.8}, loads=(1.0, 1.5, 2.0), window_s=300.0,
+        be_ttft_window_share=1 / 3,
+        notes="20% latency-sensitive (TTFT 2 s), 80% best-effort with TTFT W/3 (100 s for a 5-minute window); "
+              "every request runs to completion and counts."),
+    "ls2m": Scenario(
+        key="ls2m", title="Reference LS setup on prompt-heavy work: Mistral-7B on 8 x A100, Mooncake synthetic trace",
+        trace="mooncake_fast25_synthetic.jsonl", gpu="A100-80GB", workers=8, models=("mistral-7b",),
+        initial_models=("mistral-7b",), model_mix={"mistral-7b": 1.0}, classes=REFERENCE_CLASSES,
+        class_mix={"interactive": 0.2, "batch": 0.8}, loads=(1.0, 1.5, 2.0), window_s=300.0,
+        be_ttft_window_share=1 / 3,
+        notes="Mooncake prompts (mean ~15k tokens, outputs of tens of tokens) clipped to Mistral-7B's 32k context; "
+              "20% latency-sensitive at 2 s, 80% best-effort at W/3."),
+    "mm3": Scenario(
+        key="mm3", title="Three models on one fleet: 8 x A100, models drawn uniformly, Azure conversation trace",
+        trace="azure2023_conv.csv", gpu="A100-80GB", workers=8, models=THREE_MODELS, initial_models=THREE_MODELS,
+        model_mix={m: 1 / 3 for m in THREE_MODELS}, classes=REFERENCE_CLASSES,
+        class_mix={"interactive": 0.2, "batch": 0.8}, loads=(1.0, 1.5, 2.0), window_s=300.0,
+        be_ttft_window_share=1 / 3,
+        notes="Initial models round-robin over the workers; every worker may load any of the three (cold from "
+              "disk, or warm from host RAM); 20% latency-sensitive at 2 s, 80% best-effort at W/3."),
+    "mm3m": Scenario(
+        key="mm3m", title="Three models on one fleet: 8 x A100, models drawn uniformly, Mooncake synthetic trace",
+        trace="mooncake_fast25_synthetic.jsonl", gpu="A100-80GB", workers=8, models=THREE_MODELS,
+        initial_models=THREE_MODELS, model_mix={m: 1 / 3 for m in THREE_MODELS}, classes=REFERENCE_CLASSES,
+        class_mix={"interactive": 0.2, "batch": 0.8}, loads=(1.0, 1.5, 2.0), window_s=300.0,
+        be_ttft_window_share=1 / 3,
+        notes="Mooncake prompts clipped to each model's context (4k for the Llama-2 models, 32k for Mistral-7B)."),
     "a": Scenario(
         key="a", title="QLM WA: one model, mixed interactive and batch (Azure conversation trace)",
         trace="azure2023_conv.csv", gpu="A100-80GB", workers=4, models=("llama-2-7b",),

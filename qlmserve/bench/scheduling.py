@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qlmserve.bench.load_search import find_load, parse_target
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.controller.policies import policy_names
 from qlmserve.sim.driver import SimOptions, Simulation
@@ -34,7 +35,7 @@ from qlmserve.traces import Trace, WorkloadSpec, build_workload, describe_worklo
 
 POLICIES = ("qlm", "edf", "sjf", "priority", "fcfs", "fcfs-oblivious")
 # Other `qlm bench <name>` commands: modules with `register_bench(bench_subparsers)`.
-BENCH_MODULES = ["qlmserve.bench.calibrate"]
+BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def measure_capacity(sc: Scenario, trace: Trace, workers: int, window_s: float, 
     mult = 2.5 * est / trace.rate
     w = min(window_s, 180.0)
     wl = scenario_workload(sc, trace, mult, w, seed)
-    cfg = sc.policy("fcfs", False, out_mean, out_std, tick_ms)
+    cfg = sc.policy("fcfs", False, out_mean, out_std, tick_ms, window_s=window_s)
     res = Simulation(cfg, sc.fleet(workers), wl, policy_name="fcfs",
                      options=SimOptions(drain_s=5.0, probe_times=(w,))).run()
     tokens = res.tokens_at.get(w, 0)
@@ -105,7 +106,7 @@ def run_job(job: Job) -> dict:
     sc = SCENARIOS[job.scenario]
     trace = _trace(job.trace_path)
     wl = scenario_workload(sc, trace, job.multiplier, job.window_s, job.seed)
-    cfg = sc.policy(job.policy, job.operations, job.output_mean, job.output_std, job.tick_ms)
+    cfg = sc.policy(job.policy, job.operations, job.output_mean, job.output_std, job.tick_ms, window_s=job.window_s)
     last = max(r.arrival for r in wl)
     res = Simulation(cfg, sc.fleet(job.workers), wl, policy_name=job.policy,
                      options=SimOptions(drain_s=job.drain_s, charge_solve_time=job.charge_solve_time,
@@ -292,6 +293,26 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
     cap_task = progress.add_task(f"[{sc.key}] measuring capacity", total=1)
     cap = measure_capacity(sc, trace, workers, window, args.seed, args.tick_ms, out_mean, out_std, prompt_mean)
     progress.update(cap_task, completed=1)
+    searches = []
+    if getattr(args, "find_load", None):
+        found = []
+        for spec in _csv(args.find_load):
+            policy, ops, target = parse_target(spec)
+
+            def attainment_at(ld: float, policy=policy, ops=ops) -> float:
+                return run_job(Job(sc.key, str(trace_path), policy, ops, ld, ld * cap["req_s"] / trace.rate, workers,
+                                   window, args.seed, args.tick_ms, out_mean, out_std, args.drain,
+                                   args.charge_solve_time))["attainment"]
+
+            def report(st, policy=policy, ops=ops, target=target) -> None:
+                console.print(f"  [{sc.key}] load search {policy} (ops {'on' if ops else 'off'}) -> {target:.0%}: "
+                              f"load {st.load:.3f}: {100 * st.attainment:.1f}%")
+
+            ld, steps = find_load(attainment_at, target, report=report)
+            found.append(ld)
+            searches.append({"baseline": policy, "operations": ops, "target": target, "load": ld,
+                             "steps": [{"load": st.load, "attainment": st.attainment} for st in steps]})
+        loads = tuple(sorted(set(found) | (set(_csv(args.loads, float)) if args.loads else set())))
     jobs = []
     for ld in loads:
         mult = ld * cap["req_s"] / trace.rate
@@ -324,7 +345,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "trace": str(trace_path), "trace_requests": len(trace.records), "trace_rate_req_s": trace.rate,
         "trace_real_arrivals": trace.real_arrivals,
         "fleet": sc.fleet(workers).describe(), "workers": workers, "max_batch_size": sc.max_batch_size,
-        "classes": sc.classes, "class_mix": sc.class_mix, "model_mix": sc.model_mix,
+        "classes": sc.classes_for(window), "class_mix": sc.class_mix, "model_mix": sc.model_mix,
         "window_s": window, "seed": args.seed, "tick_interval_ms": args.tick_ms,
         "planner_clock": "wall (depends on the machine)" if args.charge_solve_time else
                          "modelled work, charged (deterministic: controller/solve_budget.py)",
@@ -333,7 +354,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "drain": "every run continues after the window until all requests finish"
                  + (f" (at most {args.drain} s)" if args.drain is not None else ""),
         "output_tokens_mean": out_mean, "output_tokens_std": out_std, "prompt_tokens_mean": prompt_mean,
-        "capacity": cap, "policies": policies, "policies_missing": missing,
+        "capacity": cap, "policies": policies, "policies_missing": missing, "load_search": searches,
         "operations": ["on" if m else "off" for m in ops_modes],
         "workload_at_lowest_load": describe_workload(sample),
         "wall_s": time.perf_counter() - t0,
@@ -382,6 +403,10 @@ def print_setup(console, setup: dict) -> None:
     console.print(f"  measured capacity {cap['output_tok_s']:.0f} output tok/s = {cap['req_s']:.2f} req/s "
                   f"({cap['method']}); outputs {setup['output_tokens_mean']:.0f} +- {setup['output_tokens_std']:.0f} "
                   f"tokens, prompts {setup['prompt_tokens_mean']:.0f}")
+    for s in setup.get("load_search", []):
+        steps = ", ".join(f"{st['load']:.3f}: {100 * st['attainment']:.1f}%" for st in s["steps"])
+        console.print(f"  load search: {s['baseline']} (operations {'on' if s['operations'] else 'off'}) at "
+                      f"{s['target']:.0%} -> load {s['load']:.3f} (tried {steps})")
     code = setup.get("code") or {}
     if code.get("commit"):
         mod = code.get("modified") or []
@@ -537,6 +562,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "machine and its load (default: modelled work, charged; the same on any machine)")
     p.add_argument("--out", default="out/bench", help="folder for JSON and PNG (default out/bench)")
     p.add_argument("--quick", action="store_true", help="short window and three loads")
+    p.add_argument("--find-load", metavar="POLICY=ATTAINMENT[,...]",
+                   help="find the load where a baseline meets this attainment (e.g. fcfs=0.5,fcfs=0.9; "
+                        "POLICY+ops=... with operations on) by bisection, print the search, and run every "
+                        "policy there (with --loads too, if given)")
     p.set_defaults(func=cmd_bench)
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
     s = sub.add_parser("sim", help="one simulation on a fleet file, with timing (scale check)")
