@@ -83,6 +83,27 @@ class ClusterView:
     model_bytes: Mapping[str, int]  # weight sizes: model-swap costs, warm copies per host RAM
 
 
+def missed_while_waiting(view: ClusterView, policy: PolicyConfig) -> list[RequestView]:
+    """Waiting requests of `fail_fast` classes whose TTFT target has passed: the controller
+    fails them and the simulator drops them, by this one rule."""
+    out = []
+    for g in view.groups:
+        slo = policy.slo_classes.get(g.slo_class)
+        if slo is None or slo.on_miss != "fail_fast":
+            continue
+        out.extend(r for r in g.waiting if r.arrival + slo.ttft_s < view.now)
+    return out
+
+
+def without(view: ClusterView, request_ids: set[str]) -> ClusterView:
+    """The view with these waiting requests gone."""
+    if not request_ids:
+        return view
+    groups = tuple(GroupView(g.group_id, g.model, g.slo_class, g.created_at,
+                             tuple(r for r in g.waiting if r.request_id not in request_ids)) for g in view.groups)
+    return replace(view, groups=groups)
+
+
 def learned_lengths(policy: PolicyConfig, observed: Mapping[tuple[str, str], Moments],
                     running: Iterable[RunningRequest]) -> dict[tuple[str, str], LengthStats]:
     """The output-length distribution the estimator reads: the policy's prior plus the

@@ -26,7 +26,9 @@ from qlmserve.controller.cluster_view import (
     RequestView,
     build_snapshot,
     learned_lengths,
+    missed_while_waiting,
     running_request,
+    without,
 )
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import Moments, RecentMoments, predict_group_wait
@@ -267,6 +269,12 @@ class Controller:
         """The planner's input, built by the one builder the simulator uses too
         (controller/cluster_view.py) from this controller's view of Redis and its workers."""
         view = await self.view()
+        missed = missed_while_waiting(view, self.policy)
+        for r in missed:
+            await self.store.finish_early(r.request_id, RequestStatus.FAILED, view.now,
+                                          "TTFT target missed before it started (class fails fast)")
+            self.metrics.rejected.labels("missed_while_waiting").inc()
+        view = without(view, {r.request_id for r in missed})
         running = [running_request(r, self.policy) for w in view.workers for r in w.running]
         observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
         lengths = learned_lengths(self.policy, self._recent_lengths.update(view.now, observed), running)

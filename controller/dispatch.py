@@ -15,6 +15,12 @@ of queued best-effort groups but after the latency-sensitive groups at the queue
 they were admitted first and hold host memory, and one swapped out to make room for a
 latency-sensitive request must not starve behind newer work.
 
+Under a plan that puts latency-sensitive work first (Plan.latency_sensitive_first: QLM,
+strict priority, EDF), every waiting latency-sensitive request takes room before any
+best-effort request, on its planned worker or, when that one has no room, on any worker
+of its model that has: a latency-sensitive request that arrives when some worker could
+take it is running within one tick, whatever group it joined.
+
 Dispatch is work-conserving: a worker that has served its whole queue and still has
 free slots takes requests of its model that wait in other workers' queues beyond what
 those workers can start now, the next ones of each queue first. A plan is a forecast; when a
@@ -39,6 +45,15 @@ class Assignment:
     request_id: str
 
 
+@dataclass
+class _Room:
+    """What one worker can take this tick."""
+
+    worker: WorkerState
+    slots: int  # batch slots (best-effort work fills only these)
+    ls_extra: int  # room beyond the batch limit that latency-sensitive requests may take
+
+
 def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int) -> tuple[list[Assignment], list[Operation]]:
     groups = {g.group_id: g for g in snapshot.groups}
     planned_loads = {op.worker_id: op.model for op in plan.operations if isinstance(op, LoadModel)}
@@ -56,22 +71,28 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
     # The preemption mode each worker runs under once the plan's operations are done: under
     # ITERATION / EXPERT latency-sensitive requests join beyond the batch limit.
     modes = {op.worker_id: op.mode for op in plan.operations if isinstance(op, SetPreemption)}
+    rooms: dict[str, _Room] = {}
     for w in snapshot.workers:
         if not w.accepts_work or w.loading_model is not None:
             continue
-        limit = min(w.max_batch_size, max_running_per_worker)
-        active = w.active - freed.get(w.worker_id, 0)
-        ls_extra = batch_limit(modes.get(w.worker_id, w.preemption_mode), True, limit) - limit
-        slots = limit - active
-        target_model = planned_loads.get(w.worker_id, w.active_model)
-        if target_model != w.active_model:
+        if planned_loads.get(w.worker_id, w.active_model) != w.active_model:
             continue  # a planned model swap comes first; requests follow once it is done
-        resumed = _swap_ins(w, plan, groups, slots, ls_extra)
+        limit = min(w.max_batch_size, max_running_per_worker)
+        ls_extra = batch_limit(modes.get(w.worker_id, w.preemption_mode), True, limit) - limit
+        rooms[w.worker_id] = _Room(w, limit - (w.active - freed.get(w.worker_id, 0)), ls_extra)
+    taken: set[str] = set()
+    if plan.latency_sensitive_first:
+        assignments += _latency_sensitive_first(plan, groups, rooms)
+        taken = {a.request_id for a in assignments}
+    for wid, room in rooms.items():
+        w = room.worker
+        slots, ls_extra = room.slots, room.ls_extra
+        resumed = _swap_ins(w, plan, groups, slots, ls_extra, taken)
         if resumed is not None:
             ops.append(resumed)
             slots -= len(resumed.request_ids)
         blocked = False
-        for gid in plan.virtual_queues.get(w.worker_id, []):
+        for gid in plan.virtual_queues.get(wid, []):
             g = groups.get(gid)
             if g is None:
                 continue
@@ -80,31 +101,65 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
                 break
             if g.model != w.active_model:
                 own_running = any(r.model == w.active_model for r in w.running if not r.swapped)
-                if not own_running and not any(a.worker_id == w.worker_id for a in assignments):
-                    ops.append(LoadModel(w.worker_id, g.model, reason=f"head group {gid} needs {g.model}"))
+                if not own_running and not any(a.worker_id == wid for a in assignments):
+                    ops.append(LoadModel(wid, g.model, reason=f"head group {gid} needs {g.model}"))
                 blocked = True
                 break  # strict queue order: later groups wait for this one
             for rid in g.request_ids:
                 if slots + extra <= 0:
                     break
-                assignments.append(Assignment(w.worker_id, gid, rid))
+                if rid in taken:
+                    continue
+                assignments.append(Assignment(wid, gid, rid))
                 slots -= 1
         if slots > 0 and not blocked and w.active_model is not None:
-            spare[w.worker_id] = slots
+            spare[wid] = slots
     if spare:
         assignments.extend(_backfill(plan, snapshot, groups, spare, assignments))
     return assignments, ops
 
 
-def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int, ls_extra: int) -> SwapIn | None:
+def _latency_sensitive_first(plan: Plan, groups: dict, rooms: dict[str, _Room]) -> list[Assignment]:
+    """Plan.latency_sensitive_first: every waiting latency-sensitive request takes room before
+    any best-effort request does, on its planned worker if that worker has room for it
+    (a free slot, or the engine's room beyond the batch limit), else on any worker of its
+    model that has (the most room first). A group is the planner's unit, not a worker's:
+    one holding many requests must not trickle through the slots of one worker while
+    others could start them now. Requests are taken in the plan's order, queue heads first."""
+    out: list[Assignment] = []
+    order = []
+    for wid, q in plan.virtual_queues.items():
+        for pos, gid in enumerate(q):
+            g = groups.get(gid)
+            if g is not None and g.latency_sensitive:
+                order.append((pos, g.deadline, gid, wid))
+    for _pos, _dl, gid, wid in sorted(order):
+        g = groups[gid]
+        for rid in g.request_ids:
+            room = rooms.get(wid)
+            if room is None or room.worker.active_model != g.model or room.slots + room.ls_extra <= 0:
+                others = [r for r in rooms.values() if r.worker.active_model == g.model and r.slots + r.ls_extra > 0]
+                if not others:
+                    break
+                room = max(others, key=lambda r: (r.slots + r.ls_extra, r.worker.worker_id))
+            out.append(Assignment(room.worker.worker_id, gid, rid))
+            if room.slots > 0:
+                room.slots -= 1
+            else:
+                room.ls_extra -= 1
+    return out
+
+
+def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int, ls_extra: int, taken: set[str]) -> SwapIn | None:
     """The swapped-out requests of the active model that resume now (see the module doc):
     into the slots the leading latency-sensitive groups leave (beyond `ls_extra`, the
-    slots those may take past the batch limit)."""
+    slots those may take past the batch limit; requests already `taken` are counted in
+    `slots`)."""
     swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
     if not swapped or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
         return None
-    ls = sum(g.size for g in leading_latency_sensitive(groups.get(gid) for gid in
-                                                       plan.virtual_queues.get(w.worker_id, [])))
+    ls = sum(sum(1 for rid in g.request_ids if rid not in taken) for g in leading_latency_sensitive(
+        groups.get(gid) for gid in plan.virtual_queues.get(w.worker_id, [])))
     slots -= max(0, ls - ls_extra)
     kv_free = w.kv_free_tokens
     out = []

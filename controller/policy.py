@@ -43,6 +43,11 @@ class SloClass(_Strict):
     """Weight of one request of this class in the planner's objective."""
     latency_sensitive: bool = False
     """Latency-sensitive requests may preempt best-effort ones inside a worker."""
+    on_miss: Literal["run_late", "fail_fast"] = "run_late"
+    """A request of this class still waiting when its TTFT target has passed can no longer
+    meet it: `run_late` serves it anyway (it counts as a miss), `fail_fast` fails it at once
+    (status FAILED, "TTFT target missed before it started"), freeing the capacity for
+    requests that can still meet theirs."""
     admission: AdmissionLimits = AdmissionLimits()
 
 

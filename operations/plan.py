@@ -24,6 +24,9 @@ class Plan:
     objective: float | None = None
     # why a fallback was taken ("timeout", "infeasible", ...), empty when none
     note: str = ""
+    # whether latency-sensitive requests take room on any worker before best-effort work
+    # (controller/dispatch.py): set by policies whose order puts them first
+    latency_sensitive_first: bool = False
 
     @classmethod
     def make_empty(cls) -> Plan:

@@ -46,6 +46,7 @@ class SchedulingPolicy(ABC):
         self.clock.meter.charge("tick")
         if last_solved is not None and not self.needs_replan(snapshot, last_solved):
             return Plan(virtual_queues=last_solved.virtual_queues, source="kept",
+                        latency_sensitive_first=last_solved.latency_sensitive_first,
                         predicted_attainment=last_solved.predicted_attainment,
                         solve_time_s=self.clock.now() - t0), False
         plan = self.solve(snapshot)

@@ -137,6 +137,9 @@ class OrderPolicy(SchedulingPolicy):
     """A baseline defined by a sort key over groups."""
 
     model_aware: bool = True
+    # Whether this order puts latency-sensitive groups first, so that dispatch may give
+    # their requests room on any worker before best-effort work (Plan.latency_sensitive_first).
+    latency_sensitive_first: bool = False
 
     def key(self, snapshot: ClusterSnapshot) -> Callable[[GroupState], tuple]:
         raise NotImplementedError
@@ -154,6 +157,7 @@ class OrderPolicy(SchedulingPolicy):
         ops = derive_operations(snapshot, self.config, fc, queues, protected)
         forecast = fc.evaluate(queues, protected)
         return Plan(virtual_queues=queues, operations=ops, source=self.name,
+                    latency_sensitive_first=self.latency_sensitive_first,
                     predicted_attainment={gid: f.attainment() for gid, f in forecast.items()},
                     solve_time_s=self.clock.now() - t0)
 
@@ -182,6 +186,7 @@ class EdfPolicy(OrderPolicy):
     """Earliest deadline first over groups (the default of QLM's released code)."""
 
     name = "edf"
+    latency_sensitive_first = True  # their deadlines come first
 
     def key(self, snapshot):
         return lambda g: (g.deadline, g.group_id)
@@ -192,6 +197,7 @@ class PriorityPolicy(OrderPolicy):
     """Strict priority by SLO class, FCFS within a class."""
 
     name = "priority"
+    latency_sensitive_first = True
 
     def key(self, snapshot):
         return lambda g: (-g.priority, min(g.arrivals), g.group_id)

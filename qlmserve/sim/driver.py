@@ -35,6 +35,8 @@ from qlmserve.controller.cluster_view import (
     WorkerView,
     build_snapshot,
     learned_lengths,
+    missed_while_waiting,
+    without,
 )
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import LengthLearner, RecentMoments
@@ -352,6 +354,13 @@ class Simulation:
         view = ClusterView(now=now, groups=tuple(self._group_view(g) for g in self.groups.values() if g.waiting),
                            workers=tuple(self._worker_view(w, now) for w in self.workers.values()),
                            model_bytes=self.model_bytes)
+        missed = missed_while_waiting(view, self.cfg)
+        for rv in missed:  # a class that fails fast: the controller's rule, applied here
+            r = self.by_id[rv.request_id]
+            self.groups[r.group_id].remove(r)
+            r.status, r.failed, r.finished_at = SimStatus.FINISHED, True, now
+            self._finished += 1
+        view = without(view, {rv.request_id for rv in missed})
         workers = [self._states.worker(w, self.cfg, self.model_bytes) for w in view.workers]
         snap = build_snapshot(view, self.cfg, self._positions, self.lengths.stats(now, workers), self._states)
         self._states.forget(self.groups)

@@ -75,6 +75,7 @@ def summarize(result: SimResult) -> dict:
             "ttft_p50_s": _pct(ttfts, 50),
             "ttft_p99_s": _pct(ttfts, 99),
             "unserved": sum(1 for r in rs if r.first_token_at is None),
+            "failed_fast": sum(1 for r in rs if r.failed),
             "output_tokens_per_s": sum(r.generated for r in rs) / horizon,
         }
     met_all = [r for r in reqs if r.met_slo()]

@@ -45,6 +45,7 @@ class SimRequest:
     swaps: int = 0
     expert_preempted: bool = False  # started inside a paused best-effort pass
     recompute_tokens: int = 0  # prefill tokens spent again after an eviction or preemption
+    failed: bool = False  # failed by its class's on_miss: fail_fast (never served)
 
     @property
     def kv_tokens(self) -> int:

@@ -180,3 +180,31 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
     assert ws[w0].servable_models == frozenset(MODELS) and ws[w0].host_kv_capacity_tokens == 50_000
     assert ws[w0].host_ram_models == 64 * 2**30 // max(policy.models[m].weight_bytes for m in MODELS)
     assert ws[w0].profile.decode_per_seq_s > 0  # the engine's batch-dependent cost model
+
+
+async def test_controller_fails_what_missed_its_target_while_waiting_in_a_fail_fast_class(redis_url: str,
+                                                                                          prefix: str):
+    """This test verifies that the controller applies the same rule as the simulator
+    (cluster_view.missed_while_waiting): a waiting request of a `fail_fast` class whose TTFT
+    target has passed is failed with a reason and leaves the snapshot; one of a `run_late`
+    class, as old, keeps waiting."""
+    base = _policy().model_dump()
+    base["slo_classes"]["interactive"]["on_miss"] = "fail_fast"
+    from qlmserve.controller.policy import PolicyConfig
+    from qlmserve.controller.request import RequestStatus
+
+    policy = PolicyConfig.model_validate(base)
+    store = RedisStore.from_url(redis_url, prefix)
+    clock = FixedClock(1000.0)
+    ctl = Controller(store, policy, redis_url=redis_url, clock=clock)
+    for rid, cls in (("i1", "interactive"), ("b1", "batch")):
+        slo = policy.slo_classes[cls]
+        await store.submit(Request(rid, "llama-2-7b", cls, [1, 2, 3], 8, 1000.0, slo.ttft_s,
+                                   latency_sensitive=slo.latency_sensitive), 1000.0, policy.grouping)
+    assert {r for g in (await ctl.snapshot()).groups for r in g.request_ids} == {"i1", "b1"}
+    clock.t = 1000.0 + 2.5  # past interactive's 2 s, well within batch's 60 s
+    snap = await ctl.snapshot()
+    assert {r for g in snap.groups for r in g.request_ids} == {"b1"}
+    failed = await store.get_request("i1")
+    assert failed.status is RequestStatus.FAILED and "missed" in failed.error
+    await store.close()

@@ -82,3 +82,18 @@ def test_latency_sensitive_groups_take_room_beyond_a_full_batch_under_preemption
     assert _taken(dispatch(plan, expert, 4)[0]) == {"w0": ["ls-0", "ls-1"]}
     planned = Plan({"w0": ["ls", "be"]}, [SetPreemption("w0", PreemptionMode.ITERATION)])
     assert _taken(dispatch(planned, snap, 4)[0]) == {"w0": ["ls-0", "ls-1"]}
+
+
+def test_latency_sensitive_requests_take_room_anywhere_before_best_effort_work():
+    """This test verifies that, under a plan that puts latency-sensitive work first:
+    1. a latency-sensitive group planned on a full worker sends its requests to another
+       worker of its model that has free slots, before that worker's own best-effort queue;
+    2. requests of the group that find no room anywhere wait (none is lost or doubled);
+    3. a plan without the flag (FCFS) keeps its queue order: the free slots go to the
+       worker's own best-effort group."""
+    snap = ClusterSnapshot(0.0, (_group("ls", 4, 2.0, ls=True), _group("be", 3, 100.0)),
+                           (_worker("w0", 4), _worker("w1", 2)), {}, {})
+    plan = Plan({"w0": ["ls"], "w1": ["be"]}, latency_sensitive_first=True)
+    assert _taken(dispatch(plan, snap, 4)[0]) == {"w1": ["ls-0", "ls-1"]}
+    fcfs = Plan({"w0": ["ls"], "w1": ["be"]})
+    assert _taken(dispatch(fcfs, snap, 4)[0]) == {"w1": ["be-0", "be-1"]}

@@ -286,3 +286,33 @@ def test_latency_sensitive_requests_join_a_full_batch_beyond_its_limit_unless_fc
         assert ls.first_token_at is None and len(w.running) == 4
     else:
         assert ls.first_token_at is not None and ls.first_token_at - 1.0 < 0.2
+
+
+def test_a_fail_fast_class_drops_what_missed_its_target_while_waiting():
+    """This test verifies that:
+    1. with `on_miss: fail_fast`, waiting requests whose TTFT target passed are failed by
+       the shared rule (cluster_view.missed_while_waiting), never served, and counted
+       (summary `failed_fast`); the run ends with every request accounted for;
+    2. with the default `run_late` the same overloaded run serves every request late."""
+    classes = {"interactive": {"ttft_s": 1.0, "priority": 2, "latency_sensitive": True},
+               "batch": {"ttft_s": 5.0, "priority": 0}}
+    wl = build_workload(load_trace(BUNDLED_AZURE_SLICE).head(200), WorkloadSpec(
+        class_mix={"interactive": 0.3, "batch": 0.7}, model_mix={"llama-2-7b": 1.0}, load=30.0,
+        max_context={"llama-2-7b": 4096}, seed=1))
+    fleet = uniform_fleet(1, "A100-80GB", ["llama-2-7b"], max_batch_size=8)
+    out = {}
+    for on_miss in ("run_late", "fail_fast"):
+        cfg = PolicyConfig.model_validate({**POLICY, "slo_classes": {k: {**v, "on_miss": on_miss}
+                                                                     for k, v in classes.items()},
+                                           "planner": {"policy": "fcfs", "operations": []}})
+        res = Simulation(cfg, fleet, wl).run()
+        out[on_miss] = (res, summarize(res))
+    late, late_s = out["run_late"]
+    fast, fast_s = out["fail_fast"]
+    assert all(r.first_token_at is not None for r in late.requests)
+    assert sum(c["failed_fast"] for c in late_s["classes"].values()) == 0
+    failed = [r for r in fast.requests if r.failed]
+    assert failed and all(r.first_token_at is None and r.finished_at is not None for r in failed)
+    assert sum(c["failed_fast"] for c in fast_s["classes"].values()) == len(failed)
+    assert all(r.finished_at is not None for r in fast.requests)
+    assert fast_s["attainment"] >= late_s["attainment"]  # capacity goes to requests that can still make it

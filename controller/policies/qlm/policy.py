@@ -206,7 +206,7 @@ class QlmPolicy(SchedulingPolicy):
         self.last_decision = best
         ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
         self.charge_bookkeeping(snapshot)  # the operations and the plan's per-group fields
-        plan = Plan(virtual_queues=best.queues, operations=ops, source=source,
+        plan = Plan(virtual_queues=best.queues, operations=ops, source=source, latency_sensitive_first=True,
                     predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
                     objective=best_score.primary, note=note, solve_time_s=self.clock.now() - t0)
         self._finish_s = 0.7 * self._finish_s + 0.3 * (self.clock.now() - t_finish)
