@@ -1,5 +1,7 @@
 """A private redis-server the controller starts itself (embedded defaults, the demo,
-tests): a free loopback port, append-only persistence in a data folder."""
+tests, benchmarks): a free loopback port, append-only persistence in a data folder, a
+password of its own (kept in the folder, mode 0600), and the process_guard rules: it dies
+with the process that started it, and one redis-server per folder at a time."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
+
+from qlmserve.controller.auth import new_token, write_secret
+from qlmserve.controller.process_guard import FolderLock, die_with_parent
 
 
 def free_port() -> int:
@@ -19,30 +25,55 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """Owns a redis-server process. Restarting it on the same data folder keeps every
-    accepted request (appendonly yes, fsync every second)."""
+    """Owns a redis-server process (it holds the folder's lock while it runs). Restarting it on the same data folder keeps every
+    accepted request (appendonly yes; an acknowledged write is in the file before the
+    reply, so a killed redis-server loses none of them, and with appendfsync always
+    neither does a machine crash)."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendfsync: str = "everysec") -> None:
+    def __init__(self, data_dir: str | Path, port: int | None = None, appendfsync: str = "everysec",
+                 lock_wait_s: float = 10.0) -> None:
+        self.lock_wait_s = lock_wait_s  # how long to wait for a redis-server still leaving this folder
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.proc: subprocess.Popen | None = None
+        self.lock = FolderLock(self.data_dir, "redis.lock")
+
+    @property
+    def password(self) -> str:
+        path = self.data_dir / "password"
+        if not path.exists():
+            write_secret(path, new_token() + "\n")
+        return path.read_text().strip()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> PrivateRedis:
+    def spawn(self) -> PrivateRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server), or pass --redis URL")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+        self.lock.acquire(self.lock_wait_s)
+        # The password goes in through stdin-free config: a config file only we can read.
+        conf = self.data_dir / "redis.conf"
+        write_secret(conf, f"requirepass {self.password}\n")
+        args = [exe, str(conf), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
                 "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         pass_fds=(self.lock.fd,), preexec_fn=die_with_parent)
+        finally:
+            # From here redis-server alone holds the lock: it is free exactly when that
+            # process is gone, however it ended.
+            self.lock.release()
+        return self
+
+    def wait_ready(self, timeout_s: float = 10.0) -> PrivateRedis:
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(host="127.0.0.1", port=self.port)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
         while True:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
@@ -54,9 +85,7 @@ class PrivateRedis:
                     # Wait until the append-only file is loaded.
                     if client.info("persistence").get("loading", 0) == 0:
                         break
-            except redis.ConnectionError:
-                pass
-            except redis.BusyLoadingError:
+            except (redis.ConnectionError, redis.BusyLoadingError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()
@@ -64,6 +93,9 @@ class PrivateRedis:
             time.sleep(0.05)
         client.close()
         return self
+
+    def start(self, timeout_s: float = 10.0) -> PrivateRedis:
+        return self.spawn().wait_ready(timeout_s)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
