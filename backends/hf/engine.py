@@ -345,16 +345,21 @@ class HFEngine(Engine):
     # ------------------------------------------------------------------ passes
 
     def _run_pass(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        """One pass over `seqs`. A pass that raises is split in halves until the sequence at
-        fault runs alone; that one fails (take_failures) and the others still get their
-        token. Nothing is committed before a pass ends, so a retried row starts clean."""
-        p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs))
+        """One pass over `seqs`. A pass that raises before it commits is split in halves
+        until the sequence at fault runs alone; that one fails (take_failures) and the
+        others still get their token: nothing is committed before a pass ends, so a retried
+        row starts clean. (Sampling, after the commit, fails per row in the Sampler.)"""
+        kv_before = [s.kv_len for s in seqs]
+        p = None
         try:
+            p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs))
             return self._resume(p)
         except (EngineError, AssertionError):
             raise
         except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the batch
-            if self._paused is p:
+            if [s.kv_len for s in seqs] != kv_before:
+                raise  # committed: a retry would feed nothing; the worker loop logs it
+            if p is not None and self._paused is p:
                 self._paused = None
             live = self._still_running(seqs)
             if len(live) <= 1:
