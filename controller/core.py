@@ -50,6 +50,9 @@ log = logging.getLogger("qlm.controller")
 
 # Shortest time between the end of one tick and the start of an early (woken) one.
 MIN_TICK_GAP_S = 0.02
+# How long a new leader waits for the workers of the previous one to dial in before it
+# requeues the requests of those that did not (capped by heartbeat_timeout_s).
+RECONNECT_GRACE_S = 2.0
 
 
 @dataclass
@@ -566,8 +569,9 @@ class Controller:
                 await self.acl.revoke(wid)
                 await self._requeue_all(wid, now)
                 await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
-        # Workers a previous controller knew that never reconnected.
-        if now - self._started_at > timeout:
+        # Workers a previous controller knew that never reconnected: live ones redial within
+        # about a second of a new leader, so a dead one's requests wait no longer than this.
+        if now - self._started_at > min(timeout, RECONNECT_GRACE_S):
             for wid, fields in (await self.store.get_workers()).items():
                 if wid in self.workers or fields.get("dead") == "1":
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -51,6 +52,9 @@ class PrivateRedis:
         return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     def spawn(self) -> PrivateRedis:
+        """Start it. From the main thread it dies with this process; Linux ties the parent-death
+        signal to the spawning *thread*, so from another thread (which may end first) it is
+        not set."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server), or pass --redis URL")
@@ -63,8 +67,9 @@ class PrivateRedis:
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
                 "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no"]
         try:
+            guard = die_with_parent if threading.current_thread() is threading.main_thread() else None
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         pass_fds=(self.lock.fd,), preexec_fn=die_with_parent)
+                                         pass_fds=(self.lock.fd,), preexec_fn=guard)
         finally:
             # From here redis-server alone holds the lock: it is free exactly when that
             # process is gone, however it ended.

@@ -140,7 +140,7 @@ class ControllerRuntime:
         url = self.opts.redis_url
         if url is None:
             self.redis = PrivateRedis(Path(self.opts.data_dir) / "redis", appendfsync=self.opts.redis_fsync)
-            self.redis.spawn()  # from this thread: it dies with this process (process_guard)
+            self.redis.spawn()  # from the loop's (main) thread: it dies with this process (process_guard)
             await asyncio.to_thread(self.redis.wait_ready)
             url = self.redis.url
         store = RedisStore.from_url(url, prefix=self.opts.prefix)

@@ -48,15 +48,6 @@ def with_user(url: str, user: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def redact(url: str) -> str:
-    """A Redis URL fit for a log line: no password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = (parts.username or "") + ":***@" + (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 class WorkerAcl:
     def __init__(self, r: aioredis.Redis, keys: Keys, controller_url: str, worker_redis_url: str | None = None) -> None:
         self.r = r

@@ -1,13 +1,13 @@
 """Redis connections from one URL, for the controller (asyncio) and workers (threads).
 
   redis://[user:password@]host:port/db     one server (rediss:// for TLS, unix:// a socket)
-  redis+sentinel://[user:password@]h1:p1,h2:p2/<service>[/db]
+  redis+sentinel://[user:password@]h1:p1,h2:p2/<service>[/db][?sentinel_password=P]
                                            the master Sentinel names, found again after a failover
   redis+cluster://[user:password@]host:port  Redis Cluster (every QLM key must hash to one
                                            slot: use a prefix in braces, e.g. --prefix '{qlm}')
 
-redis-py does the work: Sentinel's master_for and RedisCluster. The URL's password is
-both the Sentinels' and the master's."""
+redis-py does the work: Sentinel's master_for and RedisCluster. The URL's user and
+password are the master's; the Sentinels' own password, if any, is `sentinel_password`."""
 
 from __future__ import annotations
 
@@ -32,12 +32,16 @@ def _auth(url: str) -> dict[str, Any]:
             "password": unquote(p.password) if p.password else None}
 
 
-def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int]:
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
+    from urllib.parse import parse_qs
+
     p = urlsplit(url)
     path = [x for x in p.path.split("/") if x]
     if not path:
         raise ValueError("a redis+sentinel URL names the service: redis+sentinel://h1:p1,h2:p2/<service>[/db]")
-    return _hosts(p.netloc), path[0], int(path[1]) if len(path) > 1 else 0
+    q = parse_qs(p.query)
+    sentinel_kw = {"password": q["sentinel_password"][0]} if "sentinel_password" in q else {}
+    return _hosts(p.netloc), path[0], int(path[1]) if len(path) > 1 else 0, sentinel_kw
 
 
 def redis_client(url: str, **kw: Any):
@@ -48,10 +52,9 @@ def redis_client(url: str, **kw: Any):
     if scheme == SENTINEL:
         from redis.sentinel import Sentinel
 
-        hosts, service, db = _sentinel_parts(url)
-        auth = _auth(url)
-        s = Sentinel(hosts, sentinel_kwargs={k: v for k, v in auth.items() if v}, **kw)
-        return s.master_for(service, db=db, **auth)
+        hosts, service, db, sentinel_kw = _sentinel_parts(url)
+        s = Sentinel(hosts, sentinel_kwargs=sentinel_kw, **kw)
+        return s.master_for(service, db=db, **_auth(url))
     if scheme == CLUSTER:
         from redis.cluster import RedisCluster
 
@@ -67,10 +70,9 @@ def async_redis_client(url: str, max_connections: int = 512, **kw: Any):
     if scheme == SENTINEL:
         from redis.asyncio.sentinel import Sentinel
 
-        hosts, service, db = _sentinel_parts(url)
-        auth = _auth(url)
-        s = Sentinel(hosts, sentinel_kwargs={k: v for k, v in auth.items() if v}, **kw)
-        return s.master_for(service, db=db, **auth)
+        hosts, service, db, sentinel_kw = _sentinel_parts(url)
+        s = Sentinel(hosts, sentinel_kwargs=sentinel_kw, **kw)
+        return s.master_for(service, db=db, **_auth(url))
     if scheme == CLUSTER:
         from redis.asyncio.cluster import RedisCluster
 

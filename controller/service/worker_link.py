@@ -46,6 +46,19 @@ def check_state(s: worker_pb2.WorkerState, lim: RequestLimits) -> None:
         validation.request_id(e.request_id, "state.running.request_id")
 
 
+_finishing: set[asyncio.Task] = set()  # session ends still running after their handler was cancelled
+
+
+async def _shielded(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    _finishing.add(task)
+    task.add_done_callback(_finishing.discard)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pass  # the task goes on; the handler ends
+
+
 class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
     def __init__(self, controller: Controller) -> None:
         self.c = controller
@@ -67,7 +80,7 @@ class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
         try:
             redis_url = await c.worker_redis_url(h)
         except BaseException:
-            await c.worker_disconnected(h)
+            await _shielded(c.worker_disconnected(h))
             raise
         models_yaml = yaml.safe_dump({n: s.model_dump(exclude_none=True) for n, s in c.policy.models.items()})
         yield worker_pb2.ControllerMessage(welcome=worker_pb2.Welcome(
@@ -113,7 +126,9 @@ class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
                     break
         finally:
             reader.cancel()
-            await c.worker_disconnected(h)
+            # gRPC cancels this handler when the worker's stream breaks: the requeue must not
+            # be cancelled with it (it ran only up to its first await before).
+            await _shielded(c.worker_disconnected(h))
 
 
 def add_to_server(server: grpc.aio.Server, controller: Controller) -> None:

@@ -268,7 +268,8 @@ async def _kill(comp, ctrls, workers, redis_srv, r, args, rng):
     redis_srv.proc.send_signal(signal.SIGKILL)
     redis_srv.proc.wait()
     await asyncio.sleep(args.restart_delay)
-    await asyncio.to_thread(redis_srv.start)
+    redis_srv.spawn()  # from the main thread: it dies with this process
+    await asyncio.to_thread(redis_srv.wait_ready)
     r2 = __import__("redis").Redis.from_url(redis_srv.url, decode_responses=True, socket_timeout=2)
     await _wait(lambda: _tokens_written(r2) > before, 60, "tokens after the Redis restart")
     return time.monotonic() - t0

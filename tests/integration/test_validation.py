@@ -149,26 +149,46 @@ async def test_overload_answers_with_a_retry_hint(redis_url: str, prefix: str, t
     1. past the overall queue limit a best-effort submission is RESOURCE_EXHAUSTED with a
        google.rpc.RetryInfo in the status details;
     2. best-effort work is shed first: a latency-sensitive request is still accepted there;
-    3. a tenant quota of queued requests applies across classes."""
+    3. a tenant's quota of queued requests applies across classes;
+    4. a tenant's tokens per minute apply, with a retry hint no later than the next minute;
+    5. a duplicate submission (same idempotency key) is answered even when the queue is full."""
     policy, _ = write_sim_files(tmp_path)
-    policy.write_text(policy.read_text() + "overload: {max_queued: 5, best_effort_share: 0.6}\n")
+    policy.write_text(policy.read_text().replace(
+        "access: {anonymous_clients: true}",
+        "access: {anonymous_clients: true, default_quota: {max_queued: 4},"
+        " tenants: {acme: {tokens_per_minute: 30}}}") + "overload: {max_queued: 5, best_effort_share: 0.6}\n")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("client acme acme-token\n")
     rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix,
-                                                data_dir=str(tmp_path / "data"))).start()
+                                                data_dir=str(tmp_path / "data"), tokens_file=str(tokens))).start()
+    info = error_details_pb2.RetryInfo()
     try:
+        async with QlmClient(rt.address, token="acme-token") as acme:
+            one = await acme.submit(submit_request("sim-b", prompt_token_ids=[1], max_tokens=20,
+                                                   slo_class="interactive"))
+            err = await _refused(acme, submit_request("sim-b", prompt_token_ids=[1], max_tokens=20,
+                                                      slo_class="interactive"))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per minute" in err.details()
+            md = dict(err.trailing_metadata() or ())
+            st = status_pb2.Status.FromString(md["grpc-status-details-bin"])
+            assert st.details[0].Unpack(info) and info.retry_delay.ToTimedelta().total_seconds() <= 60
+            await acme.cancel(one.request_id)  # leaves the queue: the counters go back to 0
         async with QlmClient(rt.address) as client:
-            for _ in range(3):
+            first = await client.submit(submit_request("sim-a", prompt="x", slo_class="batch", idempotency_key="d"))
+            for _ in range(2):
                 await client.submit(submit_request("sim-a", prompt="x", slo_class="batch"))
             err = await _refused(client, submit_request("sim-a", prompt="x", slo_class="batch"))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queued requests" in err.details()
             md = dict(err.trailing_metadata() or ())
             st = status_pb2.Status.FromString(md["grpc-status-details-bin"])
             info = error_details_pb2.RetryInfo()
             assert st.details[0].Unpack(info)
             assert info.retry_delay.ToTimedelta().total_seconds() >= 0.5
-            await client.submit(submit_request("sim-a", prompt="x", slo_class="interactive"))
+            again = await client.submit(submit_request("sim-a", prompt="x", slo_class="batch", idempotency_key="d"))
+            assert again.duplicate and again.request_id == first.request_id
             await client.submit(submit_request("sim-a", prompt="x", slo_class="interactive"))
             err = await _refused(client, submit_request("sim-a", prompt="x", slo_class="interactive"))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tenant requests" in err.details()
     finally:
         await rt.stop()
 
