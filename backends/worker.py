@@ -9,6 +9,8 @@ Threads:
 
 The engine keeps generating while the controller is away: tokens go to Redis, and on
 reconnection the worker tells the controller what it holds.
+
+(Over 500 lines: EngineLoop is the part to move to a file of its own.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ with the process that started it, and one redis-server per folder at a time."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stable_port() -> int:
+    """A free port outside the kernel's ephemeral range, for a server that restarts on the
+    same port: clients redialing a dead port in that range can be handed it as their own
+    source port (or connect to themselves), and the restarted server then cannot bind it."""
+    try:
+        lo, _hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except OSError:
+        lo = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, lo - 12_000), lo)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class PrivateRedis:
     """Owns a redis-server process (it holds the folder's lock while it runs). Restarting it on the same data folder keeps every
     accepted request (appendonly yes; an acknowledged write is in the file before the
@@ -35,7 +56,7 @@ class PrivateRedis:
                  lock_wait_s: float = 10.0) -> None:
         self.lock_wait_s = lock_wait_s  # how long to wait for a redis-server still leaving this folder
         self.data_dir = Path(data_dir).resolve()
-        self.port = port or free_port()
+        self.port = port or stable_port()
         self.appendfsync = appendfsync
         self.proc: subprocess.Popen | None = None
         self.lock = FolderLock(self.data_dir, "redis.lock")
@@ -84,7 +105,7 @@ class PrivateRedis:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 log = (self.data_dir / "redis.log")
                 tail = log.read_text()[-2000:] if log.exists() else ""
-                raise RuntimeError(f"redis-server exited at start: {err}{tail}")
+                raise RuntimeError(f"redis-server exited at start (exit status {self.proc.returncode}): {err}{tail}")
             try:
                 if client.ping():
                     # Wait until the append-only file is loaded.

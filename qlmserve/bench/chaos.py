@@ -127,7 +127,7 @@ def _qlm(*a: str) -> list[str]:
 
 
 async def _main(args) -> int:
-    from qlmserve.controller.redis_server import PrivateRedis, free_port
+    from qlmserve.controller.redis_server import PrivateRedis, stable_port
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qlm-chaos-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ async def _main(args) -> int:
     logs.mkdir(exist_ok=True)
     redis_srv = PrivateRedis(base / "redis", appendfsync="always").start()
     url = redis_srv.url
-    ports = [free_port(), free_port()]
+    ports = [stable_port(), stable_port()]  # restarted on the same ports
     addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
     ctrls = {cid: Proc(cid, _qlm("serve", "--redis", url, "--port", str(port), "--policy", str(base / "policy.yaml"),
                                  "--data-dir", str(base / "data"), "--id", cid, "--lease-ttl", "1.0"),
@@ -268,8 +268,15 @@ async def _kill(comp, ctrls, workers, redis_srv, r, args, rng):
     redis_srv.proc.send_signal(signal.SIGKILL)
     redis_srv.proc.wait()
     await asyncio.sleep(args.restart_delay)
-    redis_srv.spawn()  # from the main thread: it dies with this process
-    await asyncio.to_thread(redis_srv.wait_ready)
+    for attempt in range(3):
+        redis_srv.spawn()  # from the main thread: it dies with this process
+        try:
+            await asyncio.to_thread(redis_srv.wait_ready)
+            break
+        except RuntimeError as exc:
+            if attempt == 2:
+                raise
+            print(f"  redis restart failed, again: {str(exc)[:160]}", file=sys.stderr)
     r2 = __import__("redis").Redis.from_url(redis_srv.url, decode_responses=True, socket_timeout=2)
     await _wait(lambda: _tokens_written(r2) > before, 60, "tokens after the Redis restart")
     return time.monotonic() - t0
