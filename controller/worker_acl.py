@@ -34,7 +34,8 @@ log = logging.getLogger("qlm.worker_acl")
 # What scripts.APPEND_TOKENS calls.
 _SCRIPT_COMMANDS = ["+hmget", "+hget", "+hset", "+hdel", "+append", "+xadd", "+srem", "+hincrby", "+hincrbyfloat",
                     "+expire"]
-_CONNECT_COMMANDS = ["+ping", "+client|setname", "+select", "+auth", "+hello", "+readonly"]
+_CONNECT_COMMANDS = ["+ping", "+client|setname", "+cluster|slots", "+cluster|shards", "+cluster|nodes", "+cluster|info",
+                     "+command", "+select", "+auth", "+hello", "+readonly"]
 
 
 def with_user(url: str, user: str, password: str) -> str:
