@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -232,3 +233,44 @@ def test_token_file_roles(tmp_path: Path):
         TokenBook.parse("client secret-token-here\n", source="t.txt")
     assert "t.txt:1" in str(ei.value) and "secret-token-here" not in str(ei.value)
     assert admin_pb2.ReloadPolicyRequest(text="x").text == "x"
+
+
+def _ca_signed(tmp: Path, ca: tuple[Path, Path], name: str, cn: str, san: str | None = None) -> tuple[Path, Path]:
+    key, csr, cert = tmp / f"{name}.key", tmp / f"{name}.csr", tmp / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", str(key),
+                    "-out", str(csr)], check=True, capture_output=True)
+    ext = tmp / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                    "-CAcreateserial", "-days", "2", "-out", str(cert), "-extfile", str(ext)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+async def test_mutual_tls_worker_identity(redis_url: str, prefix: str, tmp_path: Path):
+    """This test verifies that:
+    1. with --tls-client-ca, a worker whose certificate is named `worker:w7` (signed by that
+       CA) connects without a token, as w7, whatever id it sends;
+    2. a caller without a client certificate cannot connect at all."""
+    ca = _self_signed(tmp_path, "ca")
+    server = _ca_signed(tmp_path, ca, "server", "localhost", "DNS:localhost,IP:127.0.0.1")
+    worker = _ca_signed(tmp_path, ca, "worker", "worker:w7")
+    policy, profile = write_sim_files(tmp_path)
+    rt = await ControllerRuntime(RuntimeOptions(
+        policy_path=str(policy), redis_url=redis_url, prefix=prefix, data_dir=str(tmp_path / "data"),
+        tls=ServerTls(str(server[0]), str(server[1]), client_ca_file=str(ca[0])))).start()
+    w = subprocess.Popen([sys.executable, "-m", "qlmserve.cli", "worker", "--controller", rt.address, "--id", "w7",
+                          "--engine", "sim", "--sim-profile", str(profile), "--data-dir", str(tmp_path / "nothing"),
+                          "--tls-ca", str(ca[0]), "--tls-cert", str(worker[0]), "--tls-key", str(worker[1]),
+                          "--tls-server-name", "localhost"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await rt.wait_for_workers(1, timeout_s=60)
+        assert list(rt.controller.workers) == ["w7"]
+        async with QlmClient(rt.address, token=admin_token(tmp_path / "data"),
+                             tls=TlsOptions(ca_file=str(ca[0]), server_name="localhost")) as no_cert:
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await no_cert.workers()
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop(w)
+        await rt.stop()
