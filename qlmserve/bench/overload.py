@@ -35,14 +35,14 @@ max_running_per_worker: 8
 finished_retention_s: 60
 default_slo_class: batch
 slo_classes:
-  interactive: {ttft_s: 2.0, priority: 10, latency_sensitive: true, admission: {max_queued: 300}}
-  batch: {ttft_s: 60.0, priority: 1, admission: {max_queued: 600}}
+  interactive: {{ttft_s: 2.0, priority: 10, latency_sensitive: true, admission: {{max_queued: {ls}}}}}
+  batch: {{ttft_s: 60.0, priority: 1, admission: {{max_queued: {be}}}}}
 models:
-  sim-a: {max_context: 1024, weight_bytes: 1000000, output_prior: {mean: 32, std: 8}}
-planner: {policy: edf}
-grouping: {window_s: 1.0}
-access: {anonymous_clients: true, default_quota: {}}
-overload: {max_queued: 800, best_effort_share: 0.75}
+  sim-a: {{max_context: 1024, weight_bytes: 1000000, output_prior: {{mean: 32, std: 8}}}}
+planner: {{policy: edf}}
+grouping: {{window_s: 1.0}}
+access: {{anonymous_clients: true, default_quota: {{}}}}
+overload: {{max_queued: {all}, best_effort_share: 0.75}}
 """
 
 PROFILE = """
@@ -62,6 +62,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-s", type=float, default=40.0, help="seconds to measure the sustained rate")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-queued", type=int, default=800,
+                   help="overload.max_queued (classes: 3/8 of it latency-sensitive, 3/4 best-effort; default 800)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", help="also write the results here")
     p.set_defaults(func=cmd_overload)
@@ -89,7 +91,8 @@ async def _main(args) -> int:
     from qlmserve.controller.redis_server import PrivateRedis, free_port
 
     base = Path(tempfile.mkdtemp(prefix="qlm-overload-"))
-    (base / "policy.yaml").write_text(POLICY)
+    n = args.max_queued
+    (base / "policy.yaml").write_text(POLICY.format(ls=max(1, n * 3 // 8), be=max(1, n * 3 // 4), all=n))
     (base / "profile.yaml").write_text(PROFILE)
     (base / "logs").mkdir()
     srv = PrivateRedis(base / "redis").start()
@@ -156,7 +159,7 @@ async def _main(args) -> int:
 
             # Calibration: saturate the fleet and count completions.
             f0, t0 = finished(), time.monotonic()
-            await offer(200.0, 5.0)
+            await offer(200.0, 2.0)
             await asyncio.sleep(args.calibrate_s)
             sustained = (finished() - f0) / (time.monotonic() - t0)
             con.print(f"sustained rate {sustained:.1f} req/s; offering {args.factor}x = "
@@ -204,7 +207,8 @@ async def _main(args) -> int:
     result = {"sustained_req_per_s": sustained, "offered_req_per_s": args.factor * sustained, "minutes": rows,
               "totals": counts, "acknowledged": len(acked), "lost": lost,
               "setup": {"duration_s": args.duration, "factor": args.factor, "workers": args.workers,
-                        "max_tokens": args.max_tokens, "seed": args.seed, "folder": str(base)}}
+                        "max_tokens": args.max_tokens, "max_queued": args.max_queued, "seed": args.seed,
+                        "folder": str(base)}}
     _print(result)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

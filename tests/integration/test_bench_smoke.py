@@ -32,7 +32,8 @@ def test_overload_smoke(tmp_path: Path):
     """This test verifies that at 5x the sustained rate the excess is refused, every
     refusal carries a retry hint, and nothing acknowledged is lost."""
     out = tmp_path / "overload.json"
-    p = subprocess.run(qlm_cmd("bench", "overload", "--duration", "15", "--calibrate-s", "4", "--json", str(out)),
+    p = subprocess.run(qlm_cmd("bench", "overload", "--duration", "10", "--calibrate-s", "3", "--max-queued", "60",
+                               "--json", str(out)),
                        capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
