@@ -1,9 +1,12 @@
 """Child processes that do not outlive `qlm serve`, and data folders one owner at a time.
 
-- `die_with_parent` (a Popen preexec_fn) asks Linux to send the child SIGTERM when the
-  process that started it dies, SIGKILL included: a private redis-server and local workers
-  go with their controller instead of running on as orphans. (It fires when the starting
-  *thread* exits, so children are started from the main thread.)
+- `with_parent_death` prefixes a command with `setpriv --pdeathsig TERM` (util-linux): Linux
+  then sends the child SIGTERM when the process that started it dies, SIGKILL included, so
+  a private redis-server and local workers go with their controller instead of running on
+  as orphans. It is a wrapper that execs the command, not a Popen preexec_fn: Python code
+  between fork and exec in a process with gRPC threads can abort in gRPC's fork handlers
+  (seen in qlm bench chaos). Linux ties the signal to the starting *thread*, so children
+  are started from the main thread.
 - `FolderLock` is an exclusive flock on a file in a folder. The child that must own the
   folder (redis-server on its append-only directory) inherits the locked descriptor, so
   the lock holds until both the controller and that child are gone: a restart never
@@ -12,24 +15,21 @@
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
-import signal
+import shutil
+import threading
 import time
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
 
-
-def die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        return  # not Linux: children may outlive a killed parent
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+def with_parent_death(args: list[str]) -> list[str]:
+    """`args`, run so that the child gets SIGTERM when this process dies (from the main
+    thread, where setpriv exists; unchanged otherwise)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return list(args)
+    return [setpriv, "--pdeathsig", "TERM", "--", *args]
 
 
 class FolderBusy(RuntimeError):

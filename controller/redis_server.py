@@ -9,7 +9,6 @@ import random
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -17,7 +16,7 @@ from urllib.parse import quote
 import redis
 
 from qlmserve.controller.auth import new_token, write_secret
-from qlmserve.controller.process_guard import FolderLock, die_with_parent
+from qlmserve.controller.process_guard import FolderLock, with_parent_death
 
 
 def free_port() -> int:
@@ -88,9 +87,8 @@ class PrivateRedis:
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
                 "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no"]
         try:
-            guard = die_with_parent if threading.current_thread() is threading.main_thread() else None
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         pass_fds=(self.lock.fd,), preexec_fn=guard)
+            self.proc = subprocess.Popen(with_parent_death(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         pass_fds=(self.lock.fd,))
         finally:
             # From here redis-server alone holds the lock: it is free exactly when that
             # process is gone, however it ended.

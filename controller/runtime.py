@@ -19,7 +19,7 @@ from qlmserve.controller.core import Controller
 from qlmserve.controller.leader import LeaderLease
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policy import PolicyConfig, load_policy, parse_policy
-from qlmserve.controller.process_guard import die_with_parent
+from qlmserve.controller.process_guard import with_parent_death
 from qlmserve.controller.redis_server import PrivateRedis
 from qlmserve.controller.service.server import ServerTls, build_server
 from qlmserve.controller.store import RedisStore
@@ -181,7 +181,7 @@ class ControllerRuntime:
             Path(self.opts.worker_log_dir).mkdir(parents=True, exist_ok=True)
             out = open(Path(self.opts.worker_log_dir) / f"{worker_id}.log", "ab")  # noqa: SIM115 - owned by the child
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+        return subprocess.Popen(with_parent_death(args), stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def _worker_tls_args(self) -> list[str]:
         tls = self.opts.tls
