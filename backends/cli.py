@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 
+from qlmserve.credentials import add_credential_args, resolve_token, tls_from_args
+
 # The controller's default address (controller/cli.py serves on it by default).
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run a worker that dials a controller")
-    p.add_argument("--controller", default=DEFAULT_ADDRESS, help=f"controller address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--controller", default=DEFAULT_ADDRESS,
+                   help="controller address; several, comma-separated, and the worker finds the leader")
+    add_credential_args(p)
     p.add_argument("--id", default="", help="worker id (default: host-pid)")
     p.add_argument("--engine", default="hf", choices=["hf", "sim"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -42,4 +46,6 @@ def cmd_worker(args) -> int:
                                     preemption=args.preemption, max_pause_s=args.max_pause,
                                     sim_profile=args.sim_profile, seed=args.seed, threads=args.threads,
                                     sim_fleet=SimFleetWorker(args.sim_fleet, args.sim_worker or args.id,
-                                                             args.time_scale) if args.sim_fleet else None))
+                                                             args.time_scale) if args.sim_fleet else None,
+                                    token_loader=lambda: resolve_token(args.token_file, args.data_dir, "worker"),
+                                    tls=tls_from_args(args)))

@@ -164,5 +164,10 @@ class Engine(ABC):
     def stats(self) -> EngineStats:
         """A consistent view of the engine's state for the controller."""
 
+    def take_failures(self) -> list[tuple[str, str]]:
+        """(request id, error) of requests that failed alone since the last call: they have
+        left the engine; the rest of their batch went on. The worker reports them."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

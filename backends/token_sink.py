@@ -16,8 +16,10 @@ from qlmserve.redis_keys import FINISHED_RETENTION_S, Keys
 
 
 class TokenSink:
-    def __init__(self, client: redis.Redis, prefix: str, worker_id: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, worker_id: str,
+                 keep_s: float = FINISHED_RETENTION_S) -> None:
         self.r = client
+        self.keep_s = int(keep_s)
         self.k = Keys(prefix)
         self.worker_id = worker_id
         self._append = client.register_script(scripts.APPEND_TOKENS)
@@ -29,7 +31,7 @@ class TokenSink:
             return set()
         keys = [self.k.lengths, self.k.worker_running(self.worker_id), self.k.class_stats, self.k.unfinished,
                 self.k.ttft_log]
-        args: list[object] = [repr(time.time()), len(events), FINISHED_RETENTION_S]
+        args: list[object] = [repr(time.time()), len(events), self.keep_s]
         for ev, attempt, text in events:
             keys += [self.k.req(ev.request_id), self.k.ids(ev.request_id), self.k.stream(ev.request_id)]
             args += [ev.request_id, attempt, ev.index, ev.token_id, text, "1" if ev.finished else "0",

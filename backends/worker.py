@@ -9,6 +9,8 @@ Threads:
 
 The engine keeps generating while the controller is away: tokens go to Redis, and on
 reconnection the worker tells the controller what it holds.
+
+(Over 500 lines: EngineLoop is the part to move to a file of its own.)
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ import yaml
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, PreemptionMode, TokenEvent
 from qlmserve.backends.factory import SimFleetWorker, create_engine
 from qlmserve.backends.token_sink import TokenSink
+from qlmserve.credentials import TlsOptions, open_channel
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.model_spec import ModelSpec
 from qlmserve.pb import worker_pb2, worker_pb2_grpc
+from qlmserve.redis_urls import redis_client
 
 log = logging.getLogger("qlm.worker")
 
@@ -41,7 +45,7 @@ STATE_INTERVAL_S = 0.25
 
 @dataclass
 class WorkerOptions:
-    controller: str  # host:port of the controller
+    controller: str  # host:port of the controller; several, comma-separated: it finds the leader
     worker_id: str = ""
     engine: str = "hf"  # hf | sim
     device: str = "auto"
@@ -57,9 +61,20 @@ class WorkerOptions:
     # a few cores with more threads each spin against each other (measured 20x slower
     # on 2 cores with 2 workers x 2 threads).
     threads: int = 1
+    token: str | None = None  # worker token (qlmserve.credentials.resolve_token)
+    # Read the token again at every dial (a token file `qlm serve` is still writing); wins over `token`.
+    token_loader: Callable[[], str | None] | None = None
+    tls: TlsOptions | None = None
 
     def resolved_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def addresses(self) -> list[str]:
+        return [a.strip() for a in self.controller.split(",") if a.strip()]
+
+
+# Session errors that redialing cannot fix: the worker stops and says why.
+FATAL_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 @dataclass
@@ -76,13 +91,15 @@ class EngineLoop(threading.Thread):
     """Owns the engine; every engine call except add_request/abort happens here."""
 
     def __init__(self, engine: Engine, sink_factory: Callable[[], TokenSink], tokenizers: dict[str, object],
-                 on_handback: Callable[[str, list[str]], None]) -> None:
+                 on_handback: Callable[[str, list[str]], None],
+                 on_failed: Callable[[str, int, str], None] = lambda rid, attempt, error: None) -> None:
         super().__init__(name="engine", daemon=True)
         self.engine = engine
         self.sink_factory = sink_factory
         self.sink: TokenSink | None = None
         self.tokenizers = tokenizers
         self.on_handback = on_handback  # (reason, request ids) -> tell the controller
+        self.on_failed = on_failed  # (request id, attempt, error) of a request that failed alone
         self.commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self.held: dict[str, _Held] = {}
         self.lock = threading.Lock()
@@ -110,6 +127,7 @@ class EngineLoop(threading.Thread):
                     if events:
                         self._pending = self._with_text(events)
                         self._flush()
+                    self._report_failures()
                 now = time.monotonic()
                 if now - self._stats_at > STATE_INTERVAL_S / 2:
                     self.stats = self.engine.stats()
@@ -117,6 +135,21 @@ class EngineLoop(threading.Thread):
             except Exception:  # noqa: BLE001 - keep the worker alive; the failure is logged
                 log.exception("engine loop error")
                 time.sleep(0.1)
+
+    def _report_failures(self) -> None:
+        for rid, error in self.engine.take_failures():
+            with self.lock:
+                h = self.held.pop(rid, None)
+            if h is not None:
+                log.warning("request %s failed alone: %s", rid, error)
+                self.on_failed(rid, h.attempt, error)
+
+    def reset_sink(self) -> None:
+        """A new session brought new Redis credentials: reconnect at the next write."""
+        self.call(self._drop_sink)
+
+    def _drop_sink(self) -> None:
+        self.sink = None
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -161,9 +194,18 @@ class EngineLoop(threading.Thread):
                 self.sink = self.sink_factory()
             refused = self.sink.write(self._pending)
             self._pending = []
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError) as exc:
             log.warning("Redis unavailable, holding %d tokens: %s", len(self._pending), exc)
+            self.sink = None
             time.sleep(0.5)
+            return
+        except redis.ResponseError as exc:
+            # Our script not loaded yet after a Redis restart (the controller loads it; a
+            # worker may not), or our Redis user gone with our session: hold and retry.
+            log.warning("Redis refused the token write, holding %d tokens: %s", len(self._pending),
+                        str(exc).split("\n")[0][:200])
+            self.sink = None
+            time.sleep(0.2)
             return
         for rid in refused:
             # The controller gave this request to someone else (we were presumed dead).
@@ -197,31 +239,42 @@ class Worker:
             # Importing transformers' model code holds the GIL for seconds; do it before
             # dialing, so that a session's heartbeats never starve behind it.
             await asyncio.to_thread(_import_hf)
-        backoff = 0.2
+        addresses = self.opts.addresses()
+        turn = 0
+        backoff = 0.1
         while not self._stopping.is_set():
+            address = addresses[turn % len(addresses)]
             try:
-                await self._session()
-                backoff = 0.2
+                await self._session(address)
+                backoff = 0.1
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if exc.code() in FATAL_CODES and not (exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                                                      and self._token() is None):
+                    log.error("controller %s refused this worker: %s: %s", address, exc.code().name, exc.details())
                     raise
-                log.warning("controller link lost (%s); reconnecting in %.1fs", exc.code().name, backoff)
+                log.warning("controller link to %s lost (%s); redialing", address, exc.code().name)
+                turn += 1  # a standby, or a controller that died: try the next address
             except (ConnectionError, OSError) as exc:
-                log.warning("controller link error (%s); reconnecting in %.1fs", exc, backoff)
+                log.warning("controller link error (%s); redialing", exc)
+                turn += 1
             if self._stopping.is_set():
                 break
+            # Short waits: a leader that died is replaced within about a second, and every
+            # second a worker spends away its requests wait (max 1 s between tries).
             await asyncio.sleep(backoff)
-            backoff = min(5.0, backoff * 2)
+            backoff = min(1.0, backoff * 1.5)
 
     def stop(self) -> None:
         self._stopping.set()
         if self.loop_thread:
             self.loop_thread.stop()
 
-    async def _session(self) -> None:
+    def _token(self) -> str | None:
+        return self.opts.token_loader() if self.opts.token_loader else self.opts.token
+
+    async def _session(self, address: str) -> None:
         self.outbox = asyncio.Queue()
-        async with grpc.aio.insecure_channel(self.opts.controller, options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        async with open_channel(address, self._token(), self.opts.tls, options=[
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]) as channel:
             stub = worker_pb2_grpc.WorkerLinkStub(channel)
             call = stub.Connect(self._outgoing())
@@ -298,14 +351,23 @@ class Worker:
 
     def _on_welcome(self, w: worker_pb2.Welcome) -> None:
         models = {name: ModelSpec.model_validate(spec) for name, spec in (yaml.safe_load(w.models_yaml) or {}).items()}
+        self._redis = (w.redis_url, w.redis_prefix)  # this session's own Redis user
+        self._keep_s = w.finished_retention_s or 3600.0
+        if w.worker_id and w.worker_id != self.worker_id:
+            self.worker_id = w.worker_id
         if self.loop_thread is None:
             self.models = models
-            self._start_engine(w.redis_url, w.redis_prefix, w.max_batch_size)
+            self._start_engine(w.max_batch_size)
+        else:
+            self.loop_thread.reset_sink()
         for rid in w.abort_request_ids:
             self.loop_thread._drop(rid)
         log.info("worker %s connected to %s", self.worker_id, self.opts.controller)
 
-    def _start_engine(self, redis_url: str, prefix: str, max_batch: int) -> None:
+    _redis: tuple[str, str] = ("", "")
+    _keep_s: float = 3600.0
+
+    def _start_engine(self, max_batch: int) -> None:
         o = self.opts
         batch = min(o.max_batch_size, max_batch) if max_batch else o.max_batch_size
         if o.engine == "hf":
@@ -325,13 +387,18 @@ class Worker:
                     tokenizers[name] = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
 
         def sink() -> TokenSink:
-            return TokenSink(redis.Redis.from_url(redis_url, socket_timeout=10), prefix, self.worker_id)
+            url, prefix = self._redis
+            return TokenSink(redis_client(url, socket_timeout=10), prefix, self.worker_id, self._keep_s)
 
-        self.loop_thread = EngineLoop(engine, sink, tokenizers, self._handback)
+        self.loop_thread = EngineLoop(engine, sink, tokenizers, self._handback, self._failed)
         if o.preload:
             model = o.preload
             self.loop_thread.call(lambda: engine.load_model(model))
         self.loop_thread.start()
+
+    def _failed(self, rid: str, attempt: int, error: str) -> None:
+        self._send(worker_pb2.WorkerMessage(failed=worker_pb2.RequestFailed(request_id=rid, attempt=attempt,
+                                                                            error=error)))
 
     def _handback(self, reason: str, rids: list[str]) -> None:
         self._send(worker_pb2.WorkerMessage(op_result=worker_pb2.OpResult(
@@ -461,10 +528,17 @@ def run_worker(opts: WorkerOptions) -> int:
             except NotImplementedError:
                 pass
         task = asyncio.create_task(worker.run())
-        await worker._stopping.wait()
+        stopped = asyncio.create_task(worker._stopping.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            worker.stop()
+            task.result()  # a refusal redialing cannot fix ends the worker with its reason
         task.cancel()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except grpc.aio.AioRpcError:
+        return 1
     return 0
 
 

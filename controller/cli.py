@@ -14,6 +14,7 @@ import time
 
 from google.protobuf.json_format import MessageToDict
 
+from qlmserve.credentials import add_credential_args, resolve_token, tls_from_args
 from qlmserve.ui import console
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -31,6 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-workers", type=int, default=0, help="start N worker processes beside the controller")
     p.add_argument("--worker-engine", default="hf", choices=["hf", "sim"])
     p.add_argument("--worker-log-dir", help="keep local workers' logs here")
+    p.add_argument("--tokens", help="known tokens, one 'ROLE NAME TOKEN' per line (roles: client, admin, worker); "
+                                    "the data folder's admin and worker tokens are always known too")
+    p.add_argument("--tls-cert", help="PEM certificate of this controller (TLS on)")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS; a "
+                                           "certificate named 'worker:<id>' identifies a worker)")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen beyond loopback without TLS, or with anonymous clients allowed")
+    p.add_argument("--policy-dir", help="the only folder ReloadPolicy may read (default: the policy file's)")
+    p.add_argument("--worker-redis", help="Redis URL for workers, where the controller may not create ACL users")
+    p.add_argument("--lease-ttl", type=float, default=1.2,
+                   help="leader lease seconds: a standby controller takes over within about this (default 1.2)")
+    p.add_argument("--id", dest="controller_id", help="this controller's name in the leader lease (default: random)")
+    p.add_argument("--redis-fsync", default="everysec", choices=["everysec", "always"],
+                   help="private redis-server: appendfsync")
     p.set_defaults(func=cmd_serve)
 
 
@@ -84,12 +100,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     _addr(p)
     p.add_argument("worker_id")
     p.add_argument("--requeue", action="store_true", help="hand its running requests back at once")
+    p.add_argument("--resume", action="store_true", help="undo a drain: give the worker work again")
     p.set_defaults(func=cmd_drain)
 
 
 def _addr(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--controller", default=DEFAULT_ADDRESS, help=f"controller address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--controller", default=DEFAULT_ADDRESS,
+                   help=f"controller address (default {DEFAULT_ADDRESS}); several, comma-separated")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_credential_args(p)
+
+
+def _client(args):
+    """A QlmClient with the caller's token (admin's by default: the CLI is the operator's)."""
+    from qlmserve.client import QlmClient
+
+    token = resolve_token(args.token_file, args.data_dir, "admin")
+    return QlmClient(args.controller, token=token, tls=tls_from_args(args))
 
 
 def _logging() -> None:
@@ -112,14 +139,26 @@ def cmd_serve(args) -> int:
     from qlmserve.controller.runtime import ControllerRuntime, RuntimeOptions
 
     _logging()
+    from qlmserve.controller.service.server import ServerTls
+    from qlmserve.credentials import tokens_dir
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     opts = RuntimeOptions(policy_path=args.policy, redis_url=args.redis, data_dir=args.data_dir, host=args.host,
                           port=args.port, metrics_port=args.metrics_port, prefix=args.prefix,
                           local_workers=args.local_workers, worker_engine=args.worker_engine,
-                          worker_log_dir=args.worker_log_dir)
+                          worker_log_dir=args.worker_log_dir, tokens_file=args.tokens, tls=tls,
+                          insecure=args.insecure, policy_dir=args.policy_dir, worker_redis_url=args.worker_redis,
+                          lease_ttl_s=args.lease_ttl, redis_fsync=args.redis_fsync,
+                          controller_id=args.controller_id)
 
     async def main() -> None:
         rt = await ControllerRuntime(opts).start()
-        print(f"qlm controller listening on {rt.address}", flush=True)
+        role = "leader" if rt.controller.is_leader else "standby"
+        print(f"qlm controller listening on {rt.address} ({role}); admin and worker tokens in "
+              f"{tokens_dir(args.data_dir)}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -128,10 +167,12 @@ def cmd_serve(args) -> int:
         await rt.stop()
 
     from qlmserve.controller.policy import PolicyError
+    from qlmserve.controller.process_guard import FolderBusy
+    from qlmserve.controller.runtime import UnsafeBind
 
     try:
         asyncio.run(main())
-    except PolicyError as exc:
+    except (PolicyError, UnsafeBind, FolderBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -140,7 +181,7 @@ def cmd_serve(args) -> int:
 # ---- client commands -----------------------------------------------------------------
 
 def cmd_submit(args) -> int:
-    from qlmserve.client import GenerateResult, QlmClient, _take, submit_request
+    from qlmserve.client import GenerateResult, _take, submit_request
 
     ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else None
     req = submit_request(args.model, prompt=args.prompt, prompt_token_ids=ids, slo_class=args.slo_class,
@@ -148,7 +189,7 @@ def cmd_submit(args) -> int:
                          seed=args.seed, user_id=args.user, idempotency_key=args.idempotency_key)
 
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             if args.no_wait:
                 r = await c.submit(req)
                 print(json.dumps(MessageToDict(r, preserving_proto_field_name=True)) if args.json else r.request_id)
@@ -175,10 +216,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_stream(args) -> int:
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             res = await c.collect(args.request_id, args.offset)
             if args.json:
                 print(json.dumps({"request_id": res.request_id, "token_ids": res.token_ids, "text": res.text,
@@ -196,10 +235,8 @@ def _print_message(msg, as_json: bool) -> None:
 
 
 def cmd_status(args) -> int:
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             _print_message(await c.status(args.request_id), args.json)
         return 0
 
@@ -207,10 +244,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             _print_message(await c.cancel(args.request_id), args.json)
         return 0
 
@@ -220,10 +255,8 @@ def cmd_cancel(args) -> int:
 def cmd_queue(args) -> int:
     from rich.table import Table
 
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             q = await c.queue()
         if args.json:
             _print_message(q, True)
@@ -260,10 +293,8 @@ def cmd_queue(args) -> int:
 def cmd_workers(args) -> int:
     from rich.table import Table
 
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             ws = await c.workers()
         if args.json:
             _print_message(ws, True)
@@ -286,10 +317,8 @@ def cmd_workers(args) -> int:
 def cmd_plan(args) -> int:
     from rich.table import Table
 
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
+        async with _client(args) as c:
             p = await c.plan()
         if args.json:
             _print_message(p, True)
@@ -338,12 +367,11 @@ def cmd_policy_check(args) -> int:
 def cmd_policy_reload(args) -> int:
     from pathlib import Path
 
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
-            path = str(Path(args.file).resolve()) if args.file else ""
-            r = await c.reload_policy(path)
+        async with _client(args) as c:
+            # The policy goes as text: the controller reads no file the operator names.
+            text = Path(args.file).read_text() if args.file else ""
+            r = await c.reload_policy(text=text)
             print(f"reloaded: policy {r.policy_name}, classes {list(r.slo_classes)}, models {list(r.models)}")
         return 0
 
@@ -351,12 +379,13 @@ def cmd_policy_reload(args) -> int:
 
 
 def cmd_drain(args) -> int:
-    from qlmserve.client import QlmClient
-
     async def main() -> int:
-        async with QlmClient(args.controller) as c:
-            r = await c.drain(args.worker_id, args.requeue)
-            print(f"draining {args.worker_id}; {r.requeued} running requests handed back")
+        async with _client(args) as c:
+            r = await c.drain(args.worker_id, args.requeue, resume=args.resume)
+            if args.resume:
+                print(f"{args.worker_id} takes work again")
+            else:
+                print(f"draining {args.worker_id}; {r.requeued} running requests handed back")
         return 0
 
     return _run(main())

@@ -8,6 +8,9 @@ Every tick reads like this:
 The controller holds no state that Redis does not also hold: its in-memory maps are
 caches (request metadata, which never changes) and the live worker sessions, which
 workers re-establish when a controller restarts.
+
+(Over 500 lines: the worker-session methods are the next thing to move to a file of their
+own; they stay here while snapshot() changes on another branch, to keep that merge simple.)
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from qlmserve.controller import admission, validation
 from qlmserve.controller.clock import Clock, WallClock
 from qlmserve.controller.cluster_view import (
     ClusterView,
@@ -32,13 +37,24 @@ from qlmserve.controller.cluster_view import (
 )
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import Moments, RecentMoments, predict_group_wait
+from qlmserve.controller.exceptions import (  # noqa: F401 - re-exported
+    IdempotencyConflict,
+    InvalidRequest,
+    NotLeader,
+    Overloaded,
+    UnknownModel,
+    UnknownRequest,
+    UnknownWorker,
+    WorkerIdInUse,
+)
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
-from qlmserve.controller.request import Request, RequestStatus, Sampling
+from qlmserve.controller.request import Request, RequestStatus
 from qlmserve.controller.snapshot import ClusterSnapshot
 from qlmserve.controller.store import RedisStore, SubmitResult
 from qlmserve.controller.tokenizers import TokenizerCache
+from qlmserve.controller.worker_acl import WorkerAcl
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
 from qlmserve.operations.ops import LoadModel, MoveGroup, Operation, SetPreemption
 from qlmserve.operations.plan import Plan
@@ -47,34 +63,27 @@ log = logging.getLogger("qlm.controller")
 
 # Shortest time between the end of one tick and the start of an early (woken) one.
 MIN_TICK_GAP_S = 0.02
-
-
-class InvalidRequest(ValueError):
-    """A malformed submission; the message names the field (gRPC INVALID_ARGUMENT)."""
-
-
-class UnknownModel(LookupError):
-    """The policy names no such model (gRPC NOT_FOUND)."""
-
-
-class UnknownRequest(LookupError):
-    """No such request id (gRPC NOT_FOUND)."""
-
-
-class Overloaded(RuntimeError):
-    """An admission limit was hit (gRPC RESOURCE_EXHAUSTED)."""
+# How long a new leader waits for the workers of the previous one to dial in before it
+# requeues the requests of those that did not (capped by heartbeat_timeout_s).
+RECONNECT_GRACE_S = 2.0
 
 
 @dataclass
 class SubmitInput:
+    """A submission as the caller sent it; Controller.submit validates every field."""
+
     model: str
     slo_class: str
     prompt: str | None
     prompt_token_ids: list[int] | None
     max_tokens: int
-    sampling: Sampling
+    temperature: float = 0.0
+    top_p: float = 1.0  # 0 or 1: off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
     user_id: str = ""
     idempotency_key: str = ""
+    tenant: str = ""  # from the caller's credential, never from the request body
 
 
 @dataclass(frozen=True)
@@ -93,10 +102,14 @@ class _Meta:
 
 class Controller:
     def __init__(self, store: RedisStore, policy: PolicyConfig, *, redis_url: str, policy_path: str | None = None,
-                 clock: Clock | None = None, metrics: ControllerMetrics | None = None) -> None:
+                 clock: Clock | None = None, metrics: ControllerMetrics | None = None,
+                 policy_dir: str | Path | None = None, worker_redis_url: str | None = None) -> None:
         self.store = store
         self.redis_url = redis_url
         self.policy_path = policy_path
+        # The only folder ReloadPolicy reads files from (default: the started policy's folder).
+        self.policy_dir: Path | None = (Path(policy_dir).resolve() if policy_dir else
+                                        Path(policy_path).resolve().parent if policy_path else None)
         self.clock = clock or WallClock()
         self.metrics = metrics or ControllerMetrics()
         self.workers: dict[str, WorkerHandle] = {}
@@ -113,12 +126,17 @@ class Controller:
         self._solved_plan: Plan | None = None  # the last plan the policy solved (kept plans reuse it)
         self.last_snapshot: ClusterSnapshot | None = None
         self._started_at = self.clock.now()
+        self.drain_rate = admission.DrainRate()
+        self.acl = WorkerAcl(store.r, store.k, redis_url, worker_redis_url)
+        self.is_leader = True  # a standby (leader.LeaderLease) sets it False until it takes over
+        self._housekept_at = 0.0
         self._set_policy(policy)
 
     # ---- policy -----------------------------------------------------------------------
 
     def _set_policy(self, policy: PolicyConfig) -> None:
         self.policy = policy
+        self.store.retention_s = policy.finished_retention_s
         self.scheduler: SchedulingPolicy = create_policy(policy.planner.policy, policy)
         self.tokenizers = TokenizerCache(policy.models)
         self._recent_lengths = RecentMoments(policy.planner.length_half_life_s)
@@ -135,6 +153,7 @@ class Controller:
         tokenizers = TokenizerCache(policy.models)
         await asyncio.to_thread(tokenizers.load_all)
         self.policy, self.scheduler, self.tokenizers = policy, scheduler, tokenizers
+        self.store.retention_s = policy.finished_retention_s
         self._recent_lengths.half_life_s = policy.planner.length_half_life_s
         self._solved_plan = None  # the new policy plans from scratch
         self._wake.set()
@@ -145,35 +164,32 @@ class Controller:
     # ---- admission --------------------------------------------------------------------
 
     async def submit(self, inp: SubmitInput) -> tuple[SubmitResult, int]:
-        """Validate, tokenize and make a request durable. Returns (result, prompt tokens)."""
+        """Validate, tokenize, admit and make a request durable. Returns (result, prompt tokens)."""
+        lim = self.policy.limits
+        validation.name(inp.model, "model", lim, required=True)
+        validation.name(inp.slo_class, "slo_class", lim)
+        validation.text(inp.user_id, "user_id", lim.max_user_id_chars)
+        validation.text(inp.idempotency_key, "idempotency_key", lim.max_idempotency_key_chars)
         spec = self.policy.models.get(inp.model)
-        if not inp.model:
-            raise InvalidRequest("field 'model' is required")
         if spec is None:
-            raise UnknownModel(f"unknown model {inp.model!r}; the policy serves {sorted(self.policy.models)}")
+            raise UnknownModel(f"field 'model': the policy serves no such model (one of {sorted(self.policy.models)})")
         cls_name = inp.slo_class or self.policy.default_slo_class or ""
         if not cls_name:
             raise InvalidRequest(f"field 'slo_class' is required (one of {sorted(self.policy.slo_classes)})")
         slo = self.slo_of(cls_name)
         if slo is None:
-            raise InvalidRequest(f"field 'slo_class': unknown class {cls_name!r}; "
-                                 f"valid classes: {sorted(self.policy.slo_classes)}")
+            raise InvalidRequest(f"field 'slo_class': no such class; valid classes: {sorted(self.policy.slo_classes)}")
         if inp.max_tokens <= 0:
             raise InvalidRequest("field 'max_tokens' must be at least 1")
         if slo.admission.max_tokens is not None and inp.max_tokens > slo.admission.max_tokens:
             raise InvalidRequest(f"field 'max_tokens': {inp.max_tokens} exceeds the {cls_name!r} limit "
                                  f"of {slo.admission.max_tokens}")
-        s = inp.sampling
-        if not (0.0 <= s.temperature <= 100.0):
-            raise InvalidRequest(f"field 'sampling.temperature' must be in [0, 100], got {s.temperature}")
-        if not (0.0 <= s.top_p <= 1.0):
-            raise InvalidRequest(f"field 'sampling.top_p' must be in [0, 1], got {s.top_p}")
+        vocab = self.tokenizers.vocab_size(inp.model)
+        s = validation.sampling(inp.temperature, inp.top_p, inp.seed, inp.stop_token_ids, lim, vocab)
         if inp.prompt_token_ids is not None:
-            ids = list(inp.prompt_token_ids)
-            vocab = self.tokenizers.vocab_size(inp.model)
-            if vocab is not None and any(t >= vocab for t in ids):
-                raise InvalidRequest(f"field 'prompt_token_ids': ids must be below the vocabulary size {vocab}")
+            ids = validation.token_ids(inp.prompt_token_ids, "prompt_token_ids", vocab, lim.max_prompt_token_ids)
         elif inp.prompt:
+            validation.text(inp.prompt, "prompt", lim.max_prompt_chars)
             ids = await asyncio.to_thread(self.tokenizers.encode, inp.model, inp.prompt)
         else:
             raise InvalidRequest("field 'prompt' or 'prompt_token_ids' is required and must not be empty")
@@ -181,20 +197,23 @@ class Controller:
             raise InvalidRequest("field 'prompt': the prompt has no tokens")
         if len(ids) + inp.max_tokens > spec.max_context:
             raise InvalidRequest(f"field 'prompt': {len(ids)} prompt tokens + max_tokens {inp.max_tokens} exceed "
-                                 f"the context of {inp.model!r} ({spec.max_context})")
+                                 f"the context of the model ({spec.max_context})")
         if slo.admission.max_prompt_tokens is not None and len(ids) > slo.admission.max_prompt_tokens:
             raise InvalidRequest(f"field 'prompt': {len(ids)} tokens exceed the {cls_name!r} limit of "
                                  f"{slo.admission.max_prompt_tokens}")
-        waiting = self._waiting_by_class().get(cls_name, 0)
-        if waiting >= slo.admission.max_queued:
-            self.metrics.rejected.labels("overloaded").inc()
-            raise Overloaded(f"class {cls_name!r} has {waiting} requests waiting (limit {slo.admission.max_queued})")
         now = self.clock.now()
         req = Request(request_id=RedisStore.new_request_id(), model=inp.model, slo_class=cls_name,
                       prompt_token_ids=ids, max_tokens=inp.max_tokens, arrival=now, ttft_slo_s=slo.ttft_s,
                       latency_sensitive=slo.latency_sensitive, priority=slo.priority, sampling=s,
-                      user_id=inp.user_id)
-        res = await self.store.submit(req, now, self.policy.grouping, inp.idempotency_key)
+                      user_id=inp.user_id, tenant=inp.tenant)
+        res = await self.store.submit(req, now, self.policy.grouping, inp.idempotency_key,
+                                      admission.limits_for(self.policy, slo, inp.tenant))
+        if res.refused is not None:
+            self.metrics.rejected.labels("overloaded").inc()
+            limit, queued, cap = res.refused
+            raise admission.refusal(self.policy, cls_name, limit, queued, cap, self.drain_rate, self.clock.now())
+        if res.conflict:
+            raise IdempotencyConflict("field 'idempotency_key': already used for a request with other content")
         if not res.duplicate:
             self.metrics.submitted.labels(cls_name).inc()
             self._meta[req.request_id] = _Meta(req.model, cls_name, res.group_id, now, len(ids), req.max_tokens,
@@ -203,28 +222,25 @@ class Controller:
                 self._wake.set()  # a request at risk: plan now, not at the next timer tick
         return res, len(ids)
 
-    def _waiting_by_class(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        if self.last_snapshot:
-            for g in self.last_snapshot.groups:
-                out[g.slo_class] = out.get(g.slo_class, 0) + g.size
-        return out
-
     async def cancel(self, rid: str) -> Request:
+        validation.request_id(rid)
         res = await self.store.finish_early(rid, RequestStatus.CANCELLED, self.clock.now(), "cancelled by client")
         if res is not None:
             _prev, wid = res
             if wid and wid in self.workers:
                 self.workers[wid].send(OpCommand(next_op_id(), "abort", (rid,)))
+            self._meta.pop(rid, None)
+            self._wake.set()  # a slot may be free
         req = await self.store.get_request(rid)
         if req is None:
-            raise UnknownRequest(f"unknown request {rid!r}")
+            raise UnknownRequest("field 'request_id': no such request")
         return req
 
     async def get_request(self, rid: str) -> Request:
+        validation.request_id(rid)
         req = await self.store.get_request(rid)
         if req is None:
-            raise UnknownRequest(f"unknown request {rid!r}")
+            raise UnknownRequest("field 'request_id': no such request")
         return req
 
     # ---- the tick ---------------------------------------------------------------------
@@ -244,6 +260,12 @@ class Controller:
             if gap > 0 and not self._stopping:
                 await asyncio.sleep(gap)
             self._wake.clear()
+            if not self.is_leader:
+                try:  # a standby serves the Client and Admin APIs (its retry hints need the drain rate)
+                    await self._housekeeping()
+                except Exception:  # noqa: BLE001 - Redis away: try again next round
+                    pass
+                continue
             try:
                 await self.tick()
             except Exception:  # noqa: BLE001 - one bad tick (Redis blip) must not stop the loop
@@ -255,10 +277,33 @@ class Controller:
         self._stopping = True
         self._wake.set()
 
+    def take_over(self, lease: str) -> None:
+        """This controller now holds the leader lease `lease` (leader.LeaderLease): plan from
+        scratch, and give workers a heartbeat's time to dial in before requeueing theirs."""
+        self.store.fence = lease
+        self.is_leader = True
+        self._started_at = self.clock.now()
+        self._solved_plan = None
+        self._wake.set()
+
+    def lost_lease(self) -> None:
+        """Redis refused a write fenced by the leader lease: another controller leads. Stop
+        planning and end every worker session (the workers redial the new leader)."""
+        if not self.is_leader or self._stopping:
+            return
+        log.warning("lost the leader lease: standing by")
+        self.is_leader = False
+        self.store.fence = "-"  # any later fenced write is refused until the lease is won again
+        for h in list(self.workers.values()):
+            h.close()
+        self.workers.clear()
+
     async def tick(self) -> Plan:
         t0 = time.perf_counter()
         await self._expire_silent_workers()
+        await self._housekeeping()
         snapshot = await self.snapshot()
+        self._prune_meta(snapshot)
         plan = await self.plan(snapshot)
         await self.apply(plan, snapshot)
         self.tick_count += 1
@@ -324,6 +369,28 @@ class Controller:
         return RequestView(rid, m.group_id, m.model, m.slo_class, m.arrival, m.prompt_tokens, m.max_tokens, gen,
                            first_token_at, swapped, m.ttft_slo_s, m.latency_sensitive)
 
+    def _prune_meta(self, snap: ClusterSnapshot) -> None:
+        """The metadata cache holds the requests alive in this snapshot, no more: finished
+        ones leave it (it grew by every request ever served before). A request submitted
+        meanwhile and pruned here is read back from Redis when a snapshot needs it."""
+        if len(self._meta) <= 2 * (sum(g.size for g in snap.groups) + sum(len(w.running) for w in snap.workers)) + 64:
+            return
+        alive = {rid for g in snap.groups for rid in g.request_ids}
+        alive.update(r.request_id for w in snap.workers for r in w.running)
+        self._meta = {rid: m for rid, m in self._meta.items() if rid in alive}
+
+    async def _housekeeping(self) -> None:
+        """Once a second: worker ACL users and scripts back after a Redis restart, and the
+        drain rate behind the admission retry hints."""
+        now = time.monotonic()
+        if now - self._housekept_at < 1.0:
+            return
+        self._housekept_at = now
+        await self.acl.ensure()
+        stats = await self.store.class_stats()
+        self.drain_rate.observe(sum(v.get("finished", 0) for v in stats.values()), now)
+
+
     async def _observe_ttfts(self) -> None:
         """First tokens logged by workers since the last tick, into the TTFT histogram."""
         entries, self._ttft_cursor = await self.store.read_ttfts(self._ttft_cursor)
@@ -374,8 +441,10 @@ class Controller:
 
     async def apply(self, plan: Plan, snapshot: ClusterSnapshot) -> None:
         self.last_plan = plan
-        await self.store.save_plan(plan.virtual_queues, plan_to_json(plan, snapshot.now, self.tick_count),
-                                   list(self.workers))
+        if not await self.store.save_plan(plan.virtual_queues, plan_to_json(plan, snapshot.now, self.tick_count),
+                                          list(self.workers)):
+            self.lost_lease()  # another controller leads now: this plan must not be acted on
+            return
         assignments, mechanism_ops = dispatch(plan, snapshot, self.policy.max_running_per_worker)
         for op in list(plan.operations) + mechanism_ops:
             self._send_operation(op)
@@ -384,6 +453,9 @@ class Controller:
             if h is None or not h.connected:
                 continue
             attempt = await self.store.assign(a.request_id, a.group_id, a.worker_id, snapshot.now)
+            if attempt < 0:
+                self.lost_lease()
+                return
             if not attempt:
                 continue  # cancelled or taken meanwhile
             req = await self.store.get_request(a.request_id)
@@ -420,24 +492,31 @@ class Controller:
     async def worker_connected(self, wid: str, engine: str, device: str, models: list[str],
                                running: dict[str, int]) -> tuple[WorkerHandle, list[str]]:
         """Register a (re)connecting worker and reconcile what it holds with Redis.
-        Returns its handle and the request ids it must drop."""
-        self._sessions += 1
+        Returns its handle and the request ids it must drop. A second session for a worker
+        id whose session is live is refused (WorkerIdInUse): one id, one engine."""
         old = self.workers.get(wid)
+        now = self.clock.now()
+        if old is not None and old.connected and now - old.last_seen <= self.policy.heartbeat_timeout_s:
+            raise WorkerIdInUse("field 'hello.worker_id': a live session already serves this worker id")
         if old is not None:
-            old.connected = False
-        h = WorkerHandle(wid, engine, device, models, session=self._sessions, last_seen=self.clock.now())
+            old.close()
+        self._sessions += 1
+        h = WorkerHandle(wid, engine, device, models, session=self._sessions, last_seen=now)
         self.workers[wid] = h
         in_redis = await self.store.worker_running(wid)
         abort = [rid for rid, att in running.items() if in_redis.get(rid) != att]
-        now = self.clock.now()
         for rid, att in in_redis.items():
             if running.get(rid) != att:
                 await self._requeue(rid, wid, now)
-        await self.store.put_worker(wid, {"engine": engine, "device": device, "connected": "1",
+        await self.store.put_worker(wid, {"engine": engine, "device": device, "connected": "1", "dead": "0",
                                           "last_seen": repr(now), "models": ",".join(models)})
         log.info("worker %s connected (session %d, %d running, %d to drop)", wid, h.session, len(running), len(abort))
         self._wake.set()
         return h, abort
+
+    async def worker_redis_url(self, h: WorkerHandle) -> str:
+        """The Redis URL of this worker session (its own ACL user where Redis allows it)."""
+        return await self.acl.grant(h.worker_id)
 
     async def worker_report(self, h: WorkerHandle, report: WorkerReport) -> None:
         h.report = report
@@ -466,16 +545,29 @@ class Controller:
         self._wake.set()
 
     async def worker_request_failed(self, h: WorkerHandle, rid: str, attempt: int, error: str) -> None:
-        await self.store.finish_early(rid, RequestStatus.FAILED, self.clock.now(), error, attempt=attempt)
+        # Only a request this worker holds under that attempt: a worker cannot fail another's.
+        res = await self.store.finish_early(rid, RequestStatus.FAILED, self.clock.now(), error, attempt=attempt,
+                                            by_worker=h.worker_id)
+        if res is not None:
+            self._meta.pop(rid, None)
+            self._wake.set()
 
     async def worker_disconnected(self, h: WorkerHandle) -> None:
-        """The session ended. The worker may still be alive (a network blip, or the
-        controller restarting); it gets heartbeat_timeout_s to come back before its
-        requests are handed to others."""
-        if self.workers.get(h.worker_id) is h:
-            h.connected = False
-            log.warning("worker %s disconnected", h.worker_id)
-            await self.store.put_worker(h.worker_id, {"connected": "0"})
+        """The session ended. Its requests go back to the queue at once (a stream that broke
+        is a worker that died or lost its link: waiting for the heartbeat would cost
+        heartbeat_timeout_s of every request it held), and its Redis user is deleted, which
+        fences it out of Redis if it is still running. A worker that is alive redials,
+        reports what it holds, and is told to drop what moved on. The heartbeat stays for
+        workers that hang silently with their stream open."""
+        if self.workers.get(h.worker_id) is not h:
+            return
+        h.connected = False
+        log.warning("worker %s disconnected", h.worker_id)
+        if self._stopping or not self.is_leader:
+            return  # a controller going away leaves its workers' requests where they run
+        await self.acl.revoke(h.worker_id)
+        await self._requeue_all(h.worker_id, self.clock.now())
+        await self.store.put_worker(h.worker_id, {"connected": "0"})
         self._wake.set()
 
     async def _expire_silent_workers(self) -> None:
@@ -486,10 +578,12 @@ class Controller:
                 log.warning("worker %s silent for %.1fs: requeueing its requests", wid, now - h.last_seen)
                 del self.workers[wid]
                 h.close()  # end its session: if it is alive after all, it redials and reconciles
+                await self.acl.revoke(wid)
                 await self._requeue_all(wid, now)
                 await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
-        # Workers a previous controller knew that never reconnected.
-        if now - self._started_at > timeout:
+        # Workers a previous controller knew that never reconnected: live ones redial within
+        # about a second of a new leader, so a dead one's requests wait no longer than this.
+        if now - self._started_at > min(timeout, RECONNECT_GRACE_S):
             for wid, fields in (await self.store.get_workers()).items():
                 if wid in self.workers or fields.get("dead") == "1":
                     continue
@@ -518,7 +612,7 @@ class Controller:
     async def drain(self, wid: str, requeue_running: bool) -> int:
         h = self.workers.get(wid)
         if h is None:
-            raise UnknownRequest(f"unknown worker {wid!r}")
+            raise UnknownWorker("field 'worker_id': no such worker")
         h.draining = True
         await self.store.put_worker(wid, {"draining": "1"})
         n = 0
@@ -529,6 +623,14 @@ class Controller:
                 n = len(running)
         self._wake.set()
         return n
+
+    async def undrain(self, wid: str) -> None:
+        h = self.workers.get(wid)
+        if h is None:
+            raise UnknownWorker("field 'worker_id': no such worker")
+        h.draining = False
+        await self.store.put_worker(wid, {"draining": "0"})
+        self._wake.set()
 
     # ---- admin views ------------------------------------------------------------------
 

@@ -24,8 +24,11 @@ class _Strict(BaseModel):
 
 
 class AdmissionLimits(_Strict):
-    max_queued: int = Field(default=100_000, ge=1)
-    """Requests of this class that may wait at once; past it Submit answers RESOURCE_EXHAUSTED."""
+    max_queued: int = Field(default=2_000, ge=1)
+    """Requests of this class that may wait at once; past it Submit answers RESOURCE_EXHAUSTED
+    with a retry hint."""
+    max_queued_tokens: int | None = Field(default=None, ge=1)
+    """Tokens (prompt + max_tokens) of this class that may wait at once; None: no limit."""
     max_prompt_tokens: int | None = Field(default=None, ge=1)
     """Longest prompt accepted for this class (the model's own context limit applies too)."""
     max_tokens: int | None = Field(default=None, ge=1)
@@ -87,11 +90,73 @@ class GroupingConfig(_Strict):
     """A group is closed once it holds this many requests."""
 
 
+class RequestLimits(_Strict):
+    """Size limits of every string and list a client, an admin or a worker may send. Past a
+    limit the RPC answers INVALID_ARGUMENT naming the field, never echoing its value."""
+
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    """Longest text prompt, in characters (the token limits of the class and model apply too)."""
+    max_prompt_token_ids: int = Field(default=65_536, ge=1)
+    """Most ids in a pre-tokenized prompt."""
+    max_stop_token_ids: int = Field(default=16, ge=0)
+    max_user_id_chars: int = Field(default=256, ge=0)
+    max_idempotency_key_chars: int = Field(default=128, ge=0)
+    max_name_chars: int = Field(default=128, ge=1)
+    """Model, class, worker and tenant names, engine and device strings."""
+    max_list_items: int = Field(default=4_096, ge=1)
+    """Entries of a worker's Hello and state reports (running, waiting, models)."""
+    max_error_chars: int = Field(default=2_000, ge=1)
+    """Error text a worker reports for a failed request (longer text is cut)."""
+    max_policy_bytes: int = Field(default=1_000_000, ge=1_000)
+    """Largest policy text ReloadPolicy accepts."""
+    min_temperature: float = Field(default=1e-3, gt=0)
+    """Smallest temperature above 0 (greedy); smaller ones overflow the softmax."""
+    max_temperature: float = Field(default=100.0, gt=0)
+
+
+class TenantQuota(_Strict):
+    max_queued: int | None = Field(default=None, ge=1)
+    """Requests of this tenant that may wait at once (every class together); None: no limit."""
+    max_queued_tokens: int | None = Field(default=None, ge=1)
+    """Tokens (prompt + max_tokens) of this tenant that may wait at once."""
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Tokens (prompt + max_tokens) this tenant may submit per minute."""
+
+
+class AccessConfig(_Strict):
+    anonymous_clients: bool = False
+    """Let callers without a token use the Client API (as tenant `anonymous_tenant`). Admin
+    and WorkerLink always need a token."""
+    anonymous_tenant: str = "anonymous"
+    default_quota: TenantQuota = TenantQuota(max_queued=1_000)
+    """Quota of a tenant `tenants` does not name (the anonymous one included)."""
+    tenants: dict[str, TenantQuota] = {}
+    """Quotas by tenant name (the name a client token carries)."""
+
+    def quota(self, tenant: str) -> TenantQuota:
+        return self.tenants.get(tenant, self.default_quota)
+
+
+class OverloadConfig(_Strict):
+    max_queued: int = Field(default=5_000, ge=1)
+    """Requests of every class that may wait at once."""
+    max_queued_tokens: int | None = Field(default=None, ge=1)
+    """Tokens of every class that may wait at once; None: no limit."""
+    best_effort_share: float = Field(default=0.8, gt=0, le=1)
+    """Best-effort (not latency-sensitive) classes are refused once the queue holds this share
+    of max_queued / max_queued_tokens: they are shed before latency-sensitive ones."""
+    min_retry_after_s: float = Field(default=0.5, gt=0)
+    max_retry_after_s: float = Field(default=30.0, gt=0)
+
+
 class PolicyConfig(_Strict):
     tick_interval_ms: float = Field(default=100.0, gt=0)
     """How often the controller re-plans (it also re-plans when a request at risk arrives)."""
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A worker silent this long is declared dead and its requests go back to the queue."""
+    finished_retention_s: float = Field(default=3600.0, ge=1)
+    """A finished request, its tokens and its stream stay readable in Redis this long; Redis
+    memory is bounded by the queue plus this window of traffic."""
     max_running_per_worker: int = Field(default=16, ge=1)
     """Requests the controller hands a worker at once (its batch); the rest wait in Redis."""
     slo_classes: dict[str, SloClass]
@@ -100,6 +165,9 @@ class PolicyConfig(_Strict):
     grouping: GroupingConfig = GroupingConfig()
     default_slo_class: str | None = None
     """Class of a request that names none; must be one of slo_classes."""
+    access: AccessConfig = AccessConfig()
+    limits: RequestLimits = RequestLimits()
+    overload: OverloadConfig = OverloadConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> PolicyConfig:

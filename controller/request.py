@@ -54,6 +54,7 @@ class Request:
     priority: int = 0
     sampling: Sampling = field(default_factory=Sampling)
     user_id: str = ""
+    tenant: str = ""  # whose quota it counts against (from the caller's credential)
     status: RequestStatus = RequestStatus.QUEUED
     group_id: str = ""
     worker_id: str = ""
@@ -67,6 +68,20 @@ class Request:
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def cost(self) -> int:
+        """Tokens it may occupy (prompt + max_tokens): what admission limits count."""
+        return self.prompt_tokens + self.max_tokens
+
+    def fingerprint(self) -> str:
+        """Digest of what the caller asked for: a retry under one idempotency key must ask
+        for the same thing."""
+        import hashlib
+
+        body = json.dumps([self.model, self.slo_class, self.prompt_token_ids, self.max_tokens,
+                           self.sampling.to_json(), self.user_id, self.tenant])
+        return hashlib.sha256(body.encode()).hexdigest()[:32]
 
     def to_redis(self) -> dict[str, str]:
         """Fields written once at submission; status fields change through Lua scripts."""
@@ -83,6 +98,8 @@ class Request:
             "priority": str(self.priority),
             "sampling": self.sampling.to_json(),
             "user_id": self.user_id,
+            "tenant": self.tenant,
+            "cost": str(self.cost),
             "status": self.status.value,
             "group_id": self.group_id,
             "worker_id": "",
@@ -109,6 +126,7 @@ class Request:
             priority=int(h.get("priority", "0")),
             sampling=Sampling.from_json(h.get("sampling", "")),
             user_id=h.get("user_id", ""),
+            tenant=h.get("tenant", ""),
             status=RequestStatus(h.get("status", "queued")),
             group_id=h.get("group_id", ""),
             worker_id=h.get("worker_id", ""),

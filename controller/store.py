@@ -20,6 +20,7 @@ from qlmserve.controller.grouping import OpenGroup, choose_group
 from qlmserve.controller.policy import GroupingConfig
 from qlmserve.controller.request import Request, RequestStatus
 from qlmserve.redis_keys import FINISHED_RETENTION_S, Keys
+from qlmserve.redis_urls import async_redis_client, check_cluster_prefix
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 
@@ -47,6 +48,25 @@ class SubmitResult:
     request_id: str
     group_id: str
     duplicate: bool
+    conflict: bool = False  # the idempotency key was used for another payload
+    refused: tuple[str, int, int] | None = None  # (limit name, amount queued, limit) when admission refused it
+
+
+@dataclass(frozen=True)
+class AdmissionArgs:
+    """Limits the SUBMIT script enforces atomically (0 = none)."""
+
+    class_requests: int = 0
+    class_tokens: int = 0
+    tenant_requests: int = 0
+    tenant_tokens: int = 0
+    all_requests: int = 0
+    all_tokens: int = 0
+    tenant_tokens_per_minute: int = 0
+
+    def args(self) -> list[int]:
+        return [self.class_requests, self.class_tokens, self.tenant_requests, self.tenant_tokens,
+                self.all_requests, self.all_tokens, self.tenant_tokens_per_minute]
 
 
 class StoreError(RuntimeError):
@@ -62,6 +82,11 @@ class RedisStore:
         self._requeue = client.register_script(scripts.REQUEUE)
         self._finish_early = client.register_script(scripts.FINISH_EARLY)
         self._swap_state = client.register_script(scripts.SET_SWAP_STATE)
+        self._save_plan = client.register_script(scripts.SAVE_PLAN)
+        # The leader lease value this controller holds ("" = no fencing: a single controller,
+        # tests). Plan and assignment writes quote it; Redis refuses them once it changed.
+        self.fence = ""
+        self.retention_s = FINISHED_RETENTION_S  # the policy's finished_retention_s (set by the controller)
         # Grouping reads the open group then writes; one lock per (model, class) keeps
         # concurrent submissions of one controller from racing each other. The open group
         # is cached (this controller is its only writer); Redis keeps it for a restart.
@@ -70,9 +95,9 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "qlm", max_connections: int = 512) -> RedisStore:
-        pool = aioredis.BlockingConnectionPool.from_url(url, decode_responses=True, max_connections=max_connections,
-                                                        timeout=10)
-        return cls(aioredis.Redis(connection_pool=pool), prefix)
+        """redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// (qlmserve.redis_urls)."""
+        check_cluster_prefix(url, prefix)
+        return cls(async_redis_client(url, max_connections=max_connections, decode_responses=True), prefix)
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -82,7 +107,9 @@ class RedisStore:
 
     # ---- submission -------------------------------------------------------------------
 
-    async def submit(self, req: Request, now: float, grouping: GroupingConfig, idempotency_key: str = "") -> SubmitResult:
+    async def submit(self, req: Request, now: float, grouping: GroupingConfig, idempotency_key: str = "",
+                     admission: AdmissionArgs | None = None) -> SubmitResult:
+        adm = admission or AdmissionArgs()
         lock = self._group_locks.setdefault(f"{req.model}|{req.slo_class}", asyncio.Lock())
         async with lock:
             open_key = self.k.open_group(req.model, req.slo_class)
@@ -98,19 +125,27 @@ class RedisStore:
             flat: list[str] = []
             for key, value in fields.items():
                 flat += [key, value]
+            fp = req.fingerprint()
             res = await self._submit(
                 keys=[self.k.req(req.request_id), self.k.group(chosen), self.k.group_queue(chosen), self.k.groups,
-                      open_key, self.k.idem(idempotency_key or "-"), self.k.unfinished],
+                      open_key, self.k.idem(idempotency_key or "-"), self.k.unfinished, self.k.queued,
+                      self.k.tokens_minute(req.tenant, int(now // 60))],
                 args=[req.request_id, chosen, repr(now), "1" if new_group else "0", "1" if idempotency_key else "0",
-                      req.model, req.slo_class, IDEMPOTENCY_TTL_S, *flat],
+                      req.model, req.slo_class, IDEMPOTENCY_TTL_S, fp, req.tenant, req.cost, *adm.args(),
+                      len(fields), *flat],
             )
-            accepted, rid = int(res[0]), res[1]
-            if accepted:
+            outcome, rid = int(res[0]), res[1]
+            if outcome == 1:
                 self._open[open_key] = (OpenGroup(chosen, now, 1) if new_group else
                                         OpenGroup(chosen, open_group.created_at, open_group.size + 1))
-        if not accepted:
+            elif new_group:
+                self._open[open_key] = open_group  # the new group id was never used
+        if outcome == 2:
+            return SubmitResult("", "", duplicate=False, refused=(res[1], int(res[2]), int(res[3])))
+        if outcome == 0:
             existing = await self.get_request(rid)
-            return SubmitResult(rid, existing.group_id if existing else "", duplicate=True)
+            return SubmitResult(rid, existing.group_id if existing else "", duplicate=True,
+                                conflict=bool(res[2]) and res[2] != fp)
         return SubmitResult(rid, chosen, duplicate=False)
 
     async def _read_open_group(self, open_key: str) -> OpenGroup | None:
@@ -128,7 +163,7 @@ class RedisStore:
 
     async def get_request(self, rid: str) -> Request | None:
         h = await self.r.hgetall(self.k.req(rid))
-        return Request.from_redis(h) if h else None
+        return Request.from_redis(h) if h and "id" in h else None
 
     async def get_requests(self, rids: list[str]) -> dict[str, Request]:
         if not rids:
@@ -137,7 +172,7 @@ class RedisStore:
             for rid in rids:
                 p.hgetall(self.k.req(rid))
             rows = await p.execute()
-        return {rid: Request.from_redis(h) for rid, h in zip(rids, rows) if h}
+        return {rid: Request.from_redis(h) for rid, h in zip(rids, rows) if h and "id" in h}
 
     async def generated_ids(self, rid: str) -> list[int]:
         s = await self.r.get(self.k.ids(rid)) or ""
@@ -171,7 +206,7 @@ class RedisStore:
                 # Re-check inside Redis: a request may have joined since the read.
                 p.eval("if redis.call('LLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]);"
                        " redis.call('EXPIRE', KEYS[3], ARGV[2]) end return 1", 3,
-                       self.k.group_queue(gid), self.k.groups, self.k.group(gid), gid, FINISHED_RETENTION_S)
+                       self.k.group_queue(gid), self.k.groups, self.k.group(gid), gid, int(self.retention_s))
             await p.execute()
 
     async def unfinished_ids(self) -> set[str]:
@@ -211,43 +246,51 @@ class RedisStore:
     # ---- transitions ------------------------------------------------------------------
 
     async def assign(self, rid: str, group_id: str, wid: str, now: float) -> int:
-        """Move a waiting request to a worker; returns its attempt number (0 if it left)."""
-        return int(await self._assign(keys=[self.k.req(rid), self.k.group_queue(group_id), self.k.worker_running(wid)],
-                                      args=[rid, wid, repr(now)]))
+        """Move a waiting request to a worker; returns its attempt number (0 if it left, -1
+        when this controller no longer holds the leader lease)."""
+        return int(await self._assign(keys=[self.k.req(rid), self.k.group_queue(group_id), self.k.worker_running(wid),
+                                            self.k.queued, self.k.leader],
+                                      args=[rid, wid, repr(now), self.fence]))
 
     async def requeue(self, rid: str, group_id: str, wid: str, now: float) -> bool:
         return bool(await self._requeue(
             keys=[self.k.req(rid), self.k.worker_running(wid), self.k.group(group_id), self.k.group_queue(group_id),
-                  self.k.groups],
+                  self.k.groups, self.k.queued],
             args=[rid, wid, repr(now), group_id]))
 
     async def set_swapped(self, rid: str, wid: str, swapped: bool) -> bool:
-        return bool(await self._swap_state(keys=[self.k.req(rid)],
-                                           args=[wid, "swapped" if swapped else "running"]))
+        return bool(await self._swap_state(keys=[self.k.req(rid), self.k.worker_running(wid)],
+                                           args=[wid, "swapped" if swapped else "running", rid]))
 
     async def finish_early(self, rid: str, status: RequestStatus, now: float, error: str = "",
-                           attempt: int | None = None) -> tuple[str, str] | None:
-        """Cancel or fail a request. Returns (previous status, worker id) or None if it had ended."""
-        req = await self.r.hmget(self.k.req(rid), "group_id")
-        gid = req[0] or "-"
-        res = await self._finish_early(
-            keys=[self.k.req(rid), self.k.group_queue(gid), self.k.stream(rid), self.k.unfinished, self.k.ids(rid)],
-            args=[status.value, repr(now), error, FINISHED_RETENTION_S, "" if attempt is None else str(attempt)])
-        if not res:
-            return None
-        return res[0], res[1]
+                           attempt: int | None = None, by_worker: str = "") -> tuple[str, str] | None:
+        """Cancel or fail a request (`by_worker`: only if that worker holds it). A running
+        request leaves its worker's running hash too. Returns (previous status, worker id)
+        or None if it had ended."""
+        for _ in range(8):
+            gid, wid = await self.r.hmget(self.k.req(rid), "group_id", "worker_id")
+            res = await self._finish_early(
+                keys=[self.k.req(rid), self.k.group_queue(gid or "-"), self.k.stream(rid), self.k.unfinished,
+                      self.k.ids(rid), self.k.queued, self.k.worker_running(wid or "-")],
+                args=[status.value, repr(now), error, int(self.retention_s), "" if attempt is None else str(attempt),
+                      wid or "", by_worker])
+            if not res:
+                return None
+            if res[0] != "retry":
+                return res[0], res[1]
+        raise StoreError(f"request {rid} kept moving between workers while it was ended")
 
     # ---- virtual queues, plan, workers ------------------------------------------------
 
-    async def save_plan(self, virtual_queues: dict[str, list[str]], plan_json: str, known_workers: list[str]) -> None:
-        async with self.r.pipeline(transaction=True) as p:
-            for wid in known_workers:
-                p.delete(self.k.vq(wid))
-                q = virtual_queues.get(wid, [])
-                if q:
-                    p.rpush(self.k.vq(wid), *q)
-            p.set(self.k.plan, plan_json)
-            await p.execute()
+    async def save_plan(self, virtual_queues: dict[str, list[str]], plan_json: str, known_workers: list[str]) -> bool:
+        """Write the plan and every known worker's virtual queue; False when fenced."""
+        args: list[object] = [self.fence, plan_json, len(known_workers)]
+        for wid in known_workers:
+            q = virtual_queues.get(wid, [])
+            args += [len(q), *q]
+        res = await self._save_plan(keys=[self.k.plan, self.k.leader, *[self.k.vq(w) for w in known_workers]],
+                                    args=args)
+        return int(res) == 1
 
     async def load_plan(self) -> dict | None:
         s = await self.r.get(self.k.plan)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from qlmserve.credentials import TlsOptions, open_channel
 from qlmserve.pb import admin_pb2, admin_pb2_grpc, client_pb2, client_pb2_grpc
 
 
@@ -37,12 +38,29 @@ def submit_request(model: str, *, prompt: str | None = None, prompt_token_ids: l
     return req
 
 
+def channel_target(address: str) -> str:
+    """'h1:p1,h2:p2' (several controllers) as one gRPC target: the channel picks one that
+    answers and moves on when it goes away. Every controller serves the Client and Admin APIs."""
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    if len(parts) <= 1:
+        return address
+    import ipaddress
+
+    def v4(hostport: str) -> bool:
+        try:
+            return isinstance(ipaddress.ip_address(hostport.rsplit(":", 1)[0]), ipaddress.IPv4Address)
+        except ValueError:
+            return False
+
+    if all(v4(p) for p in parts):
+        return "ipv4:" + ",".join(parts)
+    return parts[0]  # names: gRPC resolves one name per target
+
+
 class QlmClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None = None, tls: TlsOptions | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self.channel = open_channel(channel_target(address), token, tls)
         self.client = client_pb2_grpc.ClientStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
 
@@ -118,12 +136,13 @@ class QlmClient:
     async def plan(self) -> admin_pb2.PlanState:
         return await self.admin.GetPlan(admin_pb2.GetPlanRequest(), timeout=30)
 
-    async def reload_policy(self, path: str = "") -> admin_pb2.ReloadPolicyResponse:
-        return await self.admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(path=path), timeout=30)
+    async def reload_policy(self, path: str = "", text: str = "") -> admin_pb2.ReloadPolicyResponse:
+        return await self.admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(path=path, text=text), timeout=30)
 
-    async def drain(self, worker_id: str, requeue_running: bool = False) -> admin_pb2.DrainWorkerResponse:
-        return await self.admin.DrainWorker(admin_pb2.DrainWorkerRequest(worker_id=worker_id,
-                                                                         requeue_running=requeue_running), timeout=30)
+    async def drain(self, worker_id: str, requeue_running: bool = False, resume: bool = False
+                    ) -> admin_pb2.DrainWorkerResponse:
+        return await self.admin.DrainWorker(admin_pb2.DrainWorkerRequest(
+            worker_id=worker_id, requeue_running=requeue_running, resume=resume), timeout=30)
 
 
 def _take(res: GenerateResult, chunk: client_pb2.TokenChunk) -> None:

@@ -96,7 +96,7 @@ async def run_demo(args) -> int:
                       f"(TTFT SLO {policy.slo_classes['batch'].ttft_s:g}s); models {', '.join(models)}")
         rng = np.random.default_rng(args.seed)
         outcomes: list[Outcome] = []
-        async with QlmClient(rt.address) as client:
+        async with QlmClient(rt.address) as client:  # anonymous: the embedded policy allows it on loopback
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err, transient=False) as progress:
                 task = progress.add_task("requests done", total=len(work))

@@ -79,3 +79,21 @@ class Keys:
     @property
     def unfinished(self) -> str:  # set: ids of accepted requests not yet finished
         return f"{self.prefix}:unfinished"
+
+    @property
+    def queued(self) -> str:  # hash: "c|class|n", "c|class|t", "u|tenant|n", "u|tenant|t", "all|n", "all|t"
+        return f"{self.prefix}:queued"
+
+    def tokens_minute(self, tenant: str, minute: int) -> str:  # counter: a tenant's tokens in one minute
+        return f"{self.prefix}:tpm:{tenant}:{minute}"
+
+    @property
+    def leader(self) -> str:  # string "controller-id|epoch" with a TTL: the leader lease
+        return f"{self.prefix}:leader"
+
+    @property
+    def leader_epoch(self) -> str:  # counter: bumps on every new lease (the fencing token)
+        return f"{self.prefix}:leader:epoch"
+
+    def controller(self, cid: str) -> str:  # string with a TTL: a live controller's address
+        return f"{self.prefix}:controller:{cid}"

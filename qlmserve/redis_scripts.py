@@ -6,19 +6,53 @@ dead but is still running (a zombie) cannot write tokens into a request that now
 runs elsewhere.
 """
 
+# Admission and acceptance in one step, so that several controllers share the limits.
 # KEYS[1] - request hash, KEYS[2] - group hash, KEYS[3] - group queue, KEYS[4] - groups zset,
-# KEYS[5] - open-group pointer, KEYS[6] - idempotency key, KEYS[7] - unfinished set
+# KEYS[5] - open-group pointer, KEYS[6] - idempotency key, KEYS[7] - unfinished set,
+# KEYS[8] - queued counters hash, KEYS[9] - the tenant's tokens-this-minute counter
 # ARGV[1] - request id, ARGV[2] - group id, ARGV[3] - now, ARGV[4] - "1" if the group is new,
 # ARGV[5] - "1" if an idempotency key is used, ARGV[6] - model, ARGV[7] - slo class,
-# ARGV[8] - idempotency ttl seconds, ARGV[9..] - request hash field/value pairs
-# return {1, request id} when accepted, {0, earlier request id} for a duplicate key
+# ARGV[8] - idempotency ttl seconds, ARGV[9] - payload fingerprint, ARGV[10] - tenant,
+# ARGV[11] - cost (prompt + max tokens), ARGV[12..19] - limits, 0 = none: class requests,
+# class tokens, tenant requests, tenant tokens, all requests, all tokens, tenant tokens per
+# minute, ARGV[19] - number of request hash field/value pairs that follow from ARGV[20]
+# return {1, request id} when accepted, {0, earlier request id, its fingerprint} for a known
+# idempotency key, {2, limit name, amount queued, limit} when an admission limit refuses it
 SUBMIT = """
+redis.call('ZSCORE', KEYS[4], '-')  -- a controller-only key first: a worker's ACL stops here
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[6])
-  if existing then return {0, existing} end
-  redis.call('SET', KEYS[6], ARGV[1], 'EX', tonumber(ARGV[8]))
+  if existing then
+    local sep = string.find(existing, '|', 1, true)
+    if sep then return {0, string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1)} end
+    return {0, existing, ''}
+  end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+local cls, tenant, cost = ARGV[7], ARGV[10], tonumber(ARGV[11])
+local fields = {'c|' .. cls .. '|n', 'c|' .. cls .. '|t', 'u|' .. tenant .. '|n', 'u|' .. tenant .. '|t',
+                'all|n', 'all|t'}
+local have = redis.call('HMGET', KEYS[8], unpack(fields))
+local names = {'class requests', 'class tokens', 'tenant requests', 'tenant tokens', 'queued requests',
+               'queued tokens'}
+for i = 1, 6 do
+  local limit = tonumber(ARGV[11 + i])
+  local cur = tonumber(have[i] or '0')
+  local add = 1
+  if i % 2 == 0 then add = cost end
+  if limit > 0 and cur + add > limit then return {2, names[i], tostring(cur), tostring(limit)} end
+end
+local tpm = tonumber(ARGV[18])
+if tpm > 0 then
+  local used = tonumber(redis.call('GET', KEYS[9]) or '0')
+  if used + cost > tpm then return {2, 'tenant tokens per minute', tostring(used), tostring(tpm)} end
+  redis.call('INCRBY', KEYS[9], cost)
+  redis.call('EXPIRE', KEYS[9], 120)
+end
+if ARGV[5] == '1' then
+  redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[9], 'EX', tonumber(ARGV[8]))
+end
+local npairs = tonumber(ARGV[19])
+redis.call('HSET', KEYS[1], unpack(ARGV, 20, 19 + 2 * npairs))
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[2], 'model', ARGV[6], 'slo_class', ARGV[7], 'created_at', ARGV[3], 'size', 0)
   redis.call('SET', KEYS[5], ARGV[2])
@@ -27,18 +61,51 @@ redis.call('HINCRBY', KEYS[2], 'size', 1)
 redis.call('RPUSH', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], 'NX', redis.call('HGET', KEYS[2], 'created_at'), ARGV[2])
 redis.call('SADD', KEYS[7], ARGV[1])
+for i = 1, 6 do
+  local add = 1
+  if i % 2 == 0 then add = cost end
+  redis.call('HINCRBY', KEYS[8], fields[i], add)
+end
 return {1, ARGV[1]}
 """
 
-# KEYS[1] - request hash, KEYS[2] - group queue, KEYS[3] - worker running hash
-# ARGV[1] - request id, ARGV[2] - worker id, ARGV[3] - now
-# return the new attempt number, or 0 when the request is no longer waiting
-ASSIGN = """
+# Queued counters of a request leaving (sign -1) or re-entering (sign 1) the queue; used
+# inline by ASSIGN, REQUEUE and FINISH_EARLY. KQ - the counters hash key, REQ - request hash.
+_COUNT = """
+local function count_queued(KQ, REQ, sign)
+  local m = redis.call('HMGET', REQ, 'slo_class', 'tenant', 'cost')
+  local cost = tonumber(m[3] or '0') * sign
+  local t = m[2] or ''
+  redis.call('HINCRBY', KQ, 'c|' .. m[1] .. '|n', sign)
+  redis.call('HINCRBY', KQ, 'c|' .. m[1] .. '|t', cost)
+  redis.call('HINCRBY', KQ, 'u|' .. t .. '|n', sign)
+  redis.call('HINCRBY', KQ, 'u|' .. t .. '|t', cost)
+  redis.call('HINCRBY', KQ, 'all|n', sign)
+  redis.call('HINCRBY', KQ, 'all|t', cost)
+end
+"""
+
+# Only the leading controller plans and assigns: a write quotes the lease value it holds,
+# and a controller that lost the lease (paused, partitioned) has its write refused.
+_FENCE = """
+local function fenced(KL, holder)
+  return holder ~= '' and redis.call('GET', KL) ~= holder
+end
+"""
+
+# KEYS[1] - request hash, KEYS[2] - group queue, KEYS[3] - worker running hash,
+# KEYS[4] - queued counters hash, KEYS[5] - leader lease
+# ARGV[1] - request id, ARGV[2] - worker id, ARGV[3] - now, ARGV[4] - lease value held ("" = none)
+# return the new attempt number, 0 when the request is no longer waiting, -1 when fenced
+ASSIGN = _COUNT + _FENCE + """
+redis.call('EXISTS', KEYS[2])  -- a controller-only key first: a worker's ACL stops here
+if fenced(KEYS[5], ARGV[4]) then return -1 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], attempt)
+count_queued(KEYS[4], KEYS[1], -1)
 return attempt
 """
 
@@ -49,7 +116,9 @@ return attempt
 # ARGV[1] - now, ARGV[2] - number of events, ARGV[3] - seconds to keep a finished request,
 # then per event 7 values: request id, attempt, index, token id, text, finished "1"/"0", reason
 # return the ids of requests whose events were refused because the request no longer runs
-# under that attempt (the worker drops them); duplicate indexes are skipped silently
+# under that attempt on this worker (the worker drops them); duplicate indexes are skipped
+# silently. The worker's running hash (KEYS[2]) must list the request under the attempt: a
+# worker's Redis ACL user reaches only its own running hash, so it cannot write for others.
 APPEND_TOKENS = """
 local now = ARGV[1]
 local n = tonumber(ARGV[2])
@@ -62,7 +131,8 @@ for i = 0, n - 1 do
   local kreq, kids, kstream = KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3]
   local st = redis.call('HMGET', kreq, 'status', 'attempts', 'generated', 'model', 'slo_class',
                         'arrival', 'ttft_slo', 'first_token_at')
-  if (st[1] == 'running' or st[1] == 'swapped') and st[2] == attempt and tonumber(st[3]) == index then
+  local mine = redis.call('HGET', KEYS[2], rid) == attempt
+  if mine and (st[1] == 'running' or st[1] == 'swapped') and st[2] == attempt and tonumber(st[3]) == index then
     redis.call('APPEND', kids, tok .. ',')
     redis.call('HSET', kreq, 'generated', index + 1)
     local first = st[8]
@@ -90,7 +160,7 @@ for i = 0, n - 1 do
         redis.call('EXPIRE', kstream, keep)
       end
     end
-  elseif st[2] ~= attempt or not ((st[1] == 'running') or (st[1] == 'swapped')) then
+  elseif (not mine) or st[2] ~= attempt or not ((st[1] == 'running') or (st[1] == 'swapped')) then
     refused[#refused + 1] = rid
   end
 end
@@ -100,11 +170,12 @@ return refused
 # Hand a request back to its group (eviction, worker failure, drain). Its generated
 # tokens stay; the next attempt continues after them.
 # KEYS[1] - request hash, KEYS[2] - worker running hash, KEYS[3] - group hash,
-# KEYS[4] - group queue, KEYS[5] - groups zset
+# KEYS[4] - group queue, KEYS[5] - groups zset, KEYS[6] - queued counters hash
 # ARGV[1] - request id, ARGV[2] - worker id it must be on ("" = any), ARGV[3] - now,
 # ARGV[4] - group id
 # return 1 when requeued, 0 when it was not running there
-REQUEUE = """
+REQUEUE = _COUNT + """
+redis.call('EXISTS', KEYS[5])  -- a controller-only key first: a worker's ACL stops here
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'model', 'slo_class', 'arrival')
 redis.call('HDEL', KEYS[2], ARGV[1])
 if (st[1] ~= 'running' and st[1] ~= 'swapped') or (ARGV[2] ~= '' and st[2] ~= ARGV[2]) then return 0 end
@@ -116,31 +187,45 @@ end
 redis.call('PERSIST', KEYS[3])
 redis.call('LPUSH', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], 'NX', redis.call('HGET', KEYS[3], 'created_at'), ARGV[4])
+count_queued(KEYS[6], KEYS[1], 1)
 return 1
 """
 
 # Mark a request swapped / running again (KV swap), checking the worker still owns it.
-# KEYS[1] - request hash; ARGV[1] - worker id, ARGV[2] - new status ("swapped"/"running")
+# KEYS[1] - request hash, KEYS[2] - the worker's running hash
+# ARGV[1] - worker id, ARGV[2] - new status ("swapped"/"running"), ARGV[3] - request id
 # return 1 when changed
 SET_SWAP_STATE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return 0 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker_id')
 if (st[1] ~= 'running' and st[1] ~= 'swapped') or st[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 return 1
 """
 
-# End a request that will produce no more tokens: cancelled by its client, or failed.
+# End a request that will produce no more tokens: cancelled by its client, or failed. A
+# running request also leaves its worker's running hash, so its batch slot is free again.
 # KEYS[1] - request hash, KEYS[2] - group queue, KEYS[3] - stream, KEYS[4] - unfinished set,
-# KEYS[5] - ids string
+# KEYS[5] - ids string, KEYS[6] - queued counters hash, KEYS[7] - running hash of the worker
 # ARGV[1] - new status (cancelled|failed), ARGV[2] - now, ARGV[3] - reason / error text,
-# ARGV[4] - seconds to keep the request, ARGV[5] - attempt that failed ("" = any)
-# return {previous status, worker id}, or {} when it had already ended
-FINISH_EARLY = """
+# ARGV[4] - seconds to keep the request, ARGV[5] - attempt that failed ("" = any),
+# ARGV[6] - the worker whose running hash KEYS[7] is, ARGV[7] - worker that must hold it ("" = any)
+# return {previous status, worker id}, {} when it had already ended (or is not that
+# worker's), {"retry"} when it now runs on a worker other than ARGV[6] (read again)
+FINISH_EARLY = _COUNT + """
+redis.call('EXISTS', KEYS[2])  -- a controller-only key first: a worker's ACL stops here
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'generated', 'attempts')
 if not st[1] then return {} end
 if st[1] == 'finished' or st[1] == 'cancelled' or st[1] == 'failed' then return {} end
 if ARGV[5] ~= '' and st[4] ~= ARGV[5] then return {} end
-redis.call('LREM', KEYS[2], 1, redis.call('HGET', KEYS[1], 'id'))
+local on_worker = st[1] == 'running' or st[1] == 'swapped'
+if ARGV[7] ~= '' and ((not on_worker) or st[2] ~= ARGV[7]) then return {} end
+if on_worker and st[2] ~= ARGV[6] then return {'retry'} end
+if st[1] == 'queued' then
+  redis.call('LREM', KEYS[2], 1, redis.call('HGET', KEYS[1], 'id'))
+  count_queued(KEYS[6], KEYS[1], -1)
+end
+if on_worker then redis.call('HDEL', KEYS[7], redis.call('HGET', KEYS[1], 'id')) end
 local reason = 'cancelled'
 if ARGV[1] == 'failed' then reason = 'error' end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finish_reason', reason, 'finish_at', ARGV[2], 'error', ARGV[3])
@@ -154,4 +239,23 @@ if keep > 0 then
   redis.call('EXPIRE', KEYS[5], keep)
 end
 return {st[1], st[2]}
+"""
+
+# The plan, written only by the controller holding the leader lease.
+# KEYS[1] - plan key, KEYS[2] - leader lease, then the virtual-queue keys of the workers
+# ARGV[1] - lease value held ("" = none), ARGV[2] - plan JSON, ARGV[3] - number of workers,
+# then per worker: its number of groups followed by the group ids
+# return 1 when written, -1 when fenced
+SAVE_PLAN = _FENCE + """
+if fenced(KEYS[2], ARGV[1]) then return -1 end
+local a = 4
+for i = 1, tonumber(ARGV[3]) do
+  local key = KEYS[2 + i]
+  redis.call('DEL', key)
+  local n = tonumber(ARGV[a])
+  if n > 0 then redis.call('RPUSH', key, unpack(ARGV, a + 1, a + n)) end
+  a = a + n + 1
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
 """

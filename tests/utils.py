@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qlmserve.controller.policy import PolicyConfig, parse_policy
 from qlmserve.controller.redis_server import free_port
+from qlmserve.credentials import resolve_token
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,7 @@ models:
   sim-b: {{max_context: 512, weight_bytes: 1000000, output_prior: {{mean: 16, std: 8}}}}
 planner: {{policy: {policy}}}
 grouping: {{window_s: 0.5}}
+access: {{anonymous_clients: true}}
 """
 
 SIM_PROFILE = """
@@ -61,10 +63,27 @@ def qlm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "qlmserve.cli", *args]
 
 
+def data_dir_of(log_dir: Path) -> Path:
+    """The data folder (tokens, private Redis) beside a test's log folder."""
+    return log_dir.parent / "data"
+
+
+def admin_token(data_dir: Path, wait_s: float = 60.0) -> str:
+    """The admin token a controller wrote in its data folder (waiting for a controller
+    process that is still starting to write it)."""
+    deadline = time.monotonic() + wait_s
+    while (tok := resolve_token(None, str(data_dir), "admin")) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no admin token under {data_dir}")
+        time.sleep(0.05)
+    return tok
+
+
 def start_worker(address: str, worker_id: str, profile: Path, log_dir: Path, engine: str = "sim",
                  extra: tuple[str, ...] = ()) -> subprocess.Popen:
     log_dir.mkdir(parents=True, exist_ok=True)
-    args = ["worker", "--controller", address, "--id", worker_id, "--engine", engine, *extra]
+    args = ["worker", "--controller", address, "--id", worker_id, "--engine", engine,
+            "--data-dir", str(data_dir_of(log_dir)), *extra]
     if engine == "sim":
         args += ["--sim-profile", str(profile)]
     out = open(log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -78,7 +97,8 @@ def start_controller(redis_url: str, prefix: str, policy: Path, log_dir: Path, p
     log_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_dir / "controller.log", "ab")  # noqa: SIM115
     p = subprocess.Popen(qlm_cmd("serve", "--redis", redis_url, "--prefix", prefix, "--policy", str(policy),
-                                 "--port", str(port)), stdout=out, stderr=subprocess.STDOUT,
+                                 "--port", str(port), "--data-dir", str(data_dir_of(log_dir))),
+                         stdout=out, stderr=subprocess.STDOUT,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
     return p, port
 

@@ -114,6 +114,7 @@ class HFEngine(Engine):
         self._running: list[Sequence] = []
         self._paused: ForwardPass | None = None
         self._aborted_in_step: set[str] = set()
+        self._failures: list[tuple[str, str]] = []  # (request id, error) failed alone, for take_failures
 
         self.pass_log: deque[PassRecord] = deque(maxlen=4096)
         self._prefill_tps = 0.0
@@ -339,8 +340,37 @@ class HFEngine(Engine):
     # ------------------------------------------------------------------ passes
 
     def _run_pass(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs))
-        return self._resume(p)
+        """One pass over `seqs`. A pass that raises before it commits is split in halves
+        until the sequence at fault runs alone; that one fails (take_failures) and the
+        others still get their token: nothing is committed before a pass ends, so a retried
+        row starts clean. (Sampling, after the commit, fails per row in the Sampler.)"""
+        kv_before = [s.kv_len for s in seqs]
+        p = None
+        try:
+            p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs))
+            return self._resume(p)
+        except (EngineError, AssertionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the batch
+            if [s.kv_len for s in seqs] != kv_before:
+                raise  # committed: a retry would feed nothing; the worker loop logs it
+            if p is not None and self._paused is p:
+                self._paused = None
+            live = self._still_running(seqs)
+            if len(live) <= 1:
+                for seq in live:
+                    self._fail(seq, f"{type(exc).__name__}: {str(exc)[:200]}")
+                return []
+            mid = len(live) // 2
+            return self._run_pass(live[:mid]) + self._run_pass(live[mid:])
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        self._remove(seq, SeqStatus.FINISHED_ABORTED)
+        self._failures.append((seq.id, error))
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        out, self._failures = self._failures, []
+        return out
 
     @staticmethod
     def _still_running(seqs: list[Sequence]) -> list[Sequence]:
@@ -371,6 +401,9 @@ class HFEngine(Engine):
         events: list[TokenEvent] = []
         for seq, token, alive in zip(seqs, tokens, live, strict=True):
             if not alive:
+                continue
+            if isinstance(token, str):  # this row's sampling failed: it fails alone
+                self._fail(seq, token)
                 continue
             seq.append(token)
             status = None

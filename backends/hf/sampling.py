@@ -11,6 +11,8 @@ import torch
 
 from qlmserve.backends.engine import EngineRequest
 
+# Below this a temperature overflows float32 logits / temperature (1e-45 gives inf - inf).
+MIN_TEMPERATURE = 1e-6
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
 
 
@@ -25,19 +27,28 @@ class Sampler:
         self._unseeded = torch.Generator(device=device)
         self._unseeded.seed()
 
-    def choose(self, logits: torch.Tensor, requests: list[EngineRequest], indices: list[int]) -> list[int]:
+    def choose(self, logits: torch.Tensor, requests: list[EngineRequest], indices: list[int]) -> list[int | str]:
         """logits [B, vocab] (last position of each sequence); indices: 0-based index of the
-        token being chosen among each request's generated tokens."""
+        token being chosen among each request's generated tokens. A row whose sampling
+        fails (a parameter no validation caught) gives the error text instead of a token:
+        that request fails alone, the rest of the batch goes on."""
         greedy = logits.argmax(dim=-1).tolist()
-        out: list[int] = []
+        out: list[int | str] = []
         for row, (req, idx) in enumerate(zip(requests, indices, strict=True)):
-            if req.temperature <= 0.0:
+            if req.temperature == 0.0:
                 out.append(int(greedy[row]))
                 continue
-            out.append(self._sample(logits[row], req, idx))
+            try:
+                out.append(self._sample(logits[row], req, idx))
+            except (RuntimeError, ValueError) as exc:
+                out.append(f"sampling failed: {str(exc)[:200]}")
         return out
 
     def _sample(self, logits: torch.Tensor, req: EngineRequest, index: int) -> int:
+        if not (MIN_TEMPERATURE <= req.temperature < float("inf")):
+            raise ValueError(f"temperature must be 0 or in [{MIN_TEMPERATURE}, inf)")
+        if not (0.0 < req.top_p <= 1.0):
+            raise ValueError("top_p must be in (0, 1]")
         probs = torch.softmax(logits.float() / req.temperature, dim=-1)
         if req.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)

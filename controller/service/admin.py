@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
+from qlmserve.controller import policy_source, validation
 from qlmserve.controller.core import Controller
-from qlmserve.controller.policy import load_policy
+from qlmserve.controller.policy import parse_policy
 from qlmserve.pb import admin_pb2, admin_pb2_grpc
 
 
@@ -73,16 +76,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                    note=p.get("note", ""), tick=p.get("tick", 0))
 
     async def ReloadPolicy(self, request, unused_context):
-        path = request.path or self.c.policy_path
-        if not path:
-            raise ValueError("the controller runs on the embedded default policy; give a path")
-        cfg = load_policy(path)  # PolicyError -> INVALID_ARGUMENT, naming file, line and field
-        await self.c.reload_policy(cfg)
-        self.c.policy_path = path
+        c = self.c
+        max_bytes = c.policy.limits.max_policy_bytes
+        if request.text:
+            text = policy_source.check_text(request.text, max_bytes)
+            source, path = "<policy sent by the admin>", None
+        else:
+            name = request.path or (str(c.policy_path) if c.policy_path else "")
+            validation.text(name, "path", 4096)
+            text, resolved = await policy_source.read_policy_file(c.policy_dir, name, max_bytes)
+            source, path = str(resolved), str(resolved)
+        # PolicyError -> INVALID_ARGUMENT, naming the source, line and field
+        cfg = await asyncio.to_thread(parse_policy, text, source, c.policy_dir)
+        await c.reload_policy(cfg)
+        if path is not None:
+            c.policy_path = path
         return admin_pb2.ReloadPolicyResponse(policy_name=cfg.planner.policy, slo_classes=sorted(cfg.slo_classes),
                                               models=sorted(cfg.models))
 
     async def DrainWorker(self, request, unused_context):
+        validation.worker_id(request.worker_id, self.c.policy.limits)
+        if request.resume:
+            await self.c.undrain(request.worker_id)
+            return admin_pb2.DrainWorkerResponse(requeued=0)
         n = await self.c.drain(request.worker_id, request.requeue_running)
         return admin_pb2.DrainWorkerResponse(requeued=n)
 

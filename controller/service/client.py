@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from qlmserve.controller.auth import current_principal
 from qlmserve.controller.core import Controller, UnknownRequest
+from qlmserve.controller.exceptions import OffsetOutOfRange
 from qlmserve.controller.service.convert import status_to_pb, submit_from_pb
 from qlmserve.pb import client_pb2, client_pb2_grpc
 
@@ -15,18 +17,25 @@ class ClientService(client_pb2_grpc.ClientServicer):
     def __init__(self, controller: Controller) -> None:
         self.c = controller
 
+    def _tenant(self) -> str:
+        p = current_principal.get()
+        return p.name if p is not None else self.c.policy.access.anonymous_tenant
+
     async def Submit(self, request, unused_context):
-        res, n = await self.c.submit(submit_from_pb(request))
+        res, n = await self.c.submit(submit_from_pb(request, self._tenant()))
         return client_pb2.SubmitResponse(request_id=res.request_id, prompt_tokens=n, group_id=res.group_id,
                                          duplicate=res.duplicate)
 
     async def Generate(self, request, unused_context) -> AsyncIterator[client_pb2.TokenChunk]:
-        res, _ = await self.c.submit(submit_from_pb(request))
+        res, _ = await self.c.submit(submit_from_pb(request, self._tenant()))
         async for chunk in self._stream(res.request_id, 0):
             yield chunk
 
     async def Stream(self, request, unused_context) -> AsyncIterator[client_pb2.TokenChunk]:
-        await self.c.get_request(request.request_id)  # NOT_FOUND for an unknown id
+        req = await self.c.get_request(request.request_id)  # NOT_FOUND for an unknown id
+        if request.offset > req.generated:
+            raise OffsetOutOfRange(f"field 'offset': {request.offset} is past the {req.generated} tokens "
+                                   f"the request has")
         async for chunk in self._stream(request.request_id, request.offset):
             yield chunk
 
@@ -43,7 +52,7 @@ class ClientService(client_pb2_grpc.ClientServicer):
         store = self.c.store
         req = await store.get_request(rid)
         if req is None:
-            raise UnknownRequest(f"unknown request {rid!r}")
+            raise UnknownRequest("field 'request_id': no such request")
         first = await store.first_stream_index(rid)
         gen_known = req.generated
         if offset < gen_known and (first is None or first > offset):
@@ -85,7 +94,7 @@ class ClientService(client_pb2_grpc.ClientServicer):
                     offset = tokens[-1].index + 1
                     await store.trim_stream(rid, offset)
         except KeyError:
-            raise UnknownRequest(f"request {rid!r} expired") from None
+            raise UnknownRequest("field 'request_id': the request expired") from None
 
     async def _text(self, model: str, before: list[int], ids: list[int]) -> str:
         """Text of `ids` as it reads after `before` (decoding them together keeps merges right)."""

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from qlmserve.controller.core import SubmitInput
-from qlmserve.controller.request import Request, Sampling
+from qlmserve.controller.request import Request
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerReport
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.pb import client_pb2, worker_pb2
 
 
-def submit_from_pb(pb: client_pb2.SubmitRequest) -> SubmitInput:
+def submit_from_pb(pb: client_pb2.SubmitRequest, tenant: str) -> SubmitInput:
+    """The fields as sent; Controller.submit validates them (top_p 0 means off there)."""
     which = pb.WhichOneof("prompt_input")
     s = pb.sampling
-    sampling = Sampling(temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
-                        seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids))
     return SubmitInput(
         model=pb.model, slo_class=pb.slo_class,
         prompt=pb.prompt if which == "prompt" else None,
         prompt_token_ids=list(pb.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
-        max_tokens=pb.max_tokens, sampling=sampling, user_id=pb.user_id, idempotency_key=pb.idempotency_key)
+        max_tokens=pb.max_tokens, temperature=s.temperature, top_p=s.top_p,
+        seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
+        user_id=pb.user_id, idempotency_key=pb.idempotency_key, tenant=tenant)
 
 
 def status_to_pb(r: Request) -> client_pb2.RequestStatus:

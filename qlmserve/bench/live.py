@@ -87,6 +87,13 @@ def scaled_policy(cfg: PolicyConfig, s: float) -> PolicyConfig:
     p = d["planner"]
     for k in ("solve_budget_ms", "aging_s", "max_pause_s", "length_half_life_s"):
         p[k] *= s
+    # The simulator admits every request: so does the live controller here (no queue limits
+    # or quotas), and the benchmark's client is anonymous, on loopback.
+    for c in d["slo_classes"].values():
+        c["admission"]["max_queued"] = 10**7
+    d["overload"]["max_queued"] = 10**7
+    d["access"]["anonymous_clients"] = True
+    d["access"]["default_quota"] = {"max_queued": None, "max_queued_tokens": None, "tokens_per_minute": None}
     return PolicyConfig.model_validate(d)
 
 
@@ -110,11 +117,20 @@ def _qlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "qlmserve.cli", *args]
 
 
-async def _wait_workers(address: str, n: int, procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
+async def _wait_workers(address: str, n: int, procs: list[subprocess.Popen], data_dir: Path,
+                        timeout_s: float = 120.0) -> None:
     from qlmserve.client import QlmClient
+    from qlmserve.credentials import resolve_token
+
+    import grpc
 
     deadline = time.monotonic() + timeout_s
-    async with QlmClient(address) as client:
+    last_error = "no error"
+    while resolve_token(None, str(data_dir), "admin") is None:  # the controller writes it as it starts
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no admin token under {data_dir} within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
+    async with QlmClient(address, token=resolve_token(None, str(data_dir), "admin")) as client:
         while True:
             for p in procs:
                 if p.poll() is not None:
@@ -123,10 +139,10 @@ async def _wait_workers(address: str, n: int, procs: list[subprocess.Popen], tim
                 ws = await client.workers()
                 if sum(1 for w in ws.workers if w.healthy and w.active_model) >= n:
                     return
-            except Exception:  # noqa: BLE001 - the controller is still starting
-                pass
+            except grpc.aio.AioRpcError as exc:  # the controller is still starting
+                last_error = f"{exc.code().name}: {exc.details()}"
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} workers connected within {timeout_s:.0f} s")
+                raise TimeoutError(f"fewer than {n} workers connected within {timeout_s:.0f} s ({last_error})")
             await asyncio.sleep(0.2)
 
 
@@ -168,6 +184,7 @@ def run_live(sc: Scenario, policy: str, cfg: PolicyConfig, workload: list[Worklo
     policy_file.write_text(yaml.safe_dump(json.loads(scaled_policy(cfg, s).model_dump_json())))
     fleet_file = work_dir / "fleet.yaml"
     fleet_file.write_text(fleet_yaml(sc, workers))
+    data_dir = work_dir / "data"
     redis = PrivateRedis(work_dir / "redis").start()
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -177,17 +194,20 @@ def run_live(sc: Scenario, policy: str, cfg: PolicyConfig, workload: list[Worklo
     try:
         log = open(work_dir / "controller.log", "wb")  # noqa: SIM115 - closed below
         logs.append(log)
+        # The controller writes its admin and worker tokens under the data folder; the
+        # workers and this client read them there (anonymous clients are allowed on loopback).
         procs.append(subprocess.Popen(_qlm("serve", "--redis", redis.url, "--policy", str(policy_file), "--port",
-                                           str(port)), stdout=log, stderr=subprocess.STDOUT, env=env))
+                                           str(port), "--data-dir", str(data_dir)),
+                                      stdout=log, stderr=subprocess.STDOUT, env=env))
         for i in range(workers):
             wid = f"w-{i:03d}"
             log = open(work_dir / f"{wid}.log", "wb")  # noqa: SIM115 - closed below
             logs.append(log)
             procs.append(subprocess.Popen(_qlm("worker", "--controller", address, "--id", wid, "--engine", "sim",
                                                "--sim-fleet", str(fleet_file), "--time-scale", str(s),
-                                               "--seed", str(opts.seed)),
+                                               "--seed", str(opts.seed), "--data-dir", str(data_dir)),
                                           stdout=log, stderr=subprocess.STDOUT, env=env))
-        asyncio.run(_wait_workers(address, workers, procs))
+        asyncio.run(_wait_workers(address, workers, procs, data_dir))
         outcomes = [_Outcome(w, max_tokens[w.request_id]) for w in workload]
         wall0 = time.perf_counter()
         t0 = asyncio.run(asyncio.wait_for(_replay(address, outcomes, s), opts.timeout_s))

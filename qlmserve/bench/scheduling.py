@@ -35,7 +35,7 @@ from qlmserve.traces import Trace, WorkloadSpec, build_workload, describe_worklo
 
 POLICIES = ("qlm", "edf", "sjf", "priority", "fcfs", "fcfs-oblivious")
 # Other `qlm bench <name>` commands: modules with `register_bench(bench_subparsers)`.
-BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live"]
+BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live", "qlmserve.bench.chaos", "qlmserve.bench.overload"]
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 POLICY = """
 tick_interval_ms: 100
 slo_classes:
-  interactive: {ttft_s: 2.0, priority: 10, latency_sensitive: true}
-  batch: {ttft_s: 600.0}
+  interactive: {ttft_s: 2.0, priority: 10, latency_sensitive: true, admission: {max_queued: 1000000}}
+  batch: {ttft_s: 600.0, admission: {max_queued: 1000000}}
+# No worker drains the queue here: the admission limits are out of the way of the measurement.
+access: {anonymous_clients: true, default_quota: {}}
+overload: {max_queued: 1000000}
 models:
   sim-7b: {max_context: 8192, output_prior: {mean: 200, std: 150}}
 planner: {policy: qlm}
@@ -63,7 +66,7 @@ async def _main(args) -> int:
         redis = PrivateRedis(tmp / "redis", appendfsync=args.fsync).start()
         port = free_port()
         ctrl = subprocess.Popen([sys.executable, "-m", "qlmserve.cli", "serve", "--redis", redis.url, "--port", str(port),
-                                 "--policy", str(tmp / "policy.yaml")], stdout=subprocess.DEVNULL,
+                                 "--policy", str(tmp / "policy.yaml"), "--data-dir", str(tmp / "data")], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
             async with QlmClient(f"127.0.0.1:{port}") as client:

@@ -12,7 +12,7 @@ import redis
 
 from qlmserve.client import GenerateResult, QlmClient, _take, submit_request
 from qlmserve.controller.runtime import ControllerRuntime, RuntimeOptions
-from tests.utils import start_worker, stop, wait_until, write_sim_files
+from tests.utils import admin_token, start_worker, stop, wait_until, write_sim_files
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +21,12 @@ pytestmark = pytest.mark.integration
 async def cluster(redis_url: str, prefix: str, tmp_path: Path):
     """An in-process controller plus two simulated worker processes."""
     policy, profile = write_sim_files(tmp_path)
-    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix)).start()
+    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix,
+                                                data_dir=str(tmp_path / "data"))).start()
     workers = [start_worker(rt.address, f"w{i}", profile, tmp_path / "logs") for i in range(2)]
     try:
         await rt.wait_for_workers(2, timeout_s=60)
-        async with QlmClient(rt.address) as client:
+        async with QlmClient(rt.address, token=admin_token(tmp_path / "data")) as client:
             yield rt, client, workers, profile, tmp_path
     finally:
         for w in workers:
@@ -162,7 +163,7 @@ async def test_invalid_requests(cluster):
     4. nothing is enqueued by a refused request."""
     rt, client, *_ = cluster
     cases = [
-        (submit_request("no-such-model", prompt="x"), grpc.StatusCode.NOT_FOUND, "unknown model"),
+        (submit_request("no-such-model", prompt="x"), grpc.StatusCode.NOT_FOUND, "field 'model'"),
         (submit_request("", prompt="x"), grpc.StatusCode.INVALID_ARGUMENT, "'model'"),
         (submit_request("sim-a"), grpc.StatusCode.INVALID_ARGUMENT, "'prompt'"),
         (submit_request("sim-a", prompt="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "'max_tokens'"),
@@ -222,9 +223,10 @@ async def test_admission_limit(redis_url: str, prefix: str, tmp_path: Path):
     policy, _ = write_sim_files(tmp_path)
     policy.write_text(policy.read_text().replace("batch: {ttft_s: 60.0, priority: 1}",
                                                  "batch: {ttft_s: 60.0, priority: 1, admission: {max_queued: 2}}"))
-    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix)).start()
+    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix,
+                                                data_dir=str(tmp_path / "data"))).start()
     try:
-        async with QlmClient(rt.address) as client:
+        async with QlmClient(rt.address, token=admin_token(tmp_path / "data")) as client:
             for _ in range(2):
                 await client.submit(submit_request("sim-a", prompt="x", slo_class="batch"))
             await rt.controller.tick()  # no workers: both stay waiting

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from qlmserve.client import QlmClient, submit_request
-from tests.utils import start_controller, start_worker, stop, wait_until, write_sim_files
+from tests.utils import admin_token, data_dir_of, start_controller, start_worker, stop, wait_until, write_sim_files
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ async def test_controller_sigkill_and_restart(redis_url: str, prefix: str, tmp_p
     workers = [start_worker(address, f"w{i}", profile, logs) for i in range(2)]
     n = 24
     try:
-        async with QlmClient(address) as client:
+        async with QlmClient(address, token=admin_token(data_dir_of(logs))) as client:
             await wait_until(lambda: _workers_up(client, 2), timeout_s=60, what="workers")
             progress = {"tokens": 0}
 

@@ -23,6 +23,7 @@ slo_classes:
 models:
   tiny-mixtral: {{path: {path}, kind: mixtral, tiny_seed: 0, max_context: 512}}
 planner: {{policy: qlm}}
+access: {{anonymous_clients: true}}
 """
 
 
@@ -36,7 +37,8 @@ async def test_real_model_tokens_match_generate(redis_url: str, prefix: str, tmp
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(path=model_dir))
     rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix,
-                                                worker_log_dir=str(tmp_path / "logs"))).start()
+                                                worker_log_dir=str(tmp_path / "logs"),
+                                                data_dir=str(tmp_path / "data"))).start()
     rt.workers.append(rt.spawn_worker("hf-0", ["--preload", "tiny-mixtral", "--device", "cpu"]))
     try:
         await rt.wait_for_workers(1, timeout_s=120)

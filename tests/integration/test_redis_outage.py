@@ -12,7 +12,7 @@ import redis
 from qlmserve.client import QlmClient, submit_request
 from qlmserve.controller.redis_server import PrivateRedis
 from qlmserve.controller.runtime import ControllerRuntime, RuntimeOptions
-from tests.utils import start_worker, stop, wait_until, write_sim_files
+from tests.utils import admin_token, start_worker, stop, wait_until, write_sim_files
 
 pytestmark = pytest.mark.integration
 
@@ -26,11 +26,12 @@ async def test_redis_killed_and_restarted(tmp_path: Path):
     data = tmp_path / "redis"
     server = PrivateRedis(data, appendfsync="always").start()
     policy, profile = write_sim_files(tmp_path)
-    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=server.url)).start()
+    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=server.url,
+                                                data_dir=str(tmp_path / "data"))).start()
     workers = [start_worker(rt.address, f"w{i}", profile, tmp_path / "logs") for i in range(2)]
     try:
         await rt.wait_for_workers(2, timeout_s=60)
-        async with QlmClient(rt.address) as client:
+        async with QlmClient(rt.address, token=admin_token(tmp_path / "data")) as client:
             progress = {"tokens": 0}
 
             def count(res, chunk) -> None:
