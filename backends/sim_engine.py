@@ -6,19 +6,24 @@ pseudo-random tokens. It keeps the books a real engine keeps: KV-cache capacity 
 tokens, running / waiting / swapped requests, the active model, warm copies in host
 RAM, and it charges every operation its cost from the `WorkerProfile`.
 
-Iteration semantics (continuous batching, one iteration per `step()`):
-  - admitted requests are prefilled (prompt plus any tokens kept from an earlier run)
-    in the same iteration as one decode step of the running ones; each emits one token;
-  - iteration time = prefill_time(prefill tokens) + decode_step_time(batch, context);
-  - when the KV cache cannot hold the next decode step, the most recently admitted
-    request is preempted by recomputation (back to the front of the waiting queue,
-    tokens kept), as vLLM does.
+Iteration semantics (continuous batching, one iteration per `step()`), as every engine
+plans it (operations.batching.plan_iteration: admission order, batch limit, KV fit,
+prefill budget, preemption victim):
+  - admitted requests are prefilled (prompt plus any tokens kept from an earlier run),
+    at most `max_prefill_tokens` per iteration (longer prompts a chunk per iteration),
+    in the same iteration as one decode step of the running ones; a request emits its
+    first token at the end of the iteration holding its last chunk, and each decoding
+    one emits one token;
+  - iteration time = prefill_time(chunk tokens) + decode_step_time(batch, context);
+  - when the KV cache cannot hold the next decode step, the latest-admitted
+    best-effort request is preempted by recomputation (back to the front of the
+    waiting queue, tokens kept), as vLLM does.
 
 Preemption modes (`set_preemption`):
   - NONE: admission in arrival order; a new request waits for the running iteration.
   - ITERATION: latency-sensitive (then higher-priority) requests are admitted first, and
-    an iteration that admits latency-sensitive requests prefills only them (their
-    first token does not wait for the best-effort decode step).
+    an iteration with latency-sensitive prefill prefills only them (their first token
+    does not wait for best-effort prefill or the decode step).
   - EXPERT (QLLM): as ITERATION, and a latency-sensitive request that arrives while an
     iteration runs pauses it at the next layer boundary (iteration time / num_layers);
     its prefill runs and its first token is returned at once; the paused iteration
@@ -51,8 +56,8 @@ from qlmserve.backends.engine import (
     OpCost,
     PreemptionMode,
     TokenEvent,
-    batch_limit,
 )
+from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, BatchView, ls_can_start, plan_iteration
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.sim.clock import Clock, RealClock
 
@@ -128,10 +133,33 @@ class _Seq:
     generated: list[int]
     admitted_order: int = 0
     prefilled: bool = False  # KV on the device covers prompt + generated
+    computed: int = 0  # while prefilling: tokens its earlier chunks prefilled
 
     @property
     def rid(self) -> str:
         return self.req.request_id
+
+    @property
+    def latency_sensitive(self) -> bool:
+        return self.req.latency_sensitive
+
+    @property
+    def priority(self) -> int:
+        return self.req.priority
+
+    @property
+    def model(self) -> str:
+        return self.req.model
+
+    @property
+    def device_tokens(self) -> int:
+        """Tokens whose KV is on the device."""
+        return self.kv_tokens if self.prefilled else self.computed
+
+    def preempt(self) -> None:
+        """Its KV is dropped: it prefills again from the start (tokens kept)."""
+        self.prefilled = False
+        self.computed = 0
 
     @property
     def kv_tokens(self) -> int:
@@ -140,7 +168,7 @@ class _Seq:
 
 @dataclass(eq=False)
 class _Iteration:
-    prefill: list[_Seq]  # sequences prefilled in this iteration
+    prefill: list[tuple[_Seq, int]]  # (sequence, prompt tokens this iteration prefills)
     decode: list[_Seq]  # sequences taking one decode step
     duration_s: float
     num_layers: int
@@ -152,7 +180,7 @@ class _Iteration:
         return self.duration_s / max(1, self.num_layers)
 
     def seqs(self) -> list[_Seq]:
-        return self.prefill + self.decode
+        return [s for s, _ in self.prefill] + self.decode
 
 
 @dataclass
@@ -190,6 +218,7 @@ class SimEngine(Engine):
         preemption: PreemptionMode = PreemptionMode.NONE,
         max_pause_s: float = 2.0,
         device: str = "sim",
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
         if isinstance(models, Mapping):
             self._models = dict(models)
@@ -199,12 +228,13 @@ class SimEngine(Engine):
             raise ValueError("SimEngine needs at least one model")
         if active_model is not None and active_model not in self._models:
             raise ValueError(f"active_model {active_model!r} is not one of {sorted(self._models)}")
-        if kv_capacity_tokens < 1 or max_batch_size < 1:
-            raise ValueError(f"kv_capacity_tokens and max_batch_size must be >= 1, got "
-                             f"{kv_capacity_tokens}, {max_batch_size}")
+        if kv_capacity_tokens < 1 or max_batch_size < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"kv_capacity_tokens, max_batch_size and max_prefill_tokens must be >= 1, got "
+                             f"{kv_capacity_tokens}, {max_batch_size}, {max_prefill_tokens}")
         self._default_profile = profile
         self._default_kv = kv_capacity_tokens
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.host_ram_bytes = host_ram_bytes
         self.host_kv_capacity_tokens = host_kv_capacity_tokens  # swapped-out KV the host holds; None: no limit
         self.clock: Clock = clock if clock is not None else RealClock()
@@ -293,7 +323,7 @@ class SimEngine(Engine):
         self._take_inbox()
         events: list[TokenEvent] = []
         if self._paused is not None:
-            if self._pause_expired(self._paused) or not self._ls_admissible():
+            if self._pause_expired(self._paused) or not ls_can_start(self._view()):
                 it, self._paused = self._paused, None
                 return self._run(it, events)
         it = self._plan_iteration(ls_only=self._paused is not None)
@@ -316,90 +346,48 @@ class SimEngine(Engine):
         for rid in aborts:
             self._remove(rid)
 
-    def _admission_order(self) -> list[_Seq]:
-        if self.mode == PreemptionMode.NONE:
-            return list(self._waiting)
-        # Stable: FCFS within (latency-sensitive first, then priority).
-        return sorted(self._waiting, key=lambda s: (not s.req.latency_sensitive, -s.req.priority))
-
-    def _ls_admissible(self) -> bool:
-        self._take_inbox()
-        free_kv = self.kv_capacity_tokens - self.kv_used_tokens
-        slots = batch_limit(self.mode, True, self.max_batch_size) - len(self._running)
-        for s in self._waiting:
-            if s.req.latency_sensitive and s.req.model == self.active_model and slots > 0 \
-                    and s.kv_tokens + 1 <= free_kv:
-                return True
-        return False
+    def _view(self) -> BatchView[_Seq]:
+        """The engine's state for the shared batching rules (KV in tokens)."""
+        paused = {id(s) for s in self._paused.seqs()} if self._paused else set()
+        free = [s for s in self._running if id(s) not in paused]
+        return BatchView(
+            mode=self.mode, max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+            model=self.active_model, kv_free=self.kv_capacity_tokens - self.kv_used_tokens,
+            running=len(self._running), waiting=self._waiting,
+            prefilling=[s for s in free if not s.prefilled], decoding=[s for s in free if s.prefilled],
+            kv_need=lambda s: s.kv_tokens + 1, prompt_left=lambda s: s.kv_tokens - s.computed,
+            kv_held=lambda s: s.kv_tokens, admitted_order=lambda s: s.admitted_order,
+        )
 
     def _plan_iteration(self, ls_only: bool = False) -> _Iteration | None:
-        """Admit what fits and build the next iteration (None when there is nothing to do)."""
-        free_kv = self.kv_capacity_tokens - self.kv_used_tokens
-        running = len(self._running)
-        admitted: list[_Seq] = []
-        for s in self._admission_order():
-            if running >= batch_limit(self.mode, s.req.latency_sensitive, self.max_batch_size):
-                if self.mode == PreemptionMode.NONE or not s.req.latency_sensitive:
-                    break  # (latency-sensitive requests come first: the rest are best-effort)
-                continue
-            if ls_only and not s.req.latency_sensitive:
-                continue
-            if s.req.model != self.active_model:
-                continue
-            need = s.kv_tokens + 1
-            if need > free_kv:
-                if self.mode == PreemptionMode.NONE:
-                    break  # FCFS: no overtaking a request that does not fit yet
-                continue
-            admitted.append(s)
-            free_kv -= need
-            running += 1
-        for s in admitted:
+        """Admit what the shared rule admits and build the next iteration (None when there
+        is nothing to do)."""
+        plan = plan_iteration(self._view(), ls_only=ls_only)
+        for s in plan.preempted:
+            self._running.remove(s)
+            s.preempt()
+            self._waiting.appendleft(s)
+            self.counters.recompute_preemptions += 1
+        for s in plan.admitted:
             self._waiting.remove(s)
             self._admit_seq += 1
             s.admitted_order = self._admit_seq
             self._running.append(s)
-        ls_prefill = [s for s in admitted if s.req.latency_sensitive]
-        paused = set(id(s) for s in self._paused.seqs()) if self._paused else set()
-        if ls_only or (self.mode != PreemptionMode.NONE and ls_prefill):
-            # Latency-sensitive prefill runs on its own; best-effort work follows in the
-            # next iteration (admitted best-effort requests go back, in order).
-            prefill, decode = ls_prefill, []
-            rest = [s for s in admitted if not s.req.latency_sensitive]
-            for s in rest:
-                self._running.remove(s)
-            self._waiting.extendleft(reversed(rest))
-        else:
-            prefill = admitted
-            decode = [s for s in self._running if s.prefilled and id(s) not in paused]
-            decode = self._fit_decode(decode)
-        if not prefill and not decode:
+        if not plan.runs:
             return None
         prof = self.profile
         dur = 0.0
-        if prefill:
-            dur += prof.prefill_time(sum(s.kv_tokens for s in prefill))
-        if decode:
-            ctx = sum(s.kv_tokens for s in decode)
-            dur += prof.decode_step_time(len(decode), ctx)
-        return _Iteration(prefill, decode, dur, self._num_layers())
-
-    def _fit_decode(self, decode: list[_Seq]) -> list[_Seq]:
-        """Preempt (recompute) the latest-admitted sequences until one decode step fits."""
-        while decode and self.kv_used_tokens + len(decode) > self.kv_capacity_tokens:
-            victim = max(decode, key=lambda s: (not s.req.latency_sensitive, s.admitted_order))
-            decode.remove(victim)
-            self._running.remove(victim)
-            victim.prefilled = False
-            self._waiting.appendleft(victim)
-            self.counters.recompute_preemptions += 1
-        return decode
+        if plan.prefill:
+            dur += prof.prefill_time(plan.prefill_tokens)
+        if plan.decode:
+            dur += prof.decode_step_time(len(plan.decode), sum(s.kv_tokens for s in plan.decode))
+        return _Iteration(plan.prefill, plan.decode, dur, self._num_layers())
 
     def _run(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
         """Execute an iteration layer by layer (checking for latency-sensitive arrivals
         under EXPERT mode), then emit its tokens."""
         expert = self.mode == PreemptionMode.EXPERT
-        has_ls_prefill = any(s.req.latency_sensitive for s in it.prefill)
+        has_ls_prefill = any(s.latency_sensitive for s, _ in it.prefill)
         if not expert or has_ls_prefill:
             remaining = it.duration_s - it.layers_done * it.layer_s
             self._sleep(remaining)
@@ -411,7 +399,8 @@ class SimEngine(Engine):
                 it.layers_done += 1
                 if it.layers_done < it.num_layers and self._ls_signal.is_set():
                     self._ls_signal.clear()
-                    if not self._pause_expired(it) and self._ls_admissible():
+                    self._take_inbox()
+                    if not self._pause_expired(it) and ls_can_start(self._view()):
                         first_pause = it.paused_at is None
                         if first_pause:
                             it.paused_at = self.clock.now()
@@ -436,15 +425,21 @@ class SimEngine(Engine):
         self.counters.busy_s += it.duration_s
         a = 0.2  # smoothing of the measured rates
         if it.prefill and it.duration_s > 0:
-            tps = sum(s.kv_tokens for s in it.prefill) / it.duration_s
+            tps = sum(n for _, n in it.prefill) / it.duration_s
             self._prefill_tps = tps if self._prefill_tps == 0 else (1 - a) * self._prefill_tps + a * tps
         if it.decode and it.duration_s > 0:
             tps = 1.0 / it.duration_s  # per sequence
             self._decode_tps = tps if self._decode_tps == 0 else (1 - a) * self._decode_tps + a * tps
 
     def _emit(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
-        for s in it.seqs():
-            if s not in self._running:  # evicted, swapped out or aborted while paused
+        done = []
+        for s, n in it.prefill:
+            if s in self._running:  # (not evicted, swapped out or aborted while paused)
+                s.computed += n
+                if s.computed >= s.kv_tokens:  # its last chunk: it emits its first token
+                    done.append(s)
+        for s in done + it.decode:
+            if s not in self._running:
                 continue
             s.prefilled = True
             idx = len(s.generated)
@@ -503,7 +498,7 @@ class SimEngine(Engine):
     def swap_out(self, request_id: str) -> OpCost:
         self._take_inbox()
         s = self._find_running(request_id)
-        if not s.prefilled:
+        if not s.device_tokens:
             # Nothing on the device yet: parking it costs no copy.
             self._running.remove(s)
             self._swapped[request_id] = s
@@ -513,15 +508,15 @@ class SimEngine(Engine):
         if self.host_kv_capacity_tokens is not None and held + s.kv_tokens > self.host_kv_capacity_tokens:
             raise EngineError(f"swap out {request_id}: {s.kv_tokens} KV tokens do not fit host memory "
                               f"({held}/{self.host_kv_capacity_tokens} tokens held)")
-        nbytes = s.kv_tokens * self.profile.kv_bytes_per_token
-        cost = self.profile.kv_swap_time(s.kv_tokens)
+        nbytes = s.device_tokens * self.profile.kv_bytes_per_token
+        cost = self.profile.kv_swap_time(s.device_tokens)
         self._sleep(cost)
         self._running.remove(s)
         self._swapped[request_id] = s
         self.counters.swaps_out += 1
         self.counters.op_s += cost
         self._count("swap_out")
-        return OpCost(cost, nbytes, f"{s.kv_tokens} KV tokens to host")
+        return OpCost(cost, nbytes, f"{s.device_tokens} KV tokens to host")
 
     def swap_in(self, request_id: str) -> OpCost:
         s = self._swapped.get(request_id)
@@ -531,18 +526,18 @@ class SimEngine(Engine):
             raise EngineError(f"request {request_id} needs model {s.req.model!r}; active is {self.active_model!r}")
         if len(self._running) >= self.max_batch_size:
             raise EngineError(f"request {request_id}: no free batch slot to swap into")
-        if s.prefilled and self.kv_used_tokens + s.kv_tokens > self.kv_capacity_tokens:
+        held = s.device_tokens
+        if held and self.kv_used_tokens + s.kv_tokens > self.kv_capacity_tokens:
             raise EngineError(f"request {request_id}: {s.kv_tokens} KV tokens do not fit "
                               f"({self.kv_used_tokens}/{self.kv_capacity_tokens} used)")
-        cost = self.profile.kv_swap_time(s.kv_tokens) if s.prefilled else 0.0
+        cost = self.profile.kv_swap_time(held) if held else 0.0
         self._sleep(cost)
         del self._swapped[request_id]
         self._running.append(s)
         self.counters.swaps_in += 1
         self.counters.op_s += cost
         self._count("swap_in")
-        return OpCost(cost, s.kv_tokens * self.profile.kv_bytes_per_token if s.prefilled else 0,
-                      f"{s.kv_tokens} KV tokens to device")
+        return OpCost(cost, held * self.profile.kv_bytes_per_token, f"{held} KV tokens to device")
 
     def load_model(self, model: str) -> OpCost:
         self._take_inbox()

@@ -5,8 +5,10 @@ process), but event-driven so that a fleet of hundreds of workers replays an hou
 minutes: a stretch of decode steps with an unchanged batch is one event, not one per
 step. The work of a worker is a sequence of units:
 
-  - iteration: prefill of admitted requests + one decode step of the running ones
-    (each emits one token at its end); time = prefill_time(tokens) + decode_step_time;
+  - iteration: prefill of at most `max_prefill_tokens` prompt tokens (a longer prompt
+    goes a chunk per iteration) + one decode step of the running ones (each emits one
+    token at its end, a prefilling request at the end of its last chunk);
+    time = prefill_time(chunk tokens) + decode_step_time;
   - segment: k decode steps of an unchanged batch, k = steps until the first request
     finishes (or the KV cache fills). Step j lasts a + c*j (context grows by the batch
     each step), so the segment's end is known in closed form. Anything that changes the
@@ -14,14 +16,16 @@ step. The work of a worker is a sequence of units:
   - operation: a KV swap or a model load, charged by the profile.
 
 Expert-level preemption (mode EXPERT): a latency-sensitive request handed over while a
-pass runs starts at the pass's next layer boundary (pass time / num_layers): its prefill
-is inserted there, its first token comes out at once, and the paused pass then finishes
-without recomputation (its end moves by the inserted prefill). At most `max_pause_s` of
-prefill is inserted into one unit.
+pass runs starts at the pass's next layer boundary (pass time / num_layers): its
+prefill (its LS-only chunk iterations) is inserted there, its first token comes out at
+once, and the paused pass then finishes without recomputation (its end moves by the
+inserted prefill). At most `max_pause_s` of prefill is inserted into one unit.
 
-ITERATION (and EXPERT) modes admit latency-sensitive requests first, beyond the batch
-limit when needed (operations.batching.batch_limit, as every engine does), and prefill them in
-an iteration of their own; NONE admits in arrival order and mixes prefill with decode.
+Who joins, in what order, what an iteration prefills and whom KV pressure preempts are
+the rules every engine shares (operations.batching.plan_iteration): ITERATION (and
+EXPERT) modes admit latency-sensitive requests first, beyond the batch limit when
+needed, and prefill them in iterations of their own; NONE admits in arrival order and
+mixes prefill with decode.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qlmserve.operations.batching import PreemptionMode, batch_limit
+from qlmserve.operations.batching import (
+    DEFAULT_MAX_PREFILL_TOKENS,
+    BatchView,
+    IterationPlan,
+    PreemptionMode,
+    plan_iteration,
+)
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import DropWarm, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut, WarmModel
 from qlmserve.sim.clock import EventClock, Timer
@@ -74,7 +84,7 @@ class _Unit:
     kind: str  # "iter" | "segment" | "op"
     start: float
     end: float
-    prefill: list[SimRequest] = field(default_factory=list)
+    prefill: list[tuple[SimRequest, int]] = field(default_factory=list)  # (request, chunk tokens)
     decode: list[SimRequest] = field(default_factory=list)
     steps: int = 0  # segment: decode steps
     a: float = 0.0  # segment: duration of its first step
@@ -108,7 +118,7 @@ class _Unit:
 
 class SimWorker:
     def __init__(self, spec: WorkerSpec, clock: EventClock, sink: WorkerSink, *,
-                 max_prefill_tokens: int = 8192) -> None:
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
         self.spec = spec
         self.worker_id = spec.worker_id
         self.clock = clock
@@ -145,7 +155,9 @@ class SimWorker:
 
     @property
     def kv_used(self) -> int:
-        return sum(r.prompt_tokens + r.generated + 1 for r in self.running)
+        # What every engine counts: prompt + generated (the slot its next step writes
+        # included), reserved at admission.
+        return sum(r.kv_tokens for r in self.running)
 
     @property
     def host_kv_used(self) -> int:
@@ -243,7 +255,7 @@ class SimWorker:
                 return False
             pass_start, pass_len = u.step_end(n), u.a + u.c * n
         else:
-            if any(r.latency_sensitive for r in u.prefill):
+            if any(r.latency_sensitive for r, _ in u.prefill):
                 return False  # it is latency-sensitive work already
             n = 0
             pass_start, pass_len = u.start, u.end - u.start
@@ -252,10 +264,9 @@ class SimWorker:
         pause_at = pass_start + done * layer
         if pause_at >= pass_start + pass_len - 1e-12:
             return False
-        adm = self._admit(ls_only=True, budget_s=self.max_pause_s)
-        if not adm:
+        dur = self._insert_ls_prefill(pause_at)
+        if dur <= 0:
             return False
-        dur = self.profile.prefill_time(sum(r.kv_tokens for r in adm))
         if u.kind == "segment":
             u.steps = n + 1
             u.end = u.step_end(n + 1)
@@ -263,13 +274,31 @@ class SimWorker:
         u.end += dur
         self.counters.expert_preemptions += 1
         self.counters.busy_s += dur
-        for r in adm:
-            r.expert_preempted = True
-        done_at = pause_at + dur
-        self.clock.call_at(done_at, lambda: self._prefill_done(adm, done_at))
         self._schedule(u)
         self._changed()
         return True
+
+    def _insert_ls_prefill(self, start: float) -> float:
+        """LS-only iterations back to back from `start`, while they fit `max_pause_s`
+        together; returns their time. Chunk progress is booked now (nothing else runs on
+        this worker until they end); each request's first token at its last chunk's end."""
+        total = 0.0
+        while True:
+            plan = plan_iteration(self._view(), ls_only=True)
+            dur = self.profile.prefill_time(plan.prefill_tokens)
+            if not plan.prefill or total + dur > self.max_pause_s:
+                return total
+            self._apply(plan)
+            total += dur
+            done = []
+            for r, n in plan.prefill:
+                r.expert_preempted = True
+                r.prefill_done += n
+                if r.prefill_done >= r.kv_tokens:
+                    done.append(r)
+            self.counters.prefill_tokens += plan.prefill_tokens
+            at = start + total
+            self.clock.call_at(at, lambda done=done, at=at: self._prefill_done(done, at))
 
     def _prefill_done(self, reqs: list[SimRequest], now: float) -> None:
         finished = []
@@ -298,7 +327,13 @@ class SimWorker:
         if u.kind == "iter":
             self.counters.iterations += 1
             self.counters.busy_s += u.end - u.start - u.pause_s
-            for r in u.prefill + u.decode:
+            emit = []
+            for r, n in u.prefill:
+                if r.status == SimStatus.RUNNING and r.worker_id == self.worker_id:
+                    r.prefill_done += n
+                    if r.prefill_done >= r.kv_tokens:  # its last chunk
+                        emit.append(r)
+            for r in emit + u.decode:
                 if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
                     continue
                 self._emit_token(r, now)
@@ -336,60 +371,40 @@ class SimWorker:
         while self.ops:
             if self._begin_op(self.ops.popleft(), now):
                 return
-        ls_first = self.mode != PreemptionMode.NONE
-        if ls_first and any(r.latency_sensitive for r in self.joining):
-            adm = self._admit(ls_only=True)
-            if adm:
-                self._start_iter(adm, [], now)
-                return
-        adm = self._admit()
-        decode = [r for r in self.running if r.prefilled and r not in adm] if adm else \
-            [r for r in self.running if r.prefilled]
-        decode = self._fit_kv(decode, steps=1)
-        if adm:
-            self._start_iter(adm, decode, now)
-            return
-        if decode:
-            self._start_segment(decode, now)
-            return
-        pending = [r for r in self.running if not r.prefilled]
-        if pending:  # admitted but not prefilled yet (e.g. KV preemption took the rest): prefill them
-            self._start_iter(pending, [], now)
+        plan = plan_iteration(self._view())
+        self._apply(plan)
+        if plan.prefill:
+            self._start_iter(plan.prefill, plan.decode, now)
+        elif plan.decode:
+            self._start_segment(plan.decode, now)
 
-    def _admit(self, ls_only: bool = False, budget_s: float | None = None) -> list[SimRequest]:
-        """Move what fits (batch slots, KV, prefill budget) from joining to running."""
-        if not self.joining or self.active_model is None or self.loading_model is not None:
-            return []
-        running = len(self.running)
-        free_kv = self.kv_capacity - self.kv_used
-        budget = self.max_prefill_tokens
-        prof = self.profile
-        order = self.joining
-        if self.mode != PreemptionMode.NONE:
-            order = sorted(self.joining, key=lambda r: (not r.latency_sensitive, -r.priority))
-        adm: list[SimRequest] = []
-        for r in order:
-            if running >= batch_limit(self.mode, r.latency_sensitive, self.spec.max_batch_size):
-                if self.mode == PreemptionMode.NONE or not r.latency_sensitive:
-                    break  # (latency-sensitive requests come first: the rest are best-effort)
-                continue
-            if ls_only and not r.latency_sensitive:
-                continue
-            if r.model != self.active_model:
-                continue
-            need = r.kv_tokens + 1
-            fits = need <= free_kv and (not adm or r.kv_tokens <= budget)
-            if fits and budget_s is not None:
-                fits = prof.prefill_time(sum(x.kv_tokens for x in adm) + r.kv_tokens) <= budget_s
-            if not fits:
-                if self.mode == PreemptionMode.NONE:
-                    break  # FCFS: nobody overtakes the head
-                continue
-            adm.append(r)
-            running += 1
-            free_kv -= need
-            budget -= r.kv_tokens
-        for r in adm:
+    def _view(self) -> BatchView[SimRequest]:
+        """The worker's state for the shared batching rules (KV in tokens)."""
+        paused = self.unit.prefill if self.unit is not None else ()
+        busy = {id(r) for r, _ in paused}
+        free = [r for r in self.running if id(r) not in busy]
+        serving = self.active_model if self.loading_model is None else None
+        return BatchView(
+            mode=self.mode, max_batch_size=self.spec.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+            model=serving, kv_free=self.kv_capacity - self.kv_used, running=len(self.running),
+            waiting=self.joining,
+            prefilling=[r for r in free if not r.prefilled and r.prefill_done < r.kv_tokens],
+            decoding=[r for r in free if r.prefilled],
+            kv_need=lambda r: r.kv_tokens + 1, prompt_left=lambda r: r.kv_tokens - r.prefill_done,
+            kv_held=lambda r: r.kv_tokens, admitted_order=lambda r: r.admitted_order,
+        )
+
+    def _apply(self, plan: IterationPlan[SimRequest]) -> None:
+        """Carry out a plan's preemptions (recompute later, as vLLM does) and admissions."""
+        for r in plan.preempted:
+            self.running.remove(r)
+            r.prefilled = False
+            r.prefill_done = 0
+            r.status = SimStatus.ASSIGNED
+            r.recomputes += 1
+            self.joining.insert(0, r)
+            self.counters.recompute_preemptions += 1
+        for r in plan.admitted:
             self.joining.remove(r)
             self._admit_seq += 1
             r.admitted_order = self._admit_seq
@@ -397,27 +412,12 @@ class SimWorker:
             if r.generated > 0:
                 r.recompute_tokens += r.kv_tokens
             self.running.append(r)
-        return adm
 
-    def _fit_kv(self, decode: list[SimRequest], steps: int) -> list[SimRequest]:
-        """Preempt (recompute later) the latest-admitted best-effort sequences until `steps`
-        decode steps of the rest fit the KV cache, as vLLM does."""
-        while decode and self.kv_used + len(decode) * steps > self.kv_capacity:
-            victim = max(decode, key=lambda r: (not r.latency_sensitive, r.admitted_order))
-            decode.remove(victim)
-            self.running.remove(victim)
-            victim.prefilled = False
-            victim.status = SimStatus.ASSIGNED
-            victim.recomputes += 1
-            self.joining.insert(0, victim)
-            self.counters.recompute_preemptions += 1
-        return decode
-
-    def _start_iter(self, prefill: list[SimRequest], decode: list[SimRequest], now: float) -> None:
+    def _start_iter(self, prefill: list[tuple[SimRequest, int]], decode: list[SimRequest], now: float) -> None:
         prof = self.profile
         dur = 0.0
         if prefill:
-            tokens = sum(r.kv_tokens for r in prefill)
+            tokens = sum(n for _, n in prefill)
             dur += prof.prefill_time(tokens)
             self.counters.prefill_tokens += tokens
         if decode:
@@ -561,6 +561,7 @@ class SimWorker:
         else:
             self.swapped.pop(r.rid, None)
         r.prefilled = False
+        r.prefill_done = 0
         r.status = SimStatus.WAITING
         r.worker_id = None  # a unit still holding it in its batch skips it from now on
 
