@@ -299,12 +299,12 @@ class Worker:
         models = {name: ModelSpec.model_validate(spec) for name, spec in (yaml.safe_load(w.models_yaml) or {}).items()}
         if self.loop_thread is None:
             self.models = models
-            self._start_engine(w.redis_url, w.redis_prefix, w.max_batch_size)
+            self._start_engine(w.redis_url, w.redis_prefix, w.max_batch_size, w.max_prefill_tokens)
         for rid in w.abort_request_ids:
             self.loop_thread._drop(rid)
         log.info("worker %s connected to %s", self.worker_id, self.opts.controller)
 
-    def _start_engine(self, redis_url: str, prefix: str, max_batch: int) -> None:
+    def _start_engine(self, redis_url: str, prefix: str, max_batch: int, max_prefill_tokens: int = 0) -> None:
         o = self.opts
         batch = min(o.max_batch_size, max_batch) if max_batch else o.max_batch_size
         if o.engine == "hf":
@@ -312,7 +312,8 @@ class Worker:
 
             torch.set_num_threads(max(1, o.threads))
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
-                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed)
+                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed,
+                               max_prefill_tokens=max_prefill_tokens or None)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
         tokenizers = {}
         if o.engine == "hf":

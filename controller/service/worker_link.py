@@ -32,7 +32,8 @@ class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
         models_yaml = yaml.safe_dump({n: s.model_dump(exclude_none=True) for n, s in self.c.policy.models.items()})
         yield worker_pb2.ControllerMessage(welcome=worker_pb2.Welcome(
             redis_url=self.c.redis_url, redis_prefix=self.c.store.k.prefix, models_yaml=models_yaml,
-            abort_request_ids=abort, max_batch_size=self.c.policy.max_running_per_worker))
+            abort_request_ids=abort, max_batch_size=self.c.policy.max_running_per_worker,
+            max_prefill_tokens=self.c.policy.max_prefill_tokens))
 
         async def read() -> None:
             async for msg in request_iterator:
