@@ -37,15 +37,10 @@ instance an `add_request` that lands in the middle of an iteration).
 
 from __future__ import annotations
 
-import hashlib
-import math
 import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-import numpy as np
 
 from qlmserve.backends.engine import (
     Engine,
@@ -61,126 +56,10 @@ from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, BatchView, 
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.sim.clock import Clock, RealClock
 
+from .sim_model import OutputLengths, SimModel, stable_u64
+from .sim_sequence import SimIteration, SimSeq
 
-def _stable_u64(*parts: object) -> int:
-    """A process-independent 64-bit hash (Python's hash() is salted per process)."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(str(p).encode())
-        h.update(b"\x1f")
-    return int.from_bytes(h.digest(), "little")
-
-
-@dataclass(frozen=True)
-class OutputLengths:
-    """How many tokens a simulated request produces before its stop token.
-
-    kind:
-      - "max_tokens": run to max_tokens (finish reason LENGTH);
-      - "fixed": always `mean` tokens;
-      - "lognormal": lognormal with the given mean and std (a heavy right tail, like
-        chat traces);
-      - "empirical": uniform draw from `values` (e.g. a trace's output lengths).
-    The draw is a function of (seed, request id) only, so a request that is evicted and
-    resumed, or replayed on another worker, stops at the same length.
-    """
-
-    kind: Literal["max_tokens", "fixed", "lognormal", "empirical"] = "max_tokens"
-    mean: float = 128.0
-    std: float = 128.0
-    values: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind in ("fixed", "lognormal") and self.mean < 1:
-            raise ValueError(f"OutputLengths.mean must be >= 1, got {self.mean}")
-        if self.kind == "lognormal" and self.std < 0:
-            raise ValueError(f"OutputLengths.std must be >= 0, got {self.std}")
-        if self.kind == "empirical" and not self.values:
-            raise ValueError("OutputLengths(kind='empirical') needs values")
-
-    def draw(self, seed: int, request_id: str, max_tokens: int) -> int:
-        if self.kind == "max_tokens":
-            n = max_tokens
-        elif self.kind == "fixed":
-            n = int(round(self.mean))
-        else:
-            rng = np.random.default_rng(_stable_u64("len", seed, request_id))
-            if self.kind == "empirical":
-                n = int(self.values[int(rng.integers(len(self.values)))])
-            else:
-                sigma2 = math.log1p((self.std / self.mean) ** 2)
-                n = int(round(rng.lognormal(math.log(self.mean) - sigma2 / 2, math.sqrt(sigma2))))
-        return max(1, min(n, max_tokens))
-
-
-@dataclass(frozen=True)
-class SimModel:
-    """A model the simulated engine can serve."""
-
-    name: str
-    weight_bytes: int  # model-swap cost: bytes moved from disk (cold) or host RAM (warm)
-    num_layers: int = 32  # expert-level preemption pauses at one of these boundaries
-    profile: WorkerProfile | None = None  # speed of this model on this worker; engine default if None
-    kv_capacity_tokens: int | None = None  # KV tokens that fit next to its weights; engine default if None
-    vocab_size: int = 32000
-
-
-@dataclass(eq=False)
-class _Seq:
-    req: EngineRequest
-    target_len: int  # tokens it will have produced when it finishes
-    finish_reason: FinishReason
-    generated: list[int]
-    admitted_order: int = 0
-    prefilled: bool = False  # KV on the device covers prompt + generated
-    computed: int = 0  # while prefilling: tokens its earlier chunks prefilled
-
-    @property
-    def rid(self) -> str:
-        return self.req.request_id
-
-    @property
-    def latency_sensitive(self) -> bool:
-        return self.req.latency_sensitive
-
-    @property
-    def priority(self) -> int:
-        return self.req.priority
-
-    @property
-    def model(self) -> str:
-        return self.req.model
-
-    @property
-    def device_tokens(self) -> int:
-        """Tokens whose KV is on the device."""
-        return self.kv_tokens if self.prefilled else self.computed
-
-    def preempt(self) -> None:
-        """Its KV is dropped: it prefills again from the start (tokens kept)."""
-        self.prefilled = False
-        self.computed = 0
-
-    @property
-    def kv_tokens(self) -> int:
-        return len(self.req.prompt_token_ids) + len(self.generated)
-
-
-@dataclass(eq=False)
-class _Iteration:
-    prefill: list[tuple[_Seq, int]]  # (sequence, prompt tokens this iteration prefills)
-    decode: list[_Seq]  # sequences taking one decode step
-    duration_s: float
-    num_layers: int
-    layers_done: int = 0
-    paused_at: float | None = None  # clock time it was first paused (expert-level preemption)
-
-    @property
-    def layer_s(self) -> float:
-        return self.duration_s / max(1, self.num_layers)
-
-    def seqs(self) -> list[_Seq]:
-        return [s for s, _ in self.prefill] + self.decode
+__all__ = ["OutputLengths", "SimEngine", "SimEngineCounters", "SimModel"]  # the engine's vocabulary, one import
 
 
 @dataclass
@@ -250,10 +129,10 @@ class SimEngine(Engine):
         self._inbox: list[EngineRequest] = []  # added from any thread, taken in by step()
         self._aborts: set[str] = set()
         self._ls_signal = threading.Event()  # a latency-sensitive request wants in
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []
-        self._swapped: dict[str, _Seq] = {}
-        self._paused: _Iteration | None = None
+        self._waiting: deque[SimSeq] = deque()
+        self._running: list[SimSeq] = []
+        self._swapped: dict[str, SimSeq] = {}
+        self._paused: SimIteration | None = None
         self._admit_seq = 0
         self._warm: dict[str, float] = {}  # model -> clock time its host copy is ready
         self._prefill_tps = 0.0
@@ -342,11 +221,11 @@ class SimEngine(Engine):
             target = self.output_lengths.draw(self.seed, req.request_id, req.max_tokens)
             reason = FinishReason.LENGTH if target >= req.max_tokens else FinishReason.STOP
             target = max(target, len(req.generated_token_ids) + 1)
-            self._waiting.append(_Seq(req, target, reason, list(req.generated_token_ids)))
+            self._waiting.append(SimSeq(req, target, reason, list(req.generated_token_ids)))
         for rid in aborts:
             self._remove(rid)
 
-    def _view(self) -> BatchView[_Seq]:
+    def _view(self) -> BatchView[SimSeq]:
         """The engine's state for the shared batching rules (KV in tokens)."""
         paused = {id(s) for s in self._paused.seqs()} if self._paused else set()
         free = [s for s in self._running if id(s) not in paused]
@@ -359,7 +238,7 @@ class SimEngine(Engine):
             kv_held=lambda s: s.kv_tokens, admitted_order=lambda s: s.admitted_order,
         )
 
-    def _plan_iteration(self, ls_only: bool = False) -> _Iteration | None:
+    def _plan_iteration(self, ls_only: bool = False) -> SimIteration | None:
         """Admit what the shared rule admits and build the next iteration (None when there
         is nothing to do)."""
         plan = plan_iteration(self._view(), ls_only=ls_only)
@@ -381,9 +260,9 @@ class SimEngine(Engine):
             dur += prof.prefill_time(plan.prefill_tokens)
         if plan.decode:
             dur += prof.decode_step_time(len(plan.decode), sum(s.kv_tokens for s in plan.decode))
-        return _Iteration(plan.prefill, plan.decode, dur, self._num_layers())
+        return SimIteration(plan.prefill, plan.decode, dur, self._num_layers())
 
-    def _run(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
+    def _run(self, it: SimIteration, events: list[TokenEvent]) -> list[TokenEvent]:
         """Execute an iteration layer by layer (checking for latency-sensitive arrivals
         under EXPERT mode), then emit its tokens."""
         expert = self.mode == PreemptionMode.EXPERT
@@ -417,11 +296,11 @@ class SimEngine(Engine):
         self._account(it)
         return self._emit(it, events)
 
-    def _pause_expired(self, it: _Iteration) -> bool:
+    def _pause_expired(self, it: SimIteration) -> bool:
         """A batch paused for `max_pause_s` in all may not be paused again (starvation bound)."""
         return it.paused_at is not None and self.clock.now() - it.paused_at >= self.max_pause_s
 
-    def _account(self, it: _Iteration) -> None:
+    def _account(self, it: SimIteration) -> None:
         self.counters.busy_s += it.duration_s
         a = 0.2  # smoothing of the measured rates
         if it.prefill and it.duration_s > 0:
@@ -431,7 +310,7 @@ class SimEngine(Engine):
             tps = 1.0 / it.duration_s  # per sequence
             self._decode_tps = tps if self._decode_tps == 0 else (1 - a) * self._decode_tps + a * tps
 
-    def _emit(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
+    def _emit(self, it: SimIteration, events: list[TokenEvent]) -> list[TokenEvent]:
         done = []
         for s, n in it.prefill:
             if s in self._running:  # (not evicted, swapped out or aborted while paused)
@@ -454,12 +333,12 @@ class SimEngine(Engine):
                 events.append(TokenEvent(s.rid, tok, idx))
         return events
 
-    def _token(self, s: _Seq, index: int, last: bool) -> int:
+    def _token(self, s: SimSeq, index: int, last: bool) -> int:
         stops = s.req.stop_token_ids
         if last and s.finish_reason == FinishReason.STOP and stops:
             return stops[0]
         vocab = self._models[s.req.model].vocab_size
-        tok = _stable_u64("tok", self.seed, s.rid, index) % vocab
+        tok = stable_u64("tok", self.seed, s.rid, index) % vocab
         while tok in stops:
             tok = (tok + 1) % vocab
         return int(tok)
@@ -468,7 +347,7 @@ class SimEngine(Engine):
         if seconds > 0:
             self.clock.sleep(seconds)
 
-    def _remove(self, rid: str) -> _Seq | None:
+    def _remove(self, rid: str) -> SimSeq | None:
         for s in list(self._waiting):
             if s.rid == rid:
                 self._waiting.remove(s)
@@ -479,7 +358,7 @@ class SimEngine(Engine):
                 return s
         return self._swapped.pop(rid, None)
 
-    def _find_running(self, rid: str) -> _Seq:
+    def _find_running(self, rid: str) -> SimSeq:
         for s in self._running:
             if s.rid == rid:
                 return s

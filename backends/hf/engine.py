@@ -1,5 +1,11 @@
 """HFEngine: the real worker engine on Hugging Face `transformers` models.
 
+Over 500 lines because the Engine operations (evict, KV swap, model load, abort) change
+the same state as the step loop (sequences, the KV pool, a paused pass) under the same
+threading rules; split apart, each half would reach into the other's state. What is
+not that state lives beside it: the batching rules (operations/batching.py), passes
+(forward.py), KV (kv_cache.py), measurements (pass_log.py), weights (weights.py).
+
 Iteration-level continuous batching over an engine-managed paged KV cache
 (kv_cache.py), with passes that can stop between decoder layers (forward.py) so that
 expert-level preemption (QLLM) can pause a best-effort batch for latency-sensitive
@@ -14,9 +20,10 @@ NOTE(one step): a step first drains the inbox, then either
   - continues a paused pass (EXPERT): LS prefill first, LS decode joins the paused
     batch at its stage, then the paused batch resumes; or
   - runs one iteration as the engines' shared rule plans it
-    (operations.batching.plan_iteration): admit waiting requests, a prefill pass of at
-    most `max_prefill_tokens` prompt tokens (longer prompts go a chunk per iteration),
-    and a decode pass for the running ones. Under ITERATION / EXPERT, LS prefill runs
+    (operations.batching.plan_iteration): admit waiting requests, prefill at most
+    `max_prefill_tokens` prompt tokens (longer prompts go a chunk per iteration; rows
+    of very different lengths in passes of their own, forward.pack_rows), and a decode
+    pass for the running ones. Under ITERATION / EXPERT, LS prefill runs
     alone and step() returns right after it, so the worker streams its first token at
     once; under EXPERT a BE pass may pause mid-way and step() returns early too.
 
@@ -31,15 +38,12 @@ paused) from a BE one.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
-from qlmserve.backends.cost_fit import CostFit
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, OpCost, PreemptionMode, TokenEvent
 from qlmserve.operations.batching import (
     DEFAULT_MAX_PREFILL_TOKENS,
@@ -55,34 +59,8 @@ from .kv_cache import PagedKVCache
 from .sampling import Sampler
 from .scheduling import SchedulingPolicy
 from .sequence import SeqStatus, Sequence
-from .weights import LoadRecord, WeightStore, free_device_memory, sync
-
-_EMA = 0.2  # smoothing of the measured throughputs reported in stats()
-
-
-@dataclass(frozen=True)
-class PassRecord:
-    """One finished forward pass, for the profiler: compute time excludes pauses."""
-
-    prefill: bool
-    batch: int
-    new_tokens: int
-    context_tokens: int  # KV positions attended over, summed over the batch
-    seconds: float
-    pauses: int
-    paused_s: float  # time the pass spent paused by expert-level preemption
-    cpu_seconds: float  # CPU time of the engine thread in the pass (see ForwardPass.cpu_s)
-    ls_rows: int = 0  # latency-sensitive sequences among `batch`
-    # An LS decode run over the layers below a paused BE pass before it merged into it
-    # (EXPERT): part of a pass, not a whole one, so fits of whole passes leave it out.
-    catch_up: bool = False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
+from .pass_log import PassMeter, PassRecord
+from .weights import LoadRecord, WeightStore, free_device_memory, physical_memory_bytes, resolve_device, sync
 
 class HFEngine(Engine):
     def __init__(
@@ -136,10 +114,8 @@ class HFEngine(Engine):
         self._paused: ForwardPass | None = None
         self._aborted_in_step: set[str] = set()
 
-        self.pass_log: deque[PassRecord] = deque(maxlen=4096)
-        self._prefill_tps = 0.0
-        self._decode_tps = 0.0
-        self._cost = CostFit()  # the batch-dependent cost model this engine reports
+        self.meter = PassMeter()  # what its passes measured: records, rates, the cost model it reports
+        self.pass_log: deque[PassRecord] = self.meter.records
         if initial_model is not None:
             self.load_model(initial_model)
 
@@ -422,19 +398,7 @@ class HFEngine(Engine):
         return events
 
     def _record(self, p: ForwardPass, *, catch_up: bool = False) -> None:
-        new = sum(p.new_tokens)
-        ctx = sum(s.kv_len for s in p.seqs)
-        ls_rows = sum(1 for s in p.seqs if s.latency_sensitive)
-        self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses,
-                                        p.paused_s, p.cpu_s, ls_rows, catch_up))
-        if p.compute_s <= 0 or catch_up:
-            return
-        if p.is_prefill:
-            self._prefill_tps += _EMA * (new / p.compute_s - self._prefill_tps)
-            self._cost.prefill(new, p.compute_s)
-        else:
-            self._decode_tps += _EMA * (1.0 / p.compute_s - self._decode_tps)
-            self._cost.decode(len(p.seqs), ctx, p.compute_s)
+        self.meter.record(p, catch_up=catch_up)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -585,12 +549,12 @@ class HFEngine(Engine):
             swapped=[s.id for s in self._seqs.values() if s.status is SeqStatus.SWAPPED],
             waiting=[s.id for s in self._waiting] + inbox,
             max_batch_size=self.max_batch_size,
-            prefill_tokens_per_s=self._prefill_tps,
-            decode_tokens_per_s=self._decode_tps,
+            prefill_tokens_per_s=self.meter.prefill_tps,
+            decode_tokens_per_s=self.meter.decode_tps,
             device=str(self.device),
-            profile=self._cost.profile(),
+            profile=self.meter.cost.profile(),
             servable_models=sorted(self.models),
-            host_ram_bytes=_physical_memory_bytes(),
+            host_ram_bytes=physical_memory_bytes(),
             preemption=self.policy.mode,
         )
 
@@ -599,11 +563,3 @@ class HFEngine(Engine):
         self._kv = None
         self.weights.warm.clear()
         free_device_memory(self.device)
-
-
-def _physical_memory_bytes() -> int:
-    """Host RAM, where warm model copies live (the planner divides it by model sizes)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0

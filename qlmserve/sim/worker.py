@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from qlmserve.operations.batching import (
@@ -44,10 +43,14 @@ from qlmserve.operations.batching import (
     plan_iteration,
 )
 from qlmserve.operations.costs import WorkerProfile
-from qlmserve.operations.ops import DropWarm, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut, WarmModel
+from qlmserve.operations.ops import DropWarm, LoadModel, Operation, SetPreemption, WarmModel
 from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import ModelRuntime, WorkerSpec
 from qlmserve.sim.request import SimRequest, SimStatus
+from qlmserve.sim.unit import Unit, WorkerCounters
+from qlmserve.sim.worker_ops import begin_op, complete_op, warm_model
+
+__all__ = ["SimWorker", "WorkerCounters", "WorkerSink"]
 
 
 class WorkerSink(Protocol):
@@ -58,62 +61,6 @@ class WorkerSink(Protocol):
     def on_requeue(self, req: SimRequest, now: float, reason: str) -> None: ...
 
     def on_worker_changed(self, worker: SimWorker) -> None: ...
-
-
-@dataclass
-class WorkerCounters:
-    busy_s: float = 0.0  # time spent in iterations and segments
-    op_s: float = 0.0  # time spent in swaps and loads
-    tokens: int = 0
-    prefill_tokens: int = 0
-    iterations: int = 0  # iterations plus decode steps of segments
-    loads_cold: int = 0
-    loads_warm: int = 0
-    load_s: float = 0.0
-    swaps_out: int = 0
-    swaps_in: int = 0
-    evictions: int = 0
-    recompute_preemptions: int = 0
-    expert_preemptions: int = 0
-    failed_ops: int = 0
-    warm_starts: int = 0
-
-
-@dataclass(eq=False)
-class _Unit:
-    kind: str  # "iter" | "segment" | "op"
-    start: float
-    end: float
-    prefill: list[tuple[SimRequest, int]] = field(default_factory=list)  # (request, chunk tokens)
-    decode: list[SimRequest] = field(default_factory=list)
-    steps: int = 0  # segment: decode steps
-    a: float = 0.0  # segment: duration of its first step
-    c: float = 0.0  # segment: growth of the step duration per step
-    op: Operation | None = None
-    op_reqs: list[SimRequest] = field(default_factory=list)
-    pause_s: float = 0.0  # prefill inserted by expert-level preemption
-    layers: int = 32
-
-    def elapsed_steps(self, t: float) -> int:
-        """Decode steps of a segment completed by time t."""
-        e = t - self.start
-        if e <= 0:
-            return 0
-        a, c = self.a, self.c
-        if c <= 0:
-            n = int(e // a) if a > 0 else self.steps
-        else:
-            b = a - c / 2
-            n = int((-b + math.sqrt(b * b + 2 * c * e)) / c)
-        n = max(0, min(n, self.steps))
-        while n < self.steps and self.step_end(n + 1) <= t + 1e-12:
-            n += 1
-        while n > 0 and self.step_end(n) > t + 1e-12:
-            n -= 1
-        return n
-
-    def step_end(self, i: int) -> float:
-        return self.start + i * self.a + self.c * i * (i - 1) / 2
 
 
 class SimWorker:
@@ -133,7 +80,7 @@ class SimWorker:
         self.running: list[SimRequest] = []  # admitted (KV reserved)
         self.swapped: dict[str, SimRequest] = {}
         self.ops: deque[Operation] = deque()
-        self.unit: _Unit | None = None
+        self.unit: Unit | None = None
         self._timer: Timer | None = None
         self._admit_seq = 0
         self.version = 0  # bumped on every change the controller can see
@@ -186,21 +133,21 @@ class SimWorker:
             if r.first_dispatch_at is None:
                 r.first_dispatch_at = now
             self.joining.append(r)
-        self._changed()
+        self.changed()
 
     def submit_op(self, op: Operation, now: float) -> bool:
         """Take an operation. Instant ones (warm start, preemption mode) apply now; the rest
         run at the worker's next step boundary. Returns False when it cannot apply."""
         if isinstance(op, WarmModel):
-            return self._warm(op.model, now)
+            return warm_model(self, op.model, now)
         if isinstance(op, DropWarm):
             self.warm.pop(op.model, None)
-            self._changed()
+            self.changed()
             return True
         if isinstance(op, SetPreemption):
             self.mode = PreemptionMode(op.mode)
             self.max_pause_s = op.max_pause_s
-            self._changed()
+            self.changed()
             return True
         if isinstance(op, LoadModel):
             if op.model not in self.spec.models:
@@ -211,7 +158,7 @@ class SimWorker:
                 return True  # already there or under way
             self.loading_model = op.model
         self.ops.append(op)
-        self._changed()
+        self.changed()
         return True
 
     def poke(self, now: float) -> None:
@@ -229,13 +176,14 @@ class SimWorker:
 
     # ---- unit machinery ---------------------------------------------------------------------
 
-    def _schedule(self, u: _Unit) -> None:
+    def schedule(self, u: Unit) -> None:
+        """Make `u` the unit in progress; it completes at u.end (worker_ops starts op units)."""
         if self._timer is not None:
             self._timer.cancel()
         self.unit = u
         self._timer = self.clock.call_at(u.end, self._on_unit_end)
 
-    def _cut(self, u: _Unit, now: float) -> None:
+    def _cut(self, u: Unit, now: float) -> None:
         if u.pause_s > 0:
             return  # already ends at the end of the paused step
         n = u.elapsed_steps(now)
@@ -246,9 +194,9 @@ class SimWorker:
             return
         u.steps = keep
         u.end = u.step_end(keep)
-        self._schedule(u)
+        self.schedule(u)
 
-    def _expert_pause(self, u: _Unit, now: float) -> bool:
+    def _expert_pause(self, u: Unit, now: float) -> bool:
         if u.kind == "segment":
             n = u.elapsed_steps(now)
             if n >= u.steps:
@@ -274,8 +222,8 @@ class SimWorker:
         u.end += dur
         self.counters.expert_preemptions += 1
         self.counters.busy_s += dur
-        self._schedule(u)
-        self._changed()
+        self.schedule(u)
+        self.changed()
         return True
 
     def _insert_ls_prefill(self, start: float) -> float:
@@ -310,7 +258,7 @@ class SimWorker:
                 finished.append(r)
         for r in finished:
             self._finish(r, now)
-        self._changed()
+        self.changed()
 
     def _on_unit_end(self) -> None:
         now = self.clock.now()
@@ -319,9 +267,9 @@ class SimWorker:
             self._complete(u, now)
         self._start_next(now)
 
-    def _complete(self, u: _Unit, now: float) -> None:
+    def _complete(self, u: Unit, now: float) -> None:
         if u.kind == "op":
-            self._complete_op(u, now)
+            complete_op(self, u, now)
             return
         finished: list[SimRequest] = []
         if u.kind == "iter":
@@ -351,7 +299,7 @@ class SimWorker:
                     finished.append(r)
         for r in finished:
             self._finish(r, now)
-        self._changed()
+        self.changed()
 
     def _emit_token(self, r: SimRequest, now: float) -> None:
         r.prefilled = True
@@ -369,7 +317,7 @@ class SimWorker:
     def _start_next(self, now: float) -> None:
         self.unit = None
         while self.ops:
-            if self._begin_op(self.ops.popleft(), now):
+            if begin_op(self, self.ops.popleft(), now):
                 return
         plan = plan_iteration(self._view())
         self._apply(plan)
@@ -422,7 +370,7 @@ class SimWorker:
             self.counters.prefill_tokens += tokens
         if decode:
             dur += prof.decode_step_time(len(decode), sum(r.kv_tokens for r in decode))
-        self._schedule(_Unit("iter", now, now + dur, prefill=prefill, decode=decode, layers=self.runtime.num_layers))
+        self.schedule(Unit("iter", now, now + dur, prefill=prefill, decode=decode, layers=self.runtime.num_layers))
 
     def _start_segment(self, decode: list[SimRequest], now: float) -> None:
         prof = self.profile
@@ -433,154 +381,11 @@ class SimWorker:
         ctx = sum(r.kv_tokens for r in decode)
         a = prof.decode_step_time(b, ctx)
         c = prof.decode_per_ctx_token_s * b
-        u = _Unit("segment", now, 0.0, decode=decode, steps=k, a=a, c=c, layers=self.runtime.num_layers)
+        u = Unit("segment", now, 0.0, decode=decode, steps=k, a=a, c=c, layers=self.runtime.num_layers)
         u.end = u.step_end(k)
-        self._schedule(u)
+        self.schedule(u)
 
-    # ---- operations ---------------------------------------------------------------------------
-
-    def _find(self, rid: str) -> SimRequest | None:
-        for lst in (self.running, self.joining):
-            for r in lst:
-                if r.rid == rid:
-                    return r
-        return self.swapped.get(rid)
-
-    def _begin_op(self, op: Operation, now: float) -> bool:
-        """Carry out a queued operation; True when it occupies the worker (a unit started)."""
-        prof = self.profile
-        if isinstance(op, Evict):
-            for rid in op.request_ids:
-                r = self._find(rid)
-                if r is None:
-                    self.counters.failed_ops += 1
-                    continue
-                self._detach(r)
-                r.evictions += 1
-                self.counters.evictions += 1
-                self.sink.on_requeue(r, now, "evict")
-            self._changed()
-            return False
-        if isinstance(op, SwapOut):
-            reqs = []
-            for rid in op.request_ids:
-                r = self._find(rid)
-                if r is None or r.status != SimStatus.RUNNING or not r.prefilled:
-                    self.counters.failed_ops += 1
-                    continue
-                reqs.append(r)
-            cap = self.spec.host_kv_tokens
-            if cap is not None:
-                room = cap - self.host_kv_used
-                kept = []
-                for r in reqs:
-                    if r.kv_tokens <= room:
-                        kept.append(r)
-                        room -= r.kv_tokens
-                    else:
-                        self.counters.failed_ops += 1
-                reqs = kept
-            if not reqs:
-                return False
-            dur = prof.kv_swap_time(sum(r.kv_tokens for r in reqs))
-            self._schedule(_Unit("op", now, now + dur, op=op, op_reqs=reqs))
-            return True
-        if isinstance(op, SwapIn):
-            reqs = []
-            slots = self.spec.max_batch_size - len(self.running)
-            free = self.kv_capacity - self.kv_used
-            for rid in op.request_ids:
-                r = self.swapped.get(rid)
-                if r is None or r.model != self.active_model or slots <= 0 or r.kv_tokens + 1 > free:
-                    self.counters.failed_ops += 1
-                    continue
-                reqs.append(r)
-                slots -= 1
-                free -= r.kv_tokens + 1
-            if not reqs:
-                return False
-            for r in reqs:  # reserve their KV now
-                del self.swapped[r.rid]
-                r.status = SimStatus.RUNNING
-                self.running.append(r)
-            dur = prof.kv_swap_time(sum(r.kv_tokens for r in reqs))
-            self._schedule(_Unit("op", now, now + dur, op=op, op_reqs=reqs))
-            return True
-        if isinstance(op, LoadModel):
-            if op.model == self.active_model:
-                self.loading_model = None
-                self._changed()
-                return False
-            # The batch of the old model goes back to the queue, tokens kept (the worker
-            # hands it back, as the real worker does on a model swap).
-            for r in [r for r in self.running + self.joining if r.model != op.model]:
-                self._detach(r)
-                r.evictions += 1
-                self.counters.evictions += 1
-                self.sink.on_requeue(r, now, "model swap")
-            rt = self.spec.models[op.model]
-            warm = self.warm.get(op.model, math.inf) <= now
-            dur = rt.profile.model_load_time(rt.weight_bytes, warm)
-            self.loading_model = op.model
-            if warm:
-                self.counters.loads_warm += 1
-            else:
-                self.counters.loads_cold += 1
-            self.counters.load_s += dur
-            self._changed()
-            self._schedule(_Unit("op", now, now + dur, op=op))
-            return True
-        self.counters.failed_ops += 1
-        return False
-
-    def _complete_op(self, u: _Unit, now: float) -> None:
-        op = u.op
-        self.counters.op_s += u.end - u.start
-        if isinstance(op, SwapOut):
-            for r in u.op_reqs:
-                if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
-                    continue
-                self.running.remove(r)
-                r.status = SimStatus.SWAPPED
-                r.swaps += 1
-                self.swapped[r.rid] = r
-                self.counters.swaps_out += 1
-        elif isinstance(op, SwapIn):
-            self.counters.swaps_in += len(u.op_reqs)
-        elif isinstance(op, LoadModel):
-            self.active_model = op.model
-            self.loading_model = None
-        self._changed()
-
-    def _detach(self, r: SimRequest) -> None:
-        """Take a request off this worker (its KV is dropped; its tokens stay with it)."""
-        if r in self.running:
-            self.running.remove(r)
-        elif r in self.joining:
-            self.joining.remove(r)
-        else:
-            self.swapped.pop(r.rid, None)
-        r.prefilled = False
-        r.prefill_done = 0
-        r.status = SimStatus.WAITING
-        r.worker_id = None  # a unit still holding it in its batch skips it from now on
-
-    def _warm(self, model: str, now: float) -> bool:
-        rt = self.spec.models.get(model)
-        if rt is None:
-            self.counters.failed_ops += 1
-            return False
-        if model in self.warm:
-            return True
-        used = sum(self.spec.models[m].weight_bytes for m in self.warm)
-        if used + rt.weight_bytes > self.spec.host_ram_bytes:
-            self.counters.failed_ops += 1
-            return False
-        self.warm[model] = now + rt.weight_bytes / rt.profile.load_cold_bytes_per_s
-        self.counters.warm_starts += 1
-        self._changed()
-        return True
-
-    def _changed(self) -> None:
+    def changed(self) -> None:
+        """Tell the simulation (and the controller's view) that this worker changed."""
         self.version += 1
         self.sink.on_worker_changed(self)

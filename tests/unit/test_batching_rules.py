@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qlmserve.backends.engine import EngineRequest
+from qlmserve.backends.engine import Engine, EngineRequest
 from qlmserve.backends.sim_engine import SimEngine, SimModel
 from qlmserve.operations.batching import (
     BatchView,
@@ -168,7 +168,39 @@ class Driver:
                              latency_sensitive=r.ls, priority=r.priority)
 
 
-class HFDriver(Driver):
+class EngineDriver(Driver):
+    """A driver of an `Engine` (add_request / step / stats); subclasses read each
+    sequence's progress from the engine's own record of it."""
+
+    engine: Engine
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, tuple[int, int]] = {}  # request -> (prompt tokens with KV, generated)
+
+    def _add(self, reqs: list[Req]) -> None:
+        for r in reqs:
+            self.engine.add_request(self._request(r))
+
+    def _step(self) -> None:
+        self.engine.step()
+
+    def _progress(self) -> dict[str, tuple[int, int]]:
+        raise NotImplementedError
+
+    def prefilled(self) -> dict[str, int]:
+        self._last.update(self._progress())  # (a finished request keeps its last figures)
+        return {k: v[0] for k, v in self._last.items()}
+
+    def generated(self) -> dict[str, int]:
+        self._last.update(self._progress())
+        return {k: v[1] for k, v in self._last.items()}
+
+    def running(self) -> set[str]:
+        return set(self.engine.stats().running)
+
+
+class HFDriver(EngineDriver):
     def __init__(self, row: Row, folder: Path) -> None:
         import torch
 
@@ -176,6 +208,7 @@ class HFDriver(Driver):
         from qlmserve.backends.hf.kv_cache import BLOCK_SIZE
         from qlmserve.operations.model_spec import ModelSpec
 
+        super().__init__()
         kv = None
         if row.kv_room is not None:
             # Every running request reserved prompt + max_tokens - 1 tokens, in whole blocks.
@@ -185,33 +218,15 @@ class HFDriver(Driver):
                                max_batch_size=row.max_batch, kv_capacity_tokens=kv, dtype=torch.float32,
                                preemption=row.mode, initial_model="m", max_prefill_tokens=row.budget)
         self.engine._stop_ids = frozenset()  # noqa: SLF001 - random weights may pick eos; rows count tokens
-        self._last: dict[str, tuple[int, int]] = {}
-        super().__init__()
 
-    def _add(self, reqs: list[Req]) -> None:
-        for r in reqs:
-            self.engine.add_request(self._request(r))
-
-    def _step(self) -> None:
-        self.engine.step()
-
-    def _state(self) -> dict[str, tuple[int, int]]:
-        for seq in self.engine._seqs.values():  # noqa: SLF001 - the engine's own record of each sequence
-            self._last[seq.id] = (min(seq.kv_len, seq.num_prompt), seq.num_generated)
-        return self._last
-
-    def prefilled(self) -> dict[str, int]:
-        return {k: v[0] for k, v in self._state().items()}
-
-    def generated(self) -> dict[str, int]:
-        return {k: v[1] for k, v in self._state().items()}
-
-    def running(self) -> set[str]:
-        return set(self.engine.stats().running)
+    def _progress(self) -> dict[str, tuple[int, int]]:
+        return {seq.id: (min(seq.kv_len, seq.num_prompt), seq.num_generated)
+                for seq in self.engine._seqs.values()}  # noqa: SLF001 - the engine's record of each sequence
 
 
-class SimEngineDriver(Driver):
+class SimEngineDriver(EngineDriver):
     def __init__(self, row: Row) -> None:
+        super().__init__()
         kv = 100_000
         if row.kv_room is not None:
             # After one iteration each running request holds prompt + 1 token, and the
@@ -221,29 +236,10 @@ class SimEngineDriver(Driver):
         self.engine = SimEngine(PROFILE, [SimModel("m", 10**9)], active_model="m", clock=self.clock,
                                 kv_capacity_tokens=kv, max_batch_size=row.max_batch, preemption=row.mode,
                                 max_prefill_tokens=row.budget)
-        self.seqs: dict[str, object] = {}
-        super().__init__()
 
-    def _add(self, reqs: list[Req]) -> None:
-        for r in reqs:
-            self.engine.add_request(self._request(r))
-
-    def _step(self) -> None:
-        self.engine.step()
-
-    def _seqs(self) -> dict:
-        for s in [*self.engine._running, *self.engine._waiting]:  # noqa: SLF001 - the engine's sequences
-            self.seqs[s.rid] = s
-        return self.seqs
-
-    def prefilled(self) -> dict[str, int]:
-        return {k: len(s.req.prompt_token_ids) if s.prefilled else s.computed for k, s in self._seqs().items()}
-
-    def generated(self) -> dict[str, int]:
-        return {k: len(s.generated) for k, s in self._seqs().items()}
-
-    def running(self) -> set[str]:
-        return set(self.engine.stats().running)
+    def _progress(self) -> dict[str, tuple[int, int]]:
+        seqs = [*self.engine._running, *self.engine._waiting]  # noqa: SLF001 - the engine's sequences
+        return {s.rid: (len(s.req.prompt_token_ids) if s.prefilled else s.computed, len(s.generated)) for s in seqs}
 
 
 class Sink:
