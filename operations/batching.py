@@ -39,7 +39,8 @@ ITERATION and EXPERT, an LS request that an engine can take (its model active, f
 than LS_BATCH_FACTOR x max_batch_size running, KV free) gets its first token after
   1. the rest of the iteration in flight when it arrives: at most one decode step of the
      running batch plus prefill_time(<= max_prefill_tokens) (under EXPERT a best-effort
-     pass pauses at its next layer boundary instead, so only a layer of it), then
+     pass pauses at its next layer boundary instead, so only a layer of it, unless it
+     has already been paused for max_pause_s: then it finishes first), then
   2. LS-only iterations that prefill, max_prefill_tokens at a time, the LS prompt tokens
      ahead of it (LS sequences already prefilling, then waiting LS ones of higher
      priority or earlier arrival) and then its own prompt (prompt + tokens kept from an
