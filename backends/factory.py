@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qlmserve.backends.engine import Engine
+from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS
 from qlmserve.operations.model_spec import ModelSpec
 
 ENGINE_NAMES = ("hf", "sim")
@@ -25,14 +26,16 @@ class SimFleetWorker:
 
 def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "auto", max_batch_size: int = 16,
                   kv_capacity_tokens: int | None = None, sim_profile: str | None = None, seed: int = 0,
-                  sim_fleet: SimFleetWorker | None = None) -> Engine:
+                  sim_fleet: SimFleetWorker | None = None, max_prefill_tokens: int | None = None) -> Engine:
+    """`max_prefill_tokens`: prompt tokens one iteration may prefill (None: the default)."""
+    prefill = max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
     if kind == "hf":
         from qlmserve.backends.hf.engine import HFEngine
 
         return HFEngine(dict(models), device=device, max_batch_size=max_batch_size,
-                        kv_capacity_tokens=kv_capacity_tokens)
+                        kv_capacity_tokens=kv_capacity_tokens, max_prefill_tokens=prefill)
     if kind == "sim" and sim_fleet is not None:
-        return _fleet_sim_engine(sim_fleet, seed)
+        return _fleet_sim_engine(sim_fleet, seed, prefill)
     if kind == "sim":
         from qlmserve.backends.sim_engine import OutputLengths, SimEngine, SimModel
         from qlmserve.operations.costs import WorkerProfile
@@ -44,11 +47,11 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
         # trace's true output length, so the fleet sees the real length distribution.
         return SimEngine(profile, sim_models, max_batch_size=max_batch_size,
                          kv_capacity_tokens=kv_capacity_tokens or 100_000, seed=seed,
-                         output_lengths=OutputLengths(kind="max_tokens"))
+                         output_lengths=OutputLengths(kind="max_tokens"), max_prefill_tokens=prefill)
     raise ValueError(f"unknown engine {kind!r}; valid engines: {', '.join(ENGINE_NAMES)}")
 
 
-def _fleet_sim_engine(spec: SimFleetWorker, seed: int) -> Engine:
+def _fleet_sim_engine(spec: SimFleetWorker, seed: int, max_prefill_tokens: int) -> Engine:
     from qlmserve.backends.sim_engine import OutputLengths, SimEngine, SimModel
     from qlmserve.sim.fleet import load_fleet
 
@@ -65,5 +68,5 @@ def _fleet_sim_engine(spec: SimFleetWorker, seed: int) -> Engine:
                        max_batch_size=worker.max_batch_size, host_ram_bytes=worker.host_ram_bytes,
                        host_kv_capacity_tokens=worker.host_kv_tokens, seed=seed, preemption=worker.preemption,
                        output_lengths=OutputLengths(kind="prompt"), device=worker.gpu,
-                       warm_models=worker.warm_models)
+                       warm_models=worker.warm_models, max_prefill_tokens=max_prefill_tokens)
     return engine

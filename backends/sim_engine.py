@@ -6,19 +6,24 @@ pseudo-random tokens. It keeps the books a real engine keeps: KV-cache capacity 
 tokens, running / waiting / swapped requests, the active model, warm copies in host
 RAM, and it charges every operation its cost from the `WorkerProfile`.
 
-Iteration semantics (continuous batching, one iteration per `step()`):
-  - admitted requests are prefilled (prompt plus any tokens kept from an earlier run)
-    in the same iteration as one decode step of the running ones; each emits one token;
-  - iteration time = prefill_time(prefill tokens) + decode_step_time(batch, context);
-  - when the KV cache cannot hold the next decode step, the most recently admitted
-    request is preempted by recomputation (back to the front of the waiting queue,
-    tokens kept), as vLLM does.
+Iteration semantics (continuous batching, one iteration per `step()`), as every engine
+plans it (operations.batching.plan_iteration: admission order, batch limit, KV fit,
+prefill budget, preemption victim):
+  - admitted requests are prefilled (prompt plus any tokens kept from an earlier run),
+    at most `max_prefill_tokens` per iteration (longer prompts a chunk per iteration),
+    in the same iteration as one decode step of the running ones; a request emits its
+    first token at the end of the iteration holding its last chunk, and each decoding
+    one emits one token;
+  - iteration time = prefill_time(chunk tokens) + decode_step_time(batch, context);
+  - when the KV cache cannot hold the next decode step, the latest-admitted
+    best-effort request is preempted by recomputation (back to the front of the
+    waiting queue, tokens kept), as vLLM does.
 
 Preemption modes (`set_preemption`):
   - NONE: admission in arrival order; a new request waits for the running iteration.
   - ITERATION: latency-sensitive (then higher-priority) requests are admitted first, and
-    an iteration that admits latency-sensitive requests prefills only them (their
-    first token does not wait for the best-effort decode step).
+    an iteration with latency-sensitive prefill prefills only them (their first token
+    does not wait for best-effort prefill or the decode step).
   - EXPERT (QLLM): as ITERATION, and a latency-sensitive request that arrives while an
     iteration runs pauses it at the next layer boundary (iteration time / num_layers);
     its prefill runs and its first token is returned at once; the paused iteration
@@ -32,15 +37,10 @@ instance an `add_request` that lands in the middle of an iteration).
 
 from __future__ import annotations
 
-import hashlib
-import math
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
-
-import numpy as np
 
 from qlmserve.backends.engine import (
     Engine,
@@ -51,130 +51,15 @@ from qlmserve.backends.engine import (
     OpCost,
     PreemptionMode,
     TokenEvent,
-    batch_limit,
 )
+from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, BatchView, ls_can_start, plan_iteration
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.sim.clock import Clock, RealClock
 
+from .sim_model import OutputLengths, SimModel, stable_u64
+from .sim_sequence import SimIteration, SimSeq
 
-def _stable_u64(*parts: object) -> int:
-    """A process-independent 64-bit hash (Python's hash() is salted per process)."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(str(p).encode())
-        h.update(b"\x1f")
-    return int.from_bytes(h.digest(), "little")
-
-
-# The prompt-coded output length: two tokens, base CODE_BASE, after a marker token, so that
-# the length of any trace (< CODE_BASE**2 tokens) fits token ids every vocabulary has.
-CODE_MARK, CODE_BASE = 7, 4096
-
-
-def code_output_length(n: int) -> list[int]:
-    """The three prompt tokens that tell a simulated engine to produce `n` tokens."""
-    return [CODE_MARK, 1 + n // CODE_BASE, 1 + n % CODE_BASE]
-
-
-def prompt_coded_length(prompt_token_ids: Sequence[int]) -> int | None:
-    if len(prompt_token_ids) >= 3 and prompt_token_ids[0] == CODE_MARK:
-        return (prompt_token_ids[1] - 1) * CODE_BASE + prompt_token_ids[2] - 1
-    return None
-
-
-@dataclass(frozen=True)
-class OutputLengths:
-    """How many tokens a simulated request produces before its stop token.
-
-    kind:
-      - "max_tokens": run to max_tokens (finish reason LENGTH);
-      - "fixed": always `mean` tokens;
-      - "lognormal": lognormal with the given mean and std (a heavy right tail, like
-        chat traces);
-      - "empirical": uniform draw from `values` (e.g. a trace's output lengths);
-      - "prompt": the length written into the prompt's first two tokens
-        (`prompt_coded_length`): a replayed trace's true output length, which the client
-        knows and the controller does not (a real model's output length is a function of
-        its prompt too), while the request's max_tokens stays what a client would ask.
-    The draw is a function of (seed, request id, prompt) only, so a request that is
-    evicted and resumed, or replayed on another worker, stops at the same length.
-    """
-
-    kind: Literal["max_tokens", "fixed", "lognormal", "empirical", "prompt"] = "max_tokens"
-    mean: float = 128.0
-    std: float = 128.0
-    values: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind in ("fixed", "lognormal") and self.mean < 1:
-            raise ValueError(f"OutputLengths.mean must be >= 1, got {self.mean}")
-        if self.kind == "lognormal" and self.std < 0:
-            raise ValueError(f"OutputLengths.std must be >= 0, got {self.std}")
-        if self.kind == "empirical" and not self.values:
-            raise ValueError("OutputLengths(kind='empirical') needs values")
-
-    def draw(self, seed: int, request_id: str, max_tokens: int, prompt_token_ids: Sequence[int] = ()) -> int:
-        if self.kind == "max_tokens":
-            n = max_tokens
-        elif self.kind == "prompt":
-            n = prompt_coded_length(prompt_token_ids) or max_tokens
-        elif self.kind == "fixed":
-            n = int(round(self.mean))
-        else:
-            rng = np.random.default_rng(_stable_u64("len", seed, request_id))
-            if self.kind == "empirical":
-                n = int(self.values[int(rng.integers(len(self.values)))])
-            else:
-                sigma2 = math.log1p((self.std / self.mean) ** 2)
-                n = int(round(rng.lognormal(math.log(self.mean) - sigma2 / 2, math.sqrt(sigma2))))
-        return max(1, min(n, max_tokens))
-
-
-@dataclass(frozen=True)
-class SimModel:
-    """A model the simulated engine can serve."""
-
-    name: str
-    weight_bytes: int  # model-swap cost: bytes moved from disk (cold) or host RAM (warm)
-    num_layers: int = 32  # expert-level preemption pauses at one of these boundaries
-    profile: WorkerProfile | None = None  # speed of this model on this worker; engine default if None
-    kv_capacity_tokens: int | None = None  # KV tokens that fit next to its weights; engine default if None
-    vocab_size: int = 32000
-
-
-@dataclass(eq=False)
-class _Seq:
-    req: EngineRequest
-    target_len: int  # tokens it will have produced when it finishes
-    finish_reason: FinishReason
-    generated: list[int]
-    admitted_order: int = 0
-    prefilled: bool = False  # KV on the device covers prompt + generated
-
-    @property
-    def rid(self) -> str:
-        return self.req.request_id
-
-    @property
-    def kv_tokens(self) -> int:
-        return len(self.req.prompt_token_ids) + len(self.generated)
-
-
-@dataclass(eq=False)
-class _Iteration:
-    prefill: list[_Seq]  # sequences prefilled in this iteration
-    decode: list[_Seq]  # sequences taking one decode step
-    duration_s: float
-    num_layers: int
-    layers_done: int = 0
-    paused_at: float | None = None  # clock time it was first paused (expert-level preemption)
-
-    @property
-    def layer_s(self) -> float:
-        return self.duration_s / max(1, self.num_layers)
-
-    def seqs(self) -> list[_Seq]:
-        return self.prefill + self.decode
+__all__ = ["OutputLengths", "SimEngine", "SimEngineCounters", "SimModel"]  # the engine's vocabulary, one import
 
 
 @dataclass
@@ -213,6 +98,7 @@ class SimEngine(Engine):
         preemption: PreemptionMode = PreemptionMode.NONE,
         max_pause_s: float = 2.0,
         device: str = "sim",
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
         if isinstance(models, Mapping):
             self._models = dict(models)
@@ -222,12 +108,13 @@ class SimEngine(Engine):
             raise ValueError("SimEngine needs at least one model")
         if active_model is not None and active_model not in self._models:
             raise ValueError(f"active_model {active_model!r} is not one of {sorted(self._models)}")
-        if kv_capacity_tokens < 1 or max_batch_size < 1:
-            raise ValueError(f"kv_capacity_tokens and max_batch_size must be >= 1, got "
-                             f"{kv_capacity_tokens}, {max_batch_size}")
+        if kv_capacity_tokens < 1 or max_batch_size < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"kv_capacity_tokens, max_batch_size and max_prefill_tokens must be >= 1, got "
+                             f"{kv_capacity_tokens}, {max_batch_size}, {max_prefill_tokens}")
         self._default_profile = profile
         self._default_kv = kv_capacity_tokens
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.host_ram_bytes = host_ram_bytes
         self.host_kv_capacity_tokens = host_kv_capacity_tokens  # swapped-out KV the host holds; None: no limit
         self.clock: Clock = clock if clock is not None else RealClock()
@@ -243,10 +130,10 @@ class SimEngine(Engine):
         self._inbox: list[EngineRequest] = []  # added from any thread, taken in by step()
         self._aborts: set[str] = set()
         self._ls_signal = threading.Event()  # a latency-sensitive request wants in
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []
-        self._swapped: dict[str, _Seq] = {}
-        self._paused: _Iteration | None = None
+        self._waiting: deque[SimSeq] = deque()
+        self._running: list[SimSeq] = []
+        self._swapped: dict[str, SimSeq] = {}
+        self._paused: SimIteration | None = None
         self._admit_seq = 0
         self._warm: dict[str, float] = {m: self.clock.now() for m in warm_models}  # model -> copy ready at
         self._prefill_tps = 0.0
@@ -316,7 +203,7 @@ class SimEngine(Engine):
         self._take_inbox()
         events: list[TokenEvent] = []
         if self._paused is not None:
-            if self._pause_expired(self._paused) or not self._ls_admissible():
+            if self._pause_expired(self._paused) or not ls_can_start(self._view()):
                 it, self._paused = self._paused, None
                 return self._run(it, events)
         it = self._plan_iteration(ls_only=self._paused is not None)
@@ -335,94 +222,52 @@ class SimEngine(Engine):
             target = self.output_lengths.draw(self.seed, req.request_id, req.max_tokens, req.prompt_token_ids)
             reason = FinishReason.LENGTH if target >= req.max_tokens else FinishReason.STOP
             target = max(target, len(req.generated_token_ids) + 1)
-            self._waiting.append(_Seq(req, target, reason, list(req.generated_token_ids)))
+            self._waiting.append(SimSeq(req, target, reason, list(req.generated_token_ids)))
         for rid in aborts:
             self._remove(rid)
 
-    def _admission_order(self) -> list[_Seq]:
-        if self.mode == PreemptionMode.NONE:
-            return list(self._waiting)
-        # Stable: FCFS within (latency-sensitive first, then priority).
-        return sorted(self._waiting, key=lambda s: (not s.req.latency_sensitive, -s.req.priority))
+    def _view(self) -> BatchView[SimSeq]:
+        """The engine's state for the shared batching rules (KV in tokens)."""
+        paused = {id(s) for s in self._paused.seqs()} if self._paused else set()
+        free = [s for s in self._running if id(s) not in paused]
+        return BatchView(
+            mode=self.mode, max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+            model=self.active_model, kv_free=self.kv_capacity_tokens - self.kv_used_tokens,
+            running=len(self._running), waiting=self._waiting,
+            prefilling=[s for s in free if not s.prefilled], decoding=[s for s in free if s.prefilled],
+            kv_need=lambda s: s.kv_tokens + 1, prompt_left=lambda s: s.kv_tokens - s.computed,
+            kv_held=lambda s: s.kv_tokens, admitted_order=lambda s: s.admitted_order,
+        )
 
-    def _ls_admissible(self) -> bool:
-        self._take_inbox()
-        free_kv = self.kv_capacity_tokens - self.kv_used_tokens
-        slots = batch_limit(self.mode, True, self.max_batch_size) - len(self._running)
-        for s in self._waiting:
-            if s.req.latency_sensitive and s.req.model == self.active_model and slots > 0 \
-                    and s.kv_tokens + 1 <= free_kv:
-                return True
-        return False
-
-    def _plan_iteration(self, ls_only: bool = False) -> _Iteration | None:
-        """Admit what fits and build the next iteration (None when there is nothing to do)."""
-        free_kv = self.kv_capacity_tokens - self.kv_used_tokens
-        running = len(self._running)
-        admitted: list[_Seq] = []
-        for s in self._admission_order():
-            if running >= batch_limit(self.mode, s.req.latency_sensitive, self.max_batch_size):
-                if self.mode == PreemptionMode.NONE or not s.req.latency_sensitive:
-                    break  # (latency-sensitive requests come first: the rest are best-effort)
-                continue
-            if ls_only and not s.req.latency_sensitive:
-                continue
-            if s.req.model != self.active_model:
-                continue
-            need = s.kv_tokens + 1
-            if need > free_kv:
-                if self.mode == PreemptionMode.NONE:
-                    break  # FCFS: no overtaking a request that does not fit yet
-                continue
-            admitted.append(s)
-            free_kv -= need
-            running += 1
-        for s in admitted:
+    def _plan_iteration(self, ls_only: bool = False) -> SimIteration | None:
+        """Admit what the shared rule admits and build the next iteration (None when there
+        is nothing to do)."""
+        plan = plan_iteration(self._view(), ls_only=ls_only)
+        for s in plan.preempted:
+            self._running.remove(s)
+            s.preempt()
+            self._waiting.appendleft(s)
+            self.counters.recompute_preemptions += 1
+        for s in plan.admitted:
             self._waiting.remove(s)
             self._admit_seq += 1
             s.admitted_order = self._admit_seq
             self._running.append(s)
-        ls_prefill = [s for s in admitted if s.req.latency_sensitive]
-        paused = set(id(s) for s in self._paused.seqs()) if self._paused else set()
-        if ls_only or (self.mode != PreemptionMode.NONE and ls_prefill):
-            # Latency-sensitive prefill runs on its own; best-effort work follows in the
-            # next iteration (admitted best-effort requests go back, in order).
-            prefill, decode = ls_prefill, []
-            rest = [s for s in admitted if not s.req.latency_sensitive]
-            for s in rest:
-                self._running.remove(s)
-            self._waiting.extendleft(reversed(rest))
-        else:
-            prefill = admitted
-            decode = [s for s in self._running if s.prefilled and id(s) not in paused]
-            decode = self._fit_decode(decode)
-        if not prefill and not decode:
+        if not plan.runs:
             return None
         prof = self.profile
         dur = 0.0
-        if prefill:
-            dur += prof.prefill_time(sum(s.kv_tokens for s in prefill))
-        if decode:
-            ctx = sum(s.kv_tokens for s in decode)
-            dur += prof.decode_step_time(len(decode), ctx)
-        return _Iteration(prefill, decode, dur, self._num_layers())
+        if plan.prefill:
+            dur += prof.prefill_time(plan.prefill_tokens)
+        if plan.decode:
+            dur += prof.decode_step_time(len(plan.decode), sum(s.kv_tokens for s in plan.decode))
+        return SimIteration(plan.prefill, plan.decode, dur, self._num_layers())
 
-    def _fit_decode(self, decode: list[_Seq]) -> list[_Seq]:
-        """Preempt (recompute) the latest-admitted sequences until one decode step fits."""
-        while decode and self.kv_used_tokens + len(decode) > self.kv_capacity_tokens:
-            victim = max(decode, key=lambda s: (not s.req.latency_sensitive, s.admitted_order))
-            decode.remove(victim)
-            self._running.remove(victim)
-            victim.prefilled = False
-            self._waiting.appendleft(victim)
-            self.counters.recompute_preemptions += 1
-        return decode
-
-    def _run(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
+    def _run(self, it: SimIteration, events: list[TokenEvent]) -> list[TokenEvent]:
         """Execute an iteration layer by layer (checking for latency-sensitive arrivals
         under EXPERT mode), then emit its tokens."""
         expert = self.mode == PreemptionMode.EXPERT
-        has_ls_prefill = any(s.req.latency_sensitive for s in it.prefill)
+        has_ls_prefill = any(s.latency_sensitive for s, _ in it.prefill)
         if not expert or has_ls_prefill:
             remaining = it.duration_s - it.layers_done * it.layer_s
             self._sleep(remaining)
@@ -434,7 +279,8 @@ class SimEngine(Engine):
                 it.layers_done += 1
                 if it.layers_done < it.num_layers and self._ls_signal.is_set():
                     self._ls_signal.clear()
-                    if not self._pause_expired(it) and self._ls_admissible():
+                    self._take_inbox()
+                    if not self._pause_expired(it) and ls_can_start(self._view()):
                         first_pause = it.paused_at is None
                         if first_pause:
                             it.paused_at = self.clock.now()
@@ -451,23 +297,29 @@ class SimEngine(Engine):
         self._account(it)
         return self._emit(it, events)
 
-    def _pause_expired(self, it: _Iteration) -> bool:
+    def _pause_expired(self, it: SimIteration) -> bool:
         """A batch paused for `max_pause_s` in all may not be paused again (starvation bound)."""
         return it.paused_at is not None and self.clock.now() - it.paused_at >= self.max_pause_s
 
-    def _account(self, it: _Iteration) -> None:
+    def _account(self, it: SimIteration) -> None:
         self.counters.busy_s += it.duration_s
         a = 0.2  # smoothing of the measured rates
         if it.prefill and it.duration_s > 0:
-            tps = sum(s.kv_tokens for s in it.prefill) / it.duration_s
+            tps = sum(n for _, n in it.prefill) / it.duration_s
             self._prefill_tps = tps if self._prefill_tps == 0 else (1 - a) * self._prefill_tps + a * tps
         if it.decode and it.duration_s > 0:
             tps = 1.0 / it.duration_s  # per sequence
             self._decode_tps = tps if self._decode_tps == 0 else (1 - a) * self._decode_tps + a * tps
 
-    def _emit(self, it: _Iteration, events: list[TokenEvent]) -> list[TokenEvent]:
-        for s in it.seqs():
-            if s not in self._running:  # evicted, swapped out or aborted while paused
+    def _emit(self, it: SimIteration, events: list[TokenEvent]) -> list[TokenEvent]:
+        done = []
+        for s, n in it.prefill:
+            if s in self._running:  # (not evicted, swapped out or aborted while paused)
+                s.computed += n
+                if s.computed >= s.kv_tokens:  # its last chunk: it emits its first token
+                    done.append(s)
+        for s in done + it.decode:
+            if s not in self._running:
                 continue
             s.prefilled = True
             idx = len(s.generated)
@@ -482,12 +334,12 @@ class SimEngine(Engine):
                 events.append(TokenEvent(s.rid, tok, idx))
         return events
 
-    def _token(self, s: _Seq, index: int, last: bool) -> int:
+    def _token(self, s: SimSeq, index: int, last: bool) -> int:
         stops = s.req.stop_token_ids
         if last and s.finish_reason == FinishReason.STOP and stops:
             return stops[0]
         vocab = self._models[s.req.model].vocab_size
-        tok = _stable_u64("tok", self.seed, s.rid, index) % vocab
+        tok = stable_u64("tok", self.seed, s.rid, index) % vocab
         while tok in stops:
             tok = (tok + 1) % vocab
         return int(tok)
@@ -496,7 +348,7 @@ class SimEngine(Engine):
         if seconds > 0:
             self.clock.sleep(seconds)
 
-    def _remove(self, rid: str) -> _Seq | None:
+    def _remove(self, rid: str) -> SimSeq | None:
         for s in list(self._waiting):
             if s.rid == rid:
                 self._waiting.remove(s)
@@ -507,7 +359,7 @@ class SimEngine(Engine):
                 return s
         return self._swapped.pop(rid, None)
 
-    def _find_running(self, rid: str) -> _Seq:
+    def _find_running(self, rid: str) -> SimSeq:
         for s in self._running:
             if s.rid == rid:
                 return s
@@ -526,7 +378,7 @@ class SimEngine(Engine):
     def swap_out(self, request_id: str) -> OpCost:
         self._take_inbox()
         s = self._find_running(request_id)
-        if not s.prefilled:
+        if not s.device_tokens:
             # Nothing on the device yet: parking it costs no copy.
             self._running.remove(s)
             self._swapped[request_id] = s
@@ -536,15 +388,15 @@ class SimEngine(Engine):
         if self.host_kv_capacity_tokens is not None and held + s.kv_tokens > self.host_kv_capacity_tokens:
             raise EngineError(f"swap out {request_id}: {s.kv_tokens} KV tokens do not fit host memory "
                               f"({held}/{self.host_kv_capacity_tokens} tokens held)")
-        nbytes = s.kv_tokens * self.profile.kv_bytes_per_token
-        cost = self.profile.kv_swap_time(s.kv_tokens)
+        nbytes = s.device_tokens * self.profile.kv_bytes_per_token
+        cost = self.profile.kv_swap_time(s.device_tokens)
         self._sleep(cost)
         self._running.remove(s)
         self._swapped[request_id] = s
         self.counters.swaps_out += 1
         self.counters.op_s += cost
         self._count("swap_out")
-        return OpCost(cost, nbytes, f"{s.kv_tokens} KV tokens to host")
+        return OpCost(cost, nbytes, f"{s.device_tokens} KV tokens to host")
 
     def swap_in(self, request_id: str) -> OpCost:
         s = self._swapped.get(request_id)
@@ -554,18 +406,18 @@ class SimEngine(Engine):
             raise EngineError(f"request {request_id} needs model {s.req.model!r}; active is {self.active_model!r}")
         if len(self._running) >= self.max_batch_size:
             raise EngineError(f"request {request_id}: no free batch slot to swap into")
-        if s.prefilled and self.kv_used_tokens + s.kv_tokens > self.kv_capacity_tokens:
+        held = s.device_tokens
+        if held and self.kv_used_tokens + s.kv_tokens > self.kv_capacity_tokens:
             raise EngineError(f"request {request_id}: {s.kv_tokens} KV tokens do not fit "
                               f"({self.kv_used_tokens}/{self.kv_capacity_tokens} used)")
-        cost = self.profile.kv_swap_time(s.kv_tokens) if s.prefilled else 0.0
+        cost = self.profile.kv_swap_time(held) if held else 0.0
         self._sleep(cost)
         del self._swapped[request_id]
         self._running.append(s)
         self.counters.swaps_in += 1
         self.counters.op_s += cost
         self._count("swap_in")
-        return OpCost(cost, s.kv_tokens * self.profile.kv_bytes_per_token if s.prefilled else 0,
-                      f"{s.kv_tokens} KV tokens to device")
+        return OpCost(cost, held * self.profile.kv_bytes_per_token, f"{held} KV tokens to device")
 
     def load_model(self, model: str) -> OpCost:
         self._take_inbox()

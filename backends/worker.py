@@ -357,7 +357,7 @@ class Worker:
             self.worker_id = w.worker_id
         if self.loop_thread is None:
             self.models = models
-            self._start_engine(w.max_batch_size)
+            self._start_engine(w.max_batch_size, w.max_prefill_tokens)
         else:
             self.loop_thread.reset_sink()
         for rid in w.abort_request_ids:
@@ -367,7 +367,7 @@ class Worker:
     _redis: tuple[str, str] = ("", "")
     _keep_s: float = 3600.0
 
-    def _start_engine(self, max_batch: int) -> None:
+    def _start_engine(self, max_batch: int, max_prefill_tokens: int = 0) -> None:
         o = self.opts
         batch = min(o.max_batch_size, max_batch) if max_batch else o.max_batch_size
         if o.engine == "hf":
@@ -376,7 +376,7 @@ class Worker:
             torch.set_num_threads(max(1, o.threads))
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
                                kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed,
-                               sim_fleet=o.sim_fleet)
+                               sim_fleet=o.sim_fleet, max_prefill_tokens=max_prefill_tokens or None)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
         tokenizers = {}
         if o.engine == "hf":

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS
 from qlmserve.operations.model_spec import ModelSpec, OutputPrior
 from qlmserve.operations.ops import OPERATION_NAMES, OperationName
 from qlmserve.yaml_config import parse_yaml_model, read_config
@@ -159,6 +160,9 @@ class PolicyConfig(_Strict):
     memory is bounded by the queue plus this window of traffic."""
     max_running_per_worker: int = Field(default=16, ge=1)
     """Requests the controller hands a worker at once (its batch); the rest wait in Redis."""
+    max_prefill_tokens: int = Field(default=DEFAULT_MAX_PREFILL_TOKENS, ge=1)
+    """Prompt tokens one iteration may prefill; longer prompts are prefilled in chunks over
+    several iterations (latency-sensitive ones first: operations/batching.py)."""
     slo_classes: dict[str, SloClass]
     models: dict[str, ModelSpec]
     planner: PlannerConfig = PlannerConfig()

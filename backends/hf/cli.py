@@ -2,7 +2,7 @@
 
   qlm models build-tiny --kind mixtral --out models/tiny-mixtral [--seed 0] [--layers 8]
   qlm profile --model models/tiny-mixtral --kind mixtral --out configs/profiles/cpu-tiny-mixtral.yaml
-  qlm bench-engine preemption|throughput|batching|warm|all [--json out.json]
+  qlm bench-engine preemption|chunked|throughput|batching|warm|all [--json out.json]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-BENCH_CHOICES = ("preemption", "throughput", "batching", "warm", "all")
+BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all")
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    which = ["preemption", "throughput", "batching", "warm"] if args.which == "all" else [args.which]
+    which = ["preemption", "chunked", "throughput", "batching", "warm"] if args.which == "all" else [args.which]
     if "preemption" in which:
         from qlmserve.bench.preemption import PreemptionOptions
         from qlmserve.bench.preemption import main as run_preemption
@@ -89,7 +89,16 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
                                  workload=args.workload, be_backlog=args.be_backlog)
         out = args.json if len(which) == 1 else (args.json and args.json.replace(".json", "-preemption.json"))
         run_preemption(opts, out)
-    rest = [w for w in which if w != "preemption"]
+    if "chunked" in which:
+        from qlmserve.bench.chunked import ChunkedOptions
+        from qlmserve.bench.chunked import main as run_chunked
+
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+        copts = ChunkedOptions(kind=args.kind, model_root=args.model_root, device=args.device, threads=args.threads,
+                               budgets=budgets, rounds=args.rounds)
+        out = args.json if len(which) == 1 else (args.json and args.json.replace(".json", "-chunked.json"))
+        run_chunked(copts, out)
+    rest = [w for w in which if w not in ("preemption", "chunked")]
     if rest:
         from qlmserve.bench.engine import EngineBenchOptions
         from qlmserve.bench.engine import main as run_engine
@@ -131,7 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for a machine shared with other jobs)")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("bench-engine", help="benchmarks of the HF engine (preemption, throughput, batching, warm)")
+    p = sub.add_parser("bench-engine",
+                       help="benchmarks of the HF engine (preemption, chunked prefill, throughput, batching, warm)")
     p.add_argument("which", choices=BENCH_CHOICES)
     p.add_argument("--json", default=None, help="write the full report as JSON here")
     p.add_argument("--kind", choices=TINY_KINDS, default="mixtral")
@@ -140,7 +150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=float, default=10.0, help="preemption: seconds of arrivals per round and mode")
-    p.add_argument("--rounds", type=int, default=3, help="preemption: rounds (modes interleaved)")
+    p.add_argument("--rounds", type=int, default=3, help="preemption, chunked: rounds (modes / budgets interleaved)")
+    p.add_argument("--budgets", default="1024,512,256,128",
+                   help="chunked: prefill budgets (tokens per iteration) compared with no chunking")
     p.add_argument("--workload", choices=("backlog", "open"), default="backlog",
                    help="preemption: BE backlog kept queued + Poisson LS, or everything open-loop Poisson")
     p.add_argument("--be-backlog", type=int, default=8, help="preemption/backlog: BE requests waiting beyond the batch")

@@ -1,5 +1,11 @@
 """HFEngine: the real worker engine on Hugging Face `transformers` models.
 
+Over 500 lines because the Engine operations (evict, KV swap, model load, abort) change
+the same state as the step loop (sequences, the KV pool, a paused pass) under the same
+threading rules; split apart, each half would reach into the other's state. What is
+not that state lives beside it: the batching rules (operations/batching.py), passes
+(forward.py), KV (kv_cache.py), measurements (pass_log.py), weights (weights.py).
+
 Iteration-level continuous batching over an engine-managed paged KV cache
 (kv_cache.py), with passes that can stop between decoder layers (forward.py) so that
 expert-level preemption (QLLM) can pause a best-effort batch for latency-sensitive
@@ -13,58 +19,48 @@ Everything else runs on the engine thread.
 NOTE(one step): a step first drains the inbox, then either
   - continues a paused pass (EXPERT): LS prefill first, LS decode joins the paused
     batch at its stage, then the paused batch resumes; or
-  - runs one iteration: admit waiting requests, a prefill pass for the joining ones and
-    a decode pass for the running ones. Under ITERATION / EXPERT, an LS prefill runs
-    first and step() returns right after it, so the worker streams its first token
-    at once; under EXPERT a BE pass may pause mid-way and step() returns early too.
+  - runs one iteration as the engines' shared rule plans it
+    (operations.batching.plan_iteration): admit waiting requests, prefill at most
+    `max_prefill_tokens` prompt tokens (longer prompts go a chunk per iteration; rows
+    of very different lengths in passes of their own, forward.pack_rows), and a decode
+    pass for the running ones. Under ITERATION / EXPERT, LS prefill runs
+    alone and step() returns right after it, so the worker streams its first token at
+    once; under EXPERT a BE pass may pause mid-way and step() returns early too.
+
+NOTE(why prefill chunks and decode rows do not share a pass): they share an
+iteration (one step() runs the chunk pass, then the decode pass), as in vLLM's chunked
+prefill, but not a forward pass. A pass is a padded [rows, longest feed] block: decode
+rows in a chunk pass would each compute a whole chunk's width for one token; they
+would also leave the decode mirror (kv_cache.py, one-token passes only), and a mixed
+pass could neither merge LS decode rows at a pause nor tell an LS prefill pass (never
+paused) from a BE one.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
-from qlmserve.backends.cost_fit import CostFit
 from qlmserve.backends.engine import Engine, EngineError, EngineRequest, EngineStats, OpCost, PreemptionMode, TokenEvent
+from qlmserve.operations.batching import (
+    DEFAULT_MAX_PREFILL_TOKENS,
+    BatchView,
+    IterationPlan,
+    ls_can_start,
+    plan_iteration,
+)
 from qlmserve.operations.model_spec import ModelSpec
 
-from .forward import ForwardPass
+from .forward import ForwardPass, pack_rows
 from .kv_cache import PagedKVCache
+from .pass_log import PassMeter, PassRecord
 from .sampling import Sampler
 from .scheduling import SchedulingPolicy
 from .sequence import SeqStatus, Sequence
-from .weights import LoadRecord, WeightStore, free_device_memory, sync
-
-_EMA = 0.2  # smoothing of the measured throughputs reported in stats()
-
-
-@dataclass(frozen=True)
-class PassRecord:
-    """One finished forward pass, for the profiler: compute time excludes pauses."""
-
-    prefill: bool
-    batch: int
-    new_tokens: int
-    context_tokens: int  # KV positions attended over, summed over the batch
-    seconds: float
-    pauses: int
-    paused_s: float  # time the pass spent paused by expert-level preemption
-    cpu_seconds: float  # CPU time of the engine thread in the pass (see ForwardPass.cpu_s)
-    ls_rows: int = 0  # latency-sensitive sequences among `batch`
-    # An LS decode run over the layers below a paused BE pass before it merged into it
-    # (EXPERT): part of a pass, not a whole one, so fits of whole passes leave it out.
-    catch_up: bool = False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from .weights import LoadRecord, WeightStore, free_device_memory, physical_memory_bytes, resolve_device, sync
 
 
 class HFEngine(Engine):
@@ -79,19 +75,23 @@ class HFEngine(Engine):
         preemption: PreemptionMode = PreemptionMode.NONE,
         max_pause_s: float = 2.0,
         initial_model: str | None = None,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the worker's log is not a terminal
         if not models:
             raise ValueError("HFEngine needs at least one model")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.models = dict(models)
         self.device = resolve_device(device)
         # float32 on CPU (bf16 matmuls are slow there); bf16 on CUDA unless told otherwise.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.max_batch_size = max_batch_size
         self._kv_capacity_arg = kv_capacity_tokens
-        self.policy = SchedulingPolicy(mode=PreemptionMode(preemption), max_pause_s=max_pause_s)
+        self.policy = SchedulingPolicy(mode=PreemptionMode(preemption), max_pause_s=max_pause_s,
+                                       max_prefill_tokens=max_prefill_tokens)
         self.weights = WeightStore(self.models, self.device, self.dtype)
         self.sampler = Sampler(self.device)
 
@@ -116,10 +116,8 @@ class HFEngine(Engine):
         self._aborted_in_step: set[str] = set()
         self._failures: list[tuple[str, str]] = []  # (request id, error) failed alone, for take_failures
 
-        self.pass_log: deque[PassRecord] = deque(maxlen=4096)
-        self._prefill_tps = 0.0
-        self._decode_tps = 0.0
-        self._cost = CostFit()  # the batch-dependent cost model this engine reports
+        self.meter = PassMeter()  # what its passes measured: records, rates, the cost model it reports
+        self.pass_log: deque[PassRecord] = self.meter.records
         if initial_model is not None:
             self.load_model(initial_model)
 
@@ -223,28 +221,28 @@ class HFEngine(Engine):
         return events
 
     def _iteration(self) -> list[TokenEvent]:
-        self._admit()
-        prefill = [s for s in self._running if s.is_prefill]
-        decode = [s for s in self._running if not s.is_prefill]
-        if not self.policy.prioritized:
-            events = self._run_pass(prefill) if prefill else []
-            decode = self._still_running(decode)
-            if decode and self._paused is None:
-                events += self._run_pass(decode)
-            return events
-        ls_prefill = [s for s in prefill if s.latency_sensitive]
-        if ls_prefill:
-            return self._run_pass(ls_prefill)  # return at once: the first tokens stream now
+        plan = self._plan()
+        if plan.ls_only:
+            return self._run_prefill(plan.prefill)  # return at once: the first tokens stream now
+        passes = [(group, True) for group in pack_rows(plan.prefill)]
+        if plan.decode:
+            passes.append(([(s, 1) for s in plan.decode], False))
         events: list[TokenEvent] = []
-        for group in (prefill, decode):
+        for group, is_prefill in passes:
             group = self._still_running(group)  # an abort may have landed mid-pass
             if not group:
                 continue
-            if self._ls_can_start():
+            if self.policy.prioritized and self._ls_can_start():
                 break  # a new LS request goes first: end this iteration here
-            events += self._run_pass(group)
+            events += self._run_pass(group, prefill=is_prefill)
             if self._paused is not None:
                 break
+        return events
+
+    def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        for group in pack_rows(chunks):
+            events += self._run_pass(self._still_running(group), prefill=True)
         return events
 
     def _continue_paused(self) -> list[TokenEvent]:
@@ -252,8 +250,8 @@ class HFEngine(Engine):
         assert paused is not None and paused.paused_at is not None
         waited = paused.paused_s + (time.perf_counter() - paused.paused_at)
         if self.policy.may_pause(waited):
-            events = self._ls_prefill_while_paused()
-            if events:
+            ran, events = self._ls_prefill_while_paused()
+            if ran:  # (a chunk that is not an LS prompt's last one emits no token)
                 return events
             ls_decode = [
                 s for s in self._running
@@ -264,10 +262,12 @@ class HFEngine(Engine):
         self._paused = None
         return self._resume(paused)
 
-    def _ls_prefill_while_paused(self) -> list[TokenEvent]:
-        self._admit()
-        ls_prefill = [s for s in self._running if s.latency_sensitive and s.is_prefill]
-        return self._run_pass(ls_prefill) if ls_prefill else []
+    def _ls_prefill_while_paused(self) -> tuple[bool, list[TokenEvent]]:
+        """An LS-only iteration while a BE pass is paused: (whether one ran, its tokens)."""
+        plan = self._plan(ls_only=True)
+        if not plan.prefill:
+            return False, []
+        return True, self._run_prefill(plan.prefill)
 
     def _catch_up_and_join(self, seqs: list[Sequence], paused: ForwardPass) -> None:
         """Run LS decode sequences up to the paused batch's stage, then merge them into it."""
@@ -286,34 +286,38 @@ class HFEngine(Engine):
         max_ctx = self.models[seq.request.model].max_context
         return min(seq.max_total_tokens, max_ctx - 1)
 
-    def _admit(self) -> None:
+    def _view(self) -> BatchView[Sequence]:
+        """The engine's state for the shared batching rules (KV in blocks: the pool's unit)."""
+        kv = self._kv
+        assert kv is not None
+        paused = self._paused.seqs if self._paused is not None else ()
+        free = [s for s in self._running if s not in paused]
+        return BatchView(
+            mode=self.policy.mode, max_batch_size=self.max_batch_size,
+            max_prefill_tokens=self.policy.max_prefill_tokens, model=self._model_name,
+            kv_free=kv.free_blocks, running=len(self._running), waiting=self._waiting,
+            prefilling=[s for s in free if s.is_prefill], decoding=[s for s in free if not s.is_prefill],
+            kv_need=lambda s: kv.blocks_for(self._kv_need(s)), prompt_left=lambda s: s.num_pending,
+            decode_need=0,  # a sequence's whole KV is reserved at admission: never a victim
+        )
+
+    def _plan(self, ls_only: bool = False) -> IterationPlan[Sequence]:
+        """Plan the next iteration and admit the sequences it takes in."""
         assert self._kv is not None
-        for seq in self.policy.admission_order(self._waiting):
-            fits_batch = len(self._running) < self.policy.batch_limit(seq, self.max_batch_size)
-            fits_kv = self._kv.can_reserve(self._kv_need(seq))
-            if not (fits_batch and fits_kv):
-                if self.policy.blocks_queue():
-                    break
-                continue
+        plan = plan_iteration(self._view(), ls_only=ls_only)
+        for seq in plan.admitted:
             self._kv.reserve(seq.id, self._kv_need(seq))
             self._waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             seq.kv_len = 0
             self._running.append(seq)
+        return plan
 
     def _ls_can_start(self) -> bool:
         """Is there latency-sensitive work that could start now? (checked between stages)"""
         if self._ls_in_inbox:
             self._drain_inbox()
-        assert self._kv is not None
-        if any(s.latency_sensitive and s.is_prefill for s in self._running):
-            return True
-        for seq in self._waiting:
-            if seq.latency_sensitive and self._kv.can_reserve(self._kv_need(seq)) and len(
-                self._running
-            ) < self.policy.batch_limit(seq, self.max_batch_size):
-                return True
-        return False
+        return ls_can_start(self._view())
 
     def _should_pause(self, p: ForwardPass) -> bool:
         if self._preempt_requested:
@@ -339,15 +343,18 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ passes
 
-    def _run_pass(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        """One pass over `seqs`. A pass that raises before it commits is split in halves
-        until the sequence at fault runs alone; that one fails (take_failures) and the
-        others still get their token: nothing is committed before a pass ends, so a retried
-        row starts clean. (Sampling, after the commit, fails per row in the Sampler.)"""
+    def _run_pass(self, feed: list[tuple[Sequence, int]], *, prefill: bool) -> list[TokenEvent]:
+        """One forward pass feeding each sequence its given number of pending tokens. A pass
+        that raises before it commits is split in halves until the sequence at fault runs
+        alone; that one fails (take_failures) and the others still get their token: nothing
+        is committed before a pass ends, so a retried row starts clean. (Sampling, after the
+        commit, fails per row in the Sampler.)"""
+        seqs = [s for s, _ in feed]
         kv_before = [s.kv_len for s in seqs]
         p = None
         try:
-            p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs))
+            p = ForwardPass(self._model, self._kv, seqs, preemptible=self.policy.pass_preemptible(seqs),
+                            feed=[n for _, n in feed], prefill=prefill)
             return self._resume(p)
         except (EngineError, AssertionError):
             raise
@@ -356,13 +363,13 @@ class HFEngine(Engine):
                 raise  # committed: a retry would feed nothing; the worker loop logs it
             if p is not None and self._paused is p:
                 self._paused = None
-            live = self._still_running(seqs)
+            live = self._still_running(feed)
             if len(live) <= 1:
-                for seq in live:
+                for seq, _ in live:
                     self._fail(seq, f"{type(exc).__name__}: {str(exc)[:200]}")
                 return []
             mid = len(live) // 2
-            return self._run_pass(live[:mid]) + self._run_pass(live[mid:])
+            return self._run_pass(live[:mid], prefill=prefill) + self._run_pass(live[mid:], prefill=prefill)
 
     def _fail(self, seq: Sequence, error: str) -> None:
         self._remove(seq, SeqStatus.FINISHED_ABORTED)
@@ -373,8 +380,8 @@ class HFEngine(Engine):
         return out
 
     @staticmethod
-    def _still_running(seqs: list[Sequence]) -> list[Sequence]:
-        return [s for s in seqs if s.status is SeqStatus.RUNNING]
+    def _still_running(feed: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        return [(s, n) for s, n in feed if s.status is SeqStatus.RUNNING]
 
     def _resume(self, p: ForwardPass) -> list[TokenEvent]:
         finished = p.run(self._should_pause)
@@ -389,18 +396,21 @@ class HFEngine(Engine):
             self._paused = p if p.seqs else None
             # The LS work that caused the pause runs in this same step, so its first token
             # goes out without another trip through the worker loop.
-            return self._ls_prefill_while_paused()
-        live = [s.id not in dead for s in p.seqs]
-        logits = p.logits()
+            return self._ls_prefill_while_paused()[1]
+        # Only sequences whose last pending token this pass fed sample one (a prefill
+        # chunk that is not a prompt's last samples nothing).
+        done = p.completes
+        rows = None if all(done) else [i for i, d in enumerate(done) if d]
+        logits = p.logits(rows) if rows != [] else None
         p.commit()
-        seqs = p.seqs
-        indices = [s.num_generated for s in seqs]
-        tokens = self.sampler.choose(logits, [s.request for s in seqs], indices)
+        seqs = p.seqs if rows is None else [p.seqs[i] for i in rows]
+        tokens = [] if logits is None else self.sampler.choose(
+            logits, [s.request for s in seqs], [s.num_generated for s in seqs])
         sync(self.device)
         self._record(p)
         events: list[TokenEvent] = []
-        for seq, token, alive in zip(seqs, tokens, live, strict=True):
-            if not alive:
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.id in dead:
                 continue
             if isinstance(token, str):  # this row's sampling failed: it fails alone
                 self._fail(seq, token)
@@ -422,19 +432,7 @@ class HFEngine(Engine):
         return events
 
     def _record(self, p: ForwardPass, *, catch_up: bool = False) -> None:
-        new = sum(p.new_tokens)
-        ctx = sum(s.kv_len for s in p.seqs)
-        ls_rows = sum(1 for s in p.seqs if s.latency_sensitive)
-        self.pass_log.append(PassRecord(p.is_prefill, len(p.seqs), new, ctx, p.compute_s, p.pauses,
-                                        p.paused_s, p.cpu_s, ls_rows, catch_up))
-        if p.compute_s <= 0 or catch_up:
-            return
-        if p.is_prefill:
-            self._prefill_tps += _EMA * (new / p.compute_s - self._prefill_tps)
-            self._cost.prefill(new, p.compute_s)
-        else:
-            self._decode_tps += _EMA * (1.0 / p.compute_s - self._decode_tps)
-            self._cost.decode(len(p.seqs), ctx, p.compute_s)
+        self.meter.record(p, catch_up=catch_up)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -585,12 +583,12 @@ class HFEngine(Engine):
             swapped=[s.id for s in self._seqs.values() if s.status is SeqStatus.SWAPPED],
             waiting=[s.id for s in self._waiting] + inbox,
             max_batch_size=self.max_batch_size,
-            prefill_tokens_per_s=self._prefill_tps,
-            decode_tokens_per_s=self._decode_tps,
+            prefill_tokens_per_s=self.meter.prefill_tps,
+            decode_tokens_per_s=self.meter.decode_tps,
             device=str(self.device),
-            profile=self._cost.profile(),
+            profile=self.meter.cost.profile(),
             servable_models=sorted(self.models),
-            host_ram_bytes=_physical_memory_bytes(),
+            host_ram_bytes=physical_memory_bytes(),
             preemption=self.policy.mode,
         )
 
@@ -599,11 +597,3 @@ class HFEngine(Engine):
         self._kv = None
         self.weights.warm.clear()
         free_device_memory(self.device)
-
-
-def _physical_memory_bytes() -> int:
-    """Host RAM, where warm model copies live (the planner divides it by model sizes)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0

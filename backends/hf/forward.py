@@ -109,13 +109,39 @@ class KVView:
         return self.context
 
 
+def pack_rows(feed: list[tuple[Sequence, int]], waste: float = 0.25) -> list[list[tuple[Sequence, int]]]:
+    """Prefill rows (sequence, tokens) grouped into passes, longest first. A pass pads every
+    row to its longest, so rows share one only while the padding stays within `waste` of
+    what they feed: chunking leaves a budget's remainder beside whole chunks (384 + 128
+    tokens padded to 2 x 384 would compute 50% more than they feed); equal rows, and
+    prompts of about one length, still go in one pass."""
+    groups: list[list[tuple[Sequence, int]]] = []
+    fed = 0
+    for row in sorted(feed, key=lambda r: -r[1]):
+        if groups and groups[-1][0][1] * (len(groups[-1]) + 1) <= (1 + waste) * (fed + row[1]):
+            groups[-1].append(row)
+            fed += row[1]
+        else:
+            groups.append([row])
+            fed = row[1]
+    return groups
+
+
 class ForwardPass:
     """One forward pass of a set of sequences, runnable stage by stage."""
 
     def __init__(self, model: PreTrainedModel, kv: PagedKVCache, seqs: list[Sequence], *,
-                 preemptible: bool) -> None:
+                 preemptible: bool, feed: list[int] | None = None, prefill: bool | None = None) -> None:
+        """`feed`: tokens each sequence feeds (its first pending ones); default all its
+        pending tokens. A prefill chunk feeds part of a prompt: its KV advances by the
+        chunk and it samples no token until a pass feeds its last pending token.
+        `prefill`: a pass of prompt chunks (default: when some row feeds several tokens;
+        chunks of one token each are prefill too, though shaped like a decode pass)."""
         if not seqs:
             raise ValueError("a forward pass needs at least one sequence")
+        feed = [s.num_pending for s in seqs] if feed is None else list(feed)
+        if len(feed) != len(seqs) or any(not 0 < n <= s.num_pending for s, n in zip(seqs, feed, strict=True)):
+            raise ValueError(f"feed {feed} does not fit the pending tokens {[s.num_pending for s in seqs]}")
         self.model = model
         self.kv = kv
         self.layers = model.model.layers
@@ -134,14 +160,17 @@ class ForwardPass:
         self.seqs: list[Sequence] = []
         self.new_tokens: list[int] = []
         device = kv.device
-        for seq in seqs:
+        for seq, n in zip(seqs, feed, strict=True):
             # Blocks for the new tokens are taken now, so a later stage never allocates.
-            kv.ensure(seq.id, seq.num_tokens)
+            kv.ensure(seq.id, seq.kv_len + n)
         self.seqs = list(seqs)
+        self.feed = feed  # parallel to seqs
         self._prepare()
+        self._prefill = self.t_max > 1 if prefill is None else prefill
         t_max = self.t_max
         # One tensor from one padded list (no per-row tensor copies).
-        rows = [pending + [0] * (t_max - len(pending)) for pending in (seq.pending for seq in seqs)]
+        chunks = (seq.pending[:n] for seq, n in zip(seqs, feed, strict=True))
+        rows = [chunk + [0] * (t_max - len(chunk)) for chunk in chunks]
         ids = torch.tensor(rows, dtype=torch.long)
         self.hidden = model.model.embed_tokens(ids.to(device))
 
@@ -156,8 +185,8 @@ class ForwardPass:
         seqs = self.seqs
         bs = self.kv.block_size
         past_l = [seq.kv_len for seq in seqs]
-        total_l = [seq.num_tokens for seq in seqs]
-        self.new_tokens = new_l = [t - p for t, p in zip(total_l, past_l, strict=True)]
+        total_l = [p + n for p, n in zip(past_l, self.feed, strict=True)]
+        self.new_tokens = new_l = list(self.feed)
         self.t_max = t_max = max(new_l)
         ctx = max(total_l)
         same_total = min(total_l) == ctx
@@ -222,7 +251,7 @@ class ForwardPass:
 
     @property
     def is_prefill(self) -> bool:
-        return self.t_max > 1
+        return self._prefill
 
     @torch.inference_mode()
     def run(self, should_pause: Callable[[ForwardPass], bool] | None = None) -> bool:
@@ -268,19 +297,27 @@ class ForwardPass:
         self.cursor += 1
 
     @torch.inference_mode()
-    def logits(self) -> torch.Tensor:
-        """[B, vocab] float logits at each sequence's last new token (pass must be done)."""
+    def logits(self, rows: list[int] | None = None) -> torch.Tensor:
+        """[R, vocab] float logits at the last new token of each of `rows` (default every
+        sequence); the pass must be done."""
         if self.last_index is None:
             last = self.hidden[:, -1]
         else:
-            rows = torch.arange(len(self.seqs), device=self.hidden.device)
-            last = self.hidden[rows, self.last_index]
+            every = torch.arange(len(self.seqs), device=self.hidden.device)
+            last = self.hidden[every, self.last_index]
+        if rows is not None:
+            last = last[torch.tensor(rows, dtype=torch.long, device=last.device)]
         return self.model.lm_head(self.model.model.norm(last)).float()
+
+    @property
+    def completes(self) -> list[bool]:
+        """Per sequence: does this pass feed its last pending token (so it samples one)?"""
+        return [seq.kv_len + n == seq.num_tokens for seq, n in zip(self.seqs, self.feed, strict=True)]
 
     def commit(self) -> None:
         """The pass finished every layer: its new tokens now have KV everywhere."""
-        for seq in self.seqs:
-            seq.kv_len = seq.num_tokens
+        for seq, n in zip(self.seqs, self.feed, strict=True):
+            seq.kv_len += n
 
     # -- membership changes at a stage boundary --------------------------------------------
 
@@ -292,6 +329,7 @@ class ForwardPass:
         if not gone:
             return []
         self.seqs = [self.seqs[i] for i in keep]
+        self.feed = [self.feed[i] for i in keep]
         if self.seqs:
             hidden = self.hidden[torch.tensor(keep, device=self.hidden.device)]
             self._prepare()
@@ -301,8 +339,9 @@ class ForwardPass:
     def merge(self, other: ForwardPass) -> None:
         """Let the sequences of `other`, which reached the same stage, join this pass: from
         here on they run as one batch (QLLM merges LS jobs into the BE batch in-layer)."""
-        if other.cursor != self.cursor or other.t_max != 1 or self.t_max != 1:
+        if other.cursor != self.cursor or self.is_prefill or other.is_prefill or other.t_max != 1 or self.t_max != 1:
             raise ValueError("only decode passes paused at the same stage can merge")
         self.seqs += other.seqs
+        self.feed += other.feed
         self.hidden = torch.cat([self.hidden, other.hidden])
         self._prepare()

@@ -112,8 +112,13 @@ class PagedKVCache:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
+    @property
+    def free_blocks(self) -> int:
+        """Blocks neither held nor promised to a sequence."""
+        return self.num_blocks - self._reserved_total
+
     def can_reserve(self, tokens: int) -> bool:
-        return self.blocks_for(tokens) <= self.num_blocks - self._reserved_total
+        return self.blocks_for(tokens) <= self.free_blocks
 
     def reserve(self, seq_id: str, tokens: int) -> None:
         """Promise `tokens` of KV to a sequence; allocation then cannot fail up to that."""

@@ -37,7 +37,8 @@ import yaml
 from qlmserve.backends.engine import EngineRequest
 from qlmserve.operations.costs import WorkerProfile
 
-from .engine import HFEngine, PassRecord
+from .engine import HFEngine
+from .pass_log import PassRecord
 from .weights import sync
 
 

@@ -1,22 +1,20 @@
-"""Who runs next inside one HF engine, per PreemptionMode.
+"""The HF engine's scheduling settings, per PreemptionMode. Who joins an iteration and
+what it prefills is the engines' shared rule (operations.batching.plan_iteration); this
+is what is particular to the HF engine's passes:
 
-- NONE: iteration-level FCFS (vLLM / TGI default). Requests join in arrival order when
-  a batch slot and KV are free; the head of the queue blocks the rest (no overtaking).
-- ITERATION: at every pass boundary latency-sensitive (LS) requests go first (then
-  higher `priority`, then arrival); a running pass is never interrupted.
+- NONE: iteration-level FCFS (vLLM / TGI default): no pass is ever interrupted.
+- ITERATION: at every pass boundary latency-sensitive (LS) work goes first; a running
+  pass is never interrupted.
 - EXPERT (QLLM): as ITERATION, and a best-effort (BE) pass also stops at the next stage
   boundary (between layers, or between a layer's attention and its MoE block) when LS
   work can start; it resumes later where it stopped.
-
-Under ITERATION and EXPERT an LS request may join beyond `max_batch_size` (up to
-`LS_BATCH_FACTOR` times it, operations.batching.batch_limit). KV must still fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.operations.batching import PreemptionMode, batch_limit
+from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, PreemptionMode, prioritized
 
 from .sequence import Sequence
 
@@ -29,22 +27,11 @@ class SchedulingPolicy:
     # and LS sequences are ready to decode, they run the layers below the pause point and
     # then join the paused batch, so the LS token costs no extra pass over the upper layers.
     ls_decode_joins_paused: bool = True
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS  # prompt tokens one iteration may prefill
 
     @property
     def prioritized(self) -> bool:
-        return self.mode is not PreemptionMode.NONE
-
-    def admission_order(self, waiting: list[Sequence]) -> list[Sequence]:
-        if not self.prioritized:
-            return list(waiting)
-        return sorted(waiting, key=lambda s: (not s.latency_sensitive, -s.request.priority, s.arrival))
-
-    def batch_limit(self, seq: Sequence, max_batch_size: int) -> int:
-        return batch_limit(self.mode, seq.latency_sensitive, max_batch_size)
-
-    def blocks_queue(self) -> bool:
-        """Under FCFS a request that cannot join stops every request behind it."""
-        return not self.prioritized
+        return prioritized(self.mode)
 
     def pass_preemptible(self, seqs: list[Sequence]) -> bool:
         """A pass may be paused under EXPERT unless it carries an LS prefill (the work that

@@ -2,14 +2,15 @@
 
 `Sequence.tokens` is prompt + generated. The KV cache holds positions [0, kv_len); the
 tokens after kv_len (the whole prompt for a new sequence, the last sampled token for a
-decoding one) are what the next forward pass feeds. That one rule covers prefill,
-decode, requeued requests (prompt + earlier generated tokens) and swapped-in ones.
+decoding one) are what the next forward passes feed, all at once or, for a prompt
+longer than the iteration's prefill budget, a chunk at a time. That one rule covers
+prefill, chunked prefill, decode, requeued requests (prompt + earlier generated tokens)
+and swapped-in ones.
 """
 
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from qlmserve.backends.engine import EngineRequest, FinishReason
@@ -41,7 +42,6 @@ _FINISH_REASON = {
 @dataclass(eq=False)
 class Sequence:
     request: EngineRequest
-    arrival: float = field(default_factory=time.perf_counter)
     status: SeqStatus = SeqStatus.WAITING
     kv_len: int = 0
     host_kv: HostKV | None = None  # set while SWAPPED
@@ -57,6 +57,14 @@ class Sequence:
     @property
     def latency_sensitive(self) -> bool:
         return self.request.latency_sensitive
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def model(self) -> str:
+        return self.request.model
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -86,8 +94,14 @@ class Sequence:
         return self._tokens[self.kv_len :]
 
     @property
+    def num_pending(self) -> int:
+        return self.num_tokens - self.kv_len
+
+    @property
     def is_prefill(self) -> bool:
-        """More than one token to feed: the prompt (or prompt + earlier output) of a new run."""
+        """More than one token to feed: the prompt (or prompt + earlier output) of a new run,
+        or what its earlier chunks left. (One token left of a prompt is fed by a decode
+        pass: feeding it and sampling is exactly a decode step.)"""
         return self.num_tokens - self.kv_len > 1
 
     @property

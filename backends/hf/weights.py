@@ -172,3 +172,17 @@ def free_device_memory(device: torch.device) -> None:
     collection costs ~0.3 s with transformers imported, more than a warm load."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def physical_memory_bytes() -> int:
+    """Host RAM, where warm model copies live (the planner divides it by model sizes)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -86,7 +86,8 @@ class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
         yield worker_pb2.ControllerMessage(welcome=worker_pb2.Welcome(
             redis_url=redis_url, redis_prefix=c.store.k.prefix, models_yaml=models_yaml,
             abort_request_ids=abort, max_batch_size=c.policy.max_running_per_worker, worker_id=wid,
-            finished_retention_s=c.policy.finished_retention_s))
+            finished_retention_s=c.policy.finished_retention_s,
+            max_prefill_tokens=c.policy.max_prefill_tokens))
 
         async def read() -> None:
             async for msg in request_iterator:

@@ -119,10 +119,10 @@ def _qlm(*args: str) -> list[str]:
 
 async def _wait_workers(address: str, n: int, procs: list[subprocess.Popen], data_dir: Path,
                         timeout_s: float = 120.0) -> None:
+    import grpc
+
     from qlmserve.client import QlmClient
     from qlmserve.credentials import resolve_token
-
-    import grpc
 
     deadline = time.monotonic() + timeout_s
     last_error = "no error"
@@ -148,7 +148,7 @@ async def _wait_workers(address: str, n: int, procs: list[subprocess.Popen], dat
 
 async def _replay(address: str, outcomes: list[_Outcome], s: float) -> float:
     """Every request at its arrival times s (wall); returns the replay's start (wall)."""
-    from qlmserve.backends.sim_engine import code_output_length
+    from qlmserve.backends.sim_model import code_output_length
     from qlmserve.client import QlmClient, submit_request
 
     async with QlmClient(address) as client:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from qlmserve.backends.engine import EngineRequest, PreemptionMode
-from qlmserve.backends.hf.engine import PassRecord
+from qlmserve.backends.hf.pass_log import PassRecord
 from qlmserve.traces import load_trace, resolve_trace_path
 
 from .hf_bench_common import (

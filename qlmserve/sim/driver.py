@@ -66,7 +66,7 @@ class SimOptions:
     # and its load); default: modelled work on a WorkSolveClock, charged (deterministic).
     charge_solve_time: bool = False
     drain_s: float | None = None  # stop this long after the last arrival; None: when all have finished
-    max_prefill_tokens: int = 8192  # prompt tokens one iteration may prefill (vLLM-like budget)
+    max_prefill_tokens: int | None = None  # prompt tokens one iteration may prefill; default: the policy's
     max_tokens: int | None = None  # max_tokens a client asks for; default: the model's context left
     state_refresh_s: float = 0.5  # token counts of an unchanged worker, and length stats, refresh this often
     wake_min_gap_s: float = 0.05  # a wake-up tick follows the previous tick no sooner than this
@@ -148,7 +148,8 @@ class Simulation:
         self.clock = EventClock()
         self.tick_s = self.options.tick_interval_s or policy.tick_interval_ms / 1000.0
         self.workers: dict[str, SimWorker] = {
-            spec.worker_id: SimWorker(spec, self.clock, self, max_prefill_tokens=self.options.max_prefill_tokens)
+            spec.worker_id: SimWorker(spec, self.clock, self,
+                                      max_prefill_tokens=self.options.max_prefill_tokens or policy.max_prefill_tokens)
             for spec in fleet.workers
         }
         self.model_bytes = {m: (policy.models[m].weight_bytes if m in policy.models and

@@ -35,6 +35,7 @@ class SimRequest:
     status: SimStatus = SimStatus.WAITING
     generated: int = 0
     prefilled: bool = False  # the device KV covers prompt + generated
+    prefill_done: int = 0  # while prefilling in chunks: tokens its earlier chunks prefilled
     first_token_at: float | None = None
     finished_at: float | None = None
     worker_id: str | None = None

@@ -5,8 +5,10 @@ process), but event-driven so that a fleet of hundreds of workers replays an hou
 minutes: a stretch of decode steps with an unchanged batch is one event, not one per
 step. The work of a worker is a sequence of units:
 
-  - iteration: prefill of admitted requests + one decode step of the running ones
-    (each emits one token at its end); time = prefill_time(tokens) + decode_step_time;
+  - iteration: prefill of at most `max_prefill_tokens` prompt tokens (a longer prompt
+    goes a chunk per iteration) + one decode step of the running ones (each emits one
+    token at its end, a prefilling request at the end of its last chunk);
+    time = prefill_time(chunk tokens) + decode_step_time;
   - segment: k decode steps of an unchanged batch, k = steps until the first request
     finishes (or the KV cache fills). Step j lasts a + c*j (context grows by the batch
     each step), so the segment's end is known in closed form. Anything that changes the
@@ -14,14 +16,16 @@ step. The work of a worker is a sequence of units:
   - operation: a KV swap or a model load, charged by the profile.
 
 Expert-level preemption (mode EXPERT): a latency-sensitive request handed over while a
-pass runs starts at the pass's next layer boundary (pass time / num_layers): its prefill
-is inserted there, its first token comes out at once, and the paused pass then finishes
-without recomputation (its end moves by the inserted prefill). At most `max_pause_s` of
-prefill is inserted into one unit.
+pass runs starts at the pass's next layer boundary (pass time / num_layers): its
+prefill (its LS-only chunk iterations) is inserted there, its first token comes out at
+once, and the paused pass then finishes without recomputation (its end moves by the
+inserted prefill). At most `max_pause_s` of prefill is inserted into one unit.
 
-ITERATION (and EXPERT) modes admit latency-sensitive requests first, beyond the batch
-limit when needed (operations.batching.batch_limit, as every engine does), and prefill them in
-an iteration of their own; NONE admits in arrival order and mixes prefill with decode.
+Who joins, in what order, what an iteration prefills and whom KV pressure preempts are
+the rules every engine shares (operations.batching.plan_iteration): ITERATION (and
+EXPERT) modes admit latency-sensitive requests first, beyond the batch limit when
+needed, and prefill them in iterations of their own; NONE admits in arrival order and
+mixes prefill with decode.
 """
 
 from __future__ import annotations
@@ -29,15 +33,24 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from qlmserve.operations.batching import PreemptionMode, batch_limit
+from qlmserve.operations.batching import (
+    DEFAULT_MAX_PREFILL_TOKENS,
+    BatchView,
+    IterationPlan,
+    PreemptionMode,
+    plan_iteration,
+)
 from qlmserve.operations.costs import WorkerProfile
-from qlmserve.operations.ops import DropWarm, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut, WarmModel
+from qlmserve.operations.ops import DropWarm, LoadModel, Operation, SetPreemption, WarmModel
 from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import ModelRuntime, WorkerSpec
 from qlmserve.sim.request import SimRequest, SimStatus
+from qlmserve.sim.unit import Unit, WorkerCounters
+from qlmserve.sim.worker_ops import begin_op, complete_op, warm_model
+
+__all__ = ["SimWorker", "WorkerCounters", "WorkerSink"]
 
 
 class WorkerSink(Protocol):
@@ -50,65 +63,9 @@ class WorkerSink(Protocol):
     def on_worker_changed(self, worker: SimWorker) -> None: ...
 
 
-@dataclass
-class WorkerCounters:
-    busy_s: float = 0.0  # time spent in iterations and segments
-    op_s: float = 0.0  # time spent in swaps and loads
-    tokens: int = 0
-    prefill_tokens: int = 0
-    iterations: int = 0  # iterations plus decode steps of segments
-    loads_cold: int = 0
-    loads_warm: int = 0
-    load_s: float = 0.0
-    swaps_out: int = 0
-    swaps_in: int = 0
-    evictions: int = 0
-    recompute_preemptions: int = 0
-    expert_preemptions: int = 0
-    failed_ops: int = 0
-    warm_starts: int = 0
-
-
-@dataclass(eq=False)
-class _Unit:
-    kind: str  # "iter" | "segment" | "op"
-    start: float
-    end: float
-    prefill: list[SimRequest] = field(default_factory=list)
-    decode: list[SimRequest] = field(default_factory=list)
-    steps: int = 0  # segment: decode steps
-    a: float = 0.0  # segment: duration of its first step
-    c: float = 0.0  # segment: growth of the step duration per step
-    op: Operation | None = None
-    op_reqs: list[SimRequest] = field(default_factory=list)
-    pause_s: float = 0.0  # prefill inserted by expert-level preemption
-    layers: int = 32
-
-    def elapsed_steps(self, t: float) -> int:
-        """Decode steps of a segment completed by time t."""
-        e = t - self.start
-        if e <= 0:
-            return 0
-        a, c = self.a, self.c
-        if c <= 0:
-            n = int(e // a) if a > 0 else self.steps
-        else:
-            b = a - c / 2
-            n = int((-b + math.sqrt(b * b + 2 * c * e)) / c)
-        n = max(0, min(n, self.steps))
-        while n < self.steps and self.step_end(n + 1) <= t + 1e-12:
-            n += 1
-        while n > 0 and self.step_end(n) > t + 1e-12:
-            n -= 1
-        return n
-
-    def step_end(self, i: int) -> float:
-        return self.start + i * self.a + self.c * i * (i - 1) / 2
-
-
 class SimWorker:
     def __init__(self, spec: WorkerSpec, clock: EventClock, sink: WorkerSink, *,
-                 max_prefill_tokens: int = 8192) -> None:
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
         self.spec = spec
         self.worker_id = spec.worker_id
         self.clock = clock
@@ -123,7 +80,7 @@ class SimWorker:
         self.running: list[SimRequest] = []  # admitted (KV reserved)
         self.swapped: dict[str, SimRequest] = {}
         self.ops: deque[Operation] = deque()
-        self.unit: _Unit | None = None
+        self.unit: Unit | None = None
         self._timer: Timer | None = None
         self._admit_seq = 0
         self.version = 0  # bumped on every change the controller can see
@@ -145,7 +102,9 @@ class SimWorker:
 
     @property
     def kv_used(self) -> int:
-        return sum(r.prompt_tokens + r.generated + 1 for r in self.running)
+        # What every engine counts: prompt + generated (the slot its next step writes
+        # included), reserved at admission.
+        return sum(r.kv_tokens for r in self.running)
 
     @property
     def host_kv_used(self) -> int:
@@ -174,21 +133,21 @@ class SimWorker:
             if r.first_dispatch_at is None:
                 r.first_dispatch_at = now
             self.joining.append(r)
-        self._changed()
+        self.changed()
 
     def submit_op(self, op: Operation, now: float) -> bool:
         """Take an operation. Instant ones (warm start, preemption mode) apply now; the rest
         run at the worker's next step boundary. Returns False when it cannot apply."""
         if isinstance(op, WarmModel):
-            return self._warm(op.model, now)
+            return warm_model(self, op.model, now)
         if isinstance(op, DropWarm):
             self.warm.pop(op.model, None)
-            self._changed()
+            self.changed()
             return True
         if isinstance(op, SetPreemption):
             self.mode = PreemptionMode(op.mode)
             self.max_pause_s = op.max_pause_s
-            self._changed()
+            self.changed()
             return True
         if isinstance(op, LoadModel):
             if op.model not in self.spec.models:
@@ -199,7 +158,7 @@ class SimWorker:
                 return True  # already there or under way
             self.loading_model = op.model
         self.ops.append(op)
-        self._changed()
+        self.changed()
         return True
 
     def poke(self, now: float) -> None:
@@ -217,13 +176,14 @@ class SimWorker:
 
     # ---- unit machinery ---------------------------------------------------------------------
 
-    def _schedule(self, u: _Unit) -> None:
+    def schedule(self, u: Unit) -> None:
+        """Make `u` the unit in progress; it completes at u.end (worker_ops starts op units)."""
         if self._timer is not None:
             self._timer.cancel()
         self.unit = u
         self._timer = self.clock.call_at(u.end, self._on_unit_end)
 
-    def _cut(self, u: _Unit, now: float) -> None:
+    def _cut(self, u: Unit, now: float) -> None:
         if u.pause_s > 0:
             return  # already ends at the end of the paused step
         n = u.elapsed_steps(now)
@@ -234,16 +194,16 @@ class SimWorker:
             return
         u.steps = keep
         u.end = u.step_end(keep)
-        self._schedule(u)
+        self.schedule(u)
 
-    def _expert_pause(self, u: _Unit, now: float) -> bool:
+    def _expert_pause(self, u: Unit, now: float) -> bool:
         if u.kind == "segment":
             n = u.elapsed_steps(now)
             if n >= u.steps:
                 return False
             pass_start, pass_len = u.step_end(n), u.a + u.c * n
         else:
-            if any(r.latency_sensitive for r in u.prefill):
+            if any(r.latency_sensitive for r, _ in u.prefill):
                 return False  # it is latency-sensitive work already
             n = 0
             pass_start, pass_len = u.start, u.end - u.start
@@ -252,10 +212,9 @@ class SimWorker:
         pause_at = pass_start + done * layer
         if pause_at >= pass_start + pass_len - 1e-12:
             return False
-        adm = self._admit(ls_only=True, budget_s=self.max_pause_s)
-        if not adm:
+        dur = self._insert_ls_prefill(pause_at)
+        if dur <= 0:
             return False
-        dur = self.profile.prefill_time(sum(r.kv_tokens for r in adm))
         if u.kind == "segment":
             u.steps = n + 1
             u.end = u.step_end(n + 1)
@@ -263,13 +222,31 @@ class SimWorker:
         u.end += dur
         self.counters.expert_preemptions += 1
         self.counters.busy_s += dur
-        for r in adm:
-            r.expert_preempted = True
-        done_at = pause_at + dur
-        self.clock.call_at(done_at, lambda: self._prefill_done(adm, done_at))
-        self._schedule(u)
-        self._changed()
+        self.schedule(u)
+        self.changed()
         return True
+
+    def _insert_ls_prefill(self, start: float) -> float:
+        """LS-only iterations back to back from `start`, while they fit `max_pause_s`
+        together; returns their time. Chunk progress is booked now (nothing else runs on
+        this worker until they end); each request's first token at its last chunk's end."""
+        total = 0.0
+        while True:
+            plan = plan_iteration(self._view(), ls_only=True)
+            dur = self.profile.prefill_time(plan.prefill_tokens)
+            if not plan.prefill or total + dur > self.max_pause_s:
+                return total
+            self._apply(plan)
+            total += dur
+            done = []
+            for r, n in plan.prefill:
+                r.expert_preempted = True
+                r.prefill_done += n
+                if r.prefill_done >= r.kv_tokens:
+                    done.append(r)
+            self.counters.prefill_tokens += plan.prefill_tokens
+            at = start + total
+            self.clock.call_at(at, lambda done=done, at=at: self._prefill_done(done, at))
 
     def _prefill_done(self, reqs: list[SimRequest], now: float) -> None:
         finished = []
@@ -281,7 +258,7 @@ class SimWorker:
                 finished.append(r)
         for r in finished:
             self._finish(r, now)
-        self._changed()
+        self.changed()
 
     def _on_unit_end(self) -> None:
         now = self.clock.now()
@@ -290,15 +267,21 @@ class SimWorker:
             self._complete(u, now)
         self._start_next(now)
 
-    def _complete(self, u: _Unit, now: float) -> None:
+    def _complete(self, u: Unit, now: float) -> None:
         if u.kind == "op":
-            self._complete_op(u, now)
+            complete_op(self, u, now)
             return
         finished: list[SimRequest] = []
         if u.kind == "iter":
             self.counters.iterations += 1
             self.counters.busy_s += u.end - u.start - u.pause_s
-            for r in u.prefill + u.decode:
+            emit = []
+            for r, n in u.prefill:
+                if r.status == SimStatus.RUNNING and r.worker_id == self.worker_id:
+                    r.prefill_done += n
+                    if r.prefill_done >= r.kv_tokens:  # its last chunk
+                        emit.append(r)
+            for r in emit + u.decode:
                 if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
                     continue
                 self._emit_token(r, now)
@@ -316,7 +299,7 @@ class SimWorker:
                     finished.append(r)
         for r in finished:
             self._finish(r, now)
-        self._changed()
+        self.changed()
 
     def _emit_token(self, r: SimRequest, now: float) -> None:
         r.prefilled = True
@@ -334,62 +317,42 @@ class SimWorker:
     def _start_next(self, now: float) -> None:
         self.unit = None
         while self.ops:
-            if self._begin_op(self.ops.popleft(), now):
+            if begin_op(self, self.ops.popleft(), now):
                 return
-        ls_first = self.mode != PreemptionMode.NONE
-        if ls_first and any(r.latency_sensitive for r in self.joining):
-            adm = self._admit(ls_only=True)
-            if adm:
-                self._start_iter(adm, [], now)
-                return
-        adm = self._admit()
-        decode = [r for r in self.running if r.prefilled and r not in adm] if adm else \
-            [r for r in self.running if r.prefilled]
-        decode = self._fit_kv(decode, steps=1)
-        if adm:
-            self._start_iter(adm, decode, now)
-            return
-        if decode:
-            self._start_segment(decode, now)
-            return
-        pending = [r for r in self.running if not r.prefilled]
-        if pending:  # admitted but not prefilled yet (e.g. KV preemption took the rest): prefill them
-            self._start_iter(pending, [], now)
+        plan = plan_iteration(self._view())
+        self._apply(plan)
+        if plan.prefill:
+            self._start_iter(plan.prefill, plan.decode, now)
+        elif plan.decode:
+            self._start_segment(plan.decode, now)
 
-    def _admit(self, ls_only: bool = False, budget_s: float | None = None) -> list[SimRequest]:
-        """Move what fits (batch slots, KV, prefill budget) from joining to running."""
-        if not self.joining or self.active_model is None or self.loading_model is not None:
-            return []
-        running = len(self.running)
-        free_kv = self.kv_capacity - self.kv_used
-        budget = self.max_prefill_tokens
-        prof = self.profile
-        order = self.joining
-        if self.mode != PreemptionMode.NONE:
-            order = sorted(self.joining, key=lambda r: (not r.latency_sensitive, -r.priority))
-        adm: list[SimRequest] = []
-        for r in order:
-            if running >= batch_limit(self.mode, r.latency_sensitive, self.spec.max_batch_size):
-                if self.mode == PreemptionMode.NONE or not r.latency_sensitive:
-                    break  # (latency-sensitive requests come first: the rest are best-effort)
-                continue
-            if ls_only and not r.latency_sensitive:
-                continue
-            if r.model != self.active_model:
-                continue
-            need = r.kv_tokens + 1
-            fits = need <= free_kv and (not adm or r.kv_tokens <= budget)
-            if fits and budget_s is not None:
-                fits = prof.prefill_time(sum(x.kv_tokens for x in adm) + r.kv_tokens) <= budget_s
-            if not fits:
-                if self.mode == PreemptionMode.NONE:
-                    break  # FCFS: nobody overtakes the head
-                continue
-            adm.append(r)
-            running += 1
-            free_kv -= need
-            budget -= r.kv_tokens
-        for r in adm:
+    def _view(self) -> BatchView[SimRequest]:
+        """The worker's state for the shared batching rules (KV in tokens)."""
+        paused = self.unit.prefill if self.unit is not None else ()
+        busy = {id(r) for r, _ in paused}
+        free = [r for r in self.running if id(r) not in busy]
+        serving = self.active_model if self.loading_model is None else None
+        return BatchView(
+            mode=self.mode, max_batch_size=self.spec.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+            model=serving, kv_free=self.kv_capacity - self.kv_used, running=len(self.running),
+            waiting=self.joining,
+            prefilling=[r for r in free if not r.prefilled and r.prefill_done < r.kv_tokens],
+            decoding=[r for r in free if r.prefilled],
+            kv_need=lambda r: r.kv_tokens + 1, prompt_left=lambda r: r.kv_tokens - r.prefill_done,
+            kv_held=lambda r: r.kv_tokens, admitted_order=lambda r: r.admitted_order,
+        )
+
+    def _apply(self, plan: IterationPlan[SimRequest]) -> None:
+        """Carry out a plan's preemptions (recompute later, as vLLM does) and admissions."""
+        for r in plan.preempted:
+            self.running.remove(r)
+            r.prefilled = False
+            r.prefill_done = 0
+            r.status = SimStatus.ASSIGNED
+            r.recomputes += 1
+            self.joining.insert(0, r)
+            self.counters.recompute_preemptions += 1
+        for r in plan.admitted:
             self.joining.remove(r)
             self._admit_seq += 1
             r.admitted_order = self._admit_seq
@@ -397,32 +360,17 @@ class SimWorker:
             if r.generated > 0:
                 r.recompute_tokens += r.kv_tokens
             self.running.append(r)
-        return adm
 
-    def _fit_kv(self, decode: list[SimRequest], steps: int) -> list[SimRequest]:
-        """Preempt (recompute later) the latest-admitted best-effort sequences until `steps`
-        decode steps of the rest fit the KV cache, as vLLM does."""
-        while decode and self.kv_used + len(decode) * steps > self.kv_capacity:
-            victim = max(decode, key=lambda r: (not r.latency_sensitive, r.admitted_order))
-            decode.remove(victim)
-            self.running.remove(victim)
-            victim.prefilled = False
-            victim.status = SimStatus.ASSIGNED
-            victim.recomputes += 1
-            self.joining.insert(0, victim)
-            self.counters.recompute_preemptions += 1
-        return decode
-
-    def _start_iter(self, prefill: list[SimRequest], decode: list[SimRequest], now: float) -> None:
+    def _start_iter(self, prefill: list[tuple[SimRequest, int]], decode: list[SimRequest], now: float) -> None:
         prof = self.profile
         dur = 0.0
         if prefill:
-            tokens = sum(r.kv_tokens for r in prefill)
+            tokens = sum(n for _, n in prefill)
             dur += prof.prefill_time(tokens)
             self.counters.prefill_tokens += tokens
         if decode:
             dur += prof.decode_step_time(len(decode), sum(r.kv_tokens for r in decode))
-        self._schedule(_Unit("iter", now, now + dur, prefill=prefill, decode=decode, layers=self.runtime.num_layers))
+        self.schedule(Unit("iter", now, now + dur, prefill=prefill, decode=decode, layers=self.runtime.num_layers))
 
     def _start_segment(self, decode: list[SimRequest], now: float) -> None:
         prof = self.profile
@@ -433,153 +381,11 @@ class SimWorker:
         ctx = sum(r.kv_tokens for r in decode)
         a = prof.decode_step_time(b, ctx)
         c = prof.decode_per_ctx_token_s * b
-        u = _Unit("segment", now, 0.0, decode=decode, steps=k, a=a, c=c, layers=self.runtime.num_layers)
+        u = Unit("segment", now, 0.0, decode=decode, steps=k, a=a, c=c, layers=self.runtime.num_layers)
         u.end = u.step_end(k)
-        self._schedule(u)
+        self.schedule(u)
 
-    # ---- operations ---------------------------------------------------------------------------
-
-    def _find(self, rid: str) -> SimRequest | None:
-        for lst in (self.running, self.joining):
-            for r in lst:
-                if r.rid == rid:
-                    return r
-        return self.swapped.get(rid)
-
-    def _begin_op(self, op: Operation, now: float) -> bool:
-        """Carry out a queued operation; True when it occupies the worker (a unit started)."""
-        prof = self.profile
-        if isinstance(op, Evict):
-            for rid in op.request_ids:
-                r = self._find(rid)
-                if r is None:
-                    self.counters.failed_ops += 1
-                    continue
-                self._detach(r)
-                r.evictions += 1
-                self.counters.evictions += 1
-                self.sink.on_requeue(r, now, "evict")
-            self._changed()
-            return False
-        if isinstance(op, SwapOut):
-            reqs = []
-            for rid in op.request_ids:
-                r = self._find(rid)
-                if r is None or r.status != SimStatus.RUNNING or not r.prefilled:
-                    self.counters.failed_ops += 1
-                    continue
-                reqs.append(r)
-            cap = self.spec.host_kv_tokens
-            if cap is not None:
-                room = cap - self.host_kv_used
-                kept = []
-                for r in reqs:
-                    if r.kv_tokens <= room:
-                        kept.append(r)
-                        room -= r.kv_tokens
-                    else:
-                        self.counters.failed_ops += 1
-                reqs = kept
-            if not reqs:
-                return False
-            dur = prof.kv_swap_time(sum(r.kv_tokens for r in reqs))
-            self._schedule(_Unit("op", now, now + dur, op=op, op_reqs=reqs))
-            return True
-        if isinstance(op, SwapIn):
-            reqs = []
-            slots = self.spec.max_batch_size - len(self.running)
-            free = self.kv_capacity - self.kv_used
-            for rid in op.request_ids:
-                r = self.swapped.get(rid)
-                if r is None or r.model != self.active_model or slots <= 0 or r.kv_tokens + 1 > free:
-                    self.counters.failed_ops += 1
-                    continue
-                reqs.append(r)
-                slots -= 1
-                free -= r.kv_tokens + 1
-            if not reqs:
-                return False
-            for r in reqs:  # reserve their KV now
-                del self.swapped[r.rid]
-                r.status = SimStatus.RUNNING
-                self.running.append(r)
-            dur = prof.kv_swap_time(sum(r.kv_tokens for r in reqs))
-            self._schedule(_Unit("op", now, now + dur, op=op, op_reqs=reqs))
-            return True
-        if isinstance(op, LoadModel):
-            if op.model == self.active_model:
-                self.loading_model = None
-                self._changed()
-                return False
-            # The batch of the old model goes back to the queue, tokens kept (the worker
-            # hands it back, as the real worker does on a model swap).
-            for r in [r for r in self.running + self.joining if r.model != op.model]:
-                self._detach(r)
-                r.evictions += 1
-                self.counters.evictions += 1
-                self.sink.on_requeue(r, now, "model swap")
-            rt = self.spec.models[op.model]
-            warm = self.warm.get(op.model, math.inf) <= now
-            dur = rt.profile.model_load_time(rt.weight_bytes, warm)
-            self.loading_model = op.model
-            if warm:
-                self.counters.loads_warm += 1
-            else:
-                self.counters.loads_cold += 1
-            self.counters.load_s += dur
-            self._changed()
-            self._schedule(_Unit("op", now, now + dur, op=op))
-            return True
-        self.counters.failed_ops += 1
-        return False
-
-    def _complete_op(self, u: _Unit, now: float) -> None:
-        op = u.op
-        self.counters.op_s += u.end - u.start
-        if isinstance(op, SwapOut):
-            for r in u.op_reqs:
-                if r.status != SimStatus.RUNNING or r.worker_id != self.worker_id:
-                    continue
-                self.running.remove(r)
-                r.status = SimStatus.SWAPPED
-                r.swaps += 1
-                self.swapped[r.rid] = r
-                self.counters.swaps_out += 1
-        elif isinstance(op, SwapIn):
-            self.counters.swaps_in += len(u.op_reqs)
-        elif isinstance(op, LoadModel):
-            self.active_model = op.model
-            self.loading_model = None
-        self._changed()
-
-    def _detach(self, r: SimRequest) -> None:
-        """Take a request off this worker (its KV is dropped; its tokens stay with it)."""
-        if r in self.running:
-            self.running.remove(r)
-        elif r in self.joining:
-            self.joining.remove(r)
-        else:
-            self.swapped.pop(r.rid, None)
-        r.prefilled = False
-        r.status = SimStatus.WAITING
-        r.worker_id = None  # a unit still holding it in its batch skips it from now on
-
-    def _warm(self, model: str, now: float) -> bool:
-        rt = self.spec.models.get(model)
-        if rt is None:
-            self.counters.failed_ops += 1
-            return False
-        if model in self.warm:
-            return True
-        used = sum(self.spec.models[m].weight_bytes for m in self.warm)
-        if used + rt.weight_bytes > self.spec.host_ram_bytes:
-            self.counters.failed_ops += 1
-            return False
-        self.warm[model] = now + rt.weight_bytes / rt.profile.load_cold_bytes_per_s
-        self.counters.warm_starts += 1
-        self._changed()
-        return True
-
-    def _changed(self) -> None:
+    def changed(self) -> None:
+        """Tell the simulation (and the controller's view) that this worker changed."""
         self.version += 1
         self.sink.on_worker_changed(self)

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 
 from qlmserve.backends.engine import PreemptionMode
+from qlmserve.bench.chunked import ChunkedOptions
+from qlmserve.bench.chunked import run as run_chunked
 from qlmserve.bench.engine import EngineBenchOptions, bench_throughput
 from qlmserve.bench.preemption import PreemptionOptions, build_workload, run_mode, summarize
 
@@ -51,3 +53,19 @@ def test_preemption_bench_runs_the_same_work_in_every_mode(tiny_models, tmp_path
         assert r["full_batch_step_cpu_s"] > 0 and r["engine_cost_steps"] > 0
     summary = summarize(PreemptionMode.EXPERT, [expert])
     assert summary["be_tokens_per_engine_cpu_s"] > 0 and summary["be_tokens_per_step"] > 0
+
+
+def test_chunked_prefill_bench_runs_the_same_work_per_budget(tiny_models):
+    """This test verifies that: 1. every budget's runs produce the same BE tokens (the
+    same requests to completion), so BE tokens per second compare one job; 2. a budget
+    below the BE prompts takes more prefill passes than none; 3. every LS request got
+    its first token, timed on both clocks."""
+    opts = ChunkedOptions(budgets=[16], rounds=1, be_requests=2, be_prompt=40, be_output=3, ls_prompt=8,
+                          ls_output=2)
+    report = run_chunked(opts, tiny_models["mixtral"])
+    none, chunked = report["rows"]
+    runs = report["runs"]
+    assert {r["be_tokens"] for rs in runs.values() for r in rs} == {2 * 3}
+    assert chunked["budget"] == 16 and chunked["prefill_passes"] > none["prefill_passes"]
+    assert all(r["ls_ttft_s"] > 0 and r["ls_ttft_cpu_s"] > 0 for rs in runs.values() for r in rs)
+    assert none["be_tok_per_cpu_s_ratio"] == 1.0 and chunked["be_tok_per_cpu_s"] > 0

@@ -59,6 +59,7 @@ models:
     (GOOD.replace("max_context: 128", "max_context: lots"), 6, "models.m.max_context", "integer"),
     (GOOD + "planner:\n  operations: [evict, teleport]\n", 8, "planner.operations.1", "evict"),
     (GOOD + "default_slo_class: gold\n", None, "<root>", "'gold' is not one of"),
+    (GOOD + "max_prefill_tokens: 0\n", 7, "max_prefill_tokens", "greater than or equal to 1"),
     ("models: {m: {}}\n", None, "slo_classes", "Field required"),
 ])
 def test_invalid_policy_names_file_line_field(text: str, line: int | None, field: str, words: str, tmp_path: Path):

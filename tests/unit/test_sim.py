@@ -316,3 +316,26 @@ def test_a_fail_fast_class_drops_what_missed_its_target_while_waiting():
     assert sum(c["failed_fast"] for c in fast_s["classes"].values()) == len(failed)
     assert all(r.finished_at is not None for r in fast.requests)
     assert fast_s["attainment"] >= late_s["attainment"]  # capacity goes to requests that can still make it
+
+
+def test_prefill_budget_comes_from_the_policy():
+    """This test verifies that:
+    1. the simulated workers prefill at most the policy's max_prefill_tokens per iteration
+       (the budget the controller sends real workers in Welcome), unless SimOptions
+       overrides it;
+    2. a prompt over the budget is prefilled in chunks: its first token comes after
+       ceil(prompt / budget) iterations, each charged prefill_time(chunk)."""
+    cfg = PolicyConfig.model_validate({**POLICY, "max_prefill_tokens": 512})
+    fleet = uniform_fleet(1, "A100-80GB", ["llama-2-7b"])
+    assert [w.max_prefill_tokens for w in Simulation(cfg, fleet, []).workers.values()] == [512]
+    sim = Simulation(cfg, fleet, [], options=SimOptions(max_prefill_tokens=64))
+    assert [w.max_prefill_tokens for w in sim.workers.values()] == [64]
+    clock, sink = EventClock(), Sink()
+    w = SimWorker(fleet.workers[0], clock, sink, max_prefill_tokens=512)
+    a = sreq("a", prompt=1300, out=3)
+    w.assign([a], 0.0)
+    w.poke(0.0)
+    clock.advance_to(100.0)
+    p = w.profile
+    assert a.first_token_at == pytest.approx(2 * p.prefill_time(512) + p.prefill_time(276))
+    assert w.counters.prefill_tokens == 1300 and a.generated == 3
