@@ -4,8 +4,9 @@ A worker (backends/worker.py) owns exactly one Engine. It feeds it requests and
 operations received from the controller and calls `step()` in a loop on its own
 thread; everything `step()` returns is written to Redis in one pipeline.
 
-Two implementations:
+Three implementations:
   - backends/hf/engine.py: Hugging Face `transformers` models, really generating tokens.
+  - backends/vllm/engine.py: vLLM's engine (its own virtualenv), driven in process.
   - backends/sim_engine.py: a calibrated cost model that stands in for a GPU.
 
 Thread-safety contract: `add_request`, `abort`, and `request_preemption_check`
@@ -19,6 +20,8 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+
+from qlmserve.operations.ops import ALL_CAPABILITIES, Capability
 
 
 class FinishReason(str, enum.Enum):
@@ -63,6 +66,12 @@ class EngineRequest:
     stop_token_ids: tuple[int, ...] = ()
     latency_sensitive: bool = False  # decides who may preempt whom
     priority: int = 0  # higher runs first under PreemptionMode.ITERATION
+
+
+def precedence(request: EngineRequest) -> tuple[bool, int]:
+    """Who is admitted first under ITERATION / EXPERT (ties go by arrival): latency-sensitive
+    requests, then higher `priority`. Every engine orders its waiting requests by it."""
+    return (not request.latency_sensitive, -request.priority)
 
 
 @dataclass
@@ -168,6 +177,11 @@ class Engine(ABC):
     @abstractmethod
     def stats(self) -> EngineStats:
         """A consistent view of the engine's state for the controller."""
+
+    def supported_ops(self) -> frozenset[Capability]:
+        """The operations this engine carries out; the worker reports them and the planner
+        asks for nothing else. The methods of the others raise EngineError."""
+        return ALL_CAPABILITIES
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

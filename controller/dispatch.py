@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
 from qlmserve.backends.engine import batch_limit
-from qlmserve.operations.ops import Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
+from qlmserve.operations.ops import Capability, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
 
@@ -80,7 +80,8 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
                 break
             if g.model != w.active_model:
                 own_running = any(r.model == w.active_model for r in w.running if not r.swapped)
-                if not own_running and not any(a.worker_id == w.worker_id for a in assignments):
+                if not own_running and not any(a.worker_id == w.worker_id for a in assignments) \
+                        and w.supports(Capability.MODEL_SWAP):
                     ops.append(LoadModel(w.worker_id, g.model, reason=f"head group {gid} needs {g.model}"))
                 blocked = True
                 break  # strict queue order: later groups wait for this one
@@ -101,7 +102,7 @@ def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int, ls_extra: in
     into the slots the leading latency-sensitive groups leave (beyond `ls_extra`, the
     slots those may take past the batch limit)."""
     swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
-    if not swapped or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
+    if not swapped or not w.supports(Capability.KV_SWAP) or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
         return None
     ls = sum(g.size for g in leading_latency_sensitive(groups.get(gid) for gid in
                                                        plan.virtual_queues.get(w.worker_id, [])))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from qlmserve.controller.snapshot import RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import Capability
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class WorkerReport:
     device: str
     loading_model: str | None
     preemption: str
+    # what its engine carries out, sorted (a tuple: the report is mirrored to Redis as JSON);
+    # None: the worker did not say (every operation)
+    supported_ops: tuple[Capability, ...] | None = None
 
 
 _op_ids = itertools.count(1)
@@ -119,4 +123,5 @@ class WorkerHandle:
             draining=self.draining,
             gpu=self.device,
             loading_model=loading,
+            supported_ops=frozenset(r.supported_ops) if r and r.supported_ops is not None else None,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.backends.engine import PreemptionMode, batch_limit
+from qlmserve.backends.engine import PreemptionMode, batch_limit, precedence
 
 from .sequence import Sequence
 
@@ -37,7 +37,7 @@ class SchedulingPolicy:
     def admission_order(self, waiting: list[Sequence]) -> list[Sequence]:
         if not self.prioritized:
             return list(waiting)
-        return sorted(waiting, key=lambda s: (not s.latency_sensitive, -s.request.priority, s.arrival))
+        return sorted(waiting, key=lambda s: (*precedence(s.request), s.arrival))
 
     def batch_limit(self, seq: Sequence, max_batch_size: int) -> int:
         return batch_limit(self.mode, seq.latency_sensitive, max_batch_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from qlmserve.controller.core import SubmitInput
 from qlmserve.controller.request import Request, Sampling
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerReport
+from qlmserve.operations.ops import Capability
 from qlmserve.pb import client_pb2, worker_pb2
 
 
@@ -50,4 +51,13 @@ def report_from_pb(s: worker_pb2.WorkerState) -> WorkerReport:
         running={e.request_id: (e.attempt, e.swapped) for e in s.running}, waiting=list(s.waiting),
         max_batch_size=s.max_batch_size, prefill_tokens_per_s=s.prefill_tokens_per_s,
         decode_tokens_per_s=s.decode_tokens_per_s, device=s.device, loading_model=s.loading_model or None,
-        preemption=s.preemption)
+        preemption=s.preemption, supported_ops=_capabilities(s.supported_ops))
+
+
+def _capabilities(names: list[str]) -> tuple[Capability, ...] | None:
+    """A worker that names no operation predates the field: it supports every operation.
+    A name this controller does not know (a newer worker) offers nothing it could ask for."""
+    if not names:
+        return None
+    known = {c.value for c in Capability}
+    return tuple(sorted(Capability(n) for n in names if n in known))
