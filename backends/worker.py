@@ -42,7 +42,7 @@ STATE_INTERVAL_S = 0.25
 class WorkerOptions:
     controller: str  # host:port of the controller
     worker_id: str = ""
-    engine: str = "hf"  # hf | sim
+    engine: str = "hf"  # hf | sim | vllm
     device: str = "auto"
     max_batch_size: int = 16
     kv_capacity_tokens: int | None = None
@@ -51,9 +51,9 @@ class WorkerOptions:
     max_pause_s: float = 2.0
     sim_profile: str | None = None  # WorkerProfile YAML for the sim engine
     seed: int = 0
-    # CPU threads of the HF engine. One per worker by default: several workers sharing
-    # a few cores with more threads each spin against each other (measured 20x slower
-    # on 2 cores with 2 workers x 2 threads).
+    # CPU threads of the HF engine (of vLLM's CPU worker with --engine vllm). One per
+    # worker by default: several workers sharing a few cores with more threads each spin
+    # against each other (measured 20x slower on 2 cores with 2 workers x 2 threads).
     threads: int = 1
 
     def resolved_id(self) -> str:
@@ -191,10 +191,10 @@ class Worker:
 
     async def run(self) -> None:
         self.aio_loop = asyncio.get_running_loop()
-        if self.opts.engine == "hf":
-            # Importing transformers' model code holds the GIL for seconds; do it before
-            # dialing, so that a session's heartbeats never starve behind it.
-            await asyncio.to_thread(_import_hf)
+        if self.opts.engine in _HEAVY_IMPORTS:
+            # Importing transformers' (or vLLM's) model code holds the GIL for seconds; do
+            # it before dialing, so that a session's heartbeats never starve behind it.
+            await asyncio.to_thread(_HEAVY_IMPORTS[self.opts.engine])
         backoff = 0.2
         while not self._stopping.is_set():
             try:
@@ -273,7 +273,8 @@ class Worker:
             active_model=s.active_model or "", warm_models=s.warm_models, kv_capacity_tokens=s.kv_capacity_tokens,
             kv_used_tokens=s.kv_used_tokens, running=running, waiting=s.waiting, max_batch_size=s.max_batch_size,
             prefill_tokens_per_s=s.prefill_tokens_per_s, decode_tokens_per_s=s.decode_tokens_per_s, device=s.device,
-            loading_model=self._loading or "", preemption=self._preemption)
+            loading_model=self._loading or "", preemption=self._preemption,
+            supported_ops=sorted(c.value for c in lt.engine.supported_ops()))
 
     _loading: str | None = None
     _preemption: str = "none"
@@ -306,11 +307,12 @@ class Worker:
 
             torch.set_num_threads(max(1, o.threads))
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
-                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed)
+                               kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed,
+                               threads=o.threads)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
         self._preemption = o.preemption
         tokenizers = {}
-        if o.engine == "hf":
+        if o.engine in _HEAVY_IMPORTS:  # the engines of real models detokenize here
             from transformers import AutoTokenizer
 
             for name, spec in self.models.items():
@@ -440,6 +442,16 @@ def _import_hf() -> None:
     )
 
     import qlmserve.backends.hf.engine  # noqa: F401
+
+
+def _import_vllm() -> None:
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+
+    import qlmserve.backends.vllm.engine  # noqa: F401 - imports vllm itself
+
+
+_HEAVY_IMPORTS: dict[str, Callable[[], None]] = {"hf": _import_hf, "vllm": _import_vllm}
 
 
 def run_worker(opts: WorkerOptions) -> int:

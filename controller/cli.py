@@ -29,14 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--prefix", default="qlm", help="Redis key prefix (one deployment per prefix)")
     p.add_argument("--local-workers", type=int, default=0, help="start N worker processes beside the controller")
-    p.add_argument("--worker-engine", default="hf", choices=["hf", "sim"])
+    p.add_argument("--worker-engine", default="hf", choices=["hf", "sim", "vllm"],
+                   help="vllm: local workers run from the vLLM virtualenv (make vllm)")
     p.add_argument("--worker-log-dir", help="keep local workers' logs here")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a worker that dials a controller")
     p.add_argument("--controller", default=DEFAULT_ADDRESS)
     p.add_argument("--id", default="", help="worker id (default: host-pid)")
-    p.add_argument("--engine", default="hf", choices=["hf", "sim"])
+    p.add_argument("--engine", default="hf", choices=["hf", "sim", "vllm"],
+                   help="vllm: run from the vLLM virtualenv (make vllm; .venv-vllm/bin/qlm)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--kv-capacity", type=int, help="KV cache capacity in tokens")
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pause", type=float, default=2.0)
     p.add_argument("--sim-profile", help="WorkerProfile YAML for --engine sim")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF engine (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF or vLLM engine (default 1)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="submit a request and stream its tokens")
