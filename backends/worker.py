@@ -115,6 +115,10 @@ class EngineLoop(threading.Thread):
             except Exception:  # noqa: BLE001 - keep the worker alive; the failure is logged
                 log.exception("engine loop error")
                 time.sleep(0.1)
+        try:  # on this thread, between steps: a vLLM engine stops its own processes here
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - stopping anyway
+            log.exception("closing the engine")
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -471,4 +475,6 @@ def run_worker(opts: WorkerOptions) -> int:
         task.cancel()
 
     asyncio.run(main())
+    if worker.loop_thread is not None:
+        worker.loop_thread.join(timeout=30)  # lets the engine close (vLLM: its engine processes)
     return 0

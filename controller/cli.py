@@ -29,8 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--prefix", default="qlm", help="Redis key prefix (one deployment per prefix)")
     p.add_argument("--local-workers", type=int, default=0, help="start N worker processes beside the controller")
-    p.add_argument("--worker-engine", default="hf", choices=["hf", "sim", "vllm"],
-                   help="vllm: local workers run from the vLLM virtualenv (make vllm)")
+    p.add_argument("--worker-engine", default="hf", choices=["hf", "sim"])
     p.add_argument("--worker-log-dir", help="keep local workers' logs here")
     p.set_defaults(func=cmd_serve)
 

@@ -19,7 +19,6 @@ from qlmserve.controller.policy import PolicyConfig, load_policy, parse_policy
 from qlmserve.controller.redis_server import PrivateRedis
 from qlmserve.controller.service.server import build_server
 from qlmserve.controller.store import RedisStore
-from qlmserve.vllm_venv import vllm_python
 
 log = logging.getLogger("qlm.runtime")
 
@@ -95,20 +94,10 @@ class ControllerRuntime:
         log.info("controller listening on %s (redis %s)", self.address, url)
         return self
 
-    def spawn_worker(self, worker_id: str, extra: list[str] | None = None, engine: str | None = None
-                     ) -> subprocess.Popen:
-        """A worker process beside the controller (its own Python, its own engine; a vLLM
-        worker runs from the vLLM virtualenv)."""
-        engine = engine or self.opts.worker_engine
-        python = sys.executable
-        if engine == "vllm":
-            found = vllm_python()
-            if found is None:
-                raise RuntimeError("--engine vllm needs the vLLM virtualenv: run `make vllm` (or set "
-                                   "QLM_VLLM_PYTHON)")
-            python = str(found)
-        args = [python, "-m", "qlmserve.cli", "worker", "--controller", self.address, "--id", worker_id,
-                "--engine", engine, *self.opts.worker_args, *(extra or [])]
+    def spawn_worker(self, worker_id: str, extra: list[str] | None = None) -> subprocess.Popen:
+        """A worker process beside the controller (its own Python, its own engine)."""
+        args = [sys.executable, "-m", "qlmserve.cli", "worker", "--controller", self.address, "--id", worker_id,
+                "--engine", self.opts.worker_engine, *self.opts.worker_args, *(extra or [])]
         out = subprocess.DEVNULL
         if self.opts.worker_log_dir:
             Path(self.opts.worker_log_dir).mkdir(parents=True, exist_ok=True)

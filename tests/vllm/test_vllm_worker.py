@@ -201,7 +201,7 @@ async def test_mixed_fleet_and_a_killed_worker_hands_its_requests_back(cluster: 
        requests back: they complete on the HF worker after the tokens already produced,
        with the tokens of an uninterrupted run."""
     c = cluster
-    hf = c.rt.spawn_worker("h0", ["--preload", "tiny-dense", "--device", "cpu", "--max-batch", "2"], engine="hf")
+    hf = c.rt.spawn_worker("h0", ["--preload", "tiny-dense", "--device", "cpu", "--max-batch", "2"])
     c.rt.workers.append(hf)
     await c.rt.wait_for_workers(2, timeout_s=120)
     await wait_until(lambda: c.rt.controller.workers["h0"].report.active_model == "tiny-dense", timeout_s=60,
