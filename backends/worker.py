@@ -86,18 +86,18 @@ class EngineLoop(threading.Thread):
         self.lock = threading.Lock()
         self.stats: EngineStats = engine.stats()
         self._stats_at = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: threading.Thread.join() calls its own _stop()
         self._pending: list[tuple[TokenEvent, int, str]] = []
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.commands.put(lambda: None)
 
     def call(self, fn: Callable[[], None]) -> None:
         self.commands.put(fn)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self._run_commands(block=not self.engine.has_work() and not self._pending)
                 if self._pending:
