@@ -153,8 +153,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    import importlib.util
+
     from qlmserve.backends.worker import WorkerOptions, run_worker
 
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        print(f"error: field 'engine': vllm is not installed for {sys.executable}; vLLM has a virtualenv of its "
+              "own: run `make vllm`, then start the worker with .venv-vllm/bin/qlm", file=sys.stderr)
+        return 2
     _logging()
     return run_worker(WorkerOptions(controller=args.controller, worker_id=args.id, engine=args.engine,
                                     device=args.device, max_batch_size=args.max_batch,

@@ -138,3 +138,18 @@ def test_vllm_priorities_follow_qlm_precedence():
     assert [r.request_id for r in by_vllm] == [r.request_id for r in by_qlm]
     assert all(vllm_priority(PreemptionMode.ITERATION, r) < BEST_EFFORT_OFFSET for r in reqs if r.latency_sensitive)
     assert {vllm_priority(PreemptionMode.NONE, r) for r in reqs} == {0}
+
+
+def test_a_vllm_worker_started_without_vllm_says_where_vllm_lives(capsys):
+    """This test verifies that `qlm worker --engine vllm` run from a Python without vLLM (the
+    main virtualenv) exits at once with code 2 and an error naming the field and the vLLM
+    virtualenv, instead of dialing the controller with an engine it cannot build."""
+    import importlib.util
+
+    from qlmserve.cli import main
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this Python has vLLM")  # the tests run from the main virtualenv, which has none
+    assert main(["worker", "--engine", "vllm", "--controller", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'engine'" in err and "make vllm" in err and ".venv-vllm/bin/qlm" in err
