@@ -95,6 +95,18 @@ async def _wait_ready(c: Cluster, wid: str, model: str) -> None:
     await wait_until(ready, timeout_s=START_S, interval=0.2, what=f"worker {wid} serving {model}")
 
 
+async def _streaming_on(c: Cluster, wid: str, n: int, tokens: int) -> list[str] | None:
+    """The requests running on `wid` once `n` of them have produced `tokens` tokens, read
+    straight from Redis in one round trip (not through the controller, whose loop the
+    tests share: a slow read could let a request finish before the test acts on it)."""
+    running = list(await c.rt.controller.store.worker_running(wid))
+    if len(running) < n:
+        return None
+    reqs = await c.rt.controller.store.get_requests(running)
+    done = [rid for rid, r in reqs.items() if r.generated >= tokens]
+    return done if len(done) >= n else None
+
+
 def _generate(c: Cluster, model: str, prompt: int, max_tokens: int, slo_class: str = "batch"):
     return c.client.generate_reliably(submit_request(model, prompt_token_ids=PROMPTS[prompt], max_tokens=max_tokens,
                                                      slo_class=slo_class))
@@ -126,25 +138,13 @@ async def test_evict_and_requeue_continue_to_the_same_tokens(cluster: Cluster, r
     abort, the request back in the queue with its tokens) ends with the same tokens as an
     uninterrupted greedy run: the rerun prefills prompt + generated tokens and goes on."""
     c = cluster
-    task = asyncio.create_task(_generate(c, "tiny-moe", 3, 160))
-    rid = None
-
-    async def started() -> bool:
-        nonlocal rid
-        running = await c.rt.controller.store.worker_running("v0")
-        for r in running:
-            st = await c.client.status(r)
-            if st.generated_tokens >= 8:
-                rid = r
-                return True
-        return False
-
-    await wait_until(started, timeout_s=60, interval=0.02, what="8 tokens")
-    c.rt.controller.workers["v0"].send(OpCommand(next_op_id(), "evict", (rid,)))
+    task = asyncio.create_task(_generate(c, "tiny-moe", 3, 400))  # seconds of decoding
+    running = await wait_until(lambda: _streaming_on(c, "v0", 1, 8), timeout_s=60, interval=0.02, what="8 tokens")
+    c.rt.controller.workers["v0"].send(OpCommand(next_op_id(), "evict", tuple(running)))
     res = await asyncio.wait_for(task, 120)
     st = await c.client.status(res.request_id)
     assert st.attempts >= 2  # it ran again after the eviction
-    assert res.token_ids == reference.tokens("tiny-moe", 3, 160)
+    assert res.token_ids == reference.tokens("tiny-moe", 3, 400)
 
 
 async def test_latency_sensitive_request_overtakes_a_best_effort_backlog(cluster: Cluster, reference):
@@ -217,19 +217,13 @@ async def test_mixed_fleet_and_a_killed_worker_hands_its_requests_back(cluster: 
     assert both[0].token_ids == reference.tokens("tiny-moe", 7, 30)
     assert both[1].token_ids == reference.tokens("tiny-dense", 2, 30)
 
-    long = [asyncio.create_task(_generate(c, "tiny-moe", i, 200)) for i in (8, 9)]
-
-    async def on_vllm_with_tokens() -> bool:
-        running = await c.rt.controller.store.worker_running("v0")
-        if len(running) < 2:
-            return False
-        return all([(await c.client.status(r)).generated_tokens >= 5 for r in running])
-
-    await wait_until(on_vllm_with_tokens, timeout_s=60, interval=0.02, what="two requests streaming on v0")
+    long = [asyncio.create_task(_generate(c, "tiny-moe", i, 400)) for i in (8, 9)]  # seconds of decoding
+    await wait_until(lambda: _streaming_on(c, "v0", 2, 5), timeout_s=60, interval=0.02,
+                     what="two requests streaming on v0")
     stop_group(c.vllm, signal.SIGKILL)
     results = await asyncio.wait_for(asyncio.gather(*long), START_S)
     for i, res in zip((8, 9), results, strict=True):
         st = await c.client.status(res.request_id)
         assert st.worker_id == "h0" and st.attempts >= 2
-        assert res.token_ids == reference.tokens("tiny-moe", i, 200)
+        assert res.token_ids == reference.tokens("tiny-moe", i, 400)
     assert not {op for op in c.planned if op[0] == "v0" and op[2] == "expert"}
