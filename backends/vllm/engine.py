@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
@@ -50,7 +51,6 @@ from qlmserve.backends.engine import (
     batch_limit,
     precedence,
 )
-from qlmserve.controller.policy import ModelSpec
 from qlmserve.operations.ops import Capability
 
 from .loop import LoopThread
@@ -58,6 +58,9 @@ from .model_engine import ModelEngine, device_name, sleep_mode_available
 from .ops import SUPPORTED_OPS
 from .options import VLLMOptions
 from .priority import vllm_priority
+
+if TYPE_CHECKING:  # a type only: backends do not import the controller at run time
+    from qlmserve.controller.policy import ModelSpec
 
 log = logging.getLogger("qlm.vllm")
 

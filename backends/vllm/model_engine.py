@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -20,10 +21,11 @@ from vllm.platforms import current_platform
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from qlmserve.controller.policy import ModelSpec
-
 from .loop import LoopThread
 from .options import VLLMOptions
+
+if TYPE_CHECKING:  # a type only: backends do not import the controller at run time
+    from qlmserve.controller.policy import ModelSpec
 
 _EMA = 0.2  # smoothing of the measured throughputs, as the HF engine's
 
