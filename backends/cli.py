@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from qlmserve.credentials import add_credential_args, resolve_token, tls_from_args
 
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="controller address; several, comma-separated, and the worker finds the leader")
     add_credential_args(p)
     p.add_argument("--id", default="", help="worker id (default: host-pid)")
-    p.add_argument("--engine", default="hf", choices=["hf", "sim"])
+    p.add_argument("--engine", default="hf", choices=["hf", "sim", "vllm"],
+                   help="vllm: run from the vLLM virtualenv (make vllm; .venv-vllm/bin/qlm)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--kv-capacity", type=int, help="KV cache capacity in tokens")
@@ -31,14 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="with --sim-fleet: run this many times slower than the profiles (one machine for a fleet)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF engine (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF or vLLM engine (default 1)")
     p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args) -> int:
+    import importlib.util
+
     from qlmserve.backends.factory import SimFleetWorker
     from qlmserve.backends.worker import WorkerOptions, run_worker
 
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        print(f"error: field 'engine': vllm is not installed for {sys.executable}; vLLM has a virtualenv of its "
+              "own: run `make vllm`, then start the worker with .venv-vllm/bin/qlm", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_worker(WorkerOptions(controller=args.controller, worker_id=args.id, engine=args.engine,
                                     device=args.device, max_batch_size=args.max_batch,

@@ -4,8 +4,9 @@ A worker (backends/worker.py) owns exactly one Engine. It feeds it requests and
 operations received from the controller and calls `step()` in a loop on its own
 thread; everything `step()` returns is written to Redis in one pipeline.
 
-Two implementations:
+Three implementations:
   - backends/hf/engine.py: Hugging Face `transformers` models, really generating tokens.
+  - backends/vllm/engine.py: vLLM's engine (its own virtualenv), driven in process.
   - backends/sim_engine.py: a calibrated cost model that stands in for a GPU.
 
 Thread-safety contract: `add_request`, `abort`, and `request_preemption_check`
@@ -20,10 +21,11 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from qlmserve.operations.batching import LS_BATCH_FACTOR, PreemptionMode, batch_limit
+from qlmserve.operations.batching import LS_BATCH_FACTOR, PreemptionMode, batch_limit, precedence
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import ALL_CAPABILITIES, Capability
 
-__all__ = ["LS_BATCH_FACTOR", "PreemptionMode", "batch_limit"]  # re-exported: engines' vocabulary
+__all__ = ["LS_BATCH_FACTOR", "PreemptionMode", "batch_limit", "precedence"]  # re-exported: engines' vocabulary
 
 
 class FinishReason(str, enum.Enum):
@@ -168,6 +170,11 @@ class Engine(ABC):
         """(request id, error) of requests that failed alone since the last call: they have
         left the engine; the rest of their batch went on. The worker reports them."""
         return []
+
+    def supported_ops(self) -> frozenset[Capability]:
+        """The operations this engine carries out; the worker reports them and the planner
+        asks for nothing else. The methods of the others raise EngineError."""
+        return ALL_CAPABILITIES
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

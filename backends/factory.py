@@ -1,4 +1,4 @@
-"""Engines by name: `qlm worker --engine hf|sim`."""
+"""Engines by name: `qlm worker --engine hf|sim|vllm`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from qlmserve.backends.engine import Engine
 from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS
 from qlmserve.operations.model_spec import ModelSpec
 
-ENGINE_NAMES = ("hf", "sim")
+ENGINE_NAMES = ("hf", "sim", "vllm")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class SimFleetWorker:
 
 def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "auto", max_batch_size: int = 16,
                   kv_capacity_tokens: int | None = None, sim_profile: str | None = None, seed: int = 0,
-                  sim_fleet: SimFleetWorker | None = None, max_prefill_tokens: int | None = None) -> Engine:
+                  sim_fleet: SimFleetWorker | None = None, max_prefill_tokens: int | None = None,
+                  threads: int = 1) -> Engine:
     """`max_prefill_tokens`: prompt tokens one iteration may prefill (None: the default)."""
     prefill = max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
     if kind == "hf":
@@ -36,6 +37,13 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
                         kv_capacity_tokens=kv_capacity_tokens, max_prefill_tokens=prefill)
     if kind == "sim" and sim_fleet is not None:
         return _fleet_sim_engine(sim_fleet, seed, prefill)
+    if kind == "vllm":
+        # Only in the vLLM virtualenv (make vllm): vLLM pins its own torch and transformers.
+        from qlmserve.backends.vllm.engine import VLLMEngine
+        from qlmserve.backends.vllm.options import VLLMOptions
+
+        return VLLMEngine(dict(models), max_batch_size=max_batch_size, kv_capacity_tokens=kv_capacity_tokens,
+                          options=VLLMOptions(device=device, threads=threads, seed=seed))
     if kind == "sim":
         from qlmserve.backends.sim_engine import OutputLengths, SimEngine, SimModel
         from qlmserve.operations.costs import WorkerProfile

@@ -47,7 +47,7 @@ STATE_INTERVAL_S = 0.25
 class WorkerOptions:
     controller: str  # host:port of the controller; several, comma-separated: it finds the leader
     worker_id: str = ""
-    engine: str = "hf"  # hf | sim
+    engine: str = "hf"  # hf | sim | vllm
     device: str = "auto"
     max_batch_size: int = 16
     kv_capacity_tokens: int | None = None
@@ -57,9 +57,9 @@ class WorkerOptions:
     sim_profile: str | None = None  # WorkerProfile YAML for the sim engine
     sim_fleet: SimFleetWorker | None = None  # or: this worker of a simulated fleet (backends/factory.py)
     seed: int = 0
-    # CPU threads of the HF engine. One per worker by default: several workers sharing
-    # a few cores with more threads each spin against each other (measured 20x slower
-    # on 2 cores with 2 workers x 2 threads).
+    # CPU threads of the HF engine (of vLLM's CPU worker with --engine vllm). One per
+    # worker by default: several workers sharing a few cores with more threads each spin
+    # against each other (measured 20x slower on 2 cores with 2 workers x 2 threads).
     threads: int = 1
     token: str | None = None  # worker token (qlmserve.credentials.resolve_token)
     # Read the token again at every dial (a token file `qlm serve` is still writing); wins over `token`.
@@ -105,18 +105,18 @@ class EngineLoop(threading.Thread):
         self.lock = threading.Lock()
         self.stats: EngineStats = engine.stats()
         self._stats_at = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: threading.Thread.join() calls its own _stop()
         self._pending: list[tuple[TokenEvent, int, str]] = []
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.commands.put(lambda: None)
 
     def call(self, fn: Callable[[], None]) -> None:
         self.commands.put(fn)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self._run_commands(block=not self.engine.has_work() and not self._pending)
                 if self._pending:
@@ -135,6 +135,10 @@ class EngineLoop(threading.Thread):
             except Exception:  # noqa: BLE001 - keep the worker alive; the failure is logged
                 log.exception("engine loop error")
                 time.sleep(0.1)
+        try:  # on this thread, between steps: a vLLM engine stops its own processes here
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - stopping anyway
+            log.exception("closing the engine")
 
     def _report_failures(self) -> None:
         for rid, error in self.engine.take_failures():
@@ -235,10 +239,10 @@ class Worker:
 
     async def run(self) -> None:
         self.aio_loop = asyncio.get_running_loop()
-        if self.opts.engine == "hf":
-            # Importing transformers' model code holds the GIL for seconds; do it before
-            # dialing, so that a session's heartbeats never starve behind it.
-            await asyncio.to_thread(_import_hf)
+        if self.opts.engine in _HEAVY_IMPORTS:
+            # Importing transformers' (or vLLM's) model code holds the GIL for seconds; do
+            # it before dialing, so that a session's heartbeats never starve behind it.
+            await asyncio.to_thread(_HEAVY_IMPORTS[self.opts.engine])
         addresses = self.opts.addresses()
         turn = 0
         backoff = 0.1
@@ -329,7 +333,8 @@ class Worker:
             kv_used_tokens=s.kv_used_tokens, running=running, waiting=s.waiting, max_batch_size=s.max_batch_size,
             prefill_tokens_per_s=s.prefill_tokens_per_s, decode_tokens_per_s=s.decode_tokens_per_s, device=s.device,
             loading_model=self._loading or "", preemption=s.preemption.value, servable_models=s.servable_models,
-            host_ram_bytes=s.host_ram_bytes, host_kv_used_tokens=s.host_kv_used_tokens)
+            host_ram_bytes=s.host_ram_bytes, host_kv_used_tokens=s.host_kv_used_tokens,
+            supported_ops=sorted(c.value for c in lt.engine.supported_ops()))
         if s.host_kv_capacity_tokens is not None:
             state.host_kv_capacity_tokens = s.host_kv_capacity_tokens
         if s.profile is not None:
@@ -376,10 +381,10 @@ class Worker:
             torch.set_num_threads(max(1, o.threads))
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
                                kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed,
-                               sim_fleet=o.sim_fleet, max_prefill_tokens=max_prefill_tokens or None)
+                               sim_fleet=o.sim_fleet, max_prefill_tokens=max_prefill_tokens or None, threads=o.threads)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
         tokenizers = {}
-        if o.engine == "hf":
+        if o.engine in _HEAVY_IMPORTS:  # the engines of real models detokenize here
             from transformers import AutoTokenizer
 
             for name, spec in self.models.items():
@@ -515,6 +520,16 @@ def _import_hf() -> None:
     import qlmserve.backends.hf.engine  # noqa: F401
 
 
+def _import_vllm() -> None:
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+
+    import qlmserve.backends.vllm.engine  # noqa: F401 - imports vllm itself
+
+
+_HEAVY_IMPORTS: dict[str, Callable[[], None]] = {"hf": _import_hf, "vllm": _import_vllm}
+
+
 def run_worker(opts: WorkerOptions) -> int:
     worker = Worker(opts)
 
@@ -539,6 +554,9 @@ def run_worker(opts: WorkerOptions) -> int:
         asyncio.run(main())
     except grpc.aio.AioRpcError:
         return 1
+    finally:
+        if worker.loop_thread is not None:
+            worker.loop_thread.join(timeout=30)  # lets the engine close (vLLM: its engine processes)
     return 0
 
 

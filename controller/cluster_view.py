@@ -21,6 +21,7 @@ from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import Capability
 
 # Warm copies a worker is assumed to hold when it reports no host RAM figure.
 DEFAULT_HOST_RAM_MODELS = 2
@@ -73,6 +74,7 @@ class WorkerView:
     host_kv_capacity_tokens: int | None
     host_kv_used_tokens: int
     running: tuple[RequestView, ...]
+    supported_ops: frozenset[Capability] | None = None  # what its engine carries out; None: every operation
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def worker_state(w: WorkerView, policy: PolicyConfig, model_bytes: Mapping[str, 
         running=tuple(running_request(r, policy) for r in w.running), profile=w.profile, healthy=w.healthy,
         draining=w.draining, gpu=w.gpu, host_ram_models=host_ram_models(w.host_ram_bytes, model_bytes, serves),
         loading_model=w.loading_model, servable_models=w.servable_models, preemption_mode=w.preemption_mode,
-        host_kv_capacity_tokens=w.host_kv_capacity_tokens, host_kv_used_tokens=w.host_kv_used_tokens)
+        host_kv_capacity_tokens=w.host_kv_capacity_tokens, host_kv_used_tokens=w.host_kv_used_tokens,
+        supported_ops=w.supported_ops)
 
 
 class StateCache:

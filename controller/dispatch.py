@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
 from qlmserve.operations.batching import batch_limit
-from qlmserve.operations.ops import Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
+from qlmserve.operations.ops import Capability, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
 
@@ -101,7 +101,8 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
                 break
             if g.model != w.active_model:
                 own_running = any(r.model == w.active_model for r in w.running if not r.swapped)
-                if not own_running and not any(a.worker_id == wid for a in assignments):
+                if not own_running and not any(a.worker_id == wid for a in assignments) \
+                        and w.supports(Capability.MODEL_SWAP):
                     ops.append(LoadModel(wid, g.model, reason=f"head group {gid} needs {g.model}"))
                 blocked = True
                 break  # strict queue order: later groups wait for this one
@@ -156,7 +157,7 @@ def _swap_ins(w: WorkerState, plan: Plan, groups: dict, slots: int, ls_extra: in
     slots those may take past the batch limit; requests already `taken` are counted in
     `slots`)."""
     swapped = [r for r in w.running if r.swapped and r.model == w.active_model]
-    if not swapped or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
+    if not swapped or not w.supports(Capability.KV_SWAP) or any(isinstance(op, SwapIn) and op.worker_id == w.worker_id for op in plan.operations):
         return None
     ls = sum(sum(1 for rid in g.request_ids if rid not in taken) for g in leading_latency_sensitive(
         groups.get(gid) for gid in plan.virtual_queues.get(w.worker_id, [])))

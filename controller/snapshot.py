@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from qlmserve.operations.batching import PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import Capability, Operation, required_capability
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,17 @@ class WorkerState:
     # host RAM set aside for swapped-out KV (GPU-CPU state swap); None = not limited
     host_kv_capacity_tokens: int | None = None
     host_kv_used_tokens: int = 0
+    # what its engine carries out (operations.ops.Capability); None = every operation
+    supported_ops: frozenset[Capability] | None = None
 
     def can_serve(self, model: str) -> bool:
         return self.servable_models is None or model in self.servable_models
+
+    def supports(self, capability: Capability | None) -> bool:
+        return capability is None or self.supported_ops is None or capability in self.supported_ops
+
+    def can_carry_out(self, op: Operation) -> bool:
+        return self.supports(required_capability(op))
 
     @property
     def kv_free_tokens(self) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from qlmserve.controller.cluster_view import RequestView, WorkerView
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import Capability
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class WorkerReport:
     host_ram_bytes: int = 0
     host_kv_capacity_tokens: int | None = None
     host_kv_used_tokens: int = 0
+    # what its engine carries out, sorted (a tuple: the report is mirrored to Redis as JSON);
+    # None: the worker did not say (every operation)
+    supported_ops: tuple[Capability, ...] | None = None
 
 
 _op_ids = itertools.count(1)
@@ -129,4 +133,5 @@ class WorkerHandle:
             servable_models=frozenset(r.servable_models) if r and r.servable_models else None,
             host_ram_bytes=r.host_ram_bytes if r else 0,
             host_kv_capacity_tokens=r.host_kv_capacity_tokens if r else None,
-            host_kv_used_tokens=r.host_kv_used_tokens if r else 0, running=running)
+            host_kv_used_tokens=r.host_kv_used_tokens if r else 0, running=running,
+            supported_ops=frozenset(r.supported_ops) if r and r.supported_ops is not None else None)

@@ -104,12 +104,19 @@ class Batchable(Protocol):
 T = TypeVar("T", bound=Batchable)
 
 
+def precedence(s: Batchable | object) -> tuple[bool, int]:
+    """Who goes first under ITERATION / EXPERT (ties by queue order): latency-sensitive
+    requests, then higher `priority`. Every engine orders by it, the vLLM adapter included
+    (it maps it onto vLLM's priorities)."""
+    return (not s.latency_sensitive, -s.priority)
+
+
 def admission_order(waiting: Iterable[T], mode: PreemptionMode | str) -> list[T]:
-    """NONE: queue order. ITERATION / EXPERT: LS first, then higher priority, then queue
-    order (a stable sort)."""
+    """NONE: queue order. ITERATION / EXPERT: by `precedence`, then queue order (a stable
+    sort)."""
     if not prioritized(mode):
         return list(waiting)
-    return sorted(waiting, key=lambda s: (not s.latency_sensitive, -s.priority))
+    return sorted(waiting, key=precedence)
 
 
 def preemption_victim(running: Sequence[T], admitted_order: Callable[[T], int]) -> T:

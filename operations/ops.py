@@ -102,6 +102,36 @@ class SetPreemption:
 
 Operation = Union[Evict, SwapOut, SwapIn, LoadModel, WarmModel, DropWarm, MoveGroup, SetPreemption]
 
+
+class Capability(str, enum.Enum):
+    """What a worker's engine can carry out. A worker reports the set it supports
+    (WorkerState.supported_ops); the planner never asks it for anything else."""
+
+    EVICT = "evict"
+    KV_SWAP = "kv_swap"  # swap_out / swap_in
+    MODEL_SWAP = "model_swap"  # load_model
+    WARM_START = "warm_start"  # warm_model / drop_warm
+    ITERATION_PREEMPTION = "iteration_preemption"  # set_preemption iteration
+    EXPERT_PREEMPTION = "expert_preemption"  # set_preemption expert
+
+
+ALL_CAPABILITIES = frozenset(Capability)
+
+_CAPABILITY_OF_KIND = {
+    OpKind.EVICT: Capability.EVICT, OpKind.SWAP_OUT: Capability.KV_SWAP, OpKind.SWAP_IN: Capability.KV_SWAP,
+    OpKind.LOAD_MODEL: Capability.MODEL_SWAP, OpKind.WARM_MODEL: Capability.WARM_START,
+    OpKind.DROP_WARM: Capability.WARM_START,
+}
+_CAPABILITY_OF_MODE = {"iteration": Capability.ITERATION_PREEMPTION, "expert": Capability.EXPERT_PREEMPTION}
+
+
+def required_capability(op: Operation) -> Capability | None:
+    """The capability a worker needs to carry out `op`; None when every worker can (moving
+    a group between virtual queues, switching preemption off)."""
+    if isinstance(op, SetPreemption):
+        return _CAPABILITY_OF_MODE.get(op.mode)
+    return _CAPABILITY_OF_KIND.get(op.kind)
+
 # Operations a worker carries out (MOVE_GROUP is carried out by the controller alone).
 WORKER_OPS = (OpKind.EVICT, OpKind.SWAP_OUT, OpKind.SWAP_IN, OpKind.LOAD_MODEL,
               OpKind.WARM_MODEL, OpKind.DROP_WARM, OpKind.SET_PREEMPTION)

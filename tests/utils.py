@@ -124,3 +124,32 @@ async def wait_until(pred, timeout_s: float = 30.0, interval: float = 0.05, what
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def start_vllm_worker(qlm: Path, address: str, worker_id: str, log_dir: Path, extra: tuple[str, ...] = ()
+                      ) -> subprocess.Popen:
+    """`qlm worker --engine vllm` from the vLLM virtualenv, in a process group of its own:
+    vLLM's engine core and CPU worker are its children, and killing the group kills a
+    machine's worth of processes at once."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen([str(qlm), "worker", "--controller", address, "--id", worker_id, "--engine", "vllm",
+                             "--data-dir", str(data_dir_of(log_dir)), *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+
+
+def stop_group(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> None:
+    """Stop a process started with start_new_session=True and everything it started."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, sig)
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        except ProcessLookupError:
+            pass
+    try:  # children left behind by a parent that died first
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

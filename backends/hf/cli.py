@@ -3,6 +3,7 @@
   qlm models build-tiny --kind mixtral --out models/tiny-mixtral [--seed 0] [--layers 8]
   qlm profile --model models/tiny-mixtral --kind mixtral --out configs/profiles/cpu-tiny-mixtral.yaml
   qlm bench-engine preemption|chunked|throughput|batching|warm|all [--json out.json]
+  qlm bench-engine vllm   (HF engine vs vLLM; needs the vLLM virtualenv, `make vllm`)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all")
+BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all", "vllm")
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -78,6 +79,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.which == "vllm":
+        from qlmserve.bench.vllm_compare import CompareOptions
+        from qlmserve.bench.vllm_compare import main as run_compare
+
+        run_compare(CompareOptions(kind=args.kind, model_root=args.model_root, threads=args.threads, seed=args.seed,
+                                   reps=args.reps), args.json)
+        return 0
     which = ["preemption", "chunked", "throughput", "batching", "warm"] if args.which == "all" else [args.which]
     if "preemption" in which:
         from qlmserve.bench.preemption import PreemptionOptions
@@ -140,8 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for a machine shared with other jobs)")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("bench-engine",
-                       help="benchmarks of the HF engine (preemption, chunked prefill, throughput, batching, warm)")
+    p = sub.add_parser("bench-engine", help="benchmarks of the HF engine (preemption, chunked prefill, throughput, "
+                                            "batching, warm) and of the HF engine against vLLM (vllm)")
     p.add_argument("which", choices=BENCH_CHOICES)
     p.add_argument("--json", default=None, help="write the full report as JSON here")
     p.add_argument("--kind", choices=TINY_KINDS, default="mixtral")
@@ -158,5 +166,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--be-backlog", type=int, default=8, help="preemption/backlog: BE requests waiting beyond the batch")
     p.add_argument("--load", type=float, default=1.3, help="preemption/open: arrival rate / calibrated capacity")
     p.add_argument("--max-pause", type=float, default=2.0, help="preemption: max_pause_s of EXPERT mode")
-    p.add_argument("--reps", type=int, default=3, help="throughput: lockstep engine / generate() runs")
+    p.add_argument("--reps", type=int, default=3, help="throughput: lockstep engine / generate() runs; vllm: decode runs")
     p.set_defaults(func=cmd_bench_engine)

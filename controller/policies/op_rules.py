@@ -12,7 +12,9 @@ asks for it and its contribution can be measured by switching it off:
     needs next (swapped-out requests resume through dispatch, every tick).
 
 The QLM policy decides protection and swaps in its program; baselines use the
-simple rule `rule_protection`. Only operations enabled in the policy file are made.
+simple rule `rule_protection`. Only operations enabled in the policy file are made,
+and a worker is asked only for what its engine supports (WorkerState.supported_ops:
+a vLLM worker, for one, has no KV swap and no expert-level preemption).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qlmserve.controller.snapshot import (
 from qlmserve.operations.batching import PreemptionMode, batch_limit
 from qlmserve.operations.ops import (
     OPS_BY_POLICY_NAME,
+    Capability,
     DropWarm,
     Evict,
     LoadModel,
@@ -89,7 +92,7 @@ def removal_mechanism(config: PolicyConfig, w: WorkerState, requests: Sequence[R
     # Both costs are affine in the tokens: the mean cost is the cost of the mean.
     for name, mech, cost in (("evict", EVICT, w.profile.prefill_time(mean_tokens)),
                              ("kv_swap", SWAP, 2.0 * w.profile.kv_swap_time(mean_tokens))):
-        if name not in ops or (mech == SWAP and _host_kv_free(w) < host_needed):
+        if name not in ops or not w.supports(Capability(name)) or (mech == SWAP and _host_kv_free(w) < host_needed):
             continue
         if cost < best_cost:
             best, best_cost = mech, cost
@@ -104,8 +107,12 @@ def protection_mechanism(config: PolicyConfig, w: WorkerState) -> str | None:
     if "preempt" in config.planner.operations:
         # A dense model has no expert boundary to pause at: iteration-level preemption
         # (LS first at the next iteration, beyond the batch limit) costs it no lost work,
-        # where an eviction or a KV swap-out costs recompute or two copies.
-        return PreemptionMode.EXPERT if model_kind_is_moe(config, w.active_model) else PreemptionMode.ITERATION
+        # where an eviction or a KV swap-out costs recompute or two copies. An engine
+        # without expert-level preemption (vLLM) gets iteration-level on MoE models too.
+        if model_kind_is_moe(config, w.active_model) and w.supports(Capability.EXPERT_PREEMPTION):
+            return PreemptionMode.EXPERT
+        if w.supports(Capability.ITERATION_PREEMPTION):
+            return PreemptionMode.ITERATION
     return removal_mechanism(config, w, be)
 
 
@@ -199,7 +206,7 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
                       changes: Mapping[str, ModelChange] | None = None) -> list[Operation]:
     """The operations that carry out `queues` with the given protection and model swaps,
     ordered per worker (take work off the device before loading a model), restricted to
-    the enabled kinds."""
+    the enabled kinds and to what each worker supports."""
     changes = changes or {}
     kinds = enabled_kinds(config)
     groups = {g.group_id: g for g in snapshot.groups}
@@ -209,8 +216,9 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
         wid = w.worker_id
         queue = [groups[gid] for gid in queues.get(wid, []) if gid in groups]
         slots = fc.workers[wid].slots if wid in fc.workers else w.max_batch_size
-        change = changes.get(wid)
-        if change is None and queue and w.loading_model is None and queue[0].model != w.active_model \
+        swaps = w.supports(Capability.MODEL_SWAP)
+        change = changes.get(wid) if swaps else None
+        if change is None and swaps and queue and w.loading_model is None and queue[0].model != w.active_model \
                 and not any(not r.swapped for r in w.running) and w.accepts_work:
             # Nothing runs and the head group needs another model: load it now (what dispatch
             # would do lazily, made explicit so that warm starts and the plan agree).
@@ -246,7 +254,9 @@ def derive_operations(snapshot: ClusterSnapshot, config: PolicyConfig, fc: Forec
             g = groups.get(gid)
             if g is not None and g.worker_id is not None and g.worker_id != wid:
                 ops.append(MoveGroup(gid, g.worker_id, wid, reason="load balance"))
-    return [op for op in ops if op.kind in kinds]
+    workers = {w.worker_id: w for w in snapshot.workers}
+    return [op for op in ops if op.kind in kinds and (op.worker_id not in workers
+                                                      or workers[op.worker_id].can_carry_out(op))]
 
 
 def _warm(w: WorkerState, queue: Sequence[GroupState], change: ModelChange | None) -> list[Operation]:
@@ -257,7 +267,7 @@ def _warm(w: WorkerState, queue: Sequence[GroupState], change: ModelChange | Non
         if g.model != current and g.model not in needed:
             needed.append(g.model)
     want = next((m for m in needed if m not in w.warm_models), None)
-    if want is None or w.host_ram_models <= 0:
+    if want is None or w.host_ram_models <= 0 or not w.supports(Capability.WARM_START):
         return []
     out: list[Operation] = []
     if len(w.warm_models) >= w.host_ram_models:

@@ -7,6 +7,7 @@ from qlmserve.controller.request import Request
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerReport
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.ops import Capability
 from qlmserve.pb import client_pb2, worker_pb2
 
 
@@ -56,7 +57,7 @@ def report_from_pb(s: worker_pb2.WorkerState) -> WorkerReport:
         preemption=PreemptionMode(s.preemption or "none"), profile=cost_from_pb(s.cost) if s.HasField("cost") else None,
         servable_models=list(s.servable_models), host_ram_bytes=s.host_ram_bytes,
         host_kv_capacity_tokens=s.host_kv_capacity_tokens if s.HasField("host_kv_capacity_tokens") else None,
-        host_kv_used_tokens=s.host_kv_used_tokens)
+        host_kv_used_tokens=s.host_kv_used_tokens, supported_ops=_capabilities(s.supported_ops))
 
 
 def cost_from_pb(c: worker_pb2.CostModel) -> WorkerProfile:
@@ -66,3 +67,12 @@ def cost_from_pb(c: worker_pb2.CostModel) -> WorkerProfile:
         kv_bytes_per_token=c.kv_bytes_per_token, kv_swap_bytes_per_s=c.kv_swap_bytes_per_s,
         load_cold_bytes_per_s=c.load_cold_bytes_per_s, load_warm_bytes_per_s=c.load_warm_bytes_per_s,
         load_fixed_s=c.load_fixed_s, name="reported")
+
+
+def _capabilities(names: list[str]) -> tuple[Capability, ...] | None:
+    """A worker that names no operation predates the field: it supports every operation.
+    A name this controller does not know (a newer worker) offers nothing it could ask for."""
+    if not names:
+        return None
+    known = {c.value for c in Capability}
+    return tuple(sorted(Capability(n) for n in names if n in known))

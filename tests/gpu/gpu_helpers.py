@@ -10,7 +10,7 @@ import torch
 
 from qlmserve.backends.engine import EngineRequest, PreemptionMode, TokenEvent
 from qlmserve.backends.hf.engine import HFEngine
-from qlmserve.controller.policy import ModelSpec
+from qlmserve.operations.model_spec import ModelSpec
 
 
 def make_engine(paths: dict[str, tuple[str, Path]], device: str, *, active: str | None = None,
