@@ -75,6 +75,7 @@ class WorkerView:
     host_kv_used_tokens: int
     running: tuple[RequestView, ...]
     supported_ops: frozenset[Capability] | None = None  # what its engine carries out; None: every operation
+    max_prefill_tokens: int | None = None  # its engine's prefill budget per iteration; None: the policy's
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def worker_state(w: WorkerView, policy: PolicyConfig, model_bytes: Mapping[str, 
         draining=w.draining, gpu=w.gpu, host_ram_models=host_ram_models(w.host_ram_bytes, model_bytes, serves),
         loading_model=w.loading_model, servable_models=w.servable_models, preemption_mode=w.preemption_mode,
         host_kv_capacity_tokens=w.host_kv_capacity_tokens, host_kv_used_tokens=w.host_kv_used_tokens,
-        supported_ops=w.supported_ops)
+        supported_ops=w.supported_ops, max_prefill_tokens=w.max_prefill_tokens or policy.max_prefill_tokens)
 
 
 class StateCache:

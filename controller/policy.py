@@ -57,7 +57,7 @@ class SloClass(_Strict):
 
 class PlannerConfig(_Strict):
     policy: str = "qlm"
-    """Registry name: qlm, edf, fcfs, fcfs-oblivious, sjf, priority."""
+    """Registry name: qlm, edf, fcfs, fcfs-oblivious, sjf, priority, backlog."""
     operations: list[OperationName] = list(OPERATION_NAMES)
     """Operations the planner may use; leave some out to measure their contribution."""
     solve_budget_ms: float = Field(default=50.0, gt=0)
@@ -77,6 +77,12 @@ class PlannerConfig(_Strict):
     estimator follows a workload whose outputs drift; 0 keeps every observation forever."""
     drop_hopeless: bool = False
     """Serve requests that can no longer meet their SLO last (named in results when on)."""
+    switch_backlog: float | None = Field(default=None, gt=0)
+    """Model placement (backlog rule): a worker moves to another model when that model's
+    waiting requests beyond its free slots, per worker serving it, exceed this; default
+    the batch (max_running_per_worker)."""
+    switch_cooldown_s: float = Field(default=60.0, ge=0)
+    """A worker that moved to another model stays at least this long (hysteresis)."""
     ls_fast_path: bool = True
     """QLM: latency-sensitive groups at the head of a worker's queue always get preemption
     (expert-level on MoE workers, iteration-level on dense ones; LS requests join beyond the

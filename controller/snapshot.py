@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from qlmserve.operations.batching import PreemptionMode, batch_limit
+from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import Capability, Operation, required_capability
 
@@ -100,6 +100,7 @@ class WorkerState:
     # models this worker can hold (device memory, engine support); None = any model of the policy
     servable_models: frozenset[str] | None = None
     preemption_mode: PreemptionMode = PreemptionMode.NONE  # the mode in force
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS  # prompt tokens one iteration of its engine prefills
     # host RAM set aside for swapped-out KV (GPU-CPU state swap); None = not limited
     host_kv_capacity_tokens: int | None = None
     host_kv_used_tokens: int = 0

@@ -199,7 +199,14 @@ class Forecaster:
             if mine and ready == 0.0:  # a busy device: see WorkerModel.lead_free
                 now_step = w.profile.decode_step_time(
                     min(len(mine), slots), sum(r.prompt_tokens + r.generated_tokens for r in mine[:slots]))
-                residual = WaitEstimate(now_step / 2, now_step * now_step / 12)
+                # The iteration in flight carries, beside the decode step, a prefill chunk of at
+                # most max_prefill_tokens while a held request is still prefilling
+                # (operations/batching.py, the note for the estimator).
+                prefilling = sum(r.prompt_tokens + r.generated_tokens for r in mine if r.first_token_at is None)
+                in_flight = now_step
+                if prefilling:
+                    in_flight += w.profile.prefill_time(min(prefilling, w.max_prefill_tokens))
+                residual = WaitEstimate(in_flight / 2, in_flight * in_flight / 12)
                 lead_free = residual + WaitEstimate(now_step, 0.0)
                 lead_ls = ZERO if w.preemption_mode == PreemptionMode.EXPERT else residual
                 if w.preemption_mode == PreemptionMode.NONE:

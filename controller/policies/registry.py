@@ -34,7 +34,8 @@ def create_policy(name: str, config: PolicyConfig, clock: SolveClock | None = No
 def _load_builtin() -> None:
     # Importing the modules registers their classes; kept lazy so that importing the
     # registry does not pull in PuLP and SciPy.
-    from qlmserve.controller.policies import (
-        heuristics,  # noqa: F401
+    from qlmserve.controller.policies import (  # noqa: F401
+        backlog,
+        heuristics,
         qlm,  # noqa: F401 (a package)
     )

@@ -33,7 +33,7 @@ from qlmserve.sim.driver import SimOptions, Simulation
 from qlmserve.sim.metrics import ops_used, summarize
 from qlmserve.traces import Trace, WorkloadSpec, build_workload, describe_workload, load_trace, resolve_trace_path
 
-POLICIES = ("qlm", "edf", "sjf", "priority", "fcfs", "fcfs-oblivious")
+POLICIES = ("qlm", "edf", "sjf", "priority", "backlog", "fcfs", "fcfs-oblivious")
 # Other `qlm bench <name>` commands: modules with `register_bench(bench_subparsers)`.
 BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live", "qlmserve.bench.chaos", "qlmserve.bench.overload"]
 

@@ -402,7 +402,8 @@ class Simulation:
             loading_model=w.loading_model, warm_models=ready, kv_capacity_tokens=w.kv_capacity,
             kv_used_tokens=w.kv_used + sum(prog.values()), engine_max_batch=spec.max_batch_size, profile=w.profile,
             preemption_mode=w.mode, servable_models=frozenset(spec.models), host_ram_bytes=spec.host_ram_bytes,
-            host_kv_capacity_tokens=spec.host_kv_tokens, host_kv_used_tokens=w.host_kv_used, running=tuple(running))
+            host_kv_capacity_tokens=spec.host_kv_tokens, host_kv_used_tokens=w.host_kv_used, running=tuple(running),
+            max_prefill_tokens=w.max_prefill_tokens)
         self._worker_cache[w.worker_id] = ((w.version, ready, now), wv)
         return wv
 
