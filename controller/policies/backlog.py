@@ -10,7 +10,7 @@ from qlmserve.controller.estimator import Forecaster
 from qlmserve.controller.policies.base import SchedulingPolicy
 from qlmserve.controller.policies.heuristics import QueueTails
 from qlmserve.controller.policies.op_rules import derive_operations, rule_protection
-from qlmserve.controller.policies.placement import PlacementState, backlog_rule, serving
+from qlmserve.controller.policies.placement import PlacementState, backlog_rule
 from qlmserve.controller.policies.registry import register
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot
@@ -40,8 +40,7 @@ class BacklogPolicy(SchedulingPolicy):
             switches = backlog_rule(snapshot, self.placement, cooldown_s=planner.switch_cooldown_s,
                                     threshold=planner.switch_backlog or self.config.max_running_per_worker)
         workers = [w for w in snapshot.workers if w.accepts_work]
-        target = {w.worker_id: serving(w) for w in workers}
-        target.update({s.worker_id: s.model for s in switches})
+        target = self.placement.targets(snapshot)
         queues: dict[str, list[str]] = {w.worker_id: [] for w in workers}
         if workers:
             tails = QueueTails(snapshot, fc, workers)

@@ -78,21 +78,24 @@ def victim_cost_s(w: WorkerState, r: RunningRequest, mechanism: str) -> float:
 
 
 def removal_mechanism(config: PolicyConfig, w: WorkerState, requests: Sequence[RunningRequest],
-                      all_must_fit: bool = False) -> str | None:
+                      model_change: bool = False) -> str | None:
     """The cheaper enabled way to take these requests off the device, EVICT (recompute
     their KV later) or SWAP (copy it to host memory and back), or None. A swap needs host
-    memory for the smallest of them (`all_must_fit`: for all of them)."""
+    memory for the smallest of them. To clear a batch for a model change only EVICT: KV
+    swapped out there could resume only once the worker served its model again (requests
+    were stranded on a worker the placement kept on the new model)."""
     if not requests:
         return None
     ops = set(config.planner.operations)
     tokens = [r.prompt_tokens + r.generated_tokens for r in requests]
     mean_tokens = int(sum(tokens) / len(tokens))
-    host_needed = sum(tokens) if all_must_fit else min(tokens)
     best, best_cost = None, float("inf")
     # Both costs are affine in the tokens: the mean cost is the cost of the mean.
     for name, mech, cost in (("evict", EVICT, w.profile.prefill_time(mean_tokens)),
                              ("kv_swap", SWAP, 2.0 * w.profile.kv_swap_time(mean_tokens))):
-        if name not in ops or not w.supports(Capability(name)) or (mech == SWAP and _host_kv_free(w) < host_needed):
+        if name not in ops or not w.supports(Capability(name)):
+            continue
+        if mech == SWAP and (model_change or _host_kv_free(w) < min(tokens)):
             continue
         if cost < best_cost:
             best, best_cost = mech, cost

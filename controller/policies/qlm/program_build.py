@@ -71,7 +71,7 @@ def options(tick: Tick, w: WorkerState, models: set[str], base_models: set[str])
         if swap_ok or current is None or m in base_models:
             change = None if running or w.loading_model else ModelChange(m)
             opts.append(Option(f"{'drain' if running else 'load'}:{m}", m, 0.0, change))
-        mech = removal_mechanism(tick.cfg, w, running, all_must_fit=True) if swap_ok else None
+        mech = removal_mechanism(tick.cfg, w, running, model_change=True) if swap_ok else None
         if mech is not None and w.loading_model is None:
             lost = sum(victim_cost_s(w, r, mech) for r in running)
             opts.append(Option(f"clear:{m}", m, lost * tick.value_rate(w), ModelChange(m, mech)))

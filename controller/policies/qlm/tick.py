@@ -109,4 +109,4 @@ class Tick:
     def can_clear(self, w: WorkerState) -> bool:
         """Whether the worker's batch may be taken off the device for a model swap now."""
         running = [r for r in w.running if not r.swapped]
-        return "model_swap" in self.ops and removal_mechanism(self.cfg, w, running, all_must_fit=True) is not None
+        return "model_swap" in self.ops and removal_mechanism(self.cfg, w, running, model_change=True) is not None
