@@ -292,3 +292,23 @@ async def test_redis_away_is_503(prefix: str, tmp_path: Path):
             assert "x-qlm-request-id" not in r.headers
     finally:
         await rt.stop()
+
+
+def test_bench_http_runs_and_checks_every_request(tmp_path: Path):
+    """This test verifies that `qlm bench-http` (a small load) completes every request over
+    both APIs, finds each acknowledged request finished with the tokens its client read,
+    and that with a tiny queue limit the refusals are clear (429 / RESOURCE_EXHAUSTED),
+    never failures."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "qlmserve.cli", "bench-http", "--requests", "40", "--concurrency", "16",
+                        "--max-queued", "6", "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    assert res["lost"] == []
+    for ph in res["phases"]:
+        assert ph["failed"] == 0 and ph["short"] == 0 and ph["completed"] + sum(ph["refused"].values()) == 40
+        assert set(ph["refused"]) <= {"429", "RESOURCE_EXHAUSTED"}
+    assert sum(sum(ph["refused"].values()) for ph in res["phases"]) > 0
