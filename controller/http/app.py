@@ -25,10 +25,42 @@ DEFAULT_PORT = 8000
 PORT_SEARCH = 100  # the embedded default tries 8000..8099
 
 
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+
+
+def endpoint_of(path: str) -> str:
+    """The metric label of a path: its route, never a request id (bounded label values)."""
+    if path in _ENDPOINTS:
+        return path
+    if path.startswith("/v1/requests/"):
+        return "/v1/requests/{id}/stream" if path.endswith("/stream") else "/v1/requests/{id}"
+    return "other"
+
+
+class CountRequests:
+    """ASGI middleware: qlm_http_requests_total{endpoint, code}, counted when the status is sent."""
+
+    def __init__(self, app, counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = endpoint_of(scope["path"])
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counted)
+
+
 def build_app(c: Controller, auth: Authenticator) -> FastAPI:
     app = FastAPI(title="QLM", description="OpenAI-compatible API of the QLM controller", docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.include_router(build_router(c, auth))
+    app.add_middleware(CountRequests, counter=c.metrics.http_requests)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -312,3 +312,37 @@ def test_bench_http_runs_and_checks_every_request(tmp_path: Path):
         assert ph["failed"] == 0 and ph["short"] == 0 and ph["completed"] + sum(ph["refused"].values()) == 40
         assert set(ph["refused"]) <= {"429", "RESOURCE_EXHAUSTED"}
     assert sum(sum(ph["refused"].values()) for ph in res["phases"]) > 0
+
+
+def _samples(rt, name: str) -> list:
+    return [s for m in rt.controller.metrics.registry.collect() for s in m.samples if s.name == name]
+
+
+async def test_metrics_follow_the_requests(cluster):
+    """This test verifies that requests served through HTTP show in the controller's metrics
+    with their model and class: submitted, queue time, TTFT and TPOT histograms, SLO
+    attainment per class, a cold model load with its seconds, KV-cache usage of the worker,
+    and the HTTP requests by endpoint and status."""
+    from tests.utils import wait_until
+
+    rt = cluster
+    cl = openai.AsyncOpenAI(base_url=rt.http.url + "/v1", api_key="EMPTY", max_retries=0)
+    for cls in ("interactive", "batch"):
+        await cl.completions.create(model="sim-a", prompt="abc", max_tokens=6, extra_body={"slo_class": cls})
+    with pytest.raises(openai.NotFoundError):
+        await cl.completions.create(model="nope", prompt="abc", max_tokens=6)
+
+    def count(name: str, **labels) -> float:
+        return sum(s.value for s in _samples(rt, name) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    await wait_until(lambda: count("qlm_tpot_seconds_count", model="sim-a") == 2 and
+                     count("qlm_slo_attainment", slo_class="interactive") == 1.0, timeout_s=10, what="metrics")
+    for cls in ("interactive", "batch"):
+        for name in ("qlm_requests_submitted_total", "qlm_queue_time_seconds_count", "qlm_ttft_seconds_count",
+                     "qlm_tpot_seconds_count"):
+            assert count(name, model="sim-a", slo_class=cls) == 1, (name, cls)
+    assert count("qlm_model_loads_total", model="sim-a", kind="cold") == 1
+    assert count("qlm_model_load_seconds_count", model="sim-a", kind="cold") == 1
+    assert [s.labels["worker"] for s in _samples(rt, "qlm_kv_cache_usage_ratio")] == ["w0"]
+    assert count("qlm_http_requests_total", endpoint="/v1/completions", code="200") == 2
+    assert count("qlm_http_requests_total", endpoint="/v1/completions", code="404") == 1
