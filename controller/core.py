@@ -557,7 +557,8 @@ class Controller:
         now = self.clock.now()
         kind = op.kind if op else kind
         load_kind = self._load_kind.pop(op_id, None)
-        if kind == "load_model" and ok and op is not None and load_kind is not None:
+        # A load of the model already active (sent on a stale report) takes no time: no load.
+        if kind == "load_model" and ok and op is not None and load_kind is not None and seconds > 0:
             self.metrics.model_loads.labels(op.model, load_kind).inc()
             self.metrics.model_load_seconds.labels(op.model, load_kind).observe(max(0.0, seconds))
         # Requests the worker handed back (evict, or a model swap that evicted its batch).

@@ -11,6 +11,7 @@ import sys
 # add sets `func=callable(args) -> int`.
 SUBCOMMAND_MODULES = [
     "qlmserve.controller.cli",
+    "qlmserve.controller.top",
     "qlmserve.backends.cli",
     "qlmserve.demo",
     "qlmserve.backends.hf.cli",

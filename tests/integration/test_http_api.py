@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -346,3 +347,31 @@ async def test_metrics_follow_the_requests(cluster):
     assert [s.labels["worker"] for s in _samples(rt, "qlm_kv_cache_usage_ratio")] == ["w0"]
     assert count("qlm_http_requests_total", endpoint="/v1/completions", code="200") == 2
     assert count("qlm_http_requests_total", endpoint="/v1/completions", code="404") == 1
+
+
+async def test_qlm_top_shows_the_operators_view(cluster, tmp_path: Path):
+    """This test verifies that `qlm top` reads the Admin API into the operator's view: per
+    class the finished requests and attainment, the worker with its model, and the
+    operations the controller sent (here the cold load of the model), as a table and as JSON."""
+    import subprocess
+    import sys
+
+    rt = cluster
+    cl = openai.AsyncOpenAI(base_url=rt.http.url + "/v1", api_key="EMPTY", max_retries=0)
+    await asyncio.gather(*(cl.completions.create(model="sim-a", prompt="abc", max_tokens=4,
+                                                 extra_body={"slo_class": "interactive"}) for _ in range(3)))
+    base = [sys.executable, "-m", "qlmserve.cli", "top", "--once", "--interval", "0.3", "--controller", rt.address,
+            "--data-dir", str(tmp_path / "data")]
+    p = await asyncio.to_thread(subprocess.run, base + ["--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    top = json.loads(p.stdout)
+    cls = {c["slo_class"]: c for c in top["classes"]}
+    assert cls["interactive"]["finished"] == 3 and cls["interactive"]["met_slo"] == 3
+    assert [w["worker_id"] for w in top["workers"]] == ["w0"] and top["workers"][0]["active_model"] == "sim-a"
+    assert top["operations_sent"]["load_model"] >= 1
+    assert [(s.labels, s.value) for s in _samples(rt, "qlm_model_loads_total")] == \
+        [({"model": "sim-a", "kind": "cold"}, 1.0)]  # a repeated load of the active model is no load
+    p = await asyncio.to_thread(subprocess.run, base, capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, COLUMNS="160"))
+    assert p.returncode == 0, p.stderr
+    assert "interactive" in p.stdout and "100.0%" in p.stdout and "w0" in p.stdout and "operations/s" in p.stdout
