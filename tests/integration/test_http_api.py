@@ -179,7 +179,9 @@ async def _error(r: httpx.Response, status: int, param: str | None = None) -> di
 async def test_errors_name_the_field(cluster):
     """This test verifies that bad input is answered with the OpenAI error body and the
     matching status: 400 naming the field (controller validation and HTTP-only fields alike),
-    404 for an unknown model or request, 416 for a resume offset past the request's tokens."""
+    404 for an unknown model or request, 416 for a resume offset past the request's tokens,
+    and that an Idempotency-Key retry returns the first request while the key reused with
+    another payload is 409."""
     rt = cluster
     async with httpx.AsyncClient(base_url=rt.http.url, timeout=30) as http:
         async def post(body, headers=None, path="/v1/completions"):
@@ -214,6 +216,11 @@ async def test_errors_name_the_field(cluster):
         await _error(await http.get(f"/v1/requests/{rid}/stream", params={"offset": "x"}), 400, "offset")
         st = (await http.get(f"/v1/requests/{rid}")).json()
         assert st["status"] == "finished" and st["generated_tokens"] == 2 and st["slo_class"] == "batch"
+        first = await post(ok, {"idempotency-key": "k1"})
+        again = await post(ok, {"idempotency-key": "k1"})
+        assert first.headers["x-qlm-request-id"] == again.headers["x-qlm-request-id"]
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        await _error(await post(ok | {"prompt": "y"}, {"idempotency-key": "k1"}), 409, "idempotency_key")
 
 
 async def test_bearer_tokens_and_roles(redis_url: str, prefix: str, tmp_path: Path):
