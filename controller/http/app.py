@@ -132,5 +132,5 @@ class HttpServer:
         self.server.should_exit = True
         try:
             await asyncio.wait_for(self._task, timeout=5)
-        except (asyncio.TimeoutError, asyncio.CancelledError, SystemExit):
+        except (TimeoutError, asyncio.CancelledError, SystemExit):
             self._task.cancel()

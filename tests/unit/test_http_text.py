@@ -66,3 +66,24 @@ def test_error_bodies():
     st, body, headers = classify(Overloaded("class 'batch': limit reached", retry_after_s=2.4))
     assert st == 429 and headers["Retry-After"] == "2"
     assert classify(RuntimeError("boom")) is None
+
+
+def test_port_search_skips_a_busy_port():
+    """This test verifies that the embedded default's port search (8000, or the next free
+    port) moves past a port in use, and that an exact port in use is an error naming it."""
+    import socket
+
+    from qlmserve.controller.http.app import bind
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        s = bind("127.0.0.1", port, search=20)
+        assert s.getsockname()[1] > port
+        s.close()
+        with pytest.raises(OSError, match=str(port)):
+            bind("127.0.0.1", port)
+    finally:
+        busy.close()
