@@ -8,6 +8,7 @@ response's `x-qlm-request-id` header names the request as soon as it is acknowle
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from qlmserve.controller.http import chat_template, schemas, sse
 from qlmserve.controller.http.errors import HttpError, classify, error_body, error_response
 from qlmserve.controller.http.stop import StopMatcher
 from qlmserve.controller.service import token_stream
+from qlmserve.controller.service.server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("qlm.http")
 
@@ -109,8 +111,16 @@ def build_router(c: Controller, auth: Authenticator) -> APIRouter:
         return auth.check(CLIENT_SERVICE, request.headers.get("authorization"), unknown_as_anonymous=True)
 
     async def body_of(request: Request):
+        """The JSON body, read up to the gRPC message limit (the policy's limits bound the fields)."""
+        size = 0
+        parts = []
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_MESSAGE_BYTES:
+                raise HttpError(413, f"the request body exceeds {MAX_MESSAGE_BYTES} bytes")
+            parts.append(part)
         try:
-            return await request.json()
+            return json.loads(b"".join(parts))
         except ValueError:
             raise HttpError(400, "the request body is not JSON") from None
 

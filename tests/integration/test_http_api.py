@@ -202,6 +202,7 @@ async def test_errors_name_the_field(cluster):
         await _error(await post(ok | {"user": "u" * 100_000}), 400, "user")
         err = await _error(await http.post("/v1/completions", content=b"{not json"), 400)
         assert "JSON" in err["message"]
+        await _error(await http.post("/v1/completions", content=b" " * (17 << 20)), 413)
         await _error(await post({"model": "sim-a", "messages": []}, path="/v1/chat/completions"), 400, "messages")
         await _error(await post({"model": "sim-a", "messages": [{"role": "wizard", "content": "x"}]},
                                 path="/v1/chat/completions"), 400, "messages.0.role")
