@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 from pathlib import Path
 
 import httpx
@@ -383,3 +384,30 @@ async def test_qlm_top_shows_the_operators_view(cluster, tmp_path: Path):
                                 env=dict(os.environ, COLUMNS="160"))
     assert p.returncode == 0, p.stderr
     assert "interactive" in p.stdout and "100.0%" in p.stdout and "w0" in p.stdout and "operations/s" in p.stdout
+
+
+async def test_https_with_the_controllers_certificate(redis_url: str, prefix: str, tmp_path: Path):
+    """This test verifies that a controller with a certificate serves the HTTP API over TLS
+    too (https, the same certificate as gRPC): a client trusting it completes a request,
+    a plaintext request does not get an answer."""
+    from qlmserve.controller.service.server import ServerTls
+    from tests.integration.test_trust import _self_signed
+
+    cert, key = _self_signed(tmp_path, "localhost")
+    policy, _ = write_sim_files(tmp_path)
+    rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_url, prefix=prefix,
+                                                data_dir=str(tmp_path / "data"), tls=ServerTls(str(cert), str(key)),
+                                                local_workers=1, worker_engine="sim", http_port=0,
+                                                worker_log_dir=str(tmp_path / "logs"))).start()
+    try:
+        await rt.wait_for_workers(1, timeout_s=60)
+        assert rt.http.url.startswith("https://")
+        async with httpx.AsyncClient(base_url=rt.http.url, verify=ssl.create_default_context(cafile=str(cert)),
+                                     timeout=60) as https:
+            r = await https.post("/v1/completions", json={"model": "sim-a", "prompt": "hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        async with httpx.AsyncClient(base_url=rt.http.url.replace("https://", "http://"), timeout=10) as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get("/v1/models")
+    finally:
+        await rt.stop()
