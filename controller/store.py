@@ -241,8 +241,8 @@ class RedisStore:
             last = await self.r.xrevrange(self.k.ttft_log, count=1)
             return [], last[0][0] if last else "0-0"
         entries = await self.r.xrange(self.k.ttft_log, min=f"({after_id}", count=10_000)
-        out = [("ttft", f.get("m", ""), f["c"], float(f["t"])) if "t" in f else ("tpot", f.get("m", ""), f["c"], float(f["p"]))
-               for _id, f in entries]
+        out = [("ttft", f.get("m", ""), f["c"], float(f["t"])) if "t" in f else
+               ("tpot", f.get("m", ""), f["c"], float(f["p"])) for _id, f in entries]
         return out, entries[-1][0] if entries else after_id
 
     # ---- transitions ------------------------------------------------------------------

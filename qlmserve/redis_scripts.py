@@ -111,7 +111,8 @@ return attempt
 
 # Tokens of one worker iteration, many requests at once (one round trip per iteration).
 # KEYS[1] - lengths hash, KEYS[2] - worker running hash, KEYS[3] - class stats hash,
-# KEYS[4] - unfinished set, KEYS[5] - latency log stream (capped: TTFT of first tokens, TPOT of finishes), then per event i (0-based):
+# KEYS[4] - unfinished set, KEYS[5] - latency log stream (capped; TTFT of first tokens, TPOT of
+# finishes), then per event i (0-based):
 # KEYS[6+3i] request hash, KEYS[7+3i] ids string, KEYS[8+3i] stream
 # ARGV[1] - now, ARGV[2] - number of events, ARGV[3] - seconds to keep a finished request,
 # then per event 7 values: request id, attempt, index, token id, text, finished "1"/"0", reason

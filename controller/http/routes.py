@@ -149,8 +149,8 @@ def build_router(c: Controller, auth: Authenticator) -> APIRouter:
             prompt=text, prompt_token_ids=ids, max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
-            user_id=req.user or "", idempotency_key=request.headers.get(IDEMPOTENCY_HEADER) or req.idempotency_key or "",
-            tenant=p.name)
+            user_id=req.user or "", tenant=p.name,
+            idempotency_key=request.headers.get(IDEMPOTENCY_HEADER) or req.idempotency_key or "")
 
     async def complete(request: Request, chat: bool) -> Response:
         prompt_param = "messages" if chat else "prompt"
@@ -203,7 +203,8 @@ def build_router(c: Controller, auth: Authenticator) -> APIRouter:
             return _logged(error_response(exc), exc)
         return JSONResponse({"id": r.request_id, "status": r.status.value, "model": r.model, "slo_class": r.slo_class,
                              "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated,
-                             "max_tokens": r.max_tokens, "arrival_time": r.arrival, "first_token_time": r.first_token_at,
+                             "max_tokens": r.max_tokens, "arrival_time": r.arrival,
+                             "first_token_time": r.first_token_at,
                              "finish_time": r.finish_at, "finish_reason": r.finish_reason, "error": r.error,
                              "worker_id": r.worker_id, "attempts": r.attempts})
 

@@ -314,7 +314,8 @@ def test_bench_http_runs_and_checks_every_request(tmp_path: Path):
 
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "-m", "qlmserve.cli", "bench-http", "--requests", "40", "--concurrency", "16",
-                        "--max-queued", "6", "--json", str(out)], check=False, capture_output=True, text=True, timeout=240)
+                        "--max-queued", "6", "--json", str(out)],
+                       check=False, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(out.read_text())
     assert res["lost"] == []
