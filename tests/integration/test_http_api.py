@@ -412,3 +412,29 @@ async def test_https_with_the_controllers_certificate(redis_url: str, prefix: st
                 await plain.get("/v1/models")
     finally:
         await rt.stop()
+
+
+def test_qlm_serve_embedded_default_serves_http_on_8000_or_next(tmp_path: Path):
+    """This test verifies that `qlm serve` on embedded defaults (private Redis, the embedded
+    policy) serves the HTTP API on 8000 or the next free port, prints which, and answers
+    there with the embedded policy's models."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "qlmserve.cli", "serve", "--data-dir", str(tmp_path / "data"),
+                          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = None
+        for line in p.stdout:
+            m = re.search(r"OpenAI-compatible HTTP API on (http://127\.0\.0\.1:(\d+))/v1", line)
+            if m:
+                url, port = m.group(1), int(m.group(2))
+                break
+        assert url is not None and 8000 <= port < 8100
+        r = httpx.get(url + "/v1/models", timeout=30)
+        assert sorted(m["id"] for m in r.json()["data"]) == ["tiny-mixtral", "tiny-qwen-moe"]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
