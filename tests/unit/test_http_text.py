@@ -37,8 +37,9 @@ def test_stop_strings_across_pieces():
 
 def test_chat_templates(tmp_path):
     """This test verifies that a model without a tokenizer chat template gets the plain
-    template (role lines, then `assistant:`), and one whose tokenizer has a template gets
-    that template's rendering, with its own special tokens only (no second BOS)."""
+    template (role lines, then `assistant:`), one whose tokenizer has a template gets that
+    template's rendering, with its own special tokens only (no second BOS), and a template
+    that refuses the messages is a bad request naming `messages`."""
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert plain_template(msgs) == "system: be brief\nuser: hi\nassistant:"
     byte_model = TokenizerCache({"sim": ModelSpec()})
@@ -52,6 +53,11 @@ def test_chat_templates(tmp_path):
     cache = TokenizerCache({"tiny": ModelSpec(path=str(tmp_path))})
     ids = render(cache, "tiny", msgs)
     assert tok.decode(ids) == "<system>be brief<user>hi<assistant>"
+
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequest, match="field 'messages'.*roles must alternate"):
+        render(TokenizerCache({"tiny": ModelSpec(path=str(tmp_path))}), "tiny", msgs)
 
 
 def test_error_bodies():
