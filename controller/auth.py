@@ -174,8 +174,17 @@ class Authenticator:
         if p.role not in roles:
             raise PermissionDenied(f"a {p.role.value} token may not call {service.rsplit('.', 1)[-1]}")
 
-    def check(self, service: str, authorization: str | None, peer_common_name: str | None = None) -> Principal:
-        p = self.identify(authorization, peer_common_name)
+    def check(self, service: str, authorization: str | None, peer_common_name: str | None = None,
+              unknown_as_anonymous: bool = False) -> Principal:
+        """`unknown_as_anonymous` (the HTTP API): the OpenAI SDKs always send some key, so
+        where the policy takes anonymous clients a key it does not know counts as none
+        (what vLLM does without --api-key). It grants nothing anonymous callers lack."""
+        try:
+            p = self.identify(authorization, peer_common_name)
+        except Unauthenticated:
+            if not (unknown_as_anonymous and service == CLIENT_SERVICE and self.anonymous_clients()):
+                raise
+            p = Principal(None, self.anonymous_tenant())
         self.authorize(p, service)
         return p
 

@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--http-port", type=int,
+                   help="serve the OpenAI-compatible HTTP API on this port (0: a free one; default: 8000 or the "
+                        "next free port with the private Redis, off with --redis)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
     p.add_argument("--prefix", default="qlm", help="Redis key prefix (one deployment per prefix)")
     p.add_argument("--local-workers", type=int, default=0, help="start N worker processes beside the controller")
     p.add_argument("--worker-engine", default="hf", choices=["hf", "sim"])
@@ -152,13 +156,15 @@ def cmd_serve(args) -> int:
                           worker_log_dir=args.worker_log_dir, tokens_file=args.tokens, tls=tls,
                           insecure=args.insecure, policy_dir=args.policy_dir, worker_redis_url=args.worker_redis,
                           lease_ttl_s=args.lease_ttl, redis_fsync=args.redis_fsync,
-                          controller_id=args.controller_id)
+                          controller_id=args.controller_id, http_port=args.http_port, no_http=args.no_http)
 
     async def main() -> None:
         rt = await ControllerRuntime(opts).start()
         role = "leader" if rt.controller.is_leader else "standby"
         print(f"qlm controller listening on {rt.address} ({role}); admin and worker tokens in "
               f"{tokens_dir(args.data_dir)}", flush=True)
+        if rt.http is not None:
+            print(f"OpenAI-compatible HTTP API on {rt.http.url}/v1", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -118,7 +118,8 @@ class Controller:
         # Tokens a waiting request produced before it was requeued (they change only on a
         # requeue, which this controller performs, or are read with the request's meta).
         self._waiting_generated: dict[str, int] = {}
-        self._ttft_cursor: str | None = None  # last TTFT log entry put in the histogram
+        self._ttft_cursor: str | None = None  # last latency log entry put in the histograms
+        self._load_kind: dict[str, str] = {}  # load_model op id -> "warm" | "cold", until its result
         self._wake = asyncio.Event()
         self._stopping = False
         self.tick_count = 0
@@ -215,7 +216,7 @@ class Controller:
         if res.conflict:
             raise IdempotencyConflict("field 'idempotency_key': already used for a request with other content")
         if not res.duplicate:
-            self.metrics.submitted.labels(cls_name).inc()
+            self.metrics.submitted.labels(inp.model, cls_name).inc()
             self._meta[req.request_id] = _Meta(req.model, cls_name, res.group_id, now, len(ids), req.max_tokens,
                                                slo.ttft_s, slo.latency_sensitive)
             if slo.latency_sensitive or slo.ttft_s <= self.policy.tick_interval_ms / 1000 * 10:
@@ -389,13 +390,18 @@ class Controller:
         await self.acl.ensure()
         stats = await self.store.class_stats()
         self.drain_rate.observe(sum(v.get("finished", 0) for v in stats.values()), now)
+        for cls, v in stats.items():
+            self.metrics.finished.labels(cls).set(v.get("finished", 0))
+            if v.get("finished"):
+                self.metrics.slo_attainment.labels(cls).set(v.get("met", 0) / v["finished"])
 
 
     async def _observe_ttfts(self) -> None:
-        """First tokens logged by workers since the last tick, into the TTFT histogram."""
-        entries, self._ttft_cursor = await self.store.read_ttfts(self._ttft_cursor)
-        for cls, ttft in entries:
-            self.metrics.ttft.labels(cls).observe(max(0.0, ttft))
+        """First tokens and finishes logged by workers since the last tick, into the TTFT
+        and TPOT histograms."""
+        entries, self._ttft_cursor = await self.store.read_latencies(self._ttft_cursor)
+        for kind, model, cls, seconds in entries:
+            (self.metrics.ttft if kind == "ttft" else self.metrics.tpot).labels(model, cls).observe(max(0.0, seconds))
 
     async def _load_meta(self, rids: list[str]) -> None:
         if not rids:
@@ -417,18 +423,25 @@ class Controller:
         return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
 
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
-        waiting: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
-        running: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
+        keys = [(m, c) for m in self.policy.models for c in self.policy.slo_classes]
+        waiting: dict[tuple[str, str], int] = dict.fromkeys(keys, 0)
+        running: dict[tuple[str, str], int] = dict.fromkeys(keys, 0)
         for g in snap.groups:
-            waiting[g.slo_class] = waiting.get(g.slo_class, 0) + g.size
+            waiting[g.model, g.slo_class] = waiting.get((g.model, g.slo_class), 0) + g.size
         for w in snap.workers:
             for r in w.running:
-                running[r.slo_class] = running.get(r.slo_class, 0) + 1
-        for c, v in waiting.items():
-            self.metrics.queue_length.labels(c).set(v)
-        for c, v in running.items():
-            self.metrics.running.labels(c).set(v)
+                running[r.model, r.slo_class] = running.get((r.model, r.slo_class), 0) + 1
+        for (m, c), v in waiting.items():
+            self.metrics.waiting.labels(m, c).set(v)
+        for (m, c), v in running.items():
+            self.metrics.running.labels(m, c).set(v)
         self.metrics.workers.set(sum(1 for w in snap.workers if w.healthy))
+        self.metrics.kv_usage.clear()  # workers that left leave no stale series
+        self.metrics.kv_used.clear()
+        for w in snap.workers:
+            if w.healthy and w.kv_capacity_tokens:
+                self.metrics.kv_usage.labels(w.worker_id).set(w.kv_used_tokens / w.kv_capacity_tokens)
+                self.metrics.kv_used.labels(w.worker_id).set(w.kv_used_tokens)
 
     async def plan(self, snapshot: ClusterSnapshot) -> Plan:
         if not snapshot.groups and not any(w.running for w in snapshot.workers):
@@ -458,6 +471,9 @@ class Controller:
                 return
             if not attempt:
                 continue  # cancelled or taken meanwhile
+            m = self._meta.get(a.request_id)
+            if attempt == 1 and m is not None:
+                self.metrics.queue_time.labels(m.model, m.slo_class).observe(max(0.0, snapshot.now - m.arrival))
             req = await self.store.get_request(a.request_id)
             if req is None:
                 continue
@@ -485,7 +501,12 @@ class Controller:
             return
         self.metrics.operations.labels(kind).inc()
         mode = op.mode.value if isinstance(op, SetPreemption) else ""
-        h.send(OpCommand(next_op_id(), kind, rids, model, mode, getattr(op, "max_pause_s", 0.0)))
+        op_id = next_op_id()
+        if isinstance(op, LoadModel):  # warm when the worker holds a host-RAM copy (the load metric's label)
+            if len(self._load_kind) > 1000:  # results of workers that left never come: keep it bounded
+                self._load_kind.clear()
+            self._load_kind[op_id] = "warm" if h.report and op.model in h.report.warm_models else "cold"
+        h.send(OpCommand(op_id, kind, rids, model, mode, getattr(op, "max_pause_s", 0.0)))
 
     # ---- worker sessions --------------------------------------------------------------
 
@@ -535,6 +556,11 @@ class Controller:
             log.warning("worker %s: %s failed: %s", h.worker_id, op.kind if op else op_id, error)
         now = self.clock.now()
         kind = op.kind if op else kind
+        load_kind = self._load_kind.pop(op_id, None)
+        # A load of the model already active (sent on a stale report) takes no time: no load.
+        if kind == "load_model" and ok and op is not None and load_kind is not None and seconds > 0:
+            self.metrics.model_loads.labels(op.model, load_kind).inc()
+            self.metrics.model_load_seconds.labels(op.model, load_kind).observe(max(0.0, seconds))
         # Requests the worker handed back (evict, or a model swap that evicted its batch).
         if kind in ("evict", "load_model", "drain"):
             for rid in request_ids:

@@ -64,6 +64,10 @@ class RuntimeOptions:
     lease_ttl_s: float = 1.2  # leader lease; a standby takes over within about this
     redis_fsync: str = "everysec"  # private redis-server: appendfsync
     controller_id: str | None = None  # name in the leader lease (default: random)
+    # OpenAI-compatible HTTP API (controller/http/): None serves it where Redis is private
+    # (the embedded default) on 8000 or the next free port, and not beside an external Redis.
+    http_port: int | None = None
+    no_http: bool = False
 
 
 class UnsafeBind(RuntimeError):
@@ -103,6 +107,7 @@ class ControllerRuntime:
         self._lease_task: asyncio.Task | None = None
         self.lease: LeaderLease | None = None
         self.workers: list[subprocess.Popen] = []
+        self.http = None  # controller.http.app.HttpServer when the HTTP API is on
 
     @property
     def address(self) -> str:
@@ -155,6 +160,8 @@ class ControllerRuntime:
         self.server, self.port, _ = await build_server(self.controller, f"{self.opts.host}:{self.opts.port}", auth,
                                                        self.opts.tls)
         await self.server.start()
+        if not self.opts.no_http and (self.opts.http_port is not None or self.opts.redis_url is None):
+            await self.start_http(auth)
         self._tick_task = asyncio.create_task(self.controller.run(), name="tick-loop")
         self._lease_task = asyncio.create_task(self.lease.run(self.controller.take_over, self.controller.lost_lease),
                                                name="leader-lease")
@@ -169,6 +176,18 @@ class ControllerRuntime:
         log.info("controller listening on %s; admin and worker tokens in %s", self.address,
                  local_token_path(self.opts.data_dir, "admin").parent)
         return self
+
+    async def start_http(self, auth: Authenticator) -> None:
+        from qlmserve.controller.http.app import DEFAULT_PORT, PORT_SEARCH, HttpServer
+
+        tls = self.opts.tls
+        self.http = HttpServer(self.controller, auth, self.opts.host, tls.cert_file if tls else None,
+                               tls.key_file if tls else None, tls.client_ca_file if tls else None)
+        if self.opts.http_port is None:
+            await self.http.start(DEFAULT_PORT, PORT_SEARCH)
+        else:
+            await self.http.start(self.opts.http_port)
+        log.info("OpenAI-compatible HTTP API on %s/v1", self.http.url)
 
     def spawn_worker(self, worker_id: str, extra: list[str] | None = None) -> subprocess.Popen:
         """A worker process beside the controller (its own Python, its own engine)."""
@@ -209,6 +228,8 @@ class ControllerRuntime:
         if self._lease_task:
             self._lease_task.cancel()
             await self.lease.release()  # the next controller need not wait for the TTL
+        if self.http:
+            await self.http.stop()
         if self.server:
             await self.server.stop(grace)
         if self.controller:

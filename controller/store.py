@@ -234,13 +234,15 @@ class RedisStore:
             out.setdefault(cls, {})[stat] = int(value)
         return out
 
-    async def read_ttfts(self, after_id: str | None) -> tuple[list[tuple[str, float]], str]:
-        """(class, TTFT) of first tokens logged after `after_id` (None: only from now on)."""
+    async def read_latencies(self, after_id: str | None) -> tuple[list[tuple[str, str, str, float]], str]:
+        """(kind 'ttft' or 'tpot', model, class, seconds) logged after `after_id` (None: only
+        from now on). Entries of workers that predate the model field have model ''."""
         if after_id is None:
             last = await self.r.xrevrange(self.k.ttft_log, count=1)
             return [], last[0][0] if last else "0-0"
         entries = await self.r.xrange(self.k.ttft_log, min=f"({after_id}", count=10_000)
-        out = [(f["c"], float(f["t"])) for _id, f in entries]
+        out = [("ttft", f.get("m", ""), f["c"], float(f["t"])) if "t" in f else
+               ("tpot", f.get("m", ""), f["c"], float(f["p"])) for _id, f in entries]
         return out, entries[-1][0] if entries else after_id
 
     # ---- transitions ------------------------------------------------------------------

@@ -11,11 +11,13 @@ import sys
 # add sets `func=callable(args) -> int`.
 SUBCOMMAND_MODULES = [
     "qlmserve.controller.cli",
+    "qlmserve.controller.top",
     "qlmserve.backends.cli",
     "qlmserve.demo",
     "qlmserve.backends.hf.cli",
     "qlmserve.bench.scheduling",
     "qlmserve.bench.submit",
+    "qlmserve.bench.http",
     "qlmserve.bench.solver",
 ]
 

@@ -3,8 +3,8 @@
 A private redis-server, the controller, and two CPU workers running two tiny MoE models
 (seeded random weights, built on first use) serve a slice of the Azure LLM inference
 trace (conversation service, bundled with its attribution) replayed as a mix of
-latency-sensitive and best-effort requests through the real gRPC API. It ends with a
-table per SLO class.
+latency-sensitive and best-effort requests through the real gRPC API (`--http`: through
+the OpenAI-compatible HTTP API, streamed completions). It ends with a table per SLO class.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="policy YAML (default: the embedded default policy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--http", action="store_true",
+                   help="drive the load through the OpenAI-compatible HTTP API (streamed completions) instead of gRPC")
     p.set_defaults(func=cmd_demo)
 
 
@@ -96,7 +98,10 @@ async def run_demo(args) -> int:
                       f"(TTFT SLO {policy.slo_classes['batch'].ttft_s:g}s); models {', '.join(models)}")
         rng = np.random.default_rng(args.seed)
         outcomes: list[Outcome] = []
-        async with QlmClient(rt.address) as client:  # anonymous: the embedded policy allows it on loopback
+        if args.http:
+            err.print(f"through the OpenAI-compatible HTTP API at {rt.http.url}/v1")
+        # Anonymous on both APIs: the embedded policy allows it on loopback.
+        async with QlmClient(rt.address) as client, _http_client(rt, args.http) as http:
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err, transient=False) as progress:
                 task = progress.add_task("requests done", total=len(work))
@@ -109,12 +114,13 @@ async def run_demo(args) -> int:
                                          max_tokens=w.output_tokens, user_id=w.user_id)
                     sent = time.perf_counter()
                     ttft, n, reason, error = None, 0, "", ""
+                    chunks = _http_tokens(http, req) if http is not None else _grpc_tokens(client, req)
                     try:
-                        async for chunk in client.generate(req):
-                            if ttft is None and chunk.token_ids:
+                        async for got, fin in chunks:
+                            if ttft is None and got:
                                 ttft = time.perf_counter() - sent
-                            n += len(chunk.token_ids)
-                            reason = chunk.finish_reason or reason
+                            n += got
+                            reason = fin or reason
                     except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
                         error = str(exc)
                     outcomes.append(Outcome(w.slo_class, w.model, ttft, n, reason, error))
@@ -128,6 +134,7 @@ async def run_demo(args) -> int:
                            "interactive_share": args.interactive_share, "prompt_scale": args.prompt_scale,
                            "output_scale": args.output_scale, "workers": 2, "models": models,
                            "policy": policy.planner.policy, "seed": args.seed,
+                           "api": "http" if args.http else "grpc",
                            "total_wall_s": round(time.perf_counter() - t_start, 1)}
     finally:
         await rt.stop()
@@ -136,6 +143,43 @@ async def run_demo(args) -> int:
     else:
         print_table(result)
     return 0 if result["overall"]["errors"] == 0 else 1
+
+
+def _http_client(rt, on: bool):
+    """An httpx client of the controller's HTTP API, or a context holding None (gRPC)."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext(None)
+    import httpx
+
+    if rt.http is None:
+        raise RuntimeError("the controller serves no HTTP API")
+    # A connection per request: see qlmserve/bench/http.py on httpcore keep-alive pools.
+    return httpx.AsyncClient(base_url=rt.http.url, timeout=600,
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+
+
+async def _grpc_tokens(client, req):
+    """(tokens, finish reason) of each chunk of a gRPC Generate."""
+    async for chunk in client.generate(req):
+        yield len(chunk.token_ids), chunk.finish_reason
+
+
+async def _http_tokens(http, req):
+    """(tokens, finish reason) of each event of a streamed HTTP completion."""
+    body = {"model": req.model, "prompt": list(req.prompt_token_ids.ids), "max_tokens": req.max_tokens,
+            "stream": True, "slo_class": req.slo_class, "user": req.user_id, "temperature": 0}
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            yield len(ev["qlm_token_ids"]), ev["choices"][0]["finish_reason"] or ""
 
 
 def _operations(rt) -> dict[str, int]:
@@ -196,4 +240,5 @@ def print_table(result: dict) -> None:
     con.print(f"operations used: {ops}")
     con.print(f"setup: {su['requests']} requests of {su['trace']} over {su['window_s']:.0f}s, "
               f"{su['interactive_share']:.0%} interactive, {su['workers']} CPU workers, models "
-              f"{', '.join(su['models'])}, policy {su['policy']}, seed {su['seed']}; wall time {su['total_wall_s']}s")
+              f"{', '.join(su['models'])}, policy {su['policy']}, seed {su['seed']}, through {su['api']}; "
+              f"wall time {su['total_wall_s']}s")

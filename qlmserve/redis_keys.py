@@ -73,7 +73,7 @@ class Keys:
         return f"{self.prefix}:seq:group"
 
     @property
-    def ttft_log(self) -> str:  # stream: (class, TTFT) of every first token, for metrics
+    def ttft_log(self) -> str:  # stream: (class, model, TTFT) of first tokens, (class, model, TPOT) of finishes
         return f"{self.prefix}:ttftlog"
 
     @property

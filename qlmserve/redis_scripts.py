@@ -111,7 +111,8 @@ return attempt
 
 # Tokens of one worker iteration, many requests at once (one round trip per iteration).
 # KEYS[1] - lengths hash, KEYS[2] - worker running hash, KEYS[3] - class stats hash,
-# KEYS[4] - unfinished set, KEYS[5] - TTFT log stream (capped), then per event i (0-based):
+# KEYS[4] - unfinished set, KEYS[5] - latency log stream (capped; TTFT of first tokens, TPOT of
+# finishes), then per event i (0-based):
 # KEYS[6+3i] request hash, KEYS[7+3i] ids string, KEYS[8+3i] stream
 # ARGV[1] - now, ARGV[2] - number of events, ARGV[3] - seconds to keep a finished request,
 # then per event 7 values: request id, attempt, index, token id, text, finished "1"/"0", reason
@@ -139,7 +140,7 @@ for i = 0, n - 1 do
     if (not first) or first == '' then
       first = now
       redis.call('HSET', kreq, 'first_token_at', now)
-      redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'c', st[5], 't', tonumber(now) - tonumber(st[6]))
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'c', st[5], 'm', st[4], 't', tonumber(now) - tonumber(st[6]))
     end
     redis.call('XADD', kstream, '0-' .. (index + 1), 'i', index, 't', tok, 'x', text, 'f', fin, 'r', reason)
     if fin == '1' then
@@ -151,6 +152,10 @@ for i = 0, n - 1 do
       redis.call('HINCRBYFLOAT', KEYS[1], lk .. '|sum', index + 1)
       redis.call('HINCRBYFLOAT', KEYS[1], lk .. '|sumsq', (index + 1) * (index + 1))
       redis.call('HINCRBY', KEYS[3], st[5] .. '|finished', 1)
+      if index > 0 then  -- time per output token after the first, for the TPOT histogram
+        redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'c', st[5], 'm', st[4], 'p',
+                   (tonumber(now) - tonumber(first)) / index)
+      end
       if tonumber(first) - tonumber(st[6]) <= tonumber(st[7]) then
         redis.call('HINCRBY', KEYS[3], st[5] .. '|met', 1)
       end

@@ -73,7 +73,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         vqs = [admin_pb2.VirtualQueue(worker_id=w, group_ids=q) for w, q in sorted(p.get("virtual_queues", {}).items())]
         return admin_pb2.PlanState(virtual_queues=vqs, operations=ops, source=p.get("source", ""),
                                    solve_time_s=p.get("solve_time_s", 0.0), created_at=p.get("created_at", 0.0),
-                                   note=p.get("note", ""), tick=p.get("tick", 0))
+                                   note=p.get("note", ""), tick=p.get("tick", 0),
+                                   operations_sent=self._operations_sent())
+
+    def _operations_sent(self) -> dict[str, int]:
+        return {s.labels["kind"]: int(s.value) for m in self.c.metrics.operations.collect() for s in m.samples
+                if s.name.endswith("_total")}
 
     async def ReloadPolicy(self, request, unused_context):
         c = self.c
