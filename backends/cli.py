@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF or vLLM engine (default 1)")
     p.add_argument("--prefix-cache", action="store_true",
-                   help="--engine hf: keep full KV blocks findable by their token chain; a prompt that starts "
-                        "with cached blocks skips their prefill (reported to the planner)")
+                   help="keep full KV blocks findable by their token chain (--engine hf; --engine sim models "
+                        "it): a prompt that starts with cached blocks skips their prefill (reported to the planner)")
     p.set_defaults(func=cmd_worker)
 
 

@@ -29,7 +29,8 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
                   sim_fleet: SimFleetWorker | None = None, max_prefill_tokens: int | None = None,
                   threads: int = 1, prefix_cache: bool = False) -> Engine:
     """`max_prefill_tokens`: prompt tokens one iteration may prefill (None: the default);
-    `prefix_cache`: the HF engine keeps full KV blocks findable by their token chain."""
+    `prefix_cache`: the HF engine keeps full KV blocks findable by their token chain (the
+    simulated engine models the same cache)."""
     prefill = max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
     if kind == "hf":
         from qlmserve.backends.hf.engine import HFEngine
@@ -56,7 +57,8 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
         # trace's true output length, so the fleet sees the real length distribution.
         return SimEngine(profile, sim_models, max_batch_size=max_batch_size,
                          kv_capacity_tokens=kv_capacity_tokens or 100_000, seed=seed,
-                         output_lengths=OutputLengths(kind="max_tokens"), max_prefill_tokens=prefill)
+                         output_lengths=OutputLengths(kind="max_tokens"), max_prefill_tokens=prefill,
+                         prefix_cache=prefix_cache)
     raise ValueError(f"unknown engine {kind!r}; valid engines: {', '.join(ENGINE_NAMES)}")
 
 

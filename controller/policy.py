@@ -109,6 +109,10 @@ class DispatchConfig(_Strict):
     while that worker's cost is within this many prefill tokens of the cheapest."""
     max_reported_blocks: int = Field(default=4096, ge=0)
     """Prefix-cache block ids a worker reports at most (the most recently used)."""
+    prefix_block_tokens: int = Field(default=16, ge=0)
+    """The controller keys each prompt by its chain of blocks of this many tokens, as the
+    engines key their prefix caches (operations.prefix_cache.ENGINE_BLOCK_TOKENS), so that
+    the planner counts what a worker's cache saves a request; 0: prompts are not keyed."""
     max_sessions: int = Field(default=100_000, ge=1)
     """Sessions whose last worker the planner remembers (the oldest are forgotten)."""
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
+from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, WorkerState
-from qlmserve.operations.prefix_cache import saved_prefill_tokens
+from qlmserve.operations.prefix_cache import chain_keys, saved_prefill_tokens
 
 
 class _Union:
@@ -45,6 +46,13 @@ def saved_prefill(g: GroupState, w: WorkerState, planned: Collection[int] = ()) 
         return 0
     held: Collection[int] = _Union(rep.blocks, planned) if planned else rep.blocks
     return sum(saved_prefill_tokens(b, held, rep.block_tokens, p) for b, p in zip(g.prefix_blocks, g.prompt_tokens))
+
+
+def prompt_blocks(token_ids: list[int], policy: PolicyConfig) -> tuple[int, ...]:
+    """A live request's prefix block ids: its prompt's chain keys, as the engines key their
+    caches (dispatch.prefix_block_tokens; () when 0)."""
+    n = policy.dispatch.prefix_block_tokens
+    return tuple(chain_keys(token_ids, n)) if n > 0 else ()
 
 
 def queued_prefill(w: WorkerState) -> int:

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 # The block size of the Mooncake traces' hash_ids (tokens per id).
 MOONCAKE_BLOCK_TOKENS = 512
+# The block size the engines key prompt token chains by (the HF engine's KV block,
+# backends/hf/kv_cache.BLOCK_SIZE, and the live simulated engine's; the controller keys
+# prompts the same way: dispatch.prefix_block_tokens).
+ENGINE_BLOCK_TOKENS = 16
 # Block ids a worker reports at most (the policy's `dispatch.max_reported_blocks` overrides).
 DEFAULT_REPORTED_BLOCKS = 4096
 

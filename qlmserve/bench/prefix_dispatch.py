@@ -130,12 +130,12 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
                         f"{args.model}, " + (f"window {args.window:.0f} s" if args.window else "the whole trace once")
                         + f", seed {args.seed}")
     for col in ("load", "policy", "req/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "hit rate",
-                "TTFT p50 vs least-loaded"):
+                "TTFT p50 change vs least-loaded"):
         table.add_column(col, justify="right" if col not in ("policy",) else "left")
     for ld in loads:
         base = next((r for r in runs if r["load"] == ld and r["policy"] == "least-loaded"), None)
         for r in (r for r in runs if r["load"] == ld):
-            rel = f"{1 - r['ttft_p50_s'] / base['ttft_p50_s']:+.1%} lower" if base and base["ttft_p50_s"] > 0 else "-"
+            rel = f"{r['ttft_p50_s'] / base['ttft_p50_s'] - 1:+.1%}" if base and base["ttft_p50_s"] > 0 else "-"
             table.add_row(f"{ld:.2f}", r["policy"], f"{r['offered_req_s']:.2f}", f"{r['ttft_p50_s']:.2f}",
                           f"{r['ttft_p99_s']:.2f}", f"{r['tpot_p50_ms']:.1f}" if r["tpot_p50_ms"] else "-",
                           f"{r['prefix_hit_rate']:.1%}", rel)

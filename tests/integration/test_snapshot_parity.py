@@ -52,6 +52,8 @@ def _policy():
                        "weight_bytes": t.model(m).weight_bytes} for m in MODELS},
         "grouping": {"window_s": 2.0, "max_group_size": 3},
         "planner": {"policy": "edf"},
+        # The simulator's requests carry trace block ids, not token ids: prompts are not keyed here.
+        "dispatch": {"prefix_block_tokens": 0},
     })
 
 

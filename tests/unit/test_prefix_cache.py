@@ -123,3 +123,36 @@ def test_workload_carries_the_trace_block_ids(tmp_path):
                                             max_context={"m": 4096}))
     assert [r.hash_ids for r in wl[:3]] == [(0, 1), (0, 1), ()]
     assert wl[3].loop == 1 and wl[3].hash_ids == (14, 15) and wl[3].prefix_id == "h14"
+
+
+def test_live_simulated_engine_models_the_cache_over_prompt_token_chains():
+    """This test verifies that:
+    1. backends/sim_engine.py with prefix_cache=True keys prompts by their 16-token chain
+       (the HF engine's keys): a second prompt sharing the first's 160 leading tokens
+       prefills only the rest, on the cost model's clock;
+    2. its state report carries the cached keys and the backlog, and a model load empties it;
+    3. without prefix_cache nothing is reported."""
+    from qlmserve.backends.engine import EngineRequest
+    from qlmserve.backends.sim_engine import SimEngine, SimModel
+    from qlmserve.operations.costs import WorkerProfile
+    from qlmserve.operations.prefix_cache import ENGINE_BLOCK_TOKENS, chain_keys
+
+    prof = WorkerProfile(prefill_base_s=0.01, prefill_per_token_s=1e-4, decode_base_s=0.02, decode_per_seq_s=0.0)
+    clock = EventClock()
+    eng = SimEngine(prof, [SimModel("m", 10**9), SimModel("n", 10**9)], active_model="m", clock=clock,
+                    prefix_cache=True)
+    head = list(range(1000, 1160))
+    eng.add_request(EngineRequest("a", "m", head + list(range(40)), max_tokens=1))
+    eng.step()
+    assert clock.now() == pytest.approx(prof.prefill_time(200))
+    rep = eng.stats().prefix
+    assert rep.block_tokens == ENGINE_BLOCK_TOKENS and set(chain_keys(head, 16)) <= rep.blocks
+    eng.add_request(EngineRequest("b", "m", head + list(range(500, 530)), max_tokens=1))
+    assert eng.stats().prefix.queued_prefill_tokens == 30
+    t0 = clock.now()
+    eng.step()
+    assert clock.now() - t0 == pytest.approx(prof.prefill_time(30))
+    eng.load_model("n")
+    assert not eng.stats().prefix.blocks
+    plain = SimEngine(prof, [SimModel("m", 10**9)], active_model="m", clock=EventClock())
+    assert plain.stats().prefix is None
