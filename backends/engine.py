@@ -99,6 +99,8 @@ class EngineStats:
     host_kv_used_tokens: int = 0
     preemption: PreemptionMode = PreemptionMode.NONE
     prefix: PrefixReport | None = None  # its prefix cache and prefill backlog; None: it caches no prefixes
+    # MoE models: activations per [layer][expert] since the model was loaded; None: not counted
+    expert_activations: list[list[int]] | None = None
 
 
 class EngineError(RuntimeError):

@@ -340,6 +340,8 @@ class Worker:
             state.host_kv_capacity_tokens = s.host_kv_capacity_tokens
         if s.profile is not None:
             state.cost.CopyFrom(cost_to_pb(s.profile))
+        for layer in s.expert_activations or ():
+            state.expert_load.add(activations=layer)
         if s.prefix is not None:
             state.prefix_cache.CopyFrom(worker_pb2.PrefixCacheReport(
                 block_tokens=s.prefix.block_tokens, blocks=sorted(s.prefix.blocks),

@@ -71,6 +71,7 @@ class WorkerReport:
     prefix_block_tokens: int = 0
     prefix_blocks: tuple[int, ...] = ()
     queued_prefill_tokens: int = 0
+    expert_activations: tuple[tuple[int, ...], ...] = ()  # MoE: per layer, per expert, since its model loaded
 
 
 _op_ids = itertools.count(1)

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all", "vllm", "prefix")
+BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all", "vllm", "prefix", "experts")
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -93,6 +93,13 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         run_prefix(PrefixBenchOptions(kind=args.kind, model_root=args.model_root, device=args.device,
                                       threads=args.threads, rounds=args.rounds, offset=args.prefix_offset,
                                       requests=args.prefix_requests, rate=args.prefix_rate), args.json)
+        return 0
+    if args.which == "experts":
+        from qlmserve.bench.expert_skew import ExpertBenchOptions
+        from qlmserve.bench.expert_skew import main as run_experts
+
+        run_experts(ExpertBenchOptions(kind=args.kind, model_root=args.model_root, device=args.device,
+                                       threads=args.threads, rounds=args.rounds), args.json)
         return 0
     which = ["preemption", "chunked", "throughput", "batching", "warm"] if args.which == "all" else [args.which]
     if "preemption" in which:

@@ -55,6 +55,7 @@ from qlmserve.operations.batching import (
 from qlmserve.operations.model_spec import ModelSpec
 from qlmserve.operations.prefix_cache import DEFAULT_REPORTED_BLOCKS, PrefixReport
 
+from .expert_load import ExpertLoad, routers
 from .forward import ForwardPass, pack_rows
 from .kv_cache import PagedKVCache
 from .pass_log import PassMeter, PassRecord
@@ -121,6 +122,7 @@ class HFEngine(Engine):
         self._aborted_in_step: set[str] = set()
         self._failures: list[tuple[str, str]] = []  # (request id, error) failed alone, for take_failures
 
+        self.expert_load: ExpertLoad | None = None  # expert activations of the active MoE model
         self.meter = PassMeter()  # what its passes measured: records, rates, the cost model it reports
         self.pass_log: deque[PassRecord] = self.meter.records
         if initial_model is not None:
@@ -217,6 +219,8 @@ class HFEngine(Engine):
         self._drain_inbox()
         if self._model is None:
             return []
+        if self.expert_load is not None:
+            self.expert_load.begin_step()
         self._aborted_in_step.clear()
         if self._paused is not None:
             events = self._continue_paused()
@@ -537,6 +541,7 @@ class HFEngine(Engine):
             eos = cfg.eos_token_id
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self._model, self._kv, self._stop_ids = new, kv, frozenset(eos_ids)
+        self.expert_load = ExpertLoad(new) if routers(new) else None
         with self._lock:
             self._model_name = model
         seconds = time.perf_counter() - t0
@@ -552,6 +557,9 @@ class HFEngine(Engine):
             raise EngineError(f"cannot unload the model: {len(busy)} requests still waiting or running")
         self._model = None
         self._kv = None
+        if self.expert_load is not None:
+            self.expert_load.remove()
+            self.expert_load = None
         with self._lock:
             self._model_name = None
         free_device_memory(self.device)
@@ -610,6 +618,7 @@ class HFEngine(Engine):
             host_ram_bytes=physical_memory_bytes(),
             preemption=self.policy.mode,
             prefix=self._prefix_report(),
+            expert_activations=self.expert_load.total.tolist() if self.expert_load is not None else None,
         )
 
     def _prefix_report(self) -> PrefixReport | None:

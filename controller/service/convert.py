@@ -58,7 +58,7 @@ def report_from_pb(s: worker_pb2.WorkerState) -> WorkerReport:
         servable_models=list(s.servable_models), host_ram_bytes=s.host_ram_bytes,
         host_kv_capacity_tokens=s.host_kv_capacity_tokens if s.HasField("host_kv_capacity_tokens") else None,
         host_kv_used_tokens=s.host_kv_used_tokens, supported_ops=_capabilities(s.supported_ops),
-        **_prefix_cache(s))
+        expert_activations=tuple(tuple(layer.activations) for layer in s.expert_load), **_prefix_cache(s))
 
 
 def _prefix_cache(s: worker_pb2.WorkerState) -> dict:
