@@ -90,7 +90,7 @@ class DispatchPolicy(SchedulingPolicy):
             if not cands:
                 break
             placed = by_id.get(g.worker_id) if g.worker_id else None
-            w = placed if placed is not None and placed in cands else self.pick(g, cands, load)
+            w = placed if placed is not None and any(c is placed for c in cands) else self.pick(g, cands, load)
             queues[w.worker_id].append(g.group_id)
             load.add(g, w, self.own_prefill(g, w, load))
             for s in g.sessions:
