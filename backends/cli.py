@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --sim-fleet: run this many times slower than the profiles (one machine for a fleet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the HF or vLLM engine (default 1)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="keep full KV blocks findable by their token chain (--engine hf; --engine sim models "
+                        "it): a prompt that starts with cached blocks skips their prefill (reported to the planner)")
     p.set_defaults(func=cmd_worker)
 
 
@@ -53,6 +56,7 @@ def cmd_worker(args) -> int:
                                     kv_capacity_tokens=args.kv_capacity, preload=args.preload,
                                     preemption=args.preemption, max_pause_s=args.max_pause,
                                     sim_profile=args.sim_profile, seed=args.seed, threads=args.threads,
+                                    prefix_cache=args.prefix_cache,
                                     sim_fleet=SimFleetWorker(args.sim_fleet, args.sim_worker or args.id,
                                                              args.time_scale) if args.sim_fleet else None,
                                     token_loader=lambda: resolve_token(args.token_file, args.data_dir, "worker"),

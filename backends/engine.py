@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from qlmserve.operations.batching import LS_BATCH_FACTOR, PreemptionMode, batch_limit, precedence
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import ALL_CAPABILITIES, Capability
+from qlmserve.operations.prefix_cache import PrefixReport
 
 __all__ = ["LS_BATCH_FACTOR", "PreemptionMode", "batch_limit", "precedence"]  # re-exported: engines' vocabulary
 
@@ -97,6 +98,9 @@ class EngineStats:
     host_kv_capacity_tokens: int | None = None  # None: not limited
     host_kv_used_tokens: int = 0
     preemption: PreemptionMode = PreemptionMode.NONE
+    prefix: PrefixReport | None = None  # its prefix cache and prefill backlog; None: it caches no prefixes
+    # MoE models: activations per [layer][expert] since the model was loaded; None: not counted
+    expert_activations: list[list[int]] | None = None
 
 
 class EngineError(RuntimeError):

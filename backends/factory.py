@@ -27,14 +27,16 @@ class SimFleetWorker:
 def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "auto", max_batch_size: int = 16,
                   kv_capacity_tokens: int | None = None, sim_profile: str | None = None, seed: int = 0,
                   sim_fleet: SimFleetWorker | None = None, max_prefill_tokens: int | None = None,
-                  threads: int = 1) -> Engine:
-    """`max_prefill_tokens`: prompt tokens one iteration may prefill (None: the default)."""
+                  threads: int = 1, prefix_cache: bool = False) -> Engine:
+    """`max_prefill_tokens`: prompt tokens one iteration may prefill (None: the default);
+    `prefix_cache`: the HF engine keeps full KV blocks findable by their token chain (the
+    simulated engine models the same cache)."""
     prefill = max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
     if kind == "hf":
         from qlmserve.backends.hf.engine import HFEngine
 
         return HFEngine(dict(models), device=device, max_batch_size=max_batch_size,
-                        kv_capacity_tokens=kv_capacity_tokens, max_prefill_tokens=prefill)
+                        kv_capacity_tokens=kv_capacity_tokens, max_prefill_tokens=prefill, prefix_cache=prefix_cache)
     if kind == "sim" and sim_fleet is not None:
         return _fleet_sim_engine(sim_fleet, seed, prefill)
     if kind == "vllm":
@@ -55,7 +57,8 @@ def create_engine(kind: str, models: Mapping[str, ModelSpec], *, device: str = "
         # trace's true output length, so the fleet sees the real length distribution.
         return SimEngine(profile, sim_models, max_batch_size=max_batch_size,
                          kv_capacity_tokens=kv_capacity_tokens or 100_000, seed=seed,
-                         output_lengths=OutputLengths(kind="max_tokens"), max_prefill_tokens=prefill)
+                         output_lengths=OutputLengths(kind="max_tokens"), max_prefill_tokens=prefill,
+                         prefix_cache=prefix_cache)
     raise ValueError(f"unknown engine {kind!r}; valid engines: {', '.join(ENGINE_NAMES)}")
 
 

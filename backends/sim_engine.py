@@ -1,5 +1,9 @@
 """A simulated engine: the `Engine` interface on a calibrated cost model, in real time.
 
+Over 500 lines because it keeps every book a real engine keeps (batching, chunked
+prefill, expert-level pauses, KV swap, model loads, the prefix cache) on one state that
+the step loop and the operations share, as backends/hf/engine.py does.
+
 A worker process runs it like a GPU engine: `step()` takes as long as the cost model
 says one iteration takes (it sleeps on its clock) and returns deterministic
 pseudo-random tokens. It keeps the books a real engine keeps: KV-cache capacity in
@@ -54,6 +58,13 @@ from qlmserve.backends.engine import (
 )
 from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, BatchView, ls_can_start, plan_iteration
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.prefix_cache import (
+    DEFAULT_REPORTED_BLOCKS,
+    ENGINE_BLOCK_TOKENS,
+    PrefixCache,
+    PrefixReport,
+    chain_keys,
+)
 from qlmserve.sim.clock import Clock, RealClock
 
 from .sim_model import OutputLengths, SimModel, stable_u64
@@ -99,6 +110,7 @@ class SimEngine(Engine):
         max_pause_s: float = 2.0,
         device: str = "sim",
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        prefix_cache: bool = False,
     ) -> None:
         if isinstance(models, Mapping):
             self._models = dict(models)
@@ -138,6 +150,10 @@ class SimEngine(Engine):
         self._warm: dict[str, float] = {m: self.clock.now() for m in warm_models}  # model -> copy ready at
         self._prefill_tps = 0.0
         self._decode_tps = 0.0
+        # The prefix cache model (operations/prefix_cache.py) over the prompts' chain keys
+        # (ENGINE_BLOCK_TOKENS per block, as the HF engine keys them); None: off.
+        self.prefix: PrefixCache | None = (
+            PrefixCache(self.kv_capacity_tokens // ENGINE_BLOCK_TOKENS, ENGINE_BLOCK_TOKENS) if prefix_cache else None)
 
     # ---- thread-safe entry points ----------------------------------------------------
 
@@ -222,7 +238,10 @@ class SimEngine(Engine):
             target = self.output_lengths.draw(self.seed, req.request_id, req.max_tokens, req.prompt_token_ids)
             reason = FinishReason.LENGTH if target >= req.max_tokens else FinishReason.STOP
             target = max(target, len(req.generated_token_ids) + 1)
-            self._waiting.append(SimSeq(req, target, reason, list(req.generated_token_ids)))
+            seq = SimSeq(req, target, reason, list(req.generated_token_ids))
+            if self.prefix is not None:
+                seq.blocks = tuple(chain_keys(req.prompt_token_ids, ENGINE_BLOCK_TOKENS))
+            self._waiting.append(seq)
         for rid in aborts:
             self._remove(rid)
 
@@ -235,9 +254,16 @@ class SimEngine(Engine):
             model=self.active_model, kv_free=self.kv_capacity_tokens - self.kv_used_tokens,
             running=len(self._running), waiting=self._waiting,
             prefilling=[s for s in free if not s.prefilled], decoding=[s for s in free if s.prefilled],
-            kv_need=lambda s: s.kv_tokens + 1, prompt_left=lambda s: s.kv_tokens - s.computed,
+            kv_need=lambda s: s.kv_tokens + 1, prompt_left=self._prompt_left,
             kv_held=lambda s: s.kv_tokens, admitted_order=lambda s: s.admitted_order,
         )
+
+    def _prompt_left(self, s: SimSeq) -> int:
+        """Tokens a sequence has yet to prefill; one not admitted yet skips its cached
+        prefix (admission looks the same blocks up)."""
+        if self.prefix is not None and s.computed == 0 and s in self._waiting:
+            return s.kv_tokens - self.prefix.peek(s.blocks, s.kv_tokens)
+        return s.kv_tokens - s.computed
 
     def _plan_iteration(self, ls_only: bool = False) -> SimIteration | None:
         """Admit what the shared rule admits and build the next iteration (None when there
@@ -252,6 +278,8 @@ class SimEngine(Engine):
             self._waiting.remove(s)
             self._admit_seq += 1
             s.admitted_order = self._admit_seq
+            if self.prefix is not None and s.computed == 0:  # its cached prefix skips prefill
+                s.computed = self.prefix.lookup(s.blocks, s.kv_tokens)
             self._running.append(s)
         if not plan.runs:
             return None
@@ -321,6 +349,8 @@ class SimEngine(Engine):
         for s in done + it.decode:
             if s not in self._running:
                 continue
+            if not s.prefilled and self.prefix is not None:
+                self.prefix.insert(s.blocks)  # its prompt's blocks are computed
             s.prefilled = True
             idx = len(s.generated)
             last = idx + 1 >= s.target_len
@@ -434,6 +464,9 @@ class SimEngine(Engine):
         cost = self._profile_of(model).model_load_time(nbytes, warm)
         self._sleep(cost)
         self.active_model = model
+        if self.prefix is not None:  # the cached blocks were the old model's KV
+            self.prefix.clear()
+            self.prefix.resize(self.kv_capacity_tokens // ENGINE_BLOCK_TOKENS)
         self.counters.loads += 1
         self.counters.op_s += cost
         self._count("load_model")
@@ -491,4 +524,8 @@ class SimEngine(Engine):
             host_kv_capacity_tokens=self.host_kv_capacity_tokens,
             host_kv_used_tokens=sum(s.kv_tokens for s in self._swapped.values()),
             preemption=self.mode,
+            prefix=None if self.prefix is None else PrefixReport(
+                ENGINE_BLOCK_TOKENS, self.prefix.summary(DEFAULT_REPORTED_BLOCKS),
+                sum(self._prompt_left(s) for s in self._waiting)
+                + sum(s.kv_tokens - s.computed for s in self._running if not s.prefilled)),
         )

@@ -18,6 +18,7 @@ class SimSeq:
     admitted_order: int = 0
     prefilled: bool = False  # KV on the device covers prompt + generated
     computed: int = 0  # while prefilling: tokens its earlier chunks prefilled
+    blocks: tuple[int, ...] = ()  # chain keys of its prompt's full blocks (prefix cache on)
 
     @property
     def rid(self) -> str:

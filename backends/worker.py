@@ -61,6 +61,7 @@ class WorkerOptions:
     # worker by default: several workers sharing a few cores with more threads each spin
     # against each other (measured 20x slower on 2 cores with 2 workers x 2 threads).
     threads: int = 1
+    prefix_cache: bool = False  # the HF engine's prefix cache (backends/hf/prefix_index.py)
     token: str | None = None  # worker token (qlmserve.credentials.resolve_token)
     # Read the token again at every dial (a token file `qlm serve` is still writing); wins over `token`.
     token_loader: Callable[[], str | None] | None = None
@@ -339,6 +340,12 @@ class Worker:
             state.host_kv_capacity_tokens = s.host_kv_capacity_tokens
         if s.profile is not None:
             state.cost.CopyFrom(cost_to_pb(s.profile))
+        for layer in s.expert_activations or ():
+            state.expert_load.add(activations=layer)
+        if s.prefix is not None:
+            state.prefix_cache.CopyFrom(worker_pb2.PrefixCacheReport(
+                block_tokens=s.prefix.block_tokens, blocks=sorted(s.prefix.blocks),
+                queued_prefill_tokens=s.prefix.queued_prefill_tokens))
         return state
 
     _loading: str | None = None
@@ -381,7 +388,8 @@ class Worker:
             torch.set_num_threads(max(1, o.threads))
         engine = create_engine(o.engine, self.models, device=o.device, max_batch_size=batch,
                                kv_capacity_tokens=o.kv_capacity_tokens, sim_profile=o.sim_profile, seed=o.seed,
-                               sim_fleet=o.sim_fleet, max_prefill_tokens=max_prefill_tokens or None, threads=o.threads)
+                               sim_fleet=o.sim_fleet, max_prefill_tokens=max_prefill_tokens or None, threads=o.threads,
+                               prefix_cache=o.prefix_cache)
         engine.set_preemption(PreemptionMode(o.preemption), o.max_pause_s)
         tokenizers = {}
         if o.engine in _HEAVY_IMPORTS:  # the engines of real models detokenize here

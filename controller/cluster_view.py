@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 
 from qlmserve.controller.estimator import LengthLearner, Moments
 from qlmserve.controller.policy import PolicyConfig
+from qlmserve.controller.request_order import depends_on_time, order_requests
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import Capability
+from qlmserve.operations.prefix_cache import PrefixReport
 
 # Warm copies a worker is assumed to hold when it reports no host RAM figure.
 DEFAULT_HOST_RAM_MODELS = 2
@@ -44,6 +46,8 @@ class RequestView:
     swapped: bool = False  # KV in host memory (a running request)
     ttft_s: float = 60.0
     latency_sensitive: bool = False
+    prefix_blocks: tuple[int, ...] = ()  # its prompt's prefix block ids (operations/prefix_cache.py)
+    session: str = ""  # stickiness key (the user, or the conversation)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class WorkerView:
     running: tuple[RequestView, ...]
     supported_ops: frozenset[Capability] | None = None  # what its engine carries out; None: every operation
     max_prefill_tokens: int | None = None  # its engine's prefill budget per iteration; None: the policy's
+    prefix: PrefixReport | None = None  # its prefix cache and prefill backlog; None: not reported
 
 
 @dataclass(frozen=True)
@@ -114,11 +119,13 @@ def learned_lengths(policy: PolicyConfig, observed: Mapping[tuple[str, str], Mom
     return LengthLearner(policy, observed).length_stats(running)
 
 
-def group_state(g: GroupView, policy: PolicyConfig, placement: Mapping[str, tuple[str, int]]) -> GroupState:
-    """A waiting group. A request requeued with tokens must prefill them again and may
-    produce only what its max_tokens leaves."""
+def group_state(g: GroupView, policy: PolicyConfig, placement: Mapping[str, tuple[str, int]],
+                now: float = 0.0) -> GroupState:
+    """A waiting group, its requests in its class's request order (controller/request_order.py).
+    A request requeued with tokens must prefill them again and may produce only what its
+    max_tokens leaves."""
     slo = policy.slo_classes.get(g.slo_class)
-    reqs = g.waiting
+    reqs = order_requests(g.waiting, slo, policy, now)
     wid, pos = placement.get(g.group_id, (None, 0))
     return GroupState(
         group_id=g.group_id, model=g.model, slo_class=g.slo_class,
@@ -128,14 +135,16 @@ def group_state(g: GroupView, policy: PolicyConfig, placement: Mapping[str, tupl
         ttft_s=slo.ttft_s if slo else (reqs[0].ttft_s if reqs else 60.0),
         priority=slo.priority if slo else 0, weight=slo.weight if slo else 1.0,
         latency_sensitive=slo.latency_sensitive if slo else (reqs[0].latency_sensitive if reqs else False),
-        worker_id=wid, position=pos, created_at=g.created_at)
+        worker_id=wid, position=pos, created_at=g.created_at,
+        prefix_blocks=tuple(r.prefix_blocks for r in reqs) if any(r.prefix_blocks for r in reqs) else (),
+        sessions=tuple(r.session for r in reqs) if any(r.session for r in reqs) else ())
 
 
 def running_request(r: RequestView, policy: PolicyConfig) -> RunningRequest:
     slo = policy.slo_classes.get(r.slo_class)
     return RunningRequest(r.request_id, r.group_id, r.model, r.slo_class, r.prompt_tokens, r.generated_tokens,
                           r.max_tokens, slo.latency_sensitive if slo else r.latency_sensitive, r.arrival,
-                          r.first_token_at, swapped=r.swapped)
+                          r.first_token_at, swapped=r.swapped, session=r.session)
 
 
 def host_ram_models(host_ram_bytes: int, model_bytes: Mapping[str, int], models: Iterable[str]) -> int:
@@ -158,7 +167,8 @@ def worker_state(w: WorkerView, policy: PolicyConfig, model_bytes: Mapping[str, 
         draining=w.draining, gpu=w.gpu, host_ram_models=host_ram_models(w.host_ram_bytes, model_bytes, serves),
         loading_model=w.loading_model, servable_models=w.servable_models, preemption_mode=w.preemption_mode,
         host_kv_capacity_tokens=w.host_kv_capacity_tokens, host_kv_used_tokens=w.host_kv_used_tokens,
-        supported_ops=w.supported_ops, max_prefill_tokens=w.max_prefill_tokens or policy.max_prefill_tokens)
+        supported_ops=w.supported_ops, max_prefill_tokens=w.max_prefill_tokens or policy.max_prefill_tokens,
+        prefix=w.prefix)
 
 
 class StateCache:
@@ -170,16 +180,17 @@ class StateCache:
         self._groups: dict[str, tuple[GroupView, GroupState]] = {}
         self._workers: dict[str, tuple[WorkerView, WorkerState]] = {}
 
-    def group(self, g: GroupView, policy: PolicyConfig, placement: Mapping[str, tuple[str, int]]) -> GroupState:
+    def group(self, g: GroupView, policy: PolicyConfig, placement: Mapping[str, tuple[str, int]],
+              now: float = 0.0) -> GroupState:
         hit = self._groups.get(g.group_id)
-        if hit is not None and hit[0] is g:
+        if hit is not None and hit[0] is g and not depends_on_time(policy.slo_classes.get(g.slo_class)):
             st = hit[1]
             wid, pos = placement.get(g.group_id, (None, 0))
             if (st.worker_id, st.position) != (wid, pos):  # only its place moved
                 st = replace(st, worker_id=wid, position=pos)
                 self._groups[g.group_id] = (g, st)
             return st
-        st = group_state(g, policy, placement)
+        st = group_state(g, policy, placement, now)
         self._groups[g.group_id] = (g, st)
         return st
 
@@ -204,7 +215,7 @@ def build_snapshot(view: ClusterView, policy: PolicyConfig, placement: Mapping[s
     """The planner's input. `placement` is group -> (worker, position) in the last plan;
     `length_stats` comes from `learned_lengths`; `cache` reuses states of unchanged views."""
     c = cache or StateCache()
-    groups = tuple(c.group(g, policy, placement) for g in view.groups if g.waiting)
+    groups = tuple(c.group(g, policy, placement, view.now) for g in view.groups if g.waiting)
     workers = tuple(c.worker(w, policy, view.model_bytes) for w in view.workers)
     return ClusterSnapshot(now=view.now, groups=groups, workers=workers, length_stats=length_stats,
                            model_bytes=dict(view.model_bytes))

@@ -50,6 +50,7 @@ from qlmserve.controller.exceptions import (  # noqa: F401 - re-exported
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
+from qlmserve.controller.prefix_affinity import prompt_blocks
 from qlmserve.controller.request import Request, RequestStatus
 from qlmserve.controller.snapshot import ClusterSnapshot
 from qlmserve.controller.store import RedisStore, SubmitResult
@@ -98,6 +99,8 @@ class _Meta:
     max_tokens: int
     ttft_slo_s: float
     latency_sensitive: bool
+    session: str = ""  # stickiness key: the client's user_id
+    prefix_blocks: tuple[int, ...] = ()  # its prompt's chain keys (controller/prefix_affinity.py)
 
 
 class Controller:
@@ -218,7 +221,8 @@ class Controller:
         if not res.duplicate:
             self.metrics.submitted.labels(inp.model, cls_name).inc()
             self._meta[req.request_id] = _Meta(req.model, cls_name, res.group_id, now, len(ids), req.max_tokens,
-                                               slo.ttft_s, slo.latency_sensitive)
+                                               slo.ttft_s, slo.latency_sensitive, req.user_id,
+                                               prompt_blocks(ids, self.policy))
             if slo.latency_sensitive or slo.ttft_s <= self.policy.tick_interval_ms / 1000 * 10:
                 self._wake.set()  # a request at risk: plan now, not at the next timer tick
         return res, len(ids)
@@ -368,7 +372,8 @@ class Controller:
         m = self._meta[rid]
         gen = self._waiting_generated.get(rid, 0) if generated is None else generated
         return RequestView(rid, m.group_id, m.model, m.slo_class, m.arrival, m.prompt_tokens, m.max_tokens, gen,
-                           first_token_at, swapped, m.ttft_slo_s, m.latency_sensitive)
+                           first_token_at, swapped, m.ttft_slo_s, m.latency_sensitive, m.prefix_blocks,
+                           m.session)
 
     def _prune_meta(self, snap: ClusterSnapshot) -> None:
         """The metadata cache holds the requests alive in this snapshot, no more: finished
@@ -411,7 +416,8 @@ class Controller:
             if r.generated:  # requeued with tokens: planned with them (cluster_view.group_state)
                 self._waiting_generated[rid] = r.generated
             self._meta[rid] = _Meta(r.model, r.slo_class, r.group_id, r.arrival, r.prompt_tokens, r.max_tokens,
-                                    r.ttft_slo_s, r.latency_sensitive)
+                                    r.ttft_slo_s, r.latency_sensitive, r.user_id,
+                                    prompt_blocks(r.prompt_token_ids, self.policy))
 
     async def _progress(self, rids: list[str]) -> dict[str, tuple[int, float | None]]:
         if not rids:

@@ -53,11 +53,18 @@ class SloClass(_Strict):
     (status FAILED, "TTFT target missed before it started"), freeing the capacity for
     requests that can still meet theirs."""
     admission: AdmissionLimits = AdmissionLimits()
+    request_order: Literal["fcfs", "sjf", "priority_aging"] = "fcfs"
+    """Order of the requests inside a group of this class (controller/request_order.py):
+    arrival, shortest prompt first, or shortest first with requests waiting past `aging_s`
+    promoted (oldest first)."""
+    aging_s: float | None = Field(default=None, ge=0)
+    """priority_aging: a request waiting this long is promoted; default planner.aging_s."""
 
 
 class PlannerConfig(_Strict):
     policy: str = "qlm"
-    """Registry name: qlm, edf, fcfs, fcfs-oblivious, sjf, priority, backlog."""
+    """Registry name: qlm, edf, fcfs, fcfs-oblivious, sjf, priority, backlog, load-aware,
+    least-loaded, round-robin."""
     operations: list[OperationName] = list(OPERATION_NAMES)
     """Operations the planner may use; leave some out to measure their contribution."""
     solve_budget_ms: float = Field(default=50.0, gt=0)
@@ -93,6 +100,26 @@ class PlannerConfig(_Strict):
     (expert-level on MoE workers, iteration-level on dense ones; LS requests join beyond the
     batch limit), not only when they would miss their SLO: their TTFT is kept as low as the
     worker allows."""
+
+
+class DispatchConfig(_Strict):
+    """Engine-level dispatch (policies load-aware, least-loaded, round-robin:
+    controller/policies/engine_dispatch.py)."""
+
+    kv_saturation: float = Field(default=0.9, gt=0, le=1)
+    """load-aware: KV use past this share of a worker's capacity counts as load, token for
+    token (a new request waits for that much KV to free)."""
+    sticky_slack_tokens: int = Field(default=4096, ge=0)
+    """load-aware: a request of a session goes back to the worker that served the session
+    while that worker's cost is within this many prefill tokens of the cheapest."""
+    max_reported_blocks: int = Field(default=4096, ge=0)
+    """Prefix-cache block ids a worker reports at most (the most recently used)."""
+    prefix_block_tokens: int = Field(default=16, ge=0)
+    """The controller keys each prompt by its chain of blocks of this many tokens, as the
+    engines key their prefix caches (operations.prefix_cache.ENGINE_BLOCK_TOKENS), so that
+    the planner counts what a worker's cache saves a request; 0: prompts are not keyed."""
+    max_sessions: int = Field(default=100_000, ge=1)
+    """Sessions whose last worker the planner remembers (the oldest are forgotten)."""
 
 
 class GroupingConfig(_Strict):
@@ -178,6 +205,7 @@ class PolicyConfig(_Strict):
     models: dict[str, ModelSpec]
     planner: PlannerConfig = PlannerConfig()
     grouping: GroupingConfig = GroupingConfig()
+    dispatch: DispatchConfig = DispatchConfig()
     default_slo_class: str | None = None
     """Class of a request that names none; must be one of slo_classes."""
     access: AccessConfig = AccessConfig()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import Capability, Operation, required_capability
+from qlmserve.operations.prefix_cache import PrefixReport
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class GroupState:
     group_id: str
     model: str
     slo_class: str
-    request_ids: tuple[str, ...]  # waiting requests, oldest first
+    request_ids: tuple[str, ...]  # waiting requests, in the class's request order (fcfs: oldest first)
     arrivals: tuple[float, ...]  # arrival time of each request in request_ids (clock seconds)
     prompt_tokens: tuple[int, ...]  # prompt length of each request in request_ids
     max_tokens: tuple[int, ...]  # max_tokens of each request in request_ids
@@ -50,6 +51,9 @@ class GroupState:
     worker_id: str | None = None  # virtual queue it sits in now; None before its first plan
     position: int = 0  # index in that virtual queue
     created_at: float = 0.0
+    # per request: its prompt's prefix block ids (() when no request has any), its session
+    prefix_blocks: tuple[tuple[int, ...], ...] = ()
+    sessions: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -80,6 +84,7 @@ class RunningRequest:
     arrival: float
     first_token_at: float | None  # None until its first token is out
     swapped: bool = False
+    session: str = ""  # stickiness key (the user, or the conversation)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class WorkerState:
     host_kv_used_tokens: int = 0
     # what its engine carries out (operations.ops.Capability); None = every operation
     supported_ops: frozenset[Capability] | None = None
+    prefix: PrefixReport | None = None  # its prefix cache and prefill backlog; None: not reported
 
     def can_serve(self, model: str) -> bool:
         return self.servable_models is None or model in self.servable_models

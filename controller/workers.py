@@ -15,6 +15,7 @@ from qlmserve.controller.cluster_view import RequestView, WorkerView
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import Capability
+from qlmserve.operations.prefix_cache import PrefixReport
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class WorkerReport:
     # what its engine carries out, sorted (a tuple: the report is mirrored to Redis as JSON);
     # None: the worker did not say (every operation)
     supported_ops: tuple[Capability, ...] | None = None
+    # its prefix cache (operations/prefix_cache.py): block size (0: none reported), the block
+    # ids it reported, its prefill backlog net of cache hits
+    prefix_block_tokens: int = 0
+    prefix_blocks: tuple[int, ...] = ()
+    queued_prefill_tokens: int = 0
+    expert_activations: tuple[tuple[int, ...], ...] = ()  # MoE: per layer, per expert, since its model loaded
 
 
 _op_ids = itertools.count(1)
@@ -134,4 +141,6 @@ class WorkerHandle:
             host_ram_bytes=r.host_ram_bytes if r else 0,
             host_kv_capacity_tokens=r.host_kv_capacity_tokens if r else None,
             host_kv_used_tokens=r.host_kv_used_tokens if r else 0, running=running,
-            supported_ops=frozenset(r.supported_ops) if r and r.supported_ops is not None else None)
+            supported_ops=frozenset(r.supported_ops) if r and r.supported_ops is not None else None,
+            prefix=PrefixReport(r.prefix_block_tokens, frozenset(r.prefix_blocks), r.queued_prefill_tokens)
+            if r and r.prefix_block_tokens else None)

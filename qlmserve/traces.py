@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qlmserve.operations.prefix_cache import MOONCAKE_BLOCK_TOKENS
+
 TRACE_FORMATS = ("azure", "mooncake", "lengths")
 
 # Where `qlm bench` looks for the full public traces, relative to the repository root,
@@ -282,6 +284,10 @@ class WorkloadRequest:
     prefix_id: str | None  # first prefix block of the prompt (prefix-cache / stickiness), if known
     source_index: int  # row of the trace it replays
     loop: int  # which replay of the trace (0 for the first)
+    # Prefix blocks of the prompt (Mooncake hash_ids, MOONCAKE_BLOCK_TOKENS each), full blocks
+    # only; () when unknown or when the prompt was cut or rescaled (its blocks no longer apply).
+    # Each replay of the trace gets ids of its own: a loop does not re-ask the same prompts.
+    hash_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -371,17 +377,21 @@ def build_workload(trace: Trace, spec: WorkloadSpec) -> list[WorkloadRequest]:
     user_p = ranks**-1.2
     user_p /= user_p.sum()
     users = rng.choice(len(ranks), size=n, p=user_p)
+    id_span = 1 + max((h for rec in trace.records for h in rec.hash_ids), default=-1)
     requests = []
     for k, ((at, i, lp), cls, model, user) in enumerate(zip(out, classes, models, users)):
         rec = trace.records[i]
         prompt = int(round(rec.prompt_tokens * spec.prompt_scale))
         output = int(round(rec.output_tokens * spec.output_scale))
         prompt, output = fit_lengths(prompt, output, spec.max_context.get(model), spec.min_output_tokens)
-        prefix = f"h{rec.hash_ids[0]}" if rec.hash_ids else None
+        prefix = f"h{rec.hash_ids[0] + lp * id_span}" if rec.hash_ids else None
+        blocks: tuple[int, ...] = ()
+        if rec.hash_ids and prompt == rec.prompt_tokens:
+            blocks = tuple(h + lp * id_span for h in rec.hash_ids[:prompt // MOONCAKE_BLOCK_TOKENS])
         requests.append(WorkloadRequest(
             request_id=f"r{k:07d}", arrival=float(at), model=model, slo_class=cls,
             prompt_tokens=prompt, output_tokens=output, user_id=f"u{int(user)}",
-            prefix_id=prefix, source_index=i, loop=lp,
+            prefix_id=prefix, source_index=i, loop=lp, hash_ids=blocks,
         ))
     return requests
 

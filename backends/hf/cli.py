@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all", "vllm")
+BENCH_CHOICES = ("preemption", "chunked", "throughput", "batching", "warm", "all", "vllm", "prefix", "experts")
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -85,6 +85,21 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
 
         run_compare(CompareOptions(kind=args.kind, model_root=args.model_root, threads=args.threads, seed=args.seed,
                                    reps=args.reps), args.json)
+        return 0
+    if args.which == "prefix":
+        from qlmserve.bench.prefix_engine import PrefixBenchOptions
+        from qlmserve.bench.prefix_engine import main as run_prefix
+
+        run_prefix(PrefixBenchOptions(kind=args.kind, model_root=args.model_root, device=args.device,
+                                      threads=args.threads, rounds=args.rounds, offset=args.prefix_offset,
+                                      requests=args.prefix_requests, rate=args.prefix_rate), args.json)
+        return 0
+    if args.which == "experts":
+        from qlmserve.bench.expert_skew import ExpertBenchOptions
+        from qlmserve.bench.expert_skew import main as run_experts
+
+        run_experts(ExpertBenchOptions(kind=args.kind, model_root=args.model_root, device=args.device,
+                                       threads=args.threads, rounds=args.rounds), args.json)
         return 0
     which = ["preemption", "chunked", "throughput", "batching", "warm"] if args.which == "all" else [args.which]
     if "preemption" in which:
@@ -166,5 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--be-backlog", type=int, default=8, help="preemption/backlog: BE requests waiting beyond the batch")
     p.add_argument("--load", type=float, default=1.3, help="preemption/open: arrival rate / calibrated capacity")
     p.add_argument("--max-pause", type=float, default=2.0, help="preemption: max_pause_s of EXPERT mode")
+    p.add_argument("--prefix-offset", type=int, default=2000, help="prefix: first Mooncake trace row of the slice")
+    p.add_argument("--prefix-requests", type=int, default=60, help="prefix: requests in the slice")
+    p.add_argument("--prefix-rate", type=float, default=2.0, help="prefix: arrival rate, requests per second")
     p.add_argument("--reps", type=int, default=3, help="throughput: lockstep engine / generate() runs; vllm: decode runs")
     p.set_defaults(func=cmd_bench_engine)

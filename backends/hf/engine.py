@@ -53,7 +53,9 @@ from qlmserve.operations.batching import (
     plan_iteration,
 )
 from qlmserve.operations.model_spec import ModelSpec
+from qlmserve.operations.prefix_cache import DEFAULT_REPORTED_BLOCKS, PrefixReport
 
+from .expert_load import ExpertLoad, routers
 from .forward import ForwardPass, pack_rows
 from .kv_cache import PagedKVCache
 from .pass_log import PassMeter, PassRecord
@@ -76,6 +78,7 @@ class HFEngine(Engine):
         max_pause_s: float = 2.0,
         initial_model: str | None = None,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        prefix_cache: bool = False,
     ) -> None:
         from transformers.utils import logging as hf_logging
 
@@ -90,6 +93,9 @@ class HFEngine(Engine):
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.max_batch_size = max_batch_size
         self._kv_capacity_arg = kv_capacity_tokens
+        # Keep full KV blocks findable by their token chain (backends/hf/prefix_index.py):
+        # a prompt that starts with cached blocks skips their prefill.
+        self.prefix_cache = prefix_cache
         self.policy = SchedulingPolicy(mode=PreemptionMode(preemption), max_pause_s=max_pause_s,
                                        max_prefill_tokens=max_prefill_tokens)
         self.weights = WeightStore(self.models, self.device, self.dtype)
@@ -116,6 +122,7 @@ class HFEngine(Engine):
         self._aborted_in_step: set[str] = set()
         self._failures: list[tuple[str, str]] = []  # (request id, error) failed alone, for take_failures
 
+        self.expert_load: ExpertLoad | None = None  # expert activations of the active MoE model
         self.meter = PassMeter()  # what its passes measured: records, rates, the cost model it reports
         self.pass_log: deque[PassRecord] = self.meter.records
         if initial_model is not None:
@@ -194,6 +201,8 @@ class HFEngine(Engine):
                 self._paused = None
         if seq.status is SeqStatus.WAITING:
             self._waiting.remove(seq)
+            if self._kv is not None:
+                self._kv.forget(seq.id)
         elif seq.status is SeqStatus.RUNNING:
             self._running.remove(seq)
             if self._kv is not None:
@@ -210,6 +219,8 @@ class HFEngine(Engine):
         self._drain_inbox()
         if self._model is None:
             return []
+        if self.expert_load is not None:
+            self.expert_load.begin_step()
         self._aborted_in_step.clear()
         if self._paused is not None:
             events = self._continue_paused()
@@ -297,9 +308,16 @@ class HFEngine(Engine):
             max_prefill_tokens=self.policy.max_prefill_tokens, model=self._model_name,
             kv_free=kv.free_blocks, running=len(self._running), waiting=self._waiting,
             prefilling=[s for s in free if s.is_prefill], decoding=[s for s in free if not s.is_prefill],
-            kv_need=lambda s: kv.blocks_for(self._kv_need(s)), prompt_left=lambda s: s.num_pending,
+            kv_need=lambda s: kv.blocks_for(self._kv_need(s)), prompt_left=self._prompt_left,
             decode_need=0,  # a sequence's whole KV is reserved at admission: never a victim
         )
+
+    def _prompt_left(self, seq: Sequence) -> int:
+        """Tokens a sequence has yet to feed; one not started yet skips its cached prefix
+        (`_plan` shares the same blocks when it admits it)."""
+        if seq.status is SeqStatus.WAITING and self._kv is not None:
+            return seq.num_tokens - self._kv.peek_prefix(seq.id, seq.tokens)
+        return seq.num_pending
 
     def _plan(self, ls_only: bool = False) -> IterationPlan[Sequence]:
         """Plan the next iteration and admit the sequences it takes in."""
@@ -309,7 +327,7 @@ class HFEngine(Engine):
             self._kv.reserve(seq.id, self._kv_need(seq))
             self._waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
-            seq.kv_len = 0
+            seq.kv_len = self._kv.share_prefix(seq.id, seq.tokens)  # 0 without a prefix cache
             self._running.append(seq)
         return plan
 
@@ -403,6 +421,10 @@ class HFEngine(Engine):
         rows = None if all(done) else [i for i, d in enumerate(done) if d]
         logits = p.logits(rows) if rows != [] else None
         p.commit()
+        kv = self._kv
+        for s in p.seqs:  # full blocks just computed become findable by their chain
+            if s.status is SeqStatus.RUNNING and kv.needs_register(s.id, s.kv_len):
+                kv.register_prefix(s.id, s.tokens, s.kv_len)
         seqs = p.seqs if rows is None else [p.seqs[i] for i in rows]
         tokens = [] if logits is None else self.sampler.choose(
             logits, [s.request for s in seqs], [s.num_generated for s in seqs])
@@ -512,12 +534,14 @@ class HFEngine(Engine):
             capacity_tokens=capacity,
             dtype=self.dtype,
             device=self.device,
+            prefix_cache=self.prefix_cache,  # a new pool: the old model's cached blocks are gone
         )
         eos = new.generation_config.eos_token_id
         if eos is None:
             eos = cfg.eos_token_id
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self._model, self._kv, self._stop_ids = new, kv, frozenset(eos_ids)
+        self.expert_load = ExpertLoad(new) if routers(new) else None
         with self._lock:
             self._model_name = model
         seconds = time.perf_counter() - t0
@@ -533,6 +557,9 @@ class HFEngine(Engine):
             raise EngineError(f"cannot unload the model: {len(busy)} requests still waiting or running")
         self._model = None
         self._kv = None
+        if self.expert_load is not None:
+            self.expert_load.remove()
+            self.expert_load = None
         with self._lock:
             self._model_name = None
         free_device_memory(self.device)
@@ -590,7 +617,19 @@ class HFEngine(Engine):
             servable_models=sorted(self.models),
             host_ram_bytes=physical_memory_bytes(),
             preemption=self.policy.mode,
+            prefix=self._prefix_report(),
+            expert_activations=self.expert_load.total.tolist() if self.expert_load is not None else None,
         )
+
+    def _prefix_report(self) -> PrefixReport | None:
+        kv = self._kv
+        if kv is None or kv.prefix is None:
+            return None
+        queued = sum(self._prompt_left(s) for s in self._waiting)
+        queued += sum(s.num_pending for s in self._running if s.is_prefill)
+        return PrefixReport(kv.block_size, kv.prefix.summary(self.prefix_report_blocks), queued)
+
+    prefix_report_blocks = DEFAULT_REPORTED_BLOCKS  # block ids a state report carries at most
 
     def close(self) -> None:
         self._model = None

@@ -18,9 +18,12 @@ whom to evict or swap when the queue wants more than fits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .prefix_index import PrefixIndex
 
 BLOCK_SIZE = 16
 
@@ -71,8 +74,12 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
         block_size: int = BLOCK_SIZE,
+        prefix_cache: bool = False,
     ) -> None:
         self.block_size = block_size
+        # Full blocks of finished and running sequences stay findable by their token chain
+        # (prefix_index.py); None: no prefix cache, a freed block is free at once.
+        self.prefix: PrefixIndex | None = PrefixIndex(block_size) if prefix_cache else None
         self.num_blocks = max(1, capacity_tokens // block_size)
         self.capacity_tokens = self.num_blocks * block_size
         self.device = device
@@ -133,14 +140,57 @@ class PagedKVCache:
         self._tables.setdefault(seq_id, [])
 
     def free(self, seq_id: str) -> None:
-        """Release a sequence's blocks and its reservation."""
-        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        """Release a sequence's blocks and its reservation (keyed blocks stay cached, idle)."""
+        table = self._tables.pop(seq_id, [])
+        if self.prefix is None:
+            self._free.extend(reversed(table))
+        else:
+            self._free.extend(b for b in reversed(table) if self.prefix.release(b))
+            self.prefix.forget_seq(seq_id)
         self._reserved_total -= self._reserved.pop(seq_id, 0)
+
+    def forget(self, seq_id: str) -> None:
+        """A sequence that never started leaves (its prompt's keys are dropped)."""
+        if self.prefix is not None:
+            self.prefix.forget_seq(seq_id)
 
     @property
     def used_tokens(self) -> int:
-        """Tokens of blocks actually handed out (what the device memory holds)."""
-        return (self.num_blocks - len(self._free)) * self.block_size
+        """Tokens of blocks sequences hold (what the device memory holds for them; idle
+        cached blocks are taken back on demand, so they are not counted)."""
+        idle = len(self.prefix.idle) if self.prefix is not None else 0
+        return (self.num_blocks - len(self._free) - idle) * self.block_size
+
+    # -- prefix cache --------------------------------------------------------------------------
+
+    def peek_prefix(self, seq_id: str, tokens: Sequence[int]) -> int:
+        """Prompt tokens a sequence not started yet would find cached."""
+        return self.prefix.peek(seq_id, tokens) if self.prefix is not None else 0
+
+    def share_prefix(self, seq_id: str, tokens: Sequence[int]) -> int:
+        """A sequence just reserved starts: its table begins with the cached blocks of its
+        prefix; returns the tokens they cover (its kv_len)."""
+        if self.prefix is None:
+            return 0
+        blocks = self.prefix.share(seq_id, tokens)
+        self._tables[seq_id].extend(blocks)
+        return len(blocks) * self.block_size
+
+    def register_prefix(self, seq_id: str, tokens: Sequence[int], kv_len: int) -> None:
+        """Key the sequence's full blocks computed so far."""
+        if self.prefix is not None:
+            self.prefix.register(seq_id, self._tables[seq_id], tokens, kv_len)
+
+    def needs_register(self, seq_id: str, kv_len: int) -> bool:
+        return self.prefix is not None and self.prefix.keyed_blocks(seq_id) < kv_len // self.block_size
+
+    def _take_block(self) -> int:
+        if self._free:
+            return self._free.pop()
+        block = self.prefix.take_idle() if self.prefix is not None else None
+        if block is None:  # cannot happen within reservations (every held block is reserved)
+            raise MemoryError("KV cache: no free block")
+        return block
 
     @property
     def reserved_tokens(self) -> int:
@@ -156,8 +206,10 @@ class PagedKVCache:
             raise MemoryError(f"KV cache: {seq_id} outgrew its reservation ({tokens} tokens)")
         fresh = []
         while len(table) < need:
-            fresh.append(self._free.pop())
+            fresh.append(self._take_block())
             table.append(fresh[-1])
+            if self.prefix is not None:
+                self.prefix.hold(fresh[-1])
         if fresh:
             # Attention reads a row's whole last block, and shorter rows read their
             # first block again, up to the batch's longest context; the mask hides those

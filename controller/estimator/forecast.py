@@ -23,6 +23,7 @@ from qlmserve.controller.estimator.service_model import (
     release_table,
 )
 from qlmserve.controller.policy import PolicyConfig
+from qlmserve.controller.prefix_affinity import saved_prefill
 from qlmserve.controller.snapshot import DEFAULT_LENGTHS, ClusterSnapshot, GroupState
 from qlmserve.controller.solve_budget import WorkMeter
 from qlmserve.operations.batching import PreemptionMode
@@ -138,6 +139,7 @@ class Forecaster:
         self._prompt_mean = {m: (sum(v) / len(v) if v else 0.0) for m, v in prompts.items()}
         self._decode_moments: dict[tuple, tuple[float, float]] = {}
         self.groups: dict[str, GroupWork] = {g.group_id: self.group_work(g) for g in groups}
+        self._on_worker: dict[tuple[str, str], GroupWork] = {}  # work net of cached prefixes
         built = TABLE_SLOTS_BUILT[0]
         self.workers: dict[str, WorkerModel] = self._worker_models(max_running)
         if meter is not None:
@@ -157,6 +159,22 @@ class Forecaster:
         w = Work(len(g.request_ids), moments[0], moments[1], float(g.total_prompt_tokens))
         late = g.ttft_s - self.snapshot.now
         return GroupWork(g, w, tuple(a + late for a in g.arrivals))
+
+    def work_on(self, group_id: str, worker_id: str) -> GroupWork | None:
+        """The group's work on one worker: its prefill less what the worker's prefix cache
+        saves it (controller/prefix_affinity.py); the shared GroupWork where nothing is saved."""
+        gw = self.groups.get(group_id)
+        if gw is None or not gw.group.prefix_blocks:
+            return gw
+        key = (group_id, worker_id)
+        hit = self._on_worker.get(key)
+        if hit is None:
+            wm = self.workers.get(worker_id)
+            saved = saved_prefill(gw.group, wm.worker) if wm is not None else 0
+            hit = gw if not saved else GroupWork(gw.group, Work(gw.work.count, gw.work.tokens, gw.work.var,
+                                                               gw.work.prompt - saved), gw.slack_s)
+            self._on_worker[key] = hit
+        return hit
 
     def _worker_models(self, max_running: int | None) -> dict[str, WorkerModel]:
         snap = self.snapshot
@@ -237,7 +255,7 @@ class Forecaster:
             k = len(order)
             order.append(wid)
             for gid in queue:
-                gw = self.groups.get(gid)
+                gw = self.work_on(gid, wid)
                 if gw is not None:
                     gws.append(gw)
                     widx.append(k)
@@ -250,7 +268,7 @@ class Forecaster:
             for wid in order:
                 cur = self.cursor(wid, wid in prot, wid in clr)
                 for gid in virtual_queues[wid]:
-                    gw = self.groups.get(gid)
+                    gw = self.work_on(gid, wid)
                     if gw is not None:
                         out[gid] = GroupForecast(gid, wid, cur.push(gw), gw.slack_s)
             return out
@@ -396,7 +414,7 @@ def predict_group_wait(snapshot: ClusterSnapshot, virtual_queues: dict[str, list
             fc = Forecaster(snapshot)
             cur = fc.cursor(worker_id)
             for gid in queue:
-                gw = fc.groups.get(gid)
+                gw = fc.work_on(gid, worker_id)
                 if gw is None:
                     continue
                 t = cur.push(gw)

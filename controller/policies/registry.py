@@ -36,6 +36,7 @@ def _load_builtin() -> None:
     # registry does not pull in PuLP and SciPy.
     from qlmserve.controller.policies import (  # noqa: F401
         backlog,
+        engine_dispatch,
         heuristics,
         qlm,  # noqa: F401 (a package)
     )

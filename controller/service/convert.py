@@ -57,7 +57,16 @@ def report_from_pb(s: worker_pb2.WorkerState) -> WorkerReport:
         preemption=PreemptionMode(s.preemption or "none"), profile=cost_from_pb(s.cost) if s.HasField("cost") else None,
         servable_models=list(s.servable_models), host_ram_bytes=s.host_ram_bytes,
         host_kv_capacity_tokens=s.host_kv_capacity_tokens if s.HasField("host_kv_capacity_tokens") else None,
-        host_kv_used_tokens=s.host_kv_used_tokens, supported_ops=_capabilities(s.supported_ops))
+        host_kv_used_tokens=s.host_kv_used_tokens, supported_ops=_capabilities(s.supported_ops),
+        expert_activations=tuple(tuple(layer.activations) for layer in s.expert_load), **_prefix_cache(s))
+
+
+def _prefix_cache(s: worker_pb2.WorkerState) -> dict:
+    if not s.HasField("prefix_cache") or not s.prefix_cache.block_tokens:
+        return {}
+    p = s.prefix_cache
+    return {"prefix_block_tokens": p.block_tokens, "prefix_blocks": tuple(p.blocks),
+            "queued_prefill_tokens": p.queued_prefill_tokens}
 
 
 def cost_from_pb(c: worker_pb2.CostModel) -> WorkerProfile:

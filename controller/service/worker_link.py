@@ -38,6 +38,10 @@ def check_state(s: worker_pb2.WorkerState, lim: RequestLimits) -> None:
     validation.items(s.running, "state.running", lim.max_list_items)
     validation.items(s.waiting, "state.waiting", lim.max_list_items)
     validation.items(s.warm_models, "state.warm_models", lim.max_list_items)
+    validation.items(s.prefix_cache.blocks, "state.prefix_cache.blocks", lim.max_list_items)
+    validation.items(s.expert_load, "state.expert_load", lim.max_list_items)
+    for layer in s.expert_load:
+        validation.items(layer.activations, "state.expert_load.activations", lim.max_list_items)
     for f in ("active_model", "device", "loading_model", "preemption"):
         validation.name(getattr(s, f), f"state.{f}", lim)
     for f in ("prefill_tokens_per_s", "decode_tokens_per_s"):

@@ -48,6 +48,7 @@ from qlmserve.controller.snapshot import ClusterSnapshot, LengthStats, WorkerSta
 from qlmserve.controller.solve_budget import SolveClock, WallSolveClock, WorkSolveClock
 from qlmserve.operations.ops import OPS_BY_POLICY_NAME, MoveGroup, Operation
 from qlmserve.operations.plan import Plan
+from qlmserve.operations.prefix_cache import PrefixReport
 from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import Fleet
 from qlmserve.sim.metrics import SimResult
@@ -211,7 +212,8 @@ class Simulation:
                 rid=w.request_id, model=w.model, slo_class=w.slo_class, group_id="",
                 prompt_tokens=w.prompt_tokens, output_tokens=max(1, min(w.output_tokens, max(1, limit))),
                 max_tokens=max(1, limit), arrival=w.arrival, ttft_s=slo.ttft_s, tpot_s=slo.tpot_s,
-                latency_sensitive=slo.latency_sensitive, priority=slo.priority, user_id=w.user_id))
+                latency_sensitive=slo.latency_sensitive, priority=slo.priority, user_id=w.user_id,
+                session=w.prefix_id or w.user_id, hash_ids=w.hash_ids))
         return out
 
     # ---- the run -------------------------------------------------------------------------------
@@ -372,7 +374,8 @@ class Simulation:
             slo = self.cfg.slo_classes[g.slo_class]
             g.view = GroupView(g.group_id, g.model, g.slo_class, g.created_at, tuple(
                 RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
-                            r.generated, r.first_token_at, False, slo.ttft_s, slo.latency_sensitive)
+                            r.generated, r.first_token_at, False, slo.ttft_s, slo.latency_sensitive,
+                            r.hash_ids, r.session)
                 for r in g.waiting))
             g.view_version = g.version
         return g.view
@@ -391,7 +394,8 @@ class Simulation:
 
         def rv(r: SimRequest, extra: int = 0, swapped: bool = False) -> RequestView:
             return RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
-                               r.generated + extra, r.first_token_at, swapped, r.ttft_s, r.latency_sensitive)
+                               r.generated + extra, r.first_token_at, swapped, r.ttft_s, r.latency_sensitive,
+                               r.hash_ids, r.session)
 
         running = [rv(r, prog.get(id(r), 0)) for r in w.running]
         running += [rv(r) for r in w.joining]
@@ -403,7 +407,9 @@ class Simulation:
             kv_used_tokens=w.kv_used + sum(prog.values()), engine_max_batch=spec.max_batch_size, profile=w.profile,
             preemption_mode=w.mode, servable_models=frozenset(spec.models), host_ram_bytes=spec.host_ram_bytes,
             host_kv_capacity_tokens=spec.host_kv_tokens, host_kv_used_tokens=w.host_kv_used, running=tuple(running),
-            max_prefill_tokens=w.max_prefill_tokens)
+            max_prefill_tokens=w.max_prefill_tokens,
+            prefix=PrefixReport(w.prefix.block_tokens, w.prefix.summary(self.cfg.dispatch.max_reported_blocks),
+                                w.queued_prefill_tokens()))
         self._worker_cache[w.worker_id] = ((w.version, ready, now), wv)
         return wv
 

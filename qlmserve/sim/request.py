@@ -32,6 +32,9 @@ class SimRequest:
     latency_sensitive: bool
     priority: int
     user_id: str = ""
+    session: str = ""  # stickiness key: the conversation (its first prefix block) or the user
+    hash_ids: tuple[int, ...] = ()  # prompt prefix blocks (operations/prefix_cache.py)
+    cached_tokens: int = 0  # prompt tokens its last admission found in the prefix cache
     status: SimStatus = SimStatus.WAITING
     generated: int = 0
     prefilled: bool = False  # the device KV covers prompt + generated

@@ -33,6 +33,8 @@ class WorkerCounters:
     expert_preemptions: int = 0
     failed_ops: int = 0
     warm_starts: int = 0
+    prefix_lookup_tokens: int = 0  # prompt tokens at each request's first admission
+    prefix_hit_tokens: int = 0  # of them, found in the worker's prefix cache (prefill saved)
 
 
 @dataclass(eq=False)

@@ -44,6 +44,7 @@ from qlmserve.operations.batching import (
 )
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import DropWarm, LoadModel, Operation, SetPreemption, WarmModel
+from qlmserve.operations.prefix_cache import MOONCAKE_BLOCK_TOKENS, PrefixCache
 from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import ModelRuntime, WorkerSpec
 from qlmserve.sim.request import SimRequest, SimStatus
@@ -85,6 +86,9 @@ class SimWorker:
         self._admit_seq = 0
         self.version = 0  # bumped on every change the controller can see
         self.counters = WorkerCounters()
+        # Prefix cache over the requests' hash ids (operations/prefix_cache.py): bounded by
+        # the KV capacity of the model on the device, emptied when another model loads.
+        self.prefix = PrefixCache(self.kv_capacity // MOONCAKE_BLOCK_TOKENS, MOONCAKE_BLOCK_TOKENS)
 
     # ---- what the controller sees -----------------------------------------------------
 
@@ -109,6 +113,12 @@ class SimWorker:
     @property
     def host_kv_used(self) -> int:
         return sum(r.kv_tokens for r in self.swapped.values())
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to prefill here: admitted requests' remaining chunks and the
+        handed-over ones net of what the prefix cache would save them now."""
+        n = sum(r.kv_tokens - r.prefill_done for r in self.running if not r.prefilled)
+        return n + sum(r.kv_tokens - self.prefix.peek(r.hash_ids, r.kv_tokens) for r in self.joining)
 
     def warm_ready(self, now: float) -> frozenset[str]:
         return frozenset(m for m, t in self.warm.items() if t <= now)
@@ -302,6 +312,8 @@ class SimWorker:
         self.changed()
 
     def _emit_token(self, r: SimRequest, now: float) -> None:
+        if not r.prefilled and r.hash_ids:
+            self.prefix.insert(r.hash_ids)  # its prompt's blocks are now computed
         r.prefilled = True
         r.generated += 1
         self.counters.tokens += 1
@@ -338,9 +350,16 @@ class SimWorker:
             waiting=self.joining,
             prefilling=[r for r in free if not r.prefilled and r.prefill_done < r.kv_tokens],
             decoding=[r for r in free if r.prefilled],
-            kv_need=lambda r: r.kv_tokens + 1, prompt_left=lambda r: r.kv_tokens - r.prefill_done,
+            kv_need=lambda r: r.kv_tokens + 1, prompt_left=self._prompt_left,
             kv_held=lambda r: r.kv_tokens, admitted_order=lambda r: r.admitted_order,
         )
+
+    def _prompt_left(self, r: SimRequest) -> int:
+        """Prompt tokens a request has yet to prefill; one not admitted yet skips what the
+        prefix cache holds of it (`_apply` looks the same blocks up when it admits it)."""
+        if r.status == SimStatus.RUNNING or r.prefill_done:
+            return r.kv_tokens - r.prefill_done
+        return r.kv_tokens - self.prefix.peek(r.hash_ids, r.kv_tokens)
 
     def _apply(self, plan: IterationPlan[SimRequest]) -> None:
         """Carry out a plan's preemptions (recompute later, as vLLM does) and admissions."""
@@ -354,11 +373,18 @@ class SimWorker:
             self.counters.recompute_preemptions += 1
         for r in plan.admitted:
             self.joining.remove(r)
+            first = r.admitted_order == 0  # its first admission anywhere
             self._admit_seq += 1
             r.admitted_order = self._admit_seq
             r.status = SimStatus.RUNNING
+            if r.hash_ids and r.prefill_done == 0:  # its cached prefix skips prefill
+                r.cached_tokens = self.prefix.lookup(r.hash_ids, r.kv_tokens)
+                r.prefill_done = r.cached_tokens
+            if first:  # the hit rate counts each prompt once (not its recomputations), ids or not
+                self.counters.prefix_lookup_tokens += r.kv_tokens
+                self.counters.prefix_hit_tokens += r.cached_tokens
             if r.generated > 0:
-                r.recompute_tokens += r.kv_tokens
+                r.recompute_tokens += r.kv_tokens - r.prefill_done
             self.running.append(r)
 
     def _start_iter(self, prefill: list[tuple[SimRequest, int]], decode: list[SimRequest], now: float) -> None:

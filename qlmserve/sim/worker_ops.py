@@ -139,6 +139,8 @@ def complete_op(w: SimWorker, u: Unit, now: float) -> None:
     elif isinstance(op, LoadModel):
         w.active_model = op.model
         w.loading_model = None
+        w.prefix.clear()  # the cached blocks were the old model's KV
+        w.prefix.resize(w.kv_capacity // w.prefix.block_tokens)
     w.changed()
 
 

@@ -52,6 +52,8 @@ def _policy():
                        "weight_bytes": t.model(m).weight_bytes} for m in MODELS},
         "grouping": {"window_s": 2.0, "max_group_size": 3},
         "planner": {"policy": "edf"},
+        # The simulator's requests carry trace block ids, not token ids: prompts are not keyed here.
+        "dispatch": {"prefix_block_tokens": 0},
     })
 
 
@@ -87,7 +89,8 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
        controller's adapter (Redis, the worker's protobuf report) and the simulator's;
     2. in both, the requeued request is planned with its tokens (prompt + 7, max_tokens - 7),
        the worker's mode in force, servable models and host memory reach the planner, and
-       its cost model is the engine's (batch-dependent) profile."""
+       its cost model is the engine's (batch-dependent) profile;
+    3. a worker's prefix-cache report and the requests' sessions (user ids) reach both."""
     policy = _policy()
     fleet = uniform_fleet(2, "A100-80GB", MODELS, initial_models=MODELS, max_batch_size=32, host_ram_gb=64)
     fleet = dataclasses.replace(fleet, workers=tuple(dataclasses.replace(w, host_kv_tokens=50_000)
@@ -102,7 +105,7 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
     ]
     now = t0 + 5.0
 
-    workload = [WorkloadRequest(rid, t0 + dt, model, cls, prompt, out, "", None, i, 0)
+    workload = [WorkloadRequest(rid, t0 + dt, model, cls, prompt, out, "u7" if rid in ("r1", "a2") else "", None, i, 0)
                 for i, (rid, model, cls, dt, prompt, out) in enumerate(spec)]
     sim = Simulation(policy, fleet, workload, policy_name="edf", options=SimOptions(max_tokens=1000))
     by_id = sim.by_id
@@ -115,7 +118,8 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
         slo = policy.slo_classes[cls]
         max_tokens = by_id[rid].max_tokens  # what the client asked (the simulator's request holds it)
         req = Request(rid, model, cls, list(range(1, prompt + 1)), max_tokens, t0 + dt, slo.ttft_s,
-                      latency_sensitive=slo.latency_sensitive, priority=slo.priority)
+                      latency_sensitive=slo.latency_sensitive, priority=slo.priority,
+                      user_id="u7" if rid in ("r1", "a2") else "")
         gids[rid] = (await store.submit(req, t0 + dt, policy.grouping)).group_id
     h0, _ = await ctl.worker_connected(w0, "sim", "A100-80GB", MODELS, {})
     h1, _ = await ctl.worker_connected(w1, "sim", "A100-80GB", MODELS, {})
@@ -146,6 +150,7 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
             r.status, r.prefilled = SimStatus.RUNNING, True
             sw0.running.append(r)
     sim.workers[w1].submit_op(SetPreemption(w1, PreemptionMode.EXPERT, 2.0), now)
+    sw0.prefix.insert([11, 12, 13])  # blocks its prefix cache holds (reported to the planner)
 
     # ---- the reports a worker in that state sends ----------------------------------------
     for h, w in ((h0, sim.workers[w0]), (h1, sim.workers[w1])):
@@ -155,7 +160,10 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
             active_model=w.active_model, kv_capacity_tokens=w.kv_capacity, kv_used_tokens=w.kv_used,
             running=running, max_batch_size=w.spec.max_batch_size, device="A100-80GB", preemption=w.mode.value,
             cost=cost_to_pb(w.profile), servable_models=sorted(w.spec.models), host_ram_bytes=w.spec.host_ram_bytes,
-            host_kv_capacity_tokens=w.spec.host_kv_tokens, host_kv_used_tokens=w.host_kv_used)
+            host_kv_capacity_tokens=w.spec.host_kv_tokens, host_kv_used_tokens=w.host_kv_used,
+            prefix_cache=worker_pb2.PrefixCacheReport(block_tokens=w.prefix.block_tokens,
+                                                      blocks=sorted(w.prefix.summary()),
+                                                      queued_prefill_tokens=w.queued_prefill_tokens()))
         await ctl.worker_report(h, report_from_pb(state))
 
     # ---- the same last plan on both sides ------------------------------------------------
@@ -176,6 +184,9 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
     i = q.request_ids.index("q1")
     assert (q.prompt_tokens[i], q.max_tokens[i]) == (70 + 7, 1000 - 7)
     ws = {w.worker_id: w for w in live.workers}
+    assert ws[w0].prefix.blocks == frozenset({11, 12, 13})
+    assert {r.request_id: r.session for r in ws[w0].running}["r1"] == "u7"
+    assert next(g for g in live.groups if "a2" in g.request_ids).sessions[1] == "u7"
     assert ws[w1].preemption_mode is PreemptionMode.EXPERT and ws[w0].max_batch_size == 24
     assert ws[w0].servable_models == frozenset(MODELS) and ws[w0].host_kv_capacity_tokens == 50_000
     assert ws[w0].host_ram_models == 64 * 2**30 // max(policy.models[m].weight_bytes for m in MODELS)
