@@ -29,6 +29,7 @@ from qlmserve.controller.cluster_view import (
     ClusterView,
     GroupView,
     RequestView,
+    StateCache,
     build_snapshot,
     learned_lengths,
     missed_while_waiting,
@@ -52,8 +53,9 @@ from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
 from qlmserve.controller.request import Request, RequestStatus
 from qlmserve.controller.snapshot import ClusterSnapshot
-from qlmserve.controller.store import RedisStore, SubmitResult
+from qlmserve.controller.store import GroupRecord, RedisStore, SubmitResult
 from qlmserve.controller.tokenizers import TokenizerCache
+from qlmserve.controller.waiting_view import WaitingView
 from qlmserve.controller.worker_acl import WorkerAcl
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
 from qlmserve.operations.ops import LoadModel, MoveGroup, Operation, SetPreemption
@@ -100,6 +102,11 @@ class _Meta:
     latency_sensitive: bool
 
 
+# The request hash fields a _Meta is read from (controller/request.py to_redis), + generated.
+_META_FIELDS = ("model", "slo_class", "group_id", "arrival", "prompt_tokens", "max_tokens", "ttft_slo", "ls",
+                "generated")
+
+
 class Controller:
     def __init__(self, store: RedisStore, policy: PolicyConfig, *, redis_url: str, policy_path: str | None = None,
                  clock: Clock | None = None, metrics: ControllerMetrics | None = None,
@@ -119,6 +126,10 @@ class Controller:
         # requeue, which this controller performs, or are read with the request's meta).
         self._waiting_generated: dict[str, int] = {}
         self._ttft_cursor: str | None = None  # last TTFT log entry put in the histogram
+        # Waiting groups, updated from the changes stream (controller/waiting_view.py), and
+        # each group's view, rebuilt only when the group changed: a tick costs what changed.
+        self.waiting = WaitingView()
+        self._group_views: dict[str, GroupView] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self.tick_count = 0
@@ -140,6 +151,7 @@ class Controller:
         self.scheduler: SchedulingPolicy = create_policy(policy.planner.policy, policy)
         self.tokenizers = TokenizerCache(policy.models)
         self._recent_lengths = RecentMoments(policy.planner.length_half_life_s)
+        self._states = StateCache()  # planner states of unchanged group views, reused (cluster_view)
 
     async def warm_up(self) -> None:
         """Load tokenizers off the event loop so the first submission does not stall it."""
@@ -153,6 +165,7 @@ class Controller:
         tokenizers = TokenizerCache(policy.models)
         await asyncio.to_thread(tokenizers.load_all)
         self.policy, self.scheduler, self.tokenizers = policy, scheduler, tokenizers
+        self._states = StateCache()  # states follow the policy's classes
         self.store.retention_s = policy.finished_retention_s
         self._recent_lengths.half_life_s = policy.planner.length_half_life_s
         self._solved_plan = None  # the new policy plans from scratch
@@ -284,6 +297,7 @@ class Controller:
         self.is_leader = True
         self._started_at = self.clock.now()
         self._solved_plan = None
+        self.waiting.reset()  # another controller led meanwhile: read everything again
         self._wake.set()
 
     def lost_lease(self) -> None:
@@ -323,7 +337,7 @@ class Controller:
         running = [running_request(r, self.policy) for w in view.workers for r in w.running]
         observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
         lengths = learned_lengths(self.policy, self._recent_lengths.update(view.now, observed), running)
-        snap = build_snapshot(view, self.policy, self.last_plan.placement(), lengths)
+        snap = build_snapshot(view, self.policy, self.last_plan.placement(), lengths, self._states)
         self.last_snapshot = snap
         self._update_gauges(snap)
         return snap
@@ -332,23 +346,27 @@ class Controller:
         """Groups and their waiting requests from Redis; workers from their reports and the
         running sets in Redis, with each running request's progress."""
         now = self.clock.now()
-        records = await self.store.groups()
-        await self.store.drop_empty_groups(records)
-        records = [g for g in records if g.waiting]
+        changed, left, full = await self.waiting.refresh(self.store)
+        if full:
+            self._group_views.clear()
+        gone = [gid for gid in changed if gid not in self.waiting.groups]
+        for gid in changed:
+            self._group_views.pop(gid, None)
+        if gone:
+            await self.store.drop_empty_groups([GroupRecord(gid, "", "", 0.0, ()) for gid in gone])
+            self._states.forget(self.waiting.groups)
+        for rid in left:
+            self._waiting_generated.pop(rid, None)
         running_by_worker: dict[str, dict[str, int]] = {}
         for wid in self.workers:
             running_by_worker[wid] = await self.store.worker_running(wid)
-        need = [rid for g in records for rid in g.waiting if rid not in self._meta]
+        need = [rid for gid in changed if gid in self.waiting.groups
+                for rid in self.waiting.groups[gid].waiting if rid not in self._meta]
         need += [rid for r in running_by_worker.values() for rid in r if rid not in self._meta]
         await self._load_meta(need)
         progress = await self._progress([rid for r in running_by_worker.values() for rid in r])
         await self._observe_ttfts()
-        groups = tuple(GroupView(g.group_id, g.model, g.slo_class, g.created_at,
-                                 tuple(self._request_view(rid) for rid in g.waiting if rid in self._meta))
-                       for g in records)
-        if self._waiting_generated:  # keep only requests still waiting
-            waiting = {r.request_id for g in groups for r in g.waiting}
-            self._waiting_generated = {k: v for k, v in self._waiting_generated.items() if k in waiting}
+        groups = tuple(self._group_view(g) for g in self.waiting.ordered())
         workers = []
         for wid, h in self.workers.items():
             rep_running = h.report.running if h.report else {}
@@ -361,6 +379,14 @@ class Controller:
             workers.append(h.view(tuple(running), healthy=h.connected and h.report is not None))
         return ClusterView(now=now, groups=groups, workers=tuple(workers),
                            model_bytes={n: s.weight_bytes or 0 for n, s in self.policy.models.items()})
+
+    def _group_view(self, g) -> GroupView:
+        gv = self._group_views.get(g.group_id)
+        if gv is None:
+            gv = self._group_views[g.group_id] = GroupView(
+                g.group_id, g.model, g.slo_class, g.created_at,
+                tuple(self._request_view(rid) for rid in g.waiting if rid in self._meta))
+        return gv
 
     def _request_view(self, rid: str, generated: int | None = None, first_token_at: float | None = None,
                       swapped: bool = False) -> RequestView:
@@ -400,12 +426,12 @@ class Controller:
     async def _load_meta(self, rids: list[str]) -> None:
         if not rids:
             return
-        reqs = await self.store.get_requests(rids)
-        for rid, r in reqs.items():
-            if r.generated:  # requeued with tokens: planned with them (cluster_view.group_state)
-                self._waiting_generated[rid] = r.generated
-            self._meta[rid] = _Meta(r.model, r.slo_class, r.group_id, r.arrival, r.prompt_tokens, r.max_tokens,
-                                    r.ttft_slo_s, r.latency_sensitive)
+        rows = await self.store.request_fields(rids, _META_FIELDS)
+        for rid, (model, cls, gid, arrival, prompt, max_tokens, ttft, ls, gen) in rows.items():
+            if gen and int(gen):  # requeued with tokens: planned with them (cluster_view.group_state)
+                self._waiting_generated[rid] = int(gen)
+            self._meta[rid] = _Meta(model, cls, gid or "", float(arrival), int(prompt), int(max_tokens), float(ttft),
+                                    ls == "1")
 
     async def _progress(self, rids: list[str]) -> dict[str, tuple[int, float | None]]:
         if not rids:

@@ -129,7 +129,7 @@ class RedisStore:
             res = await self._submit(
                 keys=[self.k.req(req.request_id), self.k.group(chosen), self.k.group_queue(chosen), self.k.groups,
                       open_key, self.k.idem(idempotency_key or "-"), self.k.unfinished, self.k.queued,
-                      self.k.tokens_minute(req.tenant, int(now // 60))],
+                      self.k.tokens_minute(req.tenant, int(now // 60)), self.k.changes],
                 args=[req.request_id, chosen, repr(now), "1" if new_group else "0", "1" if idempotency_key else "0",
                       req.model, req.slo_class, IDEMPOTENCY_TTL_S, fp, req.tenant, req.cost, *adm.args(),
                       len(fields), *flat],
@@ -165,6 +165,16 @@ class RedisStore:
         h = await self.r.hgetall(self.k.req(rid))
         return Request.from_redis(h) if h and "id" in h else None
 
+    async def request_fields(self, rids: list[str], fields: tuple[str, ...]) -> dict[str, tuple[str | None, ...]]:
+        """These fields of each request that exists (no prompt: cheap for many requests)."""
+        if not rids:
+            return {}
+        async with self.r.pipeline(transaction=False) as p:
+            for rid in rids:
+                p.hmget(self.k.req(rid), "id", *fields)
+            rows = await p.execute()
+        return {rid: tuple(row[1:]) for rid, row in zip(rids, rows) if row[0] is not None}
+
     async def get_requests(self, rids: list[str]) -> dict[str, Request]:
         if not rids:
             return {}
@@ -194,6 +204,30 @@ class RedisStore:
                 continue
             out.append(GroupRecord(gid, h["model"], h["slo_class"], float(h["created_at"]), tuple(waiting)))
         return out
+
+    async def group_headers(self, gids: list[str]) -> dict[str, tuple[str, str, float]]:
+        """(model, slo_class, created_at) of these groups (those whose hash exists)."""
+        if not gids:
+            return {}
+        async with self.r.pipeline(transaction=False) as p:
+            for gid in gids:
+                p.hmget(self.k.group(gid), "model", "slo_class", "created_at")
+            rows = await p.execute()
+        return {gid: (row[0], row[1], float(row[2])) for gid, row in zip(gids, rows) if row[2] is not None}
+
+    async def last_change(self) -> int:
+        """Sequence number of the newest entry ever added to the changes stream (0: none)."""
+        try:
+            info = await self.r.xinfo_stream(self.k.changes)
+        except aioredis.ResponseError:  # no such key: nothing changed since Redis was empty
+            return 0
+        return int(str(info["last-generated-id"]).split("-")[1])
+
+    async def read_changes(self, after: int, count: int = 10_000) -> list[tuple[int, str, str, str]]:
+        """(sequence, op, group id, request id) of the changes after `after`, oldest first
+        (redis_scripts._CHANGE)."""
+        rows = await self.r.xrange(self.k.changes, min=f"(0-{after}", max="+", count=count)
+        return [(int(eid.split("-")[1]), f["o"], f["g"], f["q"]) for eid, f in rows]
 
     async def drop_empty_groups(self, groups: list[GroupRecord]) -> None:
         """Groups with nothing waiting leave the active set (their hash expires later; a
@@ -249,13 +283,13 @@ class RedisStore:
         """Move a waiting request to a worker; returns its attempt number (0 if it left, -1
         when this controller no longer holds the leader lease)."""
         return int(await self._assign(keys=[self.k.req(rid), self.k.group_queue(group_id), self.k.worker_running(wid),
-                                            self.k.queued, self.k.leader],
-                                      args=[rid, wid, repr(now), self.fence]))
+                                            self.k.queued, self.k.leader, self.k.changes],
+                                      args=[rid, wid, repr(now), self.fence, group_id]))
 
     async def requeue(self, rid: str, group_id: str, wid: str, now: float) -> bool:
         return bool(await self._requeue(
             keys=[self.k.req(rid), self.k.worker_running(wid), self.k.group(group_id), self.k.group_queue(group_id),
-                  self.k.groups, self.k.queued],
+                  self.k.groups, self.k.queued, self.k.changes],
             args=[rid, wid, repr(now), group_id]))
 
     async def set_swapped(self, rid: str, wid: str, swapped: bool) -> bool:
@@ -271,7 +305,7 @@ class RedisStore:
             gid, wid = await self.r.hmget(self.k.req(rid), "group_id", "worker_id")
             res = await self._finish_early(
                 keys=[self.k.req(rid), self.k.group_queue(gid or "-"), self.k.stream(rid), self.k.unfinished,
-                      self.k.ids(rid), self.k.queued, self.k.worker_running(wid or "-")],
+                      self.k.ids(rid), self.k.queued, self.k.worker_running(wid or "-"), self.k.changes],
                 args=[status.value, repr(now), error, int(self.retention_s), "" if attempt is None else str(attempt),
                       wid or "", by_worker])
             if not res:
