@@ -133,6 +133,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._stopping = False
         self.tick_count = 0
+        self.last_tick_s: dict[str, float] = {}  # the last tick's parts (snapshot, plan, apply), seconds
         self.last_plan: Plan = Plan.make_empty()
         self._solved_plan: Plan | None = None  # the last plan the policy solved (kept plans reuse it)
         self.last_snapshot: ClusterSnapshot | None = None
@@ -318,10 +319,14 @@ class Controller:
         await self._housekeeping()
         snapshot = await self.snapshot()
         self._prune_meta(snapshot)
+        t1 = time.perf_counter()
         plan = await self.plan(snapshot)
+        t2 = time.perf_counter()
         await self.apply(plan, snapshot)
+        t3 = time.perf_counter()
         self.tick_count += 1
-        self.metrics.tick_seconds.observe(time.perf_counter() - t0)
+        self.last_tick_s = {"snapshot": t1 - t0, "plan": t2 - t1, "apply": t3 - t2}  # for `qlm bench-depth`
+        self.metrics.tick_seconds.observe(t3 - t0)
         return plan
 
     async def snapshot(self) -> ClusterSnapshot:
@@ -357,14 +362,12 @@ class Controller:
             self._states.forget(self.waiting.groups)
         for rid in left:
             self._waiting_generated.pop(rid, None)
-        running_by_worker: dict[str, dict[str, int]] = {}
-        for wid in self.workers:
-            running_by_worker[wid] = await self.store.worker_running(wid)
+        running_by_worker = await self.store.running_of(list(self.workers))
         need = [rid for gid in changed if gid in self.waiting.groups
                 for rid in self.waiting.groups[gid].waiting if rid not in self._meta]
         need += [rid for r in running_by_worker.values() for rid in r if rid not in self._meta]
         await self._load_meta(need)
-        progress = await self._progress([rid for r in running_by_worker.values() for rid in r])
+        progress = await self.store.progress_of([rid for r in running_by_worker.values() for rid in r])
         await self._observe_ttfts()
         groups = tuple(self._group_view(g) for g in self.waiting.ordered())
         workers = []
@@ -433,15 +436,6 @@ class Controller:
             self._meta[rid] = _Meta(model, cls, gid or "", float(arrival), int(prompt), int(max_tokens), float(ttft),
                                     ls == "1")
 
-    async def _progress(self, rids: list[str]) -> dict[str, tuple[int, float | None]]:
-        if not rids:
-            return {}
-        async with self.store.r.pipeline(transaction=False) as p:
-            for rid in rids:
-                p.hmget(self.store.k.req(rid), "generated", "first_token_at")
-            rows = await p.execute()
-        return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
-
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
         waiting: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
         running: dict[str, int] = {c: 0 for c in self.policy.slo_classes}
@@ -474,23 +468,25 @@ class Controller:
         assignments, mechanism_ops = dispatch(plan, snapshot, self.policy.max_running_per_worker)
         for op in list(plan.operations) + mechanism_ops:
             self._send_operation(op)
-        for a in assignments:
-            h = self.workers.get(a.worker_id)
-            if h is None or not h.connected:
-                continue
-            attempt = await self.store.assign(a.request_id, a.group_id, a.worker_id, snapshot.now)
-            if attempt < 0:
-                self.lost_lease()
-                return
-            if not attempt:
-                continue  # cancelled or taken meanwhile
-            req = await self.store.get_request(a.request_id)
+        # All assignments in one pipeline, then their requests in one: a tick that starts
+        # many requests pays two round trips, not three per request.
+        todo = [a for a in assignments if a.worker_id in self.workers and self.workers[a.worker_id].connected]
+        attempts = await self.store.assign_many([(a.request_id, a.group_id, a.worker_id) for a in todo],
+                                                snapshot.now)
+        fenced = next((i for i, at in enumerate(attempts) if at < 0), len(attempts))
+        started = [(a, at) for a, at in zip(todo[:fenced], attempts[:fenced]) if at > 0]  # 0: cancelled or taken
+        reqs = await self.store.get_requests([a.request_id for a, _ in started])
+        for a, attempt in started:
+            req = reqs.get(a.request_id)
             if req is None:
                 continue
             gen = await self.store.generated_ids(a.request_id) if req.generated else []
-            h.send(RunCommand(req.request_id, attempt, req.model, req.prompt_token_ids, gen, req.max_tokens,
-                              req.sampling.temperature, req.sampling.top_p, req.sampling.seed,
-                              req.sampling.stop_token_ids, req.latency_sensitive, req.priority))
+            self.workers[a.worker_id].send(RunCommand(
+                req.request_id, attempt, req.model, req.prompt_token_ids, gen, req.max_tokens,
+                req.sampling.temperature, req.sampling.top_p, req.sampling.seed, req.sampling.stop_token_ids,
+                req.latency_sensitive, req.priority))
+        if fenced < len(attempts):
+            self.lost_lease()
 
     def _send_operation(self, op: Operation) -> None:
         if isinstance(op, MoveGroup):

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "qlmserve.backends.hf.cli",
     "qlmserve.bench.scheduling",
     "qlmserve.bench.submit",
+    "qlmserve.bench.depth",
     "qlmserve.bench.solver",
 ]
 
