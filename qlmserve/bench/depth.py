@@ -105,7 +105,14 @@ async def _main(args) -> int:
                     handles[h.worker_id] = h
                 for depth in depths:
                     await _report_all(ctl, handles)
-                    await ctl.tick()  # batches fill from what waits
+                    running = sum(len(r) for r in (await store.running_of(list(handles))).values())
+                    await submit(max(0, workers * policy.max_running_per_worker - running - _waiting(ctl)))
+                    for _ in range(50):  # the batches fill (a tick may start only part): what is topped up next waits
+                        before = _waiting(ctl)
+                        await _report_all(ctl, handles)
+                        await ctl.tick()
+                        if _waiting(ctl) in (0, before):
+                            break
                     t0 = time.perf_counter()
                     await submit(max(0, depth - _waiting(ctl)))
                     fill_s = time.perf_counter() - t0
