@@ -142,6 +142,7 @@ class Controller:
         self.acl = WorkerAcl(store.r, store.k, redis_url, worker_redis_url)
         self.is_leader = True  # a standby (leader.LeaderLease) sets it False until it takes over
         self._housekept_at = 0.0
+        self._orphans_checked_at = float("-inf")
         self._set_policy(policy)
 
     # ---- policy -----------------------------------------------------------------------
@@ -605,7 +606,8 @@ class Controller:
                 await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
         # Workers a previous controller knew that never reconnected: live ones redial within
         # about a second of a new leader, so a dead one's requests wait no longer than this.
-        if now - self._started_at > min(timeout, RECONNECT_GRACE_S):
+        if now - self._started_at > min(timeout, RECONNECT_GRACE_S) and now - self._orphans_checked_at >= 1.0:
+            self._orphans_checked_at = now  # once a second: it reads every worker's hash
             for wid, fields in (await self.store.get_workers()).items():
                 if wid in self.workers or fields.get("dead") == "1":
                     continue

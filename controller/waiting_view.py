@@ -29,8 +29,9 @@ from qlmserve.controller.store import GroupRecord, RedisStore
 
 log = logging.getLogger("qlm.controller")
 
-# Seconds between consistency checks against a full read.
-CHECK_EVERY_S = 60.0
+# Seconds between consistency checks against a full read. A full read costs what waits
+# (~1 s at 100,000 waiting on the 2-core machine): rare enough to stay out of the tick p99.
+CHECK_EVERY_S = 600.0
 # Changes read per round trip.
 READ_BATCH = 20_000
 

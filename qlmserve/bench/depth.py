@@ -9,7 +9,8 @@ many waiting requests, then `--ticks` ticks run back to back; before each tick `
 requests arrive (Controller.submit) and as many running ones end (Controller.cancel), so
 every tick also starts `--churn` requests. It prints the tick time p50/p99/max and its
 parts (the snapshot: Redis and the view; the plan; applying it), each against the
-figure at the smallest depth.
+figure at the smallest depth (Controller.last_tick_s), and Redis's used_memory per
+request it holds (waiting or running; 128-token prompts; the changes stream included).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ async def _main(args) -> int:
             try:
                 store = RedisStore.from_url(redis.url, "depth")
                 ctl = Controller(store, policy, redis_url=redis.url)
+                base_bytes = int((await store.r.info("memory"))["used_memory"])
                 handles = {}
                 for i in range(workers):
                     h, _ = await ctl.worker_connected(f"w{i:03d}", "sim", "A100-80GB", ["sim-7b"], {})
@@ -118,6 +120,9 @@ async def _main(args) -> int:
                     fill_s = time.perf_counter() - t0
                     await _report_all(ctl, handles)
                     await ctl.tick()
+                    held = _waiting(ctl) + sum(len(r) for r in (await store.running_of(list(handles))).values())
+                    used = int((await store.r.info("memory"))["used_memory"])
+                    bytes_per_request = (used - base_bytes) / max(1, held)
                     ticks: list[float] = []
                     parts: dict[str, list[float]] = {"snapshot": [], "plan": [], "apply": []}
                     for _ in range(args.ticks):
@@ -131,6 +136,7 @@ async def _main(args) -> int:
                             parts[part].append(sec * 1e3)
                     row = {"workers": workers, "depth": depth, "waiting_after": _waiting(ctl),
                            "groups": len(ctl.waiting.groups), "fill_s": fill_s, "planner": args.planner,
+                           "redis_bytes_per_request": bytes_per_request,
                            **{f"tick_{k}_ms": v for k, v in _stats(ticks).items()},
                            **{f"{p}_p50_ms": _stats(v)["p50"] for p, v in parts.items()},
                            **{f"{p}_p99_ms": _stats(v)["p99"] for p, v in parts.items()}}
@@ -138,21 +144,22 @@ async def _main(args) -> int:
                     console().print(f"workers {workers}, {row['waiting_after']} waiting in {row['groups']} groups: "
                                     f"tick p50 {row['tick_p50_ms']:.1f} ms p99 {row['tick_p99_ms']:.1f} ms "
                                     f"(p50 snapshot {row['snapshot_p50_ms']:.1f}, plan {row['plan_p50_ms']:.1f}, "
-                                    f"apply {row['apply_p50_ms']:.1f}); topped up in {fill_s:.1f} s")
+                                    f"apply {row['apply_p50_ms']:.1f}); topped up in {fill_s:.1f} s; Redis "
+                                    f"{bytes_per_request:.0f} bytes per request held")
                 await store.close()
             finally:
                 redis.stop()
     t = Table(title=f"Controller tick time by queue depth (planner {args.planner}, churn {args.churn}/tick, "
                     f"groups of up to {args.group_size})")
     for col in ("workers", "waiting", "groups", "tick p50 ms", "tick p99 ms", "max ms", "p50 / smallest",
-                "p99 / smallest", "snapshot p50", "plan p50", "apply p50"):
+                "p99 / smallest", "snapshot p50", "plan p50", "apply p50", "Redis B/request"):
         t.add_column(col, justify="right")
     for r in rows:
         base = next(b for b in rows if b["workers"] == r["workers"])
         t.add_row(str(r["workers"]), str(r["depth"]), str(r["groups"]), f"{r['tick_p50_ms']:.1f}",
                   f"{r['tick_p99_ms']:.1f}", f"{r['tick_max_ms']:.1f}", f"{r['tick_p50_ms'] / base['tick_p50_ms']:.2f}",
                   f"{r['tick_p99_ms'] / base['tick_p99_ms']:.2f}", f"{r['snapshot_p50_ms']:.1f}",
-                  f"{r['plan_p50_ms']:.1f}", f"{r['apply_p50_ms']:.1f}")
+                  f"{r['plan_p50_ms']:.1f}", f"{r['apply_p50_ms']:.1f}", f"{r['redis_bytes_per_request']:.0f}")
     console().print(t)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
