@@ -454,6 +454,10 @@ class Controller:
     async def plan(self, snapshot: ClusterSnapshot) -> Plan:
         if not snapshot.groups and not any(w.running for w in snapshot.workers):
             return Plan(source="idle")
+        if not any(w.healthy for w in snapshot.workers):
+            # No worker to place work on or to act on: a solve could only return empty
+            # queues (and at depth it costs a CPU the submissions need).
+            return Plan(source="no-workers")
         plan, solved = await asyncio.to_thread(self.scheduler.next_plan, snapshot, self._solved_plan)
         if solved:
             self._solved_plan = plan

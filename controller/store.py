@@ -185,9 +185,6 @@ class RedisStore:
         for p, key, (gid, opens) in zip(batch, keys, chosen):
             req = p.req
             req.group_id = gid
-            flat: list[object] = []
-            for field, value in req.to_redis().items():
-                flat += [field, value]
             fps.append(req.fingerprint())
             # A request joining a group that an earlier, refused request of the batch was to
             # open finds no group hash: the script opens the group then (SUBMIT).
@@ -196,7 +193,7 @@ class RedisStore:
                            self.k.tokens_minute(req.tenant, int(p.now // 60)), self.k.changes],
                           [req.request_id, gid, repr(p.now), "1" if opens else "0", "1" if p.key else "0",
                            req.model, req.slo_class, IDEMPOTENCY_TTL_S, fps[-1], req.tenant, req.cost,
-                           *p.adm.args(), len(flat) // 2, *flat]))
+                           *p.adm.args(), json.dumps(req.to_redis())]))
         results = await self._run_scripts(self._submit, calls)
         # The cached open groups follow what Redis accepted, in order.
         for p, key, (gid, _opens), fp, res in zip(batch, keys, chosen, fps, results):

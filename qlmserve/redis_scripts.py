@@ -32,7 +32,9 @@ end
 # ARGV[8] - idempotency ttl seconds, ARGV[9] - payload fingerprint, ARGV[10] - tenant,
 # ARGV[11] - cost (prompt + max tokens), ARGV[12..19] - limits, 0 = none: class requests,
 # class tokens, tenant requests, tenant tokens, all requests, all tokens, tenant tokens per
-# minute, ARGV[19] - number of request hash field/value pairs that follow from ARGV[20]
+# minute, ARGV[19] - the request hash's fields as a JSON object of strings (one argument, not
+# 2 x 19: a client packs each argument of a command separately, and that was the largest
+# cost of a submission in the controller)
 # return {1, request id} when accepted, {0, earlier request id, its fingerprint} for a known
 # idempotency key, {2, limit name, amount queued, limit} when an admission limit refuses it
 SUBMIT = _CHANGE + """
@@ -68,8 +70,12 @@ end
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[9], 'EX', tonumber(ARGV[8]))
 end
-local npairs = tonumber(ARGV[19])
-redis.call('HSET', KEYS[1], unpack(ARGV, 20, 19 + 2 * npairs))
+local flat = {}
+for k, v in pairs(cjson.decode(ARGV[19])) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(flat))
 if ARGV[4] == '1' or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[2], 'model', ARGV[6], 'slo_class', ARGV[7], 'created_at', ARGV[3], 'size', 0)
   redis.call('SET', KEYS[5], ARGV[2])
