@@ -70,9 +70,19 @@ def planning_head(snapshot: ClusterSnapshot, last: Plan | None) -> Head | None:
             tails[wid] = live[HEAD_PER_WORKER:]
     placed = head.union(*tails.values())
     new = sorted((g for g in snapshot.groups if g.group_id not in placed), key=lambda g: (g.deadline, g.group_id))
-    cutoff = min((groups[gid].deadline for t in tails.values() for gid in t if groups[gid].deadline > snapshot.now),
-                 default=math.inf)
-    load = {wid: sum(groups[gid].size for gid in t) for wid, t in tails.items()}
+    # One pass over the tails (this runs every tick, over every group): the earliest
+    # deadline still ahead, and each tail's requests.
+    cutoff, now = math.inf, snapshot.now
+    load: dict[str, int] = {}
+    for wid, t in tails.items():
+        n = 0
+        for gid in t:
+            g = groups[gid]
+            n += len(g.request_ids)
+            d = g.deadline
+            if now < d < cutoff:
+                cutoff = d
+        load[wid] = n
     for g in new:
         cands = [wid for wid, w in taking.items() if w.can_serve(g.model)]
         if g.deadline < cutoff or not cands:

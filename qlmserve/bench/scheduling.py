@@ -36,7 +36,8 @@ from qlmserve.traces import Trace, WorkloadSpec, build_workload, describe_worklo
 
 POLICIES = ("qlm", "edf", "sjf", "priority", "backlog", "fcfs", "fcfs-oblivious")
 # Other `qlm bench <name>` commands: modules with `register_bench(bench_subparsers)`.
-BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live", "qlmserve.bench.chaos", "qlmserve.bench.overload"]
+BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live", "qlmserve.bench.chaos", "qlmserve.bench.overload",
+                 "qlmserve.bench.relay"]
 
 
 @dataclass(frozen=True)
