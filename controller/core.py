@@ -29,6 +29,7 @@ from qlmserve.controller.cluster_view import (
     ClusterView,
     GroupView,
     RequestView,
+    StateCache,
     build_snapshot,
     learned_lengths,
     missed_while_waiting,
@@ -53,8 +54,9 @@ from qlmserve.controller.policy import PolicyConfig, SloClass
 from qlmserve.controller.prefix_affinity import prompt_blocks
 from qlmserve.controller.request import Request, RequestStatus
 from qlmserve.controller.snapshot import ClusterSnapshot
-from qlmserve.controller.store import RedisStore, SubmitResult
+from qlmserve.controller.store import GroupRecord, RedisStore, SubmitResult
 from qlmserve.controller.tokenizers import TokenizerCache
+from qlmserve.controller.waiting_view import WaitingView
 from qlmserve.controller.worker_acl import WorkerAcl
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerHandle, WorkerReport, next_op_id
 from qlmserve.operations.ops import LoadModel, MoveGroup, Operation, SetPreemption
@@ -103,6 +105,11 @@ class _Meta:
     prefix_blocks: tuple[int, ...] = ()  # its prompt's chain keys (controller/prefix_affinity.py)
 
 
+# The request hash fields a _Meta is read from (controller/request.py to_redis), + generated.
+_META_FIELDS = ("model", "slo_class", "group_id", "arrival", "prompt_tokens", "max_tokens", "ttft_slo", "ls",
+                "generated", "user_id")
+
+
 class Controller:
     def __init__(self, store: RedisStore, policy: PolicyConfig, *, redis_url: str, policy_path: str | None = None,
                  clock: Clock | None = None, metrics: ControllerMetrics | None = None,
@@ -123,9 +130,14 @@ class Controller:
         self._waiting_generated: dict[str, int] = {}
         self._ttft_cursor: str | None = None  # last latency log entry put in the histograms
         self._load_kind: dict[str, str] = {}  # load_model op id -> "warm" | "cold", until its result
+        # Waiting groups, updated from the changes stream (controller/waiting_view.py), and
+        # each group's view, rebuilt only when the group changed: a tick costs what changed.
+        self.waiting = WaitingView()
+        self._group_views: dict[str, GroupView] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self.tick_count = 0
+        self.last_tick_s: dict[str, float] = {}  # the last tick's parts (snapshot, plan, apply), seconds
         self.last_plan: Plan = Plan.make_empty()
         self._solved_plan: Plan | None = None  # the last plan the policy solved (kept plans reuse it)
         self.last_snapshot: ClusterSnapshot | None = None
@@ -134,6 +146,7 @@ class Controller:
         self.acl = WorkerAcl(store.r, store.k, redis_url, worker_redis_url)
         self.is_leader = True  # a standby (leader.LeaderLease) sets it False until it takes over
         self._housekept_at = 0.0
+        self._orphans_checked_at = float("-inf")
         self._set_policy(policy)
 
     # ---- policy -----------------------------------------------------------------------
@@ -144,6 +157,7 @@ class Controller:
         self.scheduler: SchedulingPolicy = create_policy(policy.planner.policy, policy)
         self.tokenizers = TokenizerCache(policy.models)
         self._recent_lengths = RecentMoments(policy.planner.length_half_life_s)
+        self._states = StateCache()  # planner states of unchanged group views, reused (cluster_view)
 
     async def warm_up(self) -> None:
         """Load tokenizers off the event loop so the first submission does not stall it."""
@@ -157,6 +171,7 @@ class Controller:
         tokenizers = TokenizerCache(policy.models)
         await asyncio.to_thread(tokenizers.load_all)
         self.policy, self.scheduler, self.tokenizers = policy, scheduler, tokenizers
+        self._states = StateCache()  # states follow the policy's classes
         self.store.retention_s = policy.finished_retention_s
         self._recent_lengths.half_life_s = policy.planner.length_half_life_s
         self._solved_plan = None  # the new policy plans from scratch
@@ -289,6 +304,7 @@ class Controller:
         self.is_leader = True
         self._started_at = self.clock.now()
         self._solved_plan = None
+        self.waiting.reset()  # another controller led meanwhile: read everything again
         self._wake.set()
 
     def lost_lease(self) -> None:
@@ -309,10 +325,14 @@ class Controller:
         await self._housekeeping()
         snapshot = await self.snapshot()
         self._prune_meta(snapshot)
+        t1 = time.perf_counter()
         plan = await self.plan(snapshot)
+        t2 = time.perf_counter()
         await self.apply(plan, snapshot)
+        t3 = time.perf_counter()
         self.tick_count += 1
-        self.metrics.tick_seconds.observe(time.perf_counter() - t0)
+        self.last_tick_s = {"snapshot": t1 - t0, "plan": t2 - t1, "apply": t3 - t2}  # for `qlm bench-depth`
+        self.metrics.tick_seconds.observe(t3 - t0)
         return plan
 
     async def snapshot(self) -> ClusterSnapshot:
@@ -328,7 +348,7 @@ class Controller:
         running = [running_request(r, self.policy) for w in view.workers for r in w.running]
         observed = {key: Moments(n, s, ss) for key, (n, s, ss) in (await self.store.length_counts()).items()}
         lengths = learned_lengths(self.policy, self._recent_lengths.update(view.now, observed), running)
-        snap = build_snapshot(view, self.policy, self.last_plan.placement(), lengths)
+        snap = build_snapshot(view, self.policy, self.last_plan.placement(), lengths, self._states)
         self.last_snapshot = snap
         self._update_gauges(snap)
         return snap
@@ -337,23 +357,25 @@ class Controller:
         """Groups and their waiting requests from Redis; workers from their reports and the
         running sets in Redis, with each running request's progress."""
         now = self.clock.now()
-        records = await self.store.groups()
-        await self.store.drop_empty_groups(records)
-        records = [g for g in records if g.waiting]
-        running_by_worker: dict[str, dict[str, int]] = {}
-        for wid in self.workers:
-            running_by_worker[wid] = await self.store.worker_running(wid)
-        need = [rid for g in records for rid in g.waiting if rid not in self._meta]
+        changed, left, full = await self.waiting.refresh(self.store)
+        if full:
+            self._group_views.clear()
+        gone = [gid for gid in changed if gid not in self.waiting.groups]
+        for gid in changed:
+            self._group_views.pop(gid, None)
+        if gone:
+            await self.store.drop_empty_groups([GroupRecord(gid, "", "", 0.0, ()) for gid in gone])
+            self._states.forget(self.waiting.groups)
+        for rid in left:
+            self._waiting_generated.pop(rid, None)
+        running_by_worker = await self.store.running_of(list(self.workers))
+        need = [rid for gid in changed if gid in self.waiting.groups
+                for rid in self.waiting.groups[gid].waiting if rid not in self._meta]
         need += [rid for r in running_by_worker.values() for rid in r if rid not in self._meta]
         await self._load_meta(need)
-        progress = await self._progress([rid for r in running_by_worker.values() for rid in r])
+        progress = await self.store.progress_of([rid for r in running_by_worker.values() for rid in r])
         await self._observe_ttfts()
-        groups = tuple(GroupView(g.group_id, g.model, g.slo_class, g.created_at,
-                                 tuple(self._request_view(rid) for rid in g.waiting if rid in self._meta))
-                       for g in records)
-        if self._waiting_generated:  # keep only requests still waiting
-            waiting = {r.request_id for g in groups for r in g.waiting}
-            self._waiting_generated = {k: v for k, v in self._waiting_generated.items() if k in waiting}
+        groups = tuple(self._group_view(g) for g in self.waiting.ordered())
         workers = []
         for wid, h in self.workers.items():
             rep_running = h.report.running if h.report else {}
@@ -366,6 +388,14 @@ class Controller:
             workers.append(h.view(tuple(running), healthy=h.connected and h.report is not None))
         return ClusterView(now=now, groups=groups, workers=tuple(workers),
                            model_bytes={n: s.weight_bytes or 0 for n, s in self.policy.models.items()})
+
+    def _group_view(self, g) -> GroupView:
+        gv = self._group_views.get(g.group_id)
+        if gv is None:
+            gv = self._group_views[g.group_id] = GroupView(
+                g.group_id, g.model, g.slo_class, g.created_at,
+                tuple(self._request_view(rid) for rid in g.waiting if rid in self._meta))
+        return gv
 
     def _request_view(self, rid: str, generated: int | None = None, first_token_at: float | None = None,
                       swapped: bool = False) -> RequestView:
@@ -411,22 +441,15 @@ class Controller:
     async def _load_meta(self, rids: list[str]) -> None:
         if not rids:
             return
-        reqs = await self.store.get_requests(rids)
-        for rid, r in reqs.items():
-            if r.generated:  # requeued with tokens: planned with them (cluster_view.group_state)
-                self._waiting_generated[rid] = r.generated
-            self._meta[rid] = _Meta(r.model, r.slo_class, r.group_id, r.arrival, r.prompt_tokens, r.max_tokens,
-                                    r.ttft_slo_s, r.latency_sensitive, r.user_id,
-                                    prompt_blocks(r.prompt_token_ids, self.policy))
-
-    async def _progress(self, rids: list[str]) -> dict[str, tuple[int, float | None]]:
-        if not rids:
-            return {}
-        async with self.store.r.pipeline(transaction=False) as p:
-            for rid in rids:
-                p.hmget(self.store.k.req(rid), "generated", "first_token_at")
-            rows = await p.execute()
-        return {rid: (int(row[0] or 0), float(row[1]) if row[1] else None) for rid, row in zip(rids, rows)}
+        # The prompt itself only where dispatch keys prefixes (it is the largest field).
+        keyed = self.policy.dispatch.prefix_block_tokens > 0
+        rows = await self.store.request_fields(rids, _META_FIELDS + (("prompt",) if keyed else ()))
+        for rid, (model, cls, gid, arrival, prompt, max_tokens, ttft, ls, gen, user, *ids) in rows.items():
+            if gen and int(gen):  # requeued with tokens: planned with them (cluster_view.group_state)
+                self._waiting_generated[rid] = int(gen)
+            blocks = prompt_blocks([int(t) for t in ids[0].split(",") if t], self.policy) if ids and ids[0] else ()
+            self._meta[rid] = _Meta(model, cls, gid or "", float(arrival), int(prompt), int(max_tokens), float(ttft),
+                                    ls == "1", user or "", blocks)
 
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
         keys = [(m, c) for m in self.policy.models for c in self.policy.slo_classes]
@@ -452,6 +475,10 @@ class Controller:
     async def plan(self, snapshot: ClusterSnapshot) -> Plan:
         if not snapshot.groups and not any(w.running for w in snapshot.workers):
             return Plan(source="idle")
+        if not any(w.healthy for w in snapshot.workers):
+            # No worker to place work on or to act on: a solve could only return empty
+            # queues (and at depth it costs a CPU the submissions need).
+            return Plan(source="no-workers")
         plan, solved = await asyncio.to_thread(self.scheduler.next_plan, snapshot, self._solved_plan)
         if solved:
             self._solved_plan = plan
@@ -467,26 +494,28 @@ class Controller:
         assignments, mechanism_ops = dispatch(plan, snapshot, self.policy.max_running_per_worker)
         for op in list(plan.operations) + mechanism_ops:
             self._send_operation(op)
-        for a in assignments:
-            h = self.workers.get(a.worker_id)
-            if h is None or not h.connected:
-                continue
-            attempt = await self.store.assign(a.request_id, a.group_id, a.worker_id, snapshot.now)
-            if attempt < 0:
-                self.lost_lease()
-                return
-            if not attempt:
-                continue  # cancelled or taken meanwhile
+        # All assignments in one pipeline, then their requests in one: a tick that starts
+        # many requests pays two round trips, not three per request.
+        todo = [a for a in assignments if a.worker_id in self.workers and self.workers[a.worker_id].connected]
+        attempts = await self.store.assign_many([(a.request_id, a.group_id, a.worker_id) for a in todo],
+                                                snapshot.now)
+        fenced = next((i for i, at in enumerate(attempts) if at < 0), len(attempts))
+        started = [(a, at) for a, at in zip(todo[:fenced], attempts[:fenced]) if at > 0]  # 0: cancelled or taken
+        reqs = await self.store.get_requests([a.request_id for a, _ in started])
+        for a, attempt in started:
             m = self._meta.get(a.request_id)
             if attempt == 1 and m is not None:
                 self.metrics.queue_time.labels(m.model, m.slo_class).observe(max(0.0, snapshot.now - m.arrival))
-            req = await self.store.get_request(a.request_id)
+            req = reqs.get(a.request_id)
             if req is None:
                 continue
             gen = await self.store.generated_ids(a.request_id) if req.generated else []
-            h.send(RunCommand(req.request_id, attempt, req.model, req.prompt_token_ids, gen, req.max_tokens,
-                              req.sampling.temperature, req.sampling.top_p, req.sampling.seed,
-                              req.sampling.stop_token_ids, req.latency_sensitive, req.priority))
+            self.workers[a.worker_id].send(RunCommand(
+                req.request_id, attempt, req.model, req.prompt_token_ids, gen, req.max_tokens,
+                req.sampling.temperature, req.sampling.top_p, req.sampling.seed, req.sampling.stop_token_ids,
+                req.latency_sensitive, req.priority))
+        if fenced < len(attempts):
+            self.lost_lease()
 
     def _send_operation(self, op: Operation) -> None:
         if isinstance(op, MoveGroup):
@@ -615,7 +644,8 @@ class Controller:
                 await self.store.put_worker(wid, {"connected": "0", "dead": "1"})
         # Workers a previous controller knew that never reconnected: live ones redial within
         # about a second of a new leader, so a dead one's requests wait no longer than this.
-        if now - self._started_at > min(timeout, RECONNECT_GRACE_S):
+        if now - self._started_at > min(timeout, RECONNECT_GRACE_S) and now - self._orphans_checked_at >= 1.0:
+            self._orphans_checked_at = now  # once a second: it reads every worker's hash
             for wid, fields in (await self.store.get_workers()).items():
                 if wid in self.workers or fields.get("dead") == "1":
                     continue

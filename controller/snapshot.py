@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
@@ -59,7 +60,7 @@ class GroupState:
     def size(self) -> int:
         return len(self.request_ids)
 
-    @property
+    @cached_property  # policies sort and compare by it many times per tick (issue 13)
     def deadline(self) -> float:
         """When the oldest request's TTFT target runs out."""
         return min(self.arrivals) + self.ttft_s

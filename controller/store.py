@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from qlmserve import redis_scripts as scripts
 from qlmserve.controller.grouping import OpenGroup, choose_group
@@ -23,6 +24,20 @@ from qlmserve.redis_keys import FINISHED_RETENTION_S, Keys
 from qlmserve.redis_urls import async_redis_client, check_cluster_prefix
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+# Group ids drawn from Redis at once (controllers drawing blocks leave gaps; ids only name).
+GROUP_ID_BLOCK = 64
+
+
+@dataclass
+class _Pending:
+    """A submission waiting for the next pipeline (RedisStore._flush)."""
+
+    req: Request
+    now: float
+    grouping: GroupingConfig
+    key: str  # idempotency key ("" = none)
+    adm: AdmissionArgs
+    fut: asyncio.Future
 
 
 @dataclass(frozen=True)
@@ -83,15 +98,19 @@ class RedisStore:
         self._finish_early = client.register_script(scripts.FINISH_EARLY)
         self._swap_state = client.register_script(scripts.SET_SWAP_STATE)
         self._save_plan = client.register_script(scripts.SAVE_PLAN)
+        self._read_changes = client.register_script(scripts.READ_CHANGES)
+        self._read_groups = client.register_script(scripts.READ_GROUPS)
+        self._read_running = client.register_script(scripts.READ_RUNNING)
         # The leader lease value this controller holds ("" = no fencing: a single controller,
         # tests). Plan and assignment writes quote it; Redis refuses them once it changed.
         self.fence = ""
         self.retention_s = FINISHED_RETENTION_S  # the policy's finished_retention_s (set by the controller)
-        # Grouping reads the open group then writes; one lock per (model, class) keeps
-        # concurrent submissions of one controller from racing each other. The open group
-        # is cached (this controller is its only writer); Redis keeps it for a restart.
-        self._group_locks: dict[str, asyncio.Lock] = {}
+        # The open group of each (model, class), cached: submissions of this controller go
+        # through one batch at a time (_flush_all), its only writer; Redis keeps it for a restart.
         self._open: dict[str, OpenGroup | None] = {}
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task | None = None
+        self._group_ids: list[int] = []
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "qlm", max_connections: int = 512) -> RedisStore:
@@ -109,37 +128,16 @@ class RedisStore:
 
     async def submit(self, req: Request, now: float, grouping: GroupingConfig, idempotency_key: str = "",
                      admission: AdmissionArgs | None = None) -> SubmitResult:
-        adm = admission or AdmissionArgs()
-        lock = self._group_locks.setdefault(f"{req.model}|{req.slo_class}", asyncio.Lock())
-        async with lock:
-            open_key = self.k.open_group(req.model, req.slo_class)
-            if open_key not in self._open:
-                self._open[open_key] = await self._read_open_group(open_key)
-            open_group = self._open[open_key]
-            chosen = choose_group(open_group, now, grouping)
-            new_group = chosen is None
-            if new_group:
-                chosen = f"g{await self.r.incr(self.k.group_seq)}"
-            req.group_id = chosen
-            fields = req.to_redis()
-            flat: list[str] = []
-            for key, value in fields.items():
-                flat += [key, value]
-            fp = req.fingerprint()
-            res = await self._submit(
-                keys=[self.k.req(req.request_id), self.k.group(chosen), self.k.group_queue(chosen), self.k.groups,
-                      open_key, self.k.idem(idempotency_key or "-"), self.k.unfinished, self.k.queued,
-                      self.k.tokens_minute(req.tenant, int(now // 60))],
-                args=[req.request_id, chosen, repr(now), "1" if new_group else "0", "1" if idempotency_key else "0",
-                      req.model, req.slo_class, IDEMPOTENCY_TTL_S, fp, req.tenant, req.cost, *adm.args(),
-                      len(fields), *flat],
-            )
-            outcome, rid = int(res[0]), res[1]
-            if outcome == 1:
-                self._open[open_key] = (OpenGroup(chosen, now, 1) if new_group else
-                                        OpenGroup(chosen, open_group.created_at, open_group.size + 1))
-            elif new_group:
-                self._open[open_key] = open_group  # the new group id was never used
+        """Make a request durable (acknowledged once Redis wrote it). Submissions that arrive
+        in one event-loop turn share one pipeline of SUBMIT scripts (`_flush`), so a busy
+        controller pays one round trip (and, with appendfsync always, one fsync) per batch
+        rather than per request."""
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(req, now, grouping, idempotency_key, admission or AdmissionArgs(), fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_all())
+        res, chosen, fp = await fut
+        outcome, rid = int(res[0]), res[1]
         if outcome == 2:
             return SubmitResult("", "", duplicate=False, refused=(res[1], int(res[2]), int(res[3])))
         if outcome == 0:
@@ -147,6 +145,100 @@ class RedisStore:
             return SubmitResult(rid, existing.group_id if existing else "", duplicate=True,
                                 conflict=bool(res[2]) and res[2] != fp)
         return SubmitResult(rid, chosen, duplicate=False)
+
+    async def _flush_all(self) -> None:
+        """One batch at a time: what arrives while a batch is in Redis forms the next one, and
+        each batch chooses groups knowing the outcomes of the one before."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._flush(batch)
+                except Exception as exc:  # noqa: BLE001 - Redis away: every caller of the batch hears it
+                    for p in batch:
+                        if not p.fut.done():
+                            p.fut.set_exception(exc)
+        finally:
+            self._flusher = None
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        # Grouping reads the open group then writes; this is the only writer of this
+        # controller's cached open groups (Redis keeps them for a restart).
+        keys = [self.k.open_group(p.req.model, p.req.slo_class) for p in batch]
+        for key in dict.fromkeys(keys):
+            if key not in self._open:
+                self._open[key] = await self._read_open_group(key)
+        local = dict(self._open)  # as if every request of the batch were accepted
+        chosen: list[tuple[str, bool]] = []  # (group id, whether this request opens it)
+        for p, key in zip(batch, keys):
+            gid = choose_group(local[key], p.now, p.grouping)
+            if gid is None:
+                gid = await self._new_group_id()
+                local[key] = OpenGroup(gid, p.now, 1)
+                chosen.append((gid, True))
+            else:
+                cur = local[key]
+                local[key] = OpenGroup(gid, cur.created_at, cur.size + 1)
+                chosen.append((gid, False))
+        calls: list[tuple[list[str], list[object]]] = []
+        fps: list[str] = []
+        for p, key, (gid, opens) in zip(batch, keys, chosen):
+            req = p.req
+            req.group_id = gid
+            fps.append(req.fingerprint())
+            # A request joining a group that an earlier, refused request of the batch was to
+            # open finds no group hash: the script opens the group then (SUBMIT).
+            calls.append(([self.k.req(req.request_id), self.k.group(gid), self.k.group_queue(gid), self.k.groups,
+                           key, self.k.idem(p.key or "-"), self.k.unfinished, self.k.queued,
+                           self.k.tokens_minute(req.tenant, int(p.now // 60)), self.k.changes],
+                          [req.request_id, gid, repr(p.now), "1" if opens else "0", "1" if p.key else "0",
+                           req.model, req.slo_class, IDEMPOTENCY_TTL_S, fps[-1], req.tenant, req.cost,
+                           *p.adm.args(), json.dumps(req.to_redis())]))
+        results = await self._run_scripts(self._submit, calls)
+        # The cached open groups follow what Redis accepted, in order.
+        for p, key, (gid, _opens), fp, res in zip(batch, keys, chosen, fps, results):
+            if isinstance(res, BaseException):
+                if not p.fut.done():
+                    p.fut.set_exception(res)
+                continue
+            if int(res[0]) == 1:
+                cur = self._open[key]
+                self._open[key] = (OpenGroup(gid, cur.created_at, cur.size + 1) if cur is not None and
+                                   cur.group_id == gid else OpenGroup(gid, p.now, 1))
+            if not p.fut.done():
+                p.fut.set_result((res, gid, fp))
+
+    async def _new_group_id(self) -> str:
+        """Group ids come from Redis in blocks (one round trip per GROUP_ID_BLOCK groups);
+        controllers sharing Redis draw disjoint blocks."""
+        if not self._group_ids:
+            last = int(await self.r.incrby(self.k.group_seq, GROUP_ID_BLOCK))
+            self._group_ids = list(range(last - GROUP_ID_BLOCK + 1, last + 1))
+        return f"g{self._group_ids.pop(0)}"
+
+    async def _run_scripts(self, script, calls: list[tuple[list[str], list[object]]]) -> list[object]:
+        """Run one script once per (keys, args), all in one pipeline; each result is the
+        reply or the exception of that call. A script Redis does not have (restarted,
+        flushed) is loaded and its calls run again: a NOSCRIPT call did nothing."""
+        results: list[object] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.r.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                else:
+                    results[i] = reply
+            if not missing:
+                break
+            await self.r.script_load(script.script)
+            todo = missing
+        return results
 
     async def _read_open_group(self, open_key: str) -> OpenGroup | None:
         gid = await self.r.get(open_key)
@@ -165,6 +257,16 @@ class RedisStore:
         h = await self.r.hgetall(self.k.req(rid))
         return Request.from_redis(h) if h and "id" in h else None
 
+    async def request_fields(self, rids: list[str], fields: tuple[str, ...]) -> dict[str, tuple[str | None, ...]]:
+        """These fields of each request that exists (no prompt: cheap for many requests)."""
+        if not rids:
+            return {}
+        async with self.r.pipeline(transaction=False) as p:
+            for rid in rids:
+                p.hmget(self.k.req(rid), "id", *fields)
+            rows = await p.execute()
+        return {rid: tuple(row[1:]) for rid, row in zip(rids, rows) if row[0] is not None}
+
     async def get_requests(self, rids: list[str]) -> dict[str, Request]:
         if not rids:
             return {}
@@ -179,20 +281,48 @@ class RedisStore:
         return [int(x) for x in s.split(",") if x]
 
     async def groups(self) -> list[GroupRecord]:
+        """Every group in the groups set with its waiting requests, by creation time."""
         gids = await self.r.zrange(self.k.groups, 0, -1)
         if not gids:
             return []
+        chunk = 256  # groups per script call: Redis serves others between calls
+        rows = []
+        for i in range(0, len(gids), chunk):
+            keys = [k for gid in gids[i:i + chunk] for k in (self.k.group(gid), self.k.group_queue(gid))]
+            rows += await self._read_groups(keys=keys)
+        out = []
+        for gid, (model, cls, created, waiting) in zip(gids, rows):
+            if created == "":
+                continue
+            out.append(GroupRecord(gid, model, cls, float(created), tuple(waiting.split(" ")) if waiting else ()))
+        return out
+
+    async def group_headers(self, gids: list[str]) -> dict[str, tuple[str, str, float]]:
+        """(model, slo_class, created_at) of these groups (those whose hash exists)."""
+        if not gids:
+            return {}
         async with self.r.pipeline(transaction=False) as p:
             for gid in gids:
-                p.hgetall(self.k.group(gid))
-                p.lrange(self.k.group_queue(gid), 0, -1)
+                p.hmget(self.k.group(gid), "model", "slo_class", "created_at")
             rows = await p.execute()
+        return {gid: (row[0], row[1], float(row[2])) for gid, row in zip(gids, rows) if row[2] is not None}
+
+    async def last_change(self) -> int:
+        """Sequence number of the newest entry ever added to the changes stream (0: none)."""
+        try:
+            info = await self.r.xinfo_stream(self.k.changes)
+        except aioredis.ResponseError:  # no such key: nothing changed since Redis was empty
+            return 0
+        return int(str(info["last-generated-id"]).split("-")[1])
+
+    async def read_changes(self, after: int, count: int = 10_000) -> list[tuple[int, str, str, str]]:
+        """(sequence, op, group id, request id) of the changes after `after`, oldest first
+        (redis_scripts._CHANGE)."""
+        text = await self._read_changes(keys=[self.k.changes], args=[after, count])
         out = []
-        for i, gid in enumerate(gids):
-            h, waiting = rows[2 * i], rows[2 * i + 1]
-            if not h:
-                continue
-            out.append(GroupRecord(gid, h["model"], h["slo_class"], float(h["created_at"]), tuple(waiting)))
+        for line in text.split("\n") if text else ():
+            seq, op, gid, rid = line.split(" ")
+            out.append((int(seq), op, gid, rid))
         return out
 
     async def drop_empty_groups(self, groups: list[GroupRecord]) -> None:
@@ -211,6 +341,28 @@ class RedisStore:
 
     async def unfinished_ids(self) -> set[str]:
         return set(await self.r.smembers(self.k.unfinished))
+
+    async def running_of(self, wids: list[str]) -> dict[str, dict[str, int]]:
+        """worker -> {request id: attempt} of these workers, in one round trip."""
+        if not wids:
+            return {}
+        res = await self._read_running(keys=[self.k.worker_running(w) for w in wids], args=[len(wids)])
+        out = {}
+        for wid, text in zip(wids, res):
+            f = text.split(" ") if text else []
+            out[wid] = {f[i]: int(f[i + 1]) for i in range(0, len(f), 2)}
+        return out
+
+    async def progress_of(self, rids: list[str]) -> dict[str, tuple[int, float | None]]:
+        """request id -> (tokens generated, first token time), in one round trip."""
+        if not rids:
+            return {}
+        res = await self._read_running(keys=[self.k.req(r) for r in rids], args=[0])
+        out = {}
+        for rid, line in zip(rids, res[0].split("\n")):
+            gen, first = line.split(" ")
+            out[rid] = (int(gen or 0), float(first) if first else None)
+        return out
 
     async def worker_running(self, wid: str) -> dict[str, int]:
         h = await self.r.hgetall(self.k.worker_running(wid))
@@ -251,13 +403,24 @@ class RedisStore:
         """Move a waiting request to a worker; returns its attempt number (0 if it left, -1
         when this controller no longer holds the leader lease)."""
         return int(await self._assign(keys=[self.k.req(rid), self.k.group_queue(group_id), self.k.worker_running(wid),
-                                            self.k.queued, self.k.leader],
-                                      args=[rid, wid, repr(now), self.fence]))
+                                            self.k.queued, self.k.leader, self.k.changes],
+                                      args=[rid, wid, repr(now), self.fence, group_id]))
+
+    async def assign_many(self, items: list[tuple[str, str, str]], now: float) -> list[int]:
+        """`assign` for each (request, group, worker), in order, in one pipeline."""
+        calls = [([self.k.req(rid), self.k.group_queue(gid), self.k.worker_running(wid), self.k.queued, self.k.leader,
+                   self.k.changes], [rid, wid, repr(now), self.fence, gid]) for rid, gid, wid in items]
+        out = []
+        for res in await self._run_scripts(self._assign, calls):
+            if isinstance(res, BaseException):
+                raise res
+            out.append(int(res))
+        return out
 
     async def requeue(self, rid: str, group_id: str, wid: str, now: float) -> bool:
         return bool(await self._requeue(
             keys=[self.k.req(rid), self.k.worker_running(wid), self.k.group(group_id), self.k.group_queue(group_id),
-                  self.k.groups, self.k.queued],
+                  self.k.groups, self.k.queued, self.k.changes],
             args=[rid, wid, repr(now), group_id]))
 
     async def set_swapped(self, rid: str, wid: str, swapped: bool) -> bool:
@@ -273,7 +436,7 @@ class RedisStore:
             gid, wid = await self.r.hmget(self.k.req(rid), "group_id", "worker_id")
             res = await self._finish_early(
                 keys=[self.k.req(rid), self.k.group_queue(gid or "-"), self.k.stream(rid), self.k.unfinished,
-                      self.k.ids(rid), self.k.queued, self.k.worker_running(wid or "-")],
+                      self.k.ids(rid), self.k.queued, self.k.worker_running(wid or "-"), self.k.changes],
                 args=[status.value, repr(now), error, int(self.retention_s), "" if attempt is None else str(attempt),
                       wid or "", by_worker])
             if not res:

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "qlmserve.bench.scheduling",
     "qlmserve.bench.submit",
     "qlmserve.bench.http",
+    "qlmserve.bench.depth",
     "qlmserve.bench.solver",
 ]
 

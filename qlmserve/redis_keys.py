@@ -77,6 +77,10 @@ class Keys:
         return f"{self.prefix}:ttftlog"
 
     @property
+    def changes(self) -> str:  # stream: changes of group queues, ids 0-1, 0-2, ... (redis_scripts._CHANGE)
+        return f"{self.prefix}:changes"
+
+    @property
     def unfinished(self) -> str:  # set: ids of accepted requests not yet finished
         return f"{self.prefix}:unfinished"
 

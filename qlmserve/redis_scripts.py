@@ -4,21 +4,40 @@ A request's `attempts` field is a fencing token: each assignment to a worker bum
 it, and every later write by a worker must quote it. A worker that was declared
 dead but is still running (a zombie) cannot write tokens into a request that now
 runs elsewhere.
+
+Every script that changes a group's queue also appends the change to the changes stream
+(Keys.changes; controller/waiting_view.py reads it): entry ids 0-1, 0-2, ... with no gaps,
+so a reader sees when entries it had not read were trimmed away.
 """
+
+# Entries the changes stream keeps (approximately): at 2,000 changes/s, a minute of them.
+CHANGES_MAXLEN = 200_000
+
+# op 's': appended to the group's tail (submitted), 'r': put back at its head (requeued),
+# 'x': left the queue (assigned, cancelled, failed).
+_CHANGE = """
+local function changed(KC, op, gid, rid)
+  redis.call('XADD', KC, 'MAXLEN', '~', %d, '0-*', 'o', op, 'g', gid, 'q', rid)
+end
+""" % CHANGES_MAXLEN
 
 # Admission and acceptance in one step, so that several controllers share the limits.
 # KEYS[1] - request hash, KEYS[2] - group hash, KEYS[3] - group queue, KEYS[4] - groups zset,
 # KEYS[5] - open-group pointer, KEYS[6] - idempotency key, KEYS[7] - unfinished set,
-# KEYS[8] - queued counters hash, KEYS[9] - the tenant's tokens-this-minute counter
-# ARGV[1] - request id, ARGV[2] - group id, ARGV[3] - now, ARGV[4] - "1" if the group is new,
+# KEYS[8] - queued counters hash, KEYS[9] - the tenant's tokens-this-minute counter,
+# KEYS[10] - the changes stream
+# ARGV[1] - request id, ARGV[2] - group id, ARGV[3] - now, ARGV[4] - "1" if the group is new
+# (a group whose hash is missing is opened too),
 # ARGV[5] - "1" if an idempotency key is used, ARGV[6] - model, ARGV[7] - slo class,
 # ARGV[8] - idempotency ttl seconds, ARGV[9] - payload fingerprint, ARGV[10] - tenant,
 # ARGV[11] - cost (prompt + max tokens), ARGV[12..19] - limits, 0 = none: class requests,
 # class tokens, tenant requests, tenant tokens, all requests, all tokens, tenant tokens per
-# minute, ARGV[19] - number of request hash field/value pairs that follow from ARGV[20]
+# minute, ARGV[19] - the request hash's fields as a JSON object of strings (one argument, not
+# 2 x 19: a client packs each argument of a command separately, and that was the largest
+# cost of a submission in the controller)
 # return {1, request id} when accepted, {0, earlier request id, its fingerprint} for a known
 # idempotency key, {2, limit name, amount queued, limit} when an admission limit refuses it
-SUBMIT = """
+SUBMIT = _CHANGE + """
 redis.call('ZSCORE', KEYS[4], '-')  -- a controller-only key first: a worker's ACL stops here
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[6])
@@ -51,14 +70,19 @@ end
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[6], ARGV[1] .. '|' .. ARGV[9], 'EX', tonumber(ARGV[8]))
 end
-local npairs = tonumber(ARGV[19])
-redis.call('HSET', KEYS[1], unpack(ARGV, 20, 19 + 2 * npairs))
-if ARGV[4] == '1' then
+local flat = {}
+for k, v in pairs(cjson.decode(ARGV[19])) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(flat))
+if ARGV[4] == '1' or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[2], 'model', ARGV[6], 'slo_class', ARGV[7], 'created_at', ARGV[3], 'size', 0)
   redis.call('SET', KEYS[5], ARGV[2])
 end
 redis.call('HINCRBY', KEYS[2], 'size', 1)
 redis.call('RPUSH', KEYS[3], ARGV[1])
+changed(KEYS[10], 's', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], 'NX', redis.call('HGET', KEYS[2], 'created_at'), ARGV[2])
 redis.call('SADD', KEYS[7], ARGV[1])
 for i = 1, 6 do
@@ -94,14 +118,16 @@ end
 """
 
 # KEYS[1] - request hash, KEYS[2] - group queue, KEYS[3] - worker running hash,
-# KEYS[4] - queued counters hash, KEYS[5] - leader lease
-# ARGV[1] - request id, ARGV[2] - worker id, ARGV[3] - now, ARGV[4] - lease value held ("" = none)
+# KEYS[4] - queued counters hash, KEYS[5] - leader lease, KEYS[6] - the changes stream
+# ARGV[1] - request id, ARGV[2] - worker id, ARGV[3] - now, ARGV[4] - lease value held ("" = none),
+# ARGV[5] - group id
 # return the new attempt number, 0 when the request is no longer waiting, -1 when fenced
-ASSIGN = _COUNT + _FENCE + """
+ASSIGN = _COUNT + _FENCE + _CHANGE + """
 redis.call('EXISTS', KEYS[2])  -- a controller-only key first: a worker's ACL stops here
 if fenced(KEYS[5], ARGV[4]) then return -1 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
+changed(KEYS[6], 'x', ARGV[5], ARGV[1])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], attempt)
@@ -175,11 +201,12 @@ return refused
 # Hand a request back to its group (eviction, worker failure, drain). Its generated
 # tokens stay; the next attempt continues after them.
 # KEYS[1] - request hash, KEYS[2] - worker running hash, KEYS[3] - group hash,
-# KEYS[4] - group queue, KEYS[5] - groups zset, KEYS[6] - queued counters hash
+# KEYS[4] - group queue, KEYS[5] - groups zset, KEYS[6] - queued counters hash,
+# KEYS[7] - the changes stream
 # ARGV[1] - request id, ARGV[2] - worker id it must be on ("" = any), ARGV[3] - now,
 # ARGV[4] - group id
 # return 1 when requeued, 0 when it was not running there
-REQUEUE = _COUNT + """
+REQUEUE = _COUNT + _CHANGE + """
 redis.call('EXISTS', KEYS[5])  -- a controller-only key first: a worker's ACL stops here
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'model', 'slo_class', 'arrival')
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -191,6 +218,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
 end
 redis.call('PERSIST', KEYS[3])
 redis.call('LPUSH', KEYS[4], ARGV[1])
+changed(KEYS[7], 'r', ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[5], 'NX', redis.call('HGET', KEYS[3], 'created_at'), ARGV[4])
 count_queued(KEYS[6], KEYS[1], 1)
 return 1
@@ -211,13 +239,14 @@ return 1
 # End a request that will produce no more tokens: cancelled by its client, or failed. A
 # running request also leaves its worker's running hash, so its batch slot is free again.
 # KEYS[1] - request hash, KEYS[2] - group queue, KEYS[3] - stream, KEYS[4] - unfinished set,
-# KEYS[5] - ids string, KEYS[6] - queued counters hash, KEYS[7] - running hash of the worker
+# KEYS[5] - ids string, KEYS[6] - queued counters hash, KEYS[7] - running hash of the worker,
+# KEYS[8] - the changes stream
 # ARGV[1] - new status (cancelled|failed), ARGV[2] - now, ARGV[3] - reason / error text,
 # ARGV[4] - seconds to keep the request, ARGV[5] - attempt that failed ("" = any),
 # ARGV[6] - the worker whose running hash KEYS[7] is, ARGV[7] - worker that must hold it ("" = any)
 # return {previous status, worker id}, {} when it had already ended (or is not that
 # worker's), {"retry"} when it now runs on a worker other than ARGV[6] (read again)
-FINISH_EARLY = _COUNT + """
+FINISH_EARLY = _COUNT + _CHANGE + """
 redis.call('EXISTS', KEYS[2])  -- a controller-only key first: a worker's ACL stops here
 local st = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'generated', 'attempts')
 if not st[1] then return {} end
@@ -227,7 +256,10 @@ local on_worker = st[1] == 'running' or st[1] == 'swapped'
 if ARGV[7] ~= '' and ((not on_worker) or st[2] ~= ARGV[7]) then return {} end
 if on_worker and st[2] ~= ARGV[6] then return {'retry'} end
 if st[1] == 'queued' then
-  redis.call('LREM', KEYS[2], 1, redis.call('HGET', KEYS[1], 'id'))
+  local rid = redis.call('HGET', KEYS[1], 'id')
+  if redis.call('LREM', KEYS[2], 1, rid) > 0 then
+    changed(KEYS[8], 'x', redis.call('HGET', KEYS[1], 'group_id'), rid)
+  end
   count_queued(KEYS[6], KEYS[1], -1)
 end
 if on_worker then redis.call('HDEL', KEYS[7], redis.call('HGET', KEYS[1], 'id')) end
@@ -263,4 +295,53 @@ for i = 1, tonumber(ARGV[3]) do
 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
+"""
+
+# Readers for the controller's tick. Each returns a few long strings instead of many small
+# replies: a client parses one bulk string far faster than thousands of array elements
+# (XRANGE of 2,000 entries took 186 ms to parse in redis-py, its reply as one string ~1 ms).
+
+# The changes after a sequence number (Keys.changes; see _CHANGE).
+# KEYS[1] - the changes stream; ARGV[1] - after this sequence number, ARGV[2] - at most this many
+# return "seq op group request" lines joined by newlines ("" when none)
+READ_CHANGES = """
+local rows = redis.call('XRANGE', KEYS[1], '(0-' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
+local out = {}
+for i, e in ipairs(rows) do
+  local f = e[2]
+  out[i] = string.sub(e[1], 3) .. ' ' .. f[2] .. ' ' .. f[4] .. ' ' .. f[6]
+end
+return table.concat(out, '\\n')
+"""
+
+# Groups and their queues. KEYS - group hash and group queue of each group, in pairs
+# return per group {model, slo class, created_at or false, the waiting request ids joined by spaces}
+READ_GROUPS = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local h = redis.call('HMGET', KEYS[i], 'model', 'slo_class', 'created_at')
+  out[#out + 1] = {h[1] or '', h[2] or '', h[3] or '', table.concat(redis.call('LRANGE', KEYS[i + 1], 0, -1), ' ')}
+end
+return out
+"""
+
+# What workers run, with each request's progress. KEYS[1..ARGV[1]] - running hashes of the
+# workers, then the request hashes of ARGV[2..] (request ids, for the request hashes only)
+# return per worker "request attempt request attempt ..." and, if request hashes are
+# given, one more string: "generated first_token_at" per request, joined by newlines
+READ_RUNNING = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do
+  out[i] = table.concat(redis.call('HGETALL', KEYS[i]), ' ')
+end
+if #KEYS > n then
+  local p = {}
+  for i = n + 1, #KEYS do
+    local h = redis.call('HMGET', KEYS[i], 'generated', 'first_token_at')
+    p[#p + 1] = (h[1] or '0') .. ' ' .. (h[2] or '')
+  end
+  out[n + 1] = table.concat(p, '\\n')
+end
+return out
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from qlmserve.controller.policies.horizon import planning_head
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot
 from qlmserve.controller.solve_budget import SolveClock, WallSolveClock
@@ -18,6 +19,9 @@ class SchedulingPolicy(ABC):
     simulator: controller/solve_budget.py)."""
 
     name: ClassVar[str]
+    # Whether deep queues are planned by their head only (controller/policies/horizon.py):
+    # for policies that order by deadline, whose tails would keep their order anyway.
+    plans_a_head: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig, clock: SolveClock | None = None) -> None:
         self.config = config
@@ -41,17 +45,28 @@ class SchedulingPolicy(ABC):
     def next_plan(self, snapshot: ClusterSnapshot, last_solved: Plan | None) -> tuple[Plan, bool]:
         """The plan of this tick and whether it was solved: a fresh solve, or the last solved
         plan's queues kept (source "kept", no operations: those were carried out already).
-        Either way the plan's solve_time_s is what this call took on the policy's clock."""
+        Either way the plan's solve_time_s is what this call took on the policy's clock.
+        A policy that `plans_a_head` plans only the head of deep queues (horizon.py)."""
         t0 = self.clock.now()
         self.clock.meter.charge("tick")
+        head = planning_head(snapshot, last_solved) if self.plans_a_head else None
+        if head is not None:
+            snapshot = head.snapshot
         if last_solved is not None and not self.needs_replan(snapshot, last_solved):
-            return Plan(virtual_queues=last_solved.virtual_queues, source="kept",
+            queues = last_solved.virtual_queues
+            if head is not None:
+                live = {g.group_id for g in snapshot.groups}
+                queues = {wid: [gid for gid in q if gid in live] for wid, q in queues.items()}
+            plan = Plan(virtual_queues=queues, source="kept",
                         latency_sensitive_first=last_solved.latency_sensitive_first,
-                        predicted_attainment=last_solved.predicted_attainment,
-                        solve_time_s=self.clock.now() - t0), False
-        plan = self.solve(snapshot)
+                        predicted_attainment=last_solved.predicted_attainment)
+            solved = False
+        else:
+            plan, solved = self.solve(snapshot), True
+        if head is not None:
+            plan = head.extend(plan)
         plan.solve_time_s = self.clock.now() - t0
-        return plan, True
+        return plan, solved
 
     def operation_enabled(self, name: str) -> bool:
         """Whether the policy file allows an operation (evict, kv_swap, model_swap, ...)."""

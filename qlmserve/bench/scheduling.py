@@ -31,12 +31,13 @@ from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.controller.policies import policy_names
 from qlmserve.sim.driver import SimOptions, Simulation
 from qlmserve.sim.metrics import ops_used, summarize
+from qlmserve.sim.request import SimStatus
 from qlmserve.traces import Trace, WorkloadSpec, build_workload, describe_workload, load_trace, resolve_trace_path
 
 POLICIES = ("qlm", "edf", "sjf", "priority", "backlog", "fcfs", "fcfs-oblivious")
 # Other `qlm bench <name>` commands: modules with `register_bench(bench_subparsers)`.
 BENCH_MODULES = ["qlmserve.bench.calibrate", "qlmserve.bench.live", "qlmserve.bench.chaos", "qlmserve.bench.overload",
-                 "qlmserve.bench.prefix_dispatch"]
+                 "qlmserve.bench.prefix_dispatch", "qlmserve.bench.relay"]
 
 
 @dataclass(frozen=True)
@@ -531,10 +532,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
         scheduler = LeastQueuedPolicy(cfg)
     res = Simulation(cfg, fleet, wl, policy_name=args.policy, scheduler=scheduler,
-                     options=SimOptions(progress=progress, charge_solve_time=args.charge_solve_time)).run()
+                     options=SimOptions(progress=progress, charge_solve_time=args.charge_solve_time,
+                                        drain_s=args.drain)).run()
     s = summarize(res)
     s["ops_used"] = ops_used(s)
     console.print_json(json.dumps(s, default=_round))
+    waiting = sum(1 for r in res.requests if r.arrival <= res.end_time and r.status == SimStatus.WAITING)
+    console.print(f"{waiting} requests waiting at the end (t={res.end_time:.0f} s)")
     console.print(f"simulated {res.end_time:.0f} s of {len(fleet.workers)} workers, {len(wl)} requests, in "
                   f"{res.wall_s:.1f} s wall ({sum(res.solve_times):.1f} s in the planner, {res.ticks} ticks)")
     if args.json:
@@ -583,6 +587,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--window", type=float, default=3600.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tick-ms", type=float, default=100.0)
+    s.add_argument("--drain", type=float, help="stop this long after the last arrival (default: when all finish; "
+                                               "0: at the last arrival, with what still waits counted)")
     s.add_argument("--json", help="write the summary here")
     s.add_argument("--charge-solve-time", action="store_true",
                    help="plan on the wall clock (machine-dependent results; default: modelled work)")

@@ -53,6 +53,7 @@ class QlmPolicy(SchedulingPolicy):
     over request groups, solved each tick within `planner.solve_budget_ms`."""
 
     name = "qlm"
+    plans_a_head = True
 
     def __init__(self, config: PolicyConfig, clock: SolveClock | None = None) -> None:
         super().__init__(config, clock)
