@@ -84,11 +84,12 @@ class PlannerConfig(_Strict):
     estimator follows a workload whose outputs drift; 0 keeps every observation forever."""
     drop_hopeless: bool = False
     """Serve requests that can no longer meet their SLO last (named in results when on)."""
-    model_placement: Literal["rule", "program"] = "rule"
-    """QLM: who decides which model each worker serves. "rule": the backlog rule
-    (controller/policies/placement.py) as a stage before the program, which then places
-    each model's groups on that model's workers; "program": the stochastic program picks
-    model swaps per worker itself (idle or drained workers only)."""
+    model_placement: Literal["program", "rule"] = "program"
+    """QLM: who decides which model each worker serves. "program": the stochastic program
+    picks model swaps per worker (a worker with no kept queue drains, clears or loads);
+    "rule": the backlog rule (controller/policies/placement.py) as a stage before the
+    program, which then places each model's groups on that model's workers. On mm3
+    (window 120, load 1.5) "program" met 64.6%, "rule" 57.6%, the backlog baseline 41.2%."""
     switch_backlog: float | None = Field(default=None, gt=0)
     """Model placement (backlog rule): a worker moves to another model when that model's
     waiting requests beyond its free slots, per worker serving it, exceed this; default

@@ -81,7 +81,7 @@ def test_qlm_follows_the_placement_stage():
     """This test verifies that QLM with model_placement "rule" loads the waiting model on
     the worker the rule chose (the warm one) and queues that model's groups there only."""
     cfg = make_policy(2, operations=("model_swap", "load_balance", "warm_start"))
-    assert cfg.planner.model_placement == "rule"
+    cfg = cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"model_placement": "rule"})})
     workers = [_worker("w0", LLAMA), _worker("w1", LLAMA, warm={MIXTRAL})]
     snap = _snap(cfg, [_group(f"g{i}", MIXTRAL, 3, cfg) for i in range(3)], workers)
     plan = create_policy("qlm", cfg, WorkSolveClock()).solve(snap)
