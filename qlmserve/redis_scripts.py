@@ -15,11 +15,11 @@ CHANGES_MAXLEN = 200_000
 
 # op 's': appended to the group's tail (submitted), 'r': put back at its head (requeued),
 # 'x': left the queue (assigned, cancelled, failed).
-_CHANGE = """
+_CHANGE = f"""
 local function changed(KC, op, gid, rid)
-  redis.call('XADD', KC, 'MAXLEN', '~', %d, '0-*', 'o', op, 'g', gid, 'q', rid)
+  redis.call('XADD', KC, 'MAXLEN', '~', {CHANGES_MAXLEN}, '0-*', 'o', op, 'g', gid, 'q', rid)
 end
-""" % CHANGES_MAXLEN
+"""
 
 # Admission and acceptance in one step, so that several controllers share the limits.
 # KEYS[1] - request hash, KEYS[2] - group hash, KEYS[3] - group queue, KEYS[4] - groups zset,
