@@ -449,12 +449,9 @@ class RedisStore:
 
     async def save_plan(self, virtual_queues: dict[str, list[str]], plan_json: str, known_workers: list[str]) -> bool:
         """Write the plan and every known worker's virtual queue; False when fenced."""
-        args: list[object] = [self.fence, plan_json, len(known_workers)]
-        for wid in known_workers:
-            q = virtual_queues.get(wid, [])
-            args += [len(q), *q]
+        queues = json.dumps([virtual_queues.get(wid, []) for wid in known_workers])
         res = await self._save_plan(keys=[self.k.plan, self.k.leader, *[self.k.vq(w) for w in known_workers]],
-                                    args=args)
+                                    args=[self.fence, plan_json, queues])
         return int(res) == 1
 
     async def load_plan(self) -> dict | None:

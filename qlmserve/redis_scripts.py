@@ -15,11 +15,11 @@ CHANGES_MAXLEN = 200_000
 
 # op 's': appended to the group's tail (submitted), 'r': put back at its head (requeued),
 # 'x': left the queue (assigned, cancelled, failed).
-_CHANGE = """
+_CHANGE = f"""
 local function changed(KC, op, gid, rid)
-  redis.call('XADD', KC, 'MAXLEN', '~', %d, '0-*', 'o', op, 'g', gid, 'q', rid)
+  redis.call('XADD', KC, 'MAXLEN', '~', {CHANGES_MAXLEN}, '0-*', 'o', op, 'g', gid, 'q', rid)
 end
-""" % CHANGES_MAXLEN
+"""
 
 # Admission and acceptance in one step, so that several controllers share the limits.
 # KEYS[1] - request hash, KEYS[2] - group hash, KEYS[3] - group queue, KEYS[4] - groups zset,
@@ -280,18 +280,20 @@ return {st[1], st[2]}
 
 # The plan, written only by the controller holding the leader lease.
 # KEYS[1] - plan key, KEYS[2] - leader lease, then the virtual-queue keys of the workers
-# ARGV[1] - lease value held ("" = none), ARGV[2] - plan JSON, ARGV[3] - number of workers,
-# then per worker: its number of groups followed by the group ids
+# ARGV[1] - lease value held ("" = none), ARGV[2] - plan JSON, ARGV[3] - a JSON list with
+# each worker's group ids, in the order of KEYS[3..] (one argument: a client packs each
+# argument separately, and at depth the queues hold thousands of groups)
 # return 1 when written, -1 when fenced
 SAVE_PLAN = _FENCE + """
 if fenced(KEYS[2], ARGV[1]) then return -1 end
-local a = 4
-for i = 1, tonumber(ARGV[3]) do
+local queues = cjson.decode(ARGV[3])
+for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
   redis.call('DEL', key)
-  local n = tonumber(ARGV[a])
-  if n > 0 then redis.call('RPUSH', key, unpack(ARGV, a + 1, a + n)) end
-  a = a + n + 1
+  local q = queues[i]
+  for a = 1, #q, 4000 do  -- unpack has a stack limit
+    redis.call('RPUSH', key, unpack(q, a, math.min(#q, a + 3999)))
+  end
 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1

@@ -88,7 +88,7 @@ async def _main(args) -> int:
 
     def spawn(cmd: list[str], log: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "qlmserve.cli", *cmd], env=env,
-                                stdout=open(base / "logs" / log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                                stdout=open(base / "logs" / log, "ab"), stderr=subprocess.STDOUT)
 
     ctrl = spawn(["serve", "--redis", srv.url, "--port", str(port), "--policy", str(base / "policy.yaml"),
                   "--data-dir", str(base / "data")], "controller.log")

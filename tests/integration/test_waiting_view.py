@@ -126,6 +126,6 @@ async def test_full_read_replays_racing_changes(store: RedisStore, monkeypatch: 
 
     monkeypatch.setattr(store, "last_change", before_everything)
     view = WaitingView()
-    _c, left, full = await view.refresh(store)
+    _c, _left, full = await view.refresh(store)
     assert full and _state(view.records()) == await _truth(store)
     assert view.groups[subs[1].group_id].waiting == ["c1", "c0", "c3"]
