@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,41 +70,19 @@ def cmd_overload(args) -> int:
     return asyncio.run(_main(args))
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 async def _main(args) -> int:
     import grpc
     import redis
 
+    from qlmserve.bench.local_stack import LocalStack, rss_mb
     from qlmserve.client import QlmClient, submit_request
-    from qlmserve.controller.redis_server import PrivateRedis, free_port
 
     base = Path(tempfile.mkdtemp(prefix="qlm-overload-"))
     n = args.max_queued
     (base / "policy.yaml").write_text(POLICY.format(ls=max(1, n * 3 // 8), be=max(1, n * 3 // 4), all=n))
     (base / "profile.yaml").write_text(PROFILE)
-    (base / "logs").mkdir()
-    srv = PrivateRedis(base / "redis").start()
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-
-    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "qlmserve.cli", *cmd], env=env,
-                                stdout=open(base / "logs" / log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-
-    ctrl = spawn(["serve", "--redis", srv.url, "--port", str(port), "--policy", str(base / "policy.yaml"),
-                  "--data-dir", str(base / "data")], "controller.log")
-    workers = [spawn(["worker", "--controller", f"127.0.0.1:{port}", "--id", f"w{i}", "--engine", "sim",
-                      "--sim-profile", str(base / "profile.yaml"), "--data-dir", str(base / "data"),
-                      "--max-batch", "8"], f"w{i}.log") for i in range(args.workers)]
+    stack = LocalStack(base, args.workers, 8).start()
+    srv, ctrl = stack.redis, stack.controller
     r = redis.Redis.from_url(srv.url, decode_responses=True)
     con = console(stderr=True)
     rng = random.Random(args.seed)
@@ -115,13 +90,8 @@ async def _main(args) -> int:
     counts = {"offered": 0, "accepted": 0, "refused": 0, "refused_with_hint": 0, "errors": 0}
     rows: list[dict] = []
     try:
-        deadline = time.monotonic() + 90
-        while sum(1 for w in r.smembers("qlm:workers") if r.hget(f"qlm:worker:{w}", "connected") == "1") \
-                < args.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError("workers did not connect")
-            await asyncio.sleep(0.2)
-        async with QlmClient(f"127.0.0.1:{port}") as client:
+        await stack.wait_workers(r)
+        async with QlmClient(stack.address) as client:
 
             async def one(ls: bool) -> None:
                 req = submit_request("sim-a", prompt_token_ids=[rng.randint(3, 500) for _ in range(16)],
@@ -173,9 +143,9 @@ async def _main(args) -> int:
                        "accepted": counts["accepted"] - last["accepted"],
                        "refused": counts["refused"] - last["refused"],
                        "refused_with_hint": counts["refused_with_hint"] - last["refused_with_hint"],
-                       "queued": int(q or 0), "controller_rss_mb": round(_rss_mb(ctrl.pid), 1),
+                       "queued": int(q or 0), "controller_rss_mb": round(rss_mb(ctrl.pid), 1),
                        "redis_used_mb": round(info["used_memory"] / 2**20, 1),
-                       "redis_rss_mb": round(_rss_mb(srv.proc.pid), 1)}
+                       "redis_rss_mb": round(rss_mb(srv.proc.pid), 1)}
                 last.update(counts)
                 rows.append(row)
                 con.print(json.dumps(row))
@@ -195,15 +165,7 @@ async def _main(args) -> int:
             if h[0] != "finished" or int(h[1] or 0) != int(h[2] or -1):
                 lost += 1
     finally:
-        for w in workers:
-            w.terminate()
-        ctrl.terminate()
-        for p in workers + [ctrl]:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        srv.stop()
+        stack.stop()
     result = {"sustained_req_per_s": sustained, "offered_req_per_s": args.factor * sustained, "minutes": rows,
               "totals": counts, "acknowledged": len(acked), "lost": lost,
               "setup": {"duration_s": args.duration, "factor": args.factor, "workers": args.workers,

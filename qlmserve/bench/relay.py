@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,50 +61,24 @@ def cmd_relay(args) -> int:
     return asyncio.run(_main(args))
 
 
-def _cpu_s(pid: int) -> float:
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return float("nan")
-
-
 async def _main(args) -> int:
     import redis
 
+    from qlmserve.bench.local_stack import LocalStack, cpu_s
     from qlmserve.client import QlmClient, submit_request
-    from qlmserve.controller.redis_server import PrivateRedis, free_port
 
     base = Path(tempfile.mkdtemp(prefix="qlm-relay-"))
     (base / "policy.yaml").write_text(POLICY.format(batch=args.batch, tokens=args.max_tokens))
     (base / "profile.yaml").write_text(PROFILE)
-    (base / "logs").mkdir()
-    srv = PrivateRedis(base / "redis").start()
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-
-    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "qlmserve.cli", *cmd], env=env,
-                                stdout=open(base / "logs" / log, "ab"), stderr=subprocess.STDOUT)
-
-    ctrl = spawn(["serve", "--redis", srv.url, "--port", str(port), "--policy", str(base / "policy.yaml"),
-                  "--data-dir", str(base / "data")], "controller.log")
-    workers = [spawn(["worker", "--controller", f"127.0.0.1:{port}", "--id", f"w{i}", "--engine", "sim",
-                      "--sim-profile", str(base / "profile.yaml"), "--data-dir", str(base / "data"),
-                      "--max-batch", str(args.batch)], f"w{i}.log") for i in range(args.workers)]
-    r = redis.Redis.from_url(srv.url, decode_responses=True)
+    stack = LocalStack(base, args.workers, args.batch).start()
+    r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     received = [0]
     done = [0]
     measuring = [False]
     try:
-        deadline = time.monotonic() + 90
-        while sum(1 for w in r.smembers("qlm:workers") if r.hget(f"qlm:worker:{w}", "connected") == "1") \
-                < args.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError("workers did not connect")
-            await asyncio.sleep(0.2)
+        await stack.wait_workers(r)
         stop_at = time.monotonic() + 5.0 + args.duration
-        async with QlmClient(f"127.0.0.1:{port}") as client:
+        async with QlmClient(stack.address) as client:
 
             async def one_client(k: int) -> None:
                 i = 0
@@ -125,29 +96,22 @@ async def _main(args) -> int:
 
             tasks = [asyncio.create_task(one_client(k)) for k in range(args.clients)]
             await asyncio.sleep(5.0)  # warm-up: batches fill
-            pids = {"controller": [ctrl.pid], "redis": [srv.proc.pid], "workers": [w.pid for w in workers]}
-            cpu0 = {k: sum(_cpu_s(p) for p in v) for k, v in pids.items()}
+            pids = {"controller": [stack.controller.pid], "redis": [stack.redis.proc.pid],
+                    "workers": [w.pid for w in stack.workers]}
+            cpu0 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
             mine0 = time.process_time()
             measuring[0] = True
             t0 = time.monotonic()
             await asyncio.sleep(args.duration)
             measuring[0] = False
             dt = time.monotonic() - t0
-            cpu = {k: sum(_cpu_s(p) for p in v) - cpu0[k] for k, v in pids.items()}
+            cpu = {k: sum(cpu_s(p) for p in v) - cpu0[k] for k, v in pids.items()}
             cpu["clients"] = time.process_time() - mine0
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        for w in workers:
-            w.terminate()
-        ctrl.terminate()
-        for p in workers + [ctrl]:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        srv.stop()
+        stack.stop()
     result = {"tokens_per_s": received[0] / dt, "requests_per_s": done[0] / dt, "seconds": dt,
               "cpu_s": cpu, "setup": {"workers": args.workers, "clients": args.clients,
                                       "max_tokens": args.max_tokens, "batch": args.batch}}
