@@ -7,9 +7,11 @@ vLLM one: workers (`.venv-vllm/bin/qlm worker --engine vllm`) and the reference 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,14 @@ class Reference:
             stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                                                VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1"))
         self._tokens: dict[str, list[list[int]]] | None = None
+
+    async def ready(self, timeout_s: float = 600.0) -> None:
+        """Wait for the reference without blocking the event loop: the controller under test
+        shares it, and a wait of more than its lease TTL (1.2 s) made it step down, dropping
+        every worker session in the middle of a test."""
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
 
     def tokens(self, model: str, prompt: int, max_tokens: int) -> list[int]:
         """vLLM's greedy output for PROMPTS[prompt] with max_tokens (a prefix of the longest run)."""

@@ -77,6 +77,7 @@ async def cluster(redis_server, tiny_models, reference, vllm_worker_qlm, tmp_pat
     watcher = asyncio.create_task(watch_plans())
     try:
         await _wait_ready(c, "v0", "tiny-moe")
+        await reference.ready()
         yield c
     finally:
         watcher.cancel()
