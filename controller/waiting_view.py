@@ -56,10 +56,14 @@ class WaitingView:
         self.full_reads = 0
         self.mismatches = 0  # consistency checks that found the view different from Redis
         self._order: list[str] | None = None  # group ids by (created_at, id), None: re-sort
+        self._resets = 0  # reset() calls so far: a refresh that awaited across one gives up
 
     def reset(self) -> None:
-        """Read everything again at the next refresh (start-up, a new lead)."""
+        """Read everything again at the next refresh (start-up, a new lead). It may come while
+        a refresh awaits Redis (the lease task runs beside the tick): that refresh then stops
+        and reads everything, rather than apply changes after a cursor that is gone."""
         self.cursor = None
+        self._resets += 1
 
     def ordered(self) -> list[WaitingGroup]:
         """Groups by creation time, as the groups set orders them."""
@@ -84,8 +88,11 @@ class WaitingView:
         """Apply the changes after the cursor (up to `upto`); False when the stream no
         longer holds them all (a full read must follow)."""
         assert self.cursor is not None
+        resets = self._resets
         while upto is None or self.cursor < upto:
             batch = await store.read_changes(self.cursor, READ_BATCH)
+            if self._resets != resets:
+                return False
             if upto is not None:
                 batch = [e for e in batch if e[0] <= upto]
             if batch and batch[0][0] != self.cursor + 1:
@@ -97,15 +104,19 @@ class WaitingView:
                     log.warning("changes stream restarted: reading all groups")
                     return False
                 return True
-            await self._apply(store, batch, changed, left)
+            if not await self._apply(store, batch, changed, left, resets):
+                return False
             if len(batch) < READ_BATCH:
                 return True
         return True
 
     async def _apply(self, store: RedisStore, batch: list[tuple[int, str, str, str]], changed: set[str],
-                     left: set[str]) -> None:
+                     left: set[str], resets: int) -> bool:
+        """Apply a batch of changes; False (nothing applied) when a reset came meanwhile."""
         unknown = [gid for _seq, op, gid, _rid in batch if op != "x" and gid not in self.groups]
         headers = await store.group_headers(list(dict.fromkeys(unknown)))
+        if self._resets != resets:
+            return False
         emptied: set[str] = set()  # removed at the end: a later entry of the batch may refill one
         for seq, op, gid, rid in batch:
             self.cursor = seq
@@ -136,6 +147,7 @@ class WaitingView:
             if not self.groups[gid].waiting:
                 del self.groups[gid]
                 self._order = None
+        return True
 
     async def _full_read(self, store: RedisStore) -> tuple[set[str], set[str], bool]:
         """Everything from Redis: the groups set and every group's queue."""
@@ -151,7 +163,8 @@ class WaitingView:
         # Entries written between the cursor and the read: replaying them changes nothing the
         # read already shows, and brings in what it missed. (The stream cannot have lost
         # them in these few milliseconds.)
-        await self._catch_up(store, changed, left)
+        if self.cursor is not None:  # else a reset came meanwhile: the next refresh reads all again
+            await self._catch_up(store, changed, left)
         changed |= set(self.groups)
         self.full_reads += 1
         self.checked_at = time.monotonic()

@@ -129,3 +129,29 @@ async def test_full_read_replays_racing_changes(store: RedisStore, monkeypatch: 
     _c, _left, full = await view.refresh(store)
     assert full and _state(view.records()) == await _truth(store)
     assert view.groups[subs[1].group_id].waiting == ["c1", "c0", "c3"]
+
+
+async def test_a_reset_while_a_refresh_awaits_redis_reads_everything(store):
+    """This test verifies that a new lead's reset() arriving while a refresh awaits Redis (the
+    lease task runs beside the tick) makes that refresh read everything, not apply changes
+    after a cursor that is gone (it failed with a TypeError on `None + 1`, found by the
+    vLLM tests when a blocked event loop cost the controller its lease)."""
+    view = WaitingView()
+    await view.refresh(store)
+    real = store.read_changes
+    resets = [1]
+
+    async def reset_meanwhile(*a, **kw):
+        if resets[0]:  # one new lead, during the first read of the stream
+            resets[0] -= 1
+            view.reset()
+        return await real(*a, **kw)
+
+    store.read_changes = reset_meanwhile
+    try:
+        changed, left, full = await view.refresh(store)
+    finally:
+        store.read_changes = real
+    assert full and view.cursor is not None
+    again = await view.refresh(store)
+    assert again[2] is False
