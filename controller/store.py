@@ -29,6 +29,8 @@ from qlmserve.redis_urls import async_redis_client, check_cluster_prefix
 IDEMPOTENCY_TTL_S = 24 * 3600
 # Group ids drawn from Redis at once (controllers drawing blocks leave gaps; ids only name).
 GROUP_ID_BLOCK = 64
+# Connections for token-stream reads, one per streaming client at most (their own pool).
+STREAM_CONNECTIONS = 4096
 
 
 @dataclass
@@ -92,8 +94,13 @@ class StoreError(RuntimeError):
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, prefix: str = "qlm") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "qlm", stream_client: aioredis.Redis | None = None) -> None:
         self.r = client
+        # Token-stream reads block (XREAD) for as long as a client waits for its tokens: one
+        # connection each. On a pool of their own they cannot starve the lease, the ticks and
+        # submissions: with them sharing one pool, ~1,000 streaming clients at overload took
+        # every connection, the lease could not be renewed and the controller stood by for good.
+        self.rs = stream_client or client
         self.k = Keys(prefix)
         self._submit = client.register_script(scripts.SUBMIT)
         self._assign = client.register_script(scripts.ASSIGN)
@@ -119,10 +126,13 @@ class RedisStore:
     def from_url(cls, url: str, prefix: str = "qlm", max_connections: int = 512) -> RedisStore:
         """redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// (qlmserve.redis_urls)."""
         check_cluster_prefix(url, prefix)
-        return cls(async_redis_client(url, max_connections=max_connections, decode_responses=True), prefix)
+        return cls(async_redis_client(url, max_connections=max_connections, decode_responses=True), prefix,
+                   async_redis_client(url, max_connections=STREAM_CONNECTIONS, decode_responses=True))
 
     async def close(self) -> None:
         await self.r.aclose()
+        if self.rs is not self.r:
+            await self.rs.aclose()
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())
@@ -496,9 +506,9 @@ class RedisStore:
         last_id = f"0-{offset}"
         key = self.k.stream(rid)
         while True:
-            resp = await self.r.xread({key: last_id}, block=block_ms, count=256)
+            resp = await self.rs.xread({key: last_id}, block=block_ms, count=256)
             if not resp:
-                status = await self.r.hget(self.k.req(rid), "status")
+                status = await self.rs.hget(self.k.req(rid), "status")
                 if status is None:
                     raise KeyError(rid)
                 if status in ("finished", "cancelled", "failed"):

@@ -94,3 +94,32 @@ async def test_cancel_queued_and_running(store: RedisStore):
     batches = [b async for b in store.read_stream("q", 0)]
     assert batches[-1][-1].finished and batches[-1][-1].finish_reason == "cancelled"
     assert s1.group_id == s2.group_id
+
+
+async def test_waiting_stream_readers_do_not_starve_the_control_plane(redis_url: str, prefix: str):
+    """This test verifies that token-stream readers blocked waiting for tokens (one Redis
+    connection each) use a pool of their own: with more of them than the controller's main
+    pool holds, a control-plane call (what the leader lease and the ticks make) still gets
+    a connection at once. With one shared pool ~1,000 streaming clients took every
+    connection and the controller lost its lease for good."""
+    import asyncio
+
+    st = RedisStore.from_url(redis_url, prefix=prefix, max_connections=4)
+    try:
+        req = _req("waits")
+        await st.submit(req, time.time(), GroupingConfig())
+
+        async def reader() -> None:
+            async for _ in st.read_stream(req.request_id, 0, block_ms=5000):
+                pass
+
+        readers = [asyncio.create_task(reader()) for _ in range(12)]
+        await asyncio.sleep(0.5)  # every reader is now blocked in XREAD
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(st.ping(), timeout=2.0)
+        assert time.monotonic() - t0 < 1.0
+        for t in readers:
+            t.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    finally:
+        await st.close()
