@@ -64,7 +64,11 @@ async def cluster(redis_server, tiny_models, reference, vllm_worker_qlm, tmp_pat
     logs = tmp / "logs"
     rt = await ControllerRuntime(RuntimeOptions(policy_path=str(policy), redis_url=redis_server.url,
                                                 prefix=f"v{uuid.uuid4().hex[:8]}", worker_log_dir=str(logs),
-                                                data_dir=str(data_dir_of(logs)))).start()
+                                                data_dir=str(data_dir_of(logs)),
+                                                # One controller, sharing its loop with the tests
+                                                # and two engines' processes on 2 cores: a 1.2 s
+                                                # lease flapped (sessions dropped mid-test).
+                                                lease_ttl_s=10.0)).start()
     proc = start_vllm_worker(vllm_worker_qlm, rt.address, "v0", logs, ("--preload", "tiny-moe", "--max-batch", "2"))
     c = Cluster(rt, QlmClient(rt.address, token=admin_token(data_dir_of(logs))), proc, logs)
 
@@ -140,13 +144,15 @@ async def test_evict_and_requeue_continue_to_the_same_tokens(cluster: Cluster, r
     abort, the request back in the queue with its tokens) ends with the same tokens as an
     uninterrupted greedy run: the rerun prefills prompt + generated tokens and goes on."""
     c = cluster
-    task = asyncio.create_task(_generate(c, "tiny-moe", 3, 400))  # seconds of decoding
+    # Prompt 4 runs the whole 400 tokens (prompt 3 stops at 235: on a quiet machine it could
+    # finish before the test saw 8 of its tokens): seconds of decoding.
+    task = asyncio.create_task(_generate(c, "tiny-moe", 4, 400))
     running = await wait_until(lambda: _streaming_on(c, "v0", 1, 8), timeout_s=60, interval=0.02, what="8 tokens")
     c.rt.controller.workers["v0"].send(OpCommand(next_op_id(), "evict", tuple(running)))
     res = await asyncio.wait_for(task, 120)
     st = await c.client.status(res.request_id)
     assert st.attempts >= 2  # it ran again after the eviction
-    assert res.token_ids == reference.tokens("tiny-moe", 3, 400)
+    assert res.token_ids == reference.tokens("tiny-moe", 4, 400)
 
 
 async def test_latency_sensitive_request_overtakes_a_best_effort_backlog(cluster: Cluster, reference):
