@@ -53,6 +53,29 @@ class EngineRequest:
     priority: int = 0  # higher runs first under PreemptionMode.ITERATION
 
 
+class HoldsRequest:
+    """What the shared batching rules read of a sequence (operations.batching.Batchable),
+    for an engine's sequence type that keeps its EngineRequest in `request`."""
+
+    request: EngineRequest
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def latency_sensitive(self) -> bool:
+        return self.request.latency_sensitive
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+
 @dataclass
 class TokenEvent:
     """One generated token. `index` is its 0-based position among the generated tokens."""

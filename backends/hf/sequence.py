@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from qlmserve.backends.engine import EngineRequest, FinishReason
+from qlmserve.backends.engine import EngineRequest, FinishReason, HoldsRequest
 
 from .kv_cache import HostKV
 
@@ -40,7 +40,7 @@ _FINISH_REASON = {
 
 
 @dataclass(eq=False)
-class Sequence:
+class Sequence(HoldsRequest):
     request: EngineRequest
     status: SeqStatus = SeqStatus.WAITING
     kv_len: int = 0
@@ -49,22 +49,6 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self._tokens = list(self.request.prompt_token_ids) + list(self.request.generated_token_ids)
-
-    @property
-    def id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def latency_sensitive(self) -> bool:
-        return self.request.latency_sensitive
-
-    @property
-    def priority(self) -> int:
-        return self.request.priority
-
-    @property
-    def model(self) -> str:
-        return self.request.model
 
     @property
     def tokens(self) -> tuple[int, ...]:

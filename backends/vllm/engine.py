@@ -45,6 +45,7 @@ from qlmserve.backends.engine import (
     EngineRequest,
     EngineStats,
     FinishReason,
+    HoldsRequest,
     OpCost,
     PreemptionMode,
     TokenEvent,
@@ -71,7 +72,7 @@ _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 
 @dataclass(eq=False)
-class _Req:
+class _Req(HoldsRequest):
     """A request the engine holds: waiting for admission, or inside vLLM (vllm_id set)."""
 
     request: EngineRequest
@@ -79,23 +80,6 @@ class _Req:
     generated: list[int] = field(default_factory=list)  # every token so far, delivered ones only
     vllm_id: str | None = None
     engine: ModelEngine | None = None
-
-    @property
-    def id(self) -> str:
-        return self.request.request_id
-
-    # What the shared batching rules read (operations.batching.Batchable).
-    @property
-    def latency_sensitive(self) -> bool:
-        return self.request.latency_sensitive
-
-    @property
-    def priority(self) -> int:
-        return self.request.priority
-
-    @property
-    def model(self) -> str:
-        return self.request.model
 
 
 class VLLMEngine(Engine):
