@@ -31,6 +31,9 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 GROUP_ID_BLOCK = 64
 # Connections for token-stream reads, one per streaming client at most (their own pool).
 STREAM_CONNECTIONS = 4096
+# The latency log (first tokens, finishes) is kept this long behind its newest entry read:
+# the leader reads it every tick, so a minute is ample, and its memory follows the rate.
+LATENCY_LOG_KEEP_MS = 60_000
 
 
 @dataclass
@@ -338,6 +341,12 @@ class RedisStore:
             out.append((int(seq), op, gid, rid))
         return out
 
+    async def trim_changes(self, below: int) -> None:
+        """Drop the changes stream's entries before sequence `below` (approximately: whole
+        nodes of the stream, which is what makes XTRIM cheap)."""
+        if below > 1:
+            await self.r.xtrim(self.k.changes, minid=f"0-{below}", approximate=True)
+
     async def drop_empty_groups(self, groups: list[GroupRecord]) -> None:
         """Groups with nothing waiting leave the active set (their hash expires later; a
         requeue brings them back)."""
@@ -406,6 +415,9 @@ class RedisStore:
             last = await self.r.xrevrange(self.k.ttft_log, count=1)
             return [], last[0][0] if last else "0-0"
         entries = await self.r.xrange(self.k.ttft_log, min=f"({after_id}", count=10_000)
+        if entries:  # read: what is older than a window behind it goes (memory flat, issue 11)
+            newest_ms = int(entries[-1][0].split("-")[0])
+            await self.r.xtrim(self.k.ttft_log, minid=f"{newest_ms - LATENCY_LOG_KEEP_MS}-0", approximate=True)
         out = [("ttft", f.get("m", ""), f["c"], float(f["t"])) if "t" in f else
                ("tpot", f.get("m", ""), f["c"], float(f["p"])) for _id, f in entries]
         return out, entries[-1][0] if entries else after_id

@@ -34,6 +34,14 @@ log = logging.getLogger("qlm.controller")
 CHECK_EVERY_S = 600.0
 # Changes read per round trip.
 READ_BATCH = 20_000
+# The leader trims the changes it has applied (issue 11: Redis memory flat under a steady
+# overload; the stream's MAXLEN alone let it grow for the ~100 minutes a 200,000-entry
+# stream takes to fill at 30 changes/s). It keeps the last KEEP_CHANGES behind its cursor
+# (~50 KB) and trims once every TRIM_EVERY applied entries, one XTRIM per ~second at
+# 1,000 changes/s. A reader further behind (a paused old leader) sees the gap and reads
+# everything, as after any trim.
+KEEP_CHANGES = 1_000
+TRIM_EVERY = 1_000
 
 
 @dataclass
@@ -57,6 +65,7 @@ class WaitingView:
         self.mismatches = 0  # consistency checks that found the view different from Redis
         self._order: list[str] | None = None  # group ids by (created_at, id), None: re-sort
         self._resets = 0  # reset() calls so far: a refresh that awaited across one gives up
+        self._trimmed_at = 0  # the cursor at the last trim
 
     def reset(self) -> None:
         """Read everything again at the next refresh (start-up, a new lead). It may come while
@@ -82,7 +91,13 @@ class WaitingView:
         left: set[str] = set()
         if not await self._catch_up(store, changed, left):
             return await self._full_read(store)
+        await self._trim(store)
         return changed, left, False
+
+    async def _trim(self, store: RedisStore) -> None:
+        if self.cursor is not None and self.cursor - self._trimmed_at >= TRIM_EVERY:
+            self._trimmed_at = self.cursor
+            await store.trim_changes(self.cursor - KEEP_CHANGES)
 
     async def _catch_up(self, store: RedisStore, changed: set[str], left: set[str], upto: int | None = None) -> bool:
         """Apply the changes after the cursor (up to `upto`); False when the stream no

@@ -155,3 +155,46 @@ async def test_a_reset_while_a_refresh_awaits_redis_reads_everything(store):
     assert full and view.cursor is not None
     again = await view.refresh(store)
     assert again[2] is False
+
+
+async def test_applied_changes_and_old_latencies_are_trimmed(store: RedisStore, monkeypatch: pytest.MonkeyPatch,
+                                                             redis_url: str):
+    """This test verifies that (issue 11, Redis memory flat under a steady load):
+    1. the changes stream holds at most about KEEP_CHANGES entries behind the view's
+       cursor however many were applied, and the view still equals Redis;
+    2. a second reader that fell behind the trim reads everything and agrees;
+    3. reading the latency log drops entries older than its keep window behind the newest."""
+    from qlmserve.controller import store as store_mod
+    from qlmserve.controller import waiting_view
+
+    monkeypatch.setattr(waiting_view, "KEEP_CHANGES", 20)
+    monkeypatch.setattr(waiting_view, "TRIM_EVERY", 10)
+    g = GroupingConfig(window_s=100.0, max_group_size=8)
+    view, behind = WaitingView(), WaitingView()
+    await view.refresh(store)
+    await behind.refresh(store)
+    for i in range(300):
+        s = await store.submit(_req(f"t{i}"), 100.0 + i, g)
+        if i % 3 == 0:
+            assert await store.assign(f"t{i}", s.group_id, "w", 100.0 + i) == 1
+        if i % 25 == 0:
+            await view.refresh(store)
+    await view.refresh(store)
+    r = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        # Approximate trimming drops whole stream nodes (100 entries by default).
+        assert await r.xlen(store.k.changes) <= 20 + 10 + 100 < 400
+        assert _state(view.records()) == await _truth(store)
+        _c, _l, full = await behind.refresh(store)
+        assert full and _state(behind.records()) == _state(view.records())
+        monkeypatch.setattr(store_mod, "LATENCY_LOG_KEEP_MS", 1_000)
+        await r.delete(store.k.ttft_log)
+        for ms in (1_000, 1_500, 5_000, 5_200):
+            for j in range(150):
+                await r.xadd(store.k.ttft_log, {"c": "batch", "m": "m", "t": 0.1}, id=f"{ms}-{j}")
+        entries, cursor = await store.read_latencies("0-0")
+        assert len(entries) == 600 and cursor == "5200-149"
+        remaining = await r.xrange(store.k.ttft_log, count=1)
+        assert int(remaining[0][0].split("-")[0]) >= 1_500  # the 1,000 ms entries went
+    finally:
+        await r.aclose()
