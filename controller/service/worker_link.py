@@ -131,6 +131,9 @@ class WorkerLinkService(worker_pb2_grpc.WorkerLinkServicer):
                     break
         finally:
             reader.cancel()
+            # The session may end (lead lost, the stream closed) while the reader waits on it:
+            # its "RPC already finished" is the session's end, not an error to log.
+            reader.add_done_callback(lambda t: t.cancelled() or t.exception())
             # gRPC cancels this handler when the worker's stream breaks: the requeue must not
             # be cancelled with it (it ran only up to its first await before).
             await _shielded(c.worker_disconnected(h))
