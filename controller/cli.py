@@ -14,6 +14,7 @@ import time
 
 from google.protobuf.json_format import MessageToDict
 
+from qlmserve.controller.leader import LEASE_TTL_S
 from qlmserve.credentials import add_credential_args, resolve_token, tls_from_args
 from qlmserve.ui import console
 
@@ -46,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="listen beyond loopback without TLS, or with anonymous clients allowed")
     p.add_argument("--policy-dir", help="the only folder ReloadPolicy may read (default: the policy file's)")
     p.add_argument("--worker-redis", help="Redis URL for workers, where the controller may not create ACL users")
-    p.add_argument("--lease-ttl", type=float, default=1.2,
-                   help="leader lease seconds: a standby controller takes over within about this (default 1.2)")
+    p.add_argument("--lease-ttl", type=float, default=LEASE_TTL_S,
+                   help=f"leader lease seconds: a standby controller takes over within about this (default {LEASE_TTL_S})")
     p.add_argument("--id", dest="controller_id", help="this controller's name in the leader lease (default: random)")
     p.add_argument("--redis-fsync", default="everysec", choices=["everysec", "always"],
                    help="private redis-server: appendfsync")

@@ -26,6 +26,9 @@ from qlmserve.redis_keys import Keys
 
 log = logging.getLogger("qlm.leader")
 
+# Seconds of the lease by default: a standby takes over within about this (issue 11's 2 s).
+LEASE_TTL_S = 1.2
+
 # KEYS[1] - lease, KEYS[2] - epoch counter; ARGV[1] - controller id, ARGV[2] - ttl ms
 # return the lease value when taken, "" when another controller holds it
 ACQUIRE = """
@@ -49,7 +52,7 @@ return 0
 
 
 class LeaderLease:
-    def __init__(self, r: aioredis.Redis, keys: Keys, *, ttl_s: float = 1.2, renew_s: float = 0.2,
+    def __init__(self, r: aioredis.Redis, keys: Keys, *, ttl_s: float = LEASE_TTL_S, renew_s: float = 0.2,
                  controller_id: str | None = None) -> None:
         if renew_s * 3 > ttl_s:
             raise ValueError("the lease TTL must be at least 3 renewal periods")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qlmserve.controller.auth import Authenticator, Role, TokenBook, TokenEntry, digest, new_token, write_secret
 from qlmserve.controller.core import Controller
-from qlmserve.controller.leader import LeaderLease
+from qlmserve.controller.leader import LEASE_TTL_S, LeaderLease
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policy import PolicyConfig, load_policy, parse_policy
 from qlmserve.controller.process_guard import with_parent_death
@@ -61,7 +61,7 @@ class RuntimeOptions:
     insecure: bool = False  # let a non-loopback bind go without TLS / with anonymous clients
     policy_dir: str | None = None  # the only folder ReloadPolicy reads (default: the policy file's)
     worker_redis_url: str | None = None  # for workers where the controller may not create ACL users
-    lease_ttl_s: float = 1.2  # leader lease; a standby takes over within about this
+    lease_ttl_s: float = LEASE_TTL_S  # leader lease; a standby takes over within about this
     redis_fsync: str = "everysec"  # private redis-server: appendfsync
     controller_id: str | None = None  # name in the leader lease (default: random)
     # OpenAI-compatible HTTP API (controller/http/): None serves it where Redis is private

@@ -10,8 +10,9 @@ workload (same trace, classes, models, seed and load) through the gRPC client AP
 
 One machine stands in for the fleet by running it `--slowdown S` times slower than real
 GPUs: every duration is scaled by S (the engines' cost profiles, arrivals, SLO targets,
-the tick interval, the solve budget, the grouping window), so the live run is the
-simulated one in slow motion, and its figures are reported back in the scenario's time.
+the tick interval, the solve budget, the grouping window, the leader lease), so the live
+run is the simulated one in slow motion, and its figures are reported back in the
+scenario's time.
 A replayed request's true output length is written into its prompt's first tokens,
 which the simulated engine reads as its stopping point; the controller plans with the
 max_tokens a client would send (the model's remaining context), as in the simulator.
@@ -38,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
+from qlmserve.controller.leader import LEASE_TTL_S
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.redis_server import PrivateRedis
 from qlmserve.sim.driver import SimOptions, Simulation
@@ -196,8 +198,11 @@ def run_live(sc: Scenario, policy: str, cfg: PolicyConfig, workload: list[Worklo
         logs.append(log)
         # The controller writes its admin and worker tokens under the data folder; the
         # workers and this client read them there (anonymous clients are allowed on loopback).
+        # The lease is a duration too: slowed down alike, a stall of the slowed controller that
+        # a fleet-speed one would ride out does not cost it the lead (one controller here).
         procs.append(subprocess.Popen(_qlm("serve", "--redis", redis.url, "--policy", str(policy_file), "--port",
-                                           str(port), "--data-dir", str(data_dir)),
+                                           str(port), "--data-dir", str(data_dir), "--lease-ttl",
+                                           str(LEASE_TTL_S * s)),
                                       stdout=log, stderr=subprocess.STDOUT, env=env))
         for i in range(workers):
             wid = f"w-{i:03d}"
@@ -270,7 +275,7 @@ def run(opts: LiveOptions, console) -> LiveReport:
         "slowdown": opts.slowdown, "operations": opts.operations, "requests": len(workload), "capacity": cap,
         "classes": sc.classes_for(opts.window_s), "class_mix": sc.class_mix,
         "note": f"the live stack ran {opts.slowdown:g}x slower than the fleet's profiles, with every duration "
-                f"(arrivals, SLOs, tick, solve budget) scaled alike; figures are in the scenario's time"})
+                f"(arrivals, SLOs, tick, solve budget, lease) scaled alike; figures are in the scenario's time"})
     with tempfile.TemporaryDirectory(prefix="qlm-live-") as tmp:
         for policy in opts.policies:
             cfg = sc.policy(policy, opts.operations, out_mean, out_std, opts.tick_ms, window_s=opts.window_s)
