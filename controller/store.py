@@ -150,14 +150,14 @@ class RedisStore:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_all())
         res, chosen, fp = await fut
+        if res == 1:
+            return SubmitResult(req.request_id, chosen, duplicate=False)
         outcome, rid = int(res[0]), res[1]
         if outcome == 2:
             return SubmitResult("", "", duplicate=False, refused=(res[1], int(res[2]), int(res[3])))
-        if outcome == 0:
-            existing = await self.get_request(rid)
-            return SubmitResult(rid, existing.group_id if existing else "", duplicate=True,
-                                conflict=bool(res[2]) and res[2] != fp)
-        return SubmitResult(rid, chosen, duplicate=False)
+        existing = await self.get_request(rid)  # outcome 0: a known idempotency key
+        return SubmitResult(rid, existing.group_id if existing else "", duplicate=True,
+                            conflict=bool(res[2]) and res[2] != fp)
 
     async def _flush_all(self) -> None:
         """One batch at a time: what arrives while a batch is in Redis forms the next one, and
@@ -198,7 +198,8 @@ class RedisStore:
         for p, key, (gid, opens) in zip(batch, keys, chosen):
             req = p.req
             req.group_id = gid
-            fps.append(req.fingerprint())
+            fp, fields = req.submission()
+            fps.append(fp)
             # A request joining a group that an earlier, refused request of the batch was to
             # open finds no group hash: the script opens the group then (SUBMIT).
             calls.append(([self.k.req(req.request_id), self.k.group(gid), self.k.group_queue(gid), self.k.groups,
@@ -206,7 +207,7 @@ class RedisStore:
                            self.k.tokens_minute(req.tenant, int(p.now // 60)), self.k.changes],
                           [req.request_id, gid, repr(p.now), "1" if opens else "0", "1" if p.key else "0",
                            req.model, req.slo_class, IDEMPOTENCY_TTL_S, fps[-1], req.tenant, req.cost,
-                           *p.adm.args(), json.dumps(req.to_redis())]))
+                           *p.adm.args(), json.dumps(fields)]))
         results = await self._run_scripts(self._submit, calls)
         # The cached open groups follow what Redis accepted, in order.
         for p, key, (gid, _opens), fp, res in zip(batch, keys, chosen, fps, results):
@@ -214,7 +215,7 @@ class RedisStore:
                 if not p.fut.done():
                     p.fut.set_exception(res)
                 continue
-            if int(res[0]) == 1:
+            if res == 1:
                 cur = self._open[key]
                 self._open[key] = (OpenGroup(gid, cur.created_at, cur.size + 1) if cur is not None and
                                    cur.group_id == gid else OpenGroup(gid, p.now, 1))
