@@ -29,6 +29,11 @@ from qlmserve.redis_urls import async_redis_client, check_cluster_prefix
 IDEMPOTENCY_TTL_S = 24 * 3600
 # Group ids drawn from Redis at once (controllers drawing blocks leave gaps; ids only name).
 GROUP_ID_BLOCK = 64
+# Script calls per MULTI/EXEC block of _run_scripts. With appendfsync always Redis fsyncs
+# once per event-loop turn, and a plain pipeline of big SUBMIT calls takes one turn per
+# 16 KiB it reads (~12 calls); a block runs in one turn, so one fsync. Redis serves no
+# one else during a block (~30 us a SUBMIT), hence the bound.
+SCRIPTS_PER_BLOCK = 256
 # Connections for token-stream reads, one per streaming client at most (their own pool).
 STREAM_CONNECTIONS = 4096
 
@@ -231,17 +236,21 @@ class RedisStore:
         return f"g{self._group_ids.pop(0)}"
 
     async def _run_scripts(self, script, calls: list[tuple[list[str], list[object]]]) -> list[object]:
-        """Run one script once per (keys, args), all in one pipeline; each result is the
-        reply or the exception of that call. A script Redis does not have (restarted,
-        flushed) is loaded and its calls run again: a NOSCRIPT call did nothing."""
+        """Run one script once per (keys, args), in order, in MULTI/EXEC blocks of
+        SCRIPTS_PER_BLOCK calls; each result is the reply or the exception of that call (an
+        error in one call does not stop the others of its block). A script Redis does not
+        have (restarted, flushed) is loaded and its calls run again: a NOSCRIPT call did
+        nothing."""
         results: list[object] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            async with self.r.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies: list[object] = []
+            for start in range(0, len(todo), SCRIPTS_PER_BLOCK):
+                async with self.r.pipeline(transaction=True) as pipe:
+                    for i in todo[start:start + SCRIPTS_PER_BLOCK]:
+                        keys, args = calls[i]
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    replies += await pipe.execute(raise_on_error=False)
             missing = []
             for i, reply in zip(todo, replies):
                 if isinstance(reply, NoScriptError) and attempt == 0:

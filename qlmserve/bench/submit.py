@@ -79,30 +79,32 @@ async def _main(args) -> int:
                 prompt = list(range(1, 257))
                 for batch in [int(x) for x in args.batch.split(",")]:
                     for conc in levels:
-                        rows.append(await _level(client, ctrl.pid, prompt, batch, conc, args.requests, args.fsync))
+                        rows.append(await _level(client, (ctrl.pid, redis.proc.pid), prompt, batch, conc,
+                                                 args.requests, args.fsync))
         finally:
             ctrl.terminate()
             ctrl.wait(timeout=10)
             redis.stop()
     t = Table(title=f"Durable submissions through gRPC (Redis appendonly, appendfsync {args.fsync}; 256-token prompts)")
     for col in ("call", "in flight", "calls in flight", "requests", "seconds", "accepted req/s",
-                "ack p50 ms", "ack p99 ms", "controller CPU µs/req"):
+                "ack p50 ms", "ack p99 ms", "controller CPU µs/req", "Redis CPU µs/req"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row("Submit" if r["batch"] == 1 else f"SubmitBatch {r['batch']}", str(r["concurrency"]),
                   str(r["calls_in_flight"]), str(r["requests"]), f"{r['seconds']:.2f}", f"{r['accepted_per_s']:.0f}",
-                  f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}", f"{r['controller_cpu_us_per_req']:.0f}")
+                  f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}", f"{r['controller_cpu_us_per_req']:.0f}",
+                  f"{r['redis_cpu_us_per_req']:.0f}")
     console().print(t)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     return 0
 
 
-async def _level(client, ctrl_pid: int, prompt: list[int], batch: int, conc: int, n: int, fsync: str) -> dict:
+async def _level(client, pids: tuple[int, int], prompt: list[int], batch: int, conc: int, n: int, fsync: str) -> dict:
     """`n` submissions with `conc` in flight, `batch` per call; latency is a call's, from
-    its start to the acknowledgement of all its requests (durable). The controller's CPU
-    time per submission is what the rate would be bounded by on an idle core (the rate
-    itself depends on what else runs on the machine)."""
+    its start to the acknowledgement of all its requests (durable). The CPU time per
+    submission of the controller and of redis-server (`pids`) bounds the rate on idle
+    cores (the rate itself depends on what else runs on the machine)."""
     from qlmserve.bench.local_stack import cpu_s
     from qlmserve.client import SubmitRefused, submit_request
 
@@ -126,11 +128,12 @@ async def _level(client, ctrl_pid: int, prompt: list[int], batch: int, conc: int
                     raise RuntimeError(f"{len(refused)} submissions refused: {refused[0]}")
             latencies.append(time.perf_counter() - t)
 
-    t0, cpu0 = time.perf_counter(), cpu_s(ctrl_pid)
+    t0, cpu0 = time.perf_counter(), [cpu_s(p) for p in pids]
     await asyncio.gather(*(one_caller() for _ in range(calls)))
-    dt, cpu = time.perf_counter() - t0, cpu_s(ctrl_pid) - cpu0
+    dt, (cpu, redis_cpu) = time.perf_counter() - t0, [cpu_s(p) - c for p, c in zip(pids, cpu0)]
     lat = np.array(latencies) * 1000
     return {"batch": batch, "concurrency": calls * batch, "calls_in_flight": calls, "requests": n, "seconds": dt,
             "accepted_per_s": n / dt, "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p99_ms": float(np.percentile(lat, 99)), "controller_cpu_us_per_req": cpu / n * 1e6,
+            "redis_cpu_us_per_req": redis_cpu / n * 1e6,
             "fsync": fsync}
