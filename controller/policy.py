@@ -149,6 +149,9 @@ class RequestLimits(_Strict):
     """Error text a worker reports for a failed request (longer text is cut)."""
     max_policy_bytes: int = Field(default=1_000_000, ge=1_000)
     """Largest policy text ReloadPolicy accepts."""
+    max_submit_batch: int = Field(default=1_000, ge=1)
+    """Most requests in one SubmitBatch call; past it the whole call is refused (field
+    'requests'), nothing accepted. The message as a whole is also bounded (16 MiB)."""
     min_temperature: float = Field(default=1e-3, gt=0)
     """Smallest temperature above 0 (greedy); smaller ones overflow the softmax."""
     max_temperature: float = Field(default=100.0, gt=0)

@@ -4,6 +4,7 @@ that owns the request's state."""
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -77,26 +78,39 @@ class Request:
     def fingerprint(self) -> str:
         """Digest of what the caller asked for: a retry under one idempotency key must ask
         for the same thing."""
-        import hashlib
-
-        body = json.dumps([self.model, self.slo_class, self.prompt_token_ids, self.max_tokens,
-                           self.sampling.to_json(), self.user_id, self.tenant])
-        return hashlib.sha256(body.encode()).hexdigest()[:32]
+        return self._fingerprint(json.dumps(self.prompt_token_ids), self.sampling.to_json())
 
     def to_redis(self) -> dict[str, str]:
         """Fields written once at submission; status fields change through Lua scripts."""
+        return self._fields(json.dumps(self.prompt_token_ids), self.sampling.to_json())
+
+    def submission(self) -> tuple[str, dict[str, str]]:
+        """fingerprint() and to_redis() at once, the prompt turned into text once (by the C
+        JSON encoder): every submission pays for this in the controller's event loop."""
+        prompt, sampling = json.dumps(self.prompt_token_ids), self.sampling.to_json()
+        return self._fingerprint(prompt, sampling), self._fields(prompt, sampling)
+
+    def _fingerprint(self, prompt_json: str, sampling: str) -> str:
+        # Byte for byte the JSON of [model, slo_class, prompt ids, max_tokens, sampling,
+        # user_id, tenant] that earlier versions digested: stored fingerprints stay valid.
+        head = json.dumps([self.model, self.slo_class])[:-1]
+        tail = json.dumps([self.max_tokens, sampling, self.user_id, self.tenant])[1:]
+        body = f"{head}, {prompt_json}, {tail}"
+        return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+    def _fields(self, prompt_json: str, sampling: str) -> dict[str, str]:
         return {
             "id": self.request_id,
             "model": self.model,
             "slo_class": self.slo_class,
-            "prompt": ",".join(map(str, self.prompt_token_ids)),
+            "prompt": prompt_json[1:-1].replace(", ", ","),  # "12,7,9"
             "prompt_tokens": str(self.prompt_tokens),
             "max_tokens": str(self.max_tokens),
             "arrival": repr(self.arrival),
             "ttft_slo": repr(self.ttft_slo_s),
             "ls": "1" if self.latency_sensitive else "0",
             "priority": str(self.priority),
-            "sampling": self.sampling.to_json(),
+            "sampling": sampling,
             "user_id": self.user_id,
             "tenant": self.tenant,
             "cost": str(self.cost),
@@ -137,3 +151,4 @@ class Request:
             finish_reason=h.get("finish_reason", ""),
             error=h.get("error", ""),
         )
+

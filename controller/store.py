@@ -29,6 +29,11 @@ from qlmserve.redis_urls import async_redis_client, check_cluster_prefix
 IDEMPOTENCY_TTL_S = 24 * 3600
 # Group ids drawn from Redis at once (controllers drawing blocks leave gaps; ids only name).
 GROUP_ID_BLOCK = 64
+# Script calls per MULTI/EXEC block of _run_scripts. With appendfsync always Redis fsyncs
+# once per event-loop turn, and a plain pipeline of big SUBMIT calls takes one turn per
+# 16 KiB it reads (~12 calls); a block runs in one turn, so one fsync. Redis serves no
+# one else during a block (~30 us a SUBMIT), hence the bound.
+SCRIPTS_PER_BLOCK = 256
 # Connections for token-stream reads, one per streaming client at most (their own pool).
 STREAM_CONNECTIONS = 4096
 # The latency log (first tokens, finishes) is kept this long behind its newest entry read:
@@ -153,14 +158,14 @@ class RedisStore:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_all())
         res, chosen, fp = await fut
+        if res == 1:
+            return SubmitResult(req.request_id, chosen, duplicate=False)
         outcome, rid = int(res[0]), res[1]
         if outcome == 2:
             return SubmitResult("", "", duplicate=False, refused=(res[1], int(res[2]), int(res[3])))
-        if outcome == 0:
-            existing = await self.get_request(rid)
-            return SubmitResult(rid, existing.group_id if existing else "", duplicate=True,
-                                conflict=bool(res[2]) and res[2] != fp)
-        return SubmitResult(rid, chosen, duplicate=False)
+        existing = await self.get_request(rid)  # outcome 0: a known idempotency key
+        return SubmitResult(rid, existing.group_id if existing else "", duplicate=True,
+                            conflict=bool(res[2]) and res[2] != fp)
 
     async def _flush_all(self) -> None:
         """One batch at a time: what arrives while a batch is in Redis forms the next one, and
@@ -201,7 +206,8 @@ class RedisStore:
         for p, key, (gid, opens) in zip(batch, keys, chosen):
             req = p.req
             req.group_id = gid
-            fps.append(req.fingerprint())
+            fp, fields = req.submission()
+            fps.append(fp)
             # A request joining a group that an earlier, refused request of the batch was to
             # open finds no group hash: the script opens the group then (SUBMIT).
             calls.append(([self.k.req(req.request_id), self.k.group(gid), self.k.group_queue(gid), self.k.groups,
@@ -209,7 +215,7 @@ class RedisStore:
                            self.k.tokens_minute(req.tenant, int(p.now // 60)), self.k.changes],
                           [req.request_id, gid, repr(p.now), "1" if opens else "0", "1" if p.key else "0",
                            req.model, req.slo_class, IDEMPOTENCY_TTL_S, fps[-1], req.tenant, req.cost,
-                           *p.adm.args(), json.dumps(req.to_redis())]))
+                           *p.adm.args(), json.dumps(fields)]))
         results = await self._run_scripts(self._submit, calls)
         # The cached open groups follow what Redis accepted, in order.
         for p, key, (gid, _opens), fp, res in zip(batch, keys, chosen, fps, results):
@@ -217,7 +223,7 @@ class RedisStore:
                 if not p.fut.done():
                     p.fut.set_exception(res)
                 continue
-            if int(res[0]) == 1:
+            if res == 1:
                 cur = self._open[key]
                 self._open[key] = (OpenGroup(gid, cur.created_at, cur.size + 1) if cur is not None and
                                    cur.group_id == gid else OpenGroup(gid, p.now, 1))
@@ -233,17 +239,21 @@ class RedisStore:
         return f"g{self._group_ids.pop(0)}"
 
     async def _run_scripts(self, script, calls: list[tuple[list[str], list[object]]]) -> list[object]:
-        """Run one script once per (keys, args), all in one pipeline; each result is the
-        reply or the exception of that call. A script Redis does not have (restarted,
-        flushed) is loaded and its calls run again: a NOSCRIPT call did nothing."""
+        """Run one script once per (keys, args), in order, in MULTI/EXEC blocks of
+        SCRIPTS_PER_BLOCK calls; each result is the reply or the exception of that call (an
+        error in one call does not stop the others of its block). A script Redis does not
+        have (restarted, flushed) is loaded and its calls run again: a NOSCRIPT call did
+        nothing."""
         results: list[object] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            async with self.r.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies: list[object] = []
+            for start in range(0, len(todo), SCRIPTS_PER_BLOCK):
+                async with self.r.pipeline(transaction=True) as pipe:
+                    for i in todo[start:start + SCRIPTS_PER_BLOCK]:
+                        keys, args = calls[i]
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    replies += await pipe.execute(raise_on_error=False)
             missing = []
             for i, reply in zip(todo, replies):
                 if isinstance(reply, NoScriptError) and attempt == 0:

@@ -19,6 +19,7 @@ to the planner, which counts a group's saved prefill with `leading_hits`.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -35,20 +36,29 @@ DEFAULT_REPORTED_BLOCKS = 4096
 
 def chain_key(parent: int, tokens: Sequence[int]) -> int:
     """The id of a block of token ids after the chain whose last id is `parent` (0: none):
-    blake2b of both, so one id names one whole prefix, in any process."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(parent.to_bytes(8, "little"))
-    h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens))
+    blake2b of both (ids as little-endian int32), so one id names one whole prefix, in any
+    process."""
+    return _block_key(parent, struct.pack(f"<{len(tokens)}i", *tokens))
+
+
+def _block_key(parent: int, packed: bytes) -> int:
+    h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
+    h.update(packed)
     return int.from_bytes(h.digest(), "little")
 
 
 def chain_keys(tokens: Sequence[int], block_tokens: int, blocks: int | None = None) -> list[int]:
-    """Ids of the first `blocks` (default: all) full blocks of `tokens`."""
+    """Ids of the first `blocks` (default: all) full blocks of `tokens`: the ids chain_key
+    gives block by block, with the prompt packed once (every submission hashes its prompt)."""
+    n = len(tokens) // block_tokens
+    if blocks is not None:
+        n = min(blocks, n)
+    packed = struct.pack(f"<{n * block_tokens}i", *tokens[:n * block_tokens])
+    size = 4 * block_tokens
     out: list[int] = []
     parent = 0
-    n = len(tokens) // block_tokens
-    for i in range(n if blocks is None else min(blocks, n)):
-        parent = chain_key(parent, tokens[i * block_tokens:(i + 1) * block_tokens])
+    for i in range(n):
+        parent = _block_key(parent, packed[i * size:(i + 1) * size])
         out.append(parent)
     return out
 

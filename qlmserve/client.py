@@ -14,6 +14,24 @@ from qlmserve.credentials import TlsOptions, open_channel
 from qlmserve.pb import admin_pb2, admin_pb2_grpc, client_pb2, client_pb2_grpc
 
 
+@dataclass(frozen=True)
+class SubmitRefused:
+    """One item of submit_many that was not accepted: what Submit would have raised for it."""
+
+    code: grpc.StatusCode
+    message: str
+    retry_after_s: float | None = None  # RESOURCE_EXHAUSTED: when a retry may succeed
+
+    @classmethod
+    def from_pb(cls, st) -> SubmitRefused:
+        from google.rpc import error_details_pb2
+
+        code = next((c for c in grpc.StatusCode if c.value[0] == st.code), grpc.StatusCode.UNKNOWN)
+        info = error_details_pb2.RetryInfo()
+        retry = next((info.retry_delay.ToTimedelta().total_seconds() for d in st.details if d.Unpack(info)), None)
+        return cls(code, st.message, retry)
+
+
 @dataclass
 class GenerateResult:
     request_id: str
@@ -75,6 +93,16 @@ class QlmClient:
 
     async def submit(self, req: client_pb2.SubmitRequest, timeout: float | None = 30) -> client_pb2.SubmitResponse:
         return await self.client.Submit(req, timeout=timeout, wait_for_ready=True)
+
+    async def submit_many(self, reqs: list[client_pb2.SubmitRequest], timeout: float | None = 30
+                          ) -> list[client_pb2.SubmitResponse | SubmitRefused]:
+        """Submit many requests in one call (SubmitBatch); one answer per request, in order.
+        The call as a whole fails only when it cannot be served (auth, a batch over the
+        policy's limit, the controller away); a refused item is a SubmitRefused."""
+        reply = await self.client.SubmitBatch(client_pb2.SubmitBatchRequest(requests=reqs), timeout=timeout,
+                                              wait_for_ready=True)
+        return [r.accepted if r.WhichOneof("outcome") == "accepted" else SubmitRefused.from_pb(r.error)
+                for r in reply.results]
 
     def generate(self, req: client_pb2.SubmitRequest) -> AsyncIterator[client_pb2.TokenChunk]:
         return self.client.Generate(req, wait_for_ready=True)

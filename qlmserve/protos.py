@@ -36,8 +36,12 @@ def generate() -> None:
     files = _proto_files()
     if not files:
         raise RuntimeError(f"no .proto files under {PROTO_DIR}")
+    from google.rpc import status_pb2
+
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={OUT_DIR}",
+    # google/rpc/status.proto (per-item errors of SubmitBatch) ships with googleapis-common-protos.
+    googleapis = str(Path(status_pb2.__file__).resolve().parents[2])
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"-I{googleapis}", f"--python_out={OUT_DIR}",
             f"--pyi_out={OUT_DIR}", f"--grpc_python_out={OUT_DIR}"] + [str(f) for f in files]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed: " + " ".join(args))

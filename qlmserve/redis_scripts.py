@@ -35,8 +35,8 @@ end
 # minute, ARGV[19] - the request hash's fields as a JSON object of strings (one argument, not
 # 2 x 19: a client packs each argument of a command separately, and that was the largest
 # cost of a submission in the controller)
-# return {1, request id} when accepted, {0, earlier request id, its fingerprint} for a known
-# idempotency key, {2, limit name, amount queued, limit} when an admission limit refuses it
+# return 1 when accepted (the smallest reply: the controller parses one per submission),
+# {0, earlier request id, its fingerprint} for a known idempotency key, {2, limit name, amount queued, limit} when an admission limit refuses it
 SUBMIT = _CHANGE + """
 redis.call('ZSCORE', KEYS[4], '-')  -- a controller-only key first: a worker's ACL stops here
 if ARGV[5] == '1' then
@@ -90,7 +90,7 @@ for i = 1, 6 do
   if i % 2 == 0 then add = cost end
   redis.call('HINCRBY', KEYS[8], fields[i], add)
 end
-return {1, ARGV[1]}
+return 1
 """
 
 # Queued counters of a request leaving (sign -1) or re-entering (sign 1) the queue; used

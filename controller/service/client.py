@@ -1,4 +1,5 @@
-"""Client API servicer: submit, generate with streamed tokens, resume, status, cancel."""
+"""Client API servicer: submit (one or a batch), generate with streamed tokens, resume,
+status, cancel."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import grpc
 
 from qlmserve.controller.auth import current_principal
 from qlmserve.controller.core import Controller
+from qlmserve.controller import submit_batch
 from qlmserve.controller.service import token_stream
-from qlmserve.controller.service.convert import status_to_pb, submit_from_pb
+from qlmserve.controller.service.convert import status_to_pb, submit_from_pb, submit_response_to_pb, submit_result_to_pb
 from qlmserve.pb import client_pb2, client_pb2_grpc
 
 
@@ -22,9 +24,13 @@ class ClientService(client_pb2_grpc.ClientServicer):
         return p.name if p is not None else self.c.policy.access.anonymous_tenant
 
     async def Submit(self, request, unused_context):
-        res, n = await self.c.submit(submit_from_pb(request, self._tenant()))
-        return client_pb2.SubmitResponse(request_id=res.request_id, prompt_tokens=n, group_id=res.group_id,
-                                         duplicate=res.duplicate)
+        return submit_response_to_pb(*await self.c.submit(submit_from_pb(request, self._tenant())))
+
+    async def SubmitBatch(self, request, unused_context):
+        submit_batch.check_size(self.c, len(request.requests))
+        tenant = self._tenant()
+        outcomes = await submit_batch.submit_all(self.c, [submit_from_pb(r, tenant) for r in request.requests])
+        return client_pb2.SubmitBatchResponse(results=[submit_result_to_pb(o) for o in outcomes])
 
     async def Generate(self, request, unused_context) -> AsyncIterator[client_pb2.TokenChunk]:
         res, _ = await self.c.submit(submit_from_pb(request, self._tenant()))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from qlmserve.controller.core import SubmitInput
 from qlmserve.controller.request import Request
+from qlmserve.controller.service.errors import status_of
+from qlmserve.controller.store import SubmitResult
+from qlmserve.controller.submit_batch import Outcome
 from qlmserve.controller.workers import OpCommand, RunCommand, WorkerReport
 from qlmserve.operations.batching import PreemptionMode
 from qlmserve.operations.costs import WorkerProfile
@@ -22,6 +25,18 @@ def submit_from_pb(pb: client_pb2.SubmitRequest, tenant: str) -> SubmitInput:
         max_tokens=pb.max_tokens, temperature=s.temperature, top_p=s.top_p,
         seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
         user_id=pb.user_id, idempotency_key=pb.idempotency_key, tenant=tenant)
+
+
+def submit_response_to_pb(res: SubmitResult, prompt_tokens: int) -> client_pb2.SubmitResponse:
+    return client_pb2.SubmitResponse(request_id=res.request_id, prompt_tokens=prompt_tokens, group_id=res.group_id,
+                                     duplicate=res.duplicate)
+
+
+def submit_result_to_pb(outcome: Outcome) -> client_pb2.SubmitResult:
+    """One SubmitBatch item: Submit's answer, or the status Submit would have failed with."""
+    if isinstance(outcome, BaseException):
+        return client_pb2.SubmitResult(error=status_of(outcome))
+    return client_pb2.SubmitResult(accepted=submit_response_to_pb(*outcome))
 
 
 def status_to_pb(r: Request) -> client_pb2.RequestStatus:

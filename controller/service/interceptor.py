@@ -11,19 +11,12 @@ decodes, and how exceptions become gRPC status codes.
 from __future__ import annotations
 
 import inspect
-import logging
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from qlmserve.controller.auth import Authenticator, current_principal, service_of
 from qlmserve.controller.exceptions import InvalidRequest, Overloaded
-from qlmserve.controller.service.errors import status_for
-
-log = logging.getLogger("qlm.grpc")
-
-MAX_MESSAGE_CHARS = 1_000
+from qlmserve.controller.service.errors import describe, rpc_status
 
 
 class _Undecodable:
@@ -106,33 +99,14 @@ class _Guard:
         return wrapper
 
 
-def _retry_details(code: grpc.StatusCode, msg: str, retry_after_s: float) -> tuple[tuple[str, bytes], ...]:
-    """The google.rpc.Status trailer (`grpc-status-details-bin`) with a RetryInfo."""
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(retry_after_s * 1e9))
-    info = error_details_pb2.RetryInfo(retry_delay=delay)
-    st = status_pb2.Status(code=code.value[0], message=msg)
-    st.details.add().Pack(info)
-    return (("grpc-status-details-bin", st.SerializeToString()),)
-
-
 async def _abort(exc: Exception, context: grpc.aio.ServicerContext) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
-    code = status_for(exc)
-    if code is None:
-        log.exception("unexpected error in servicer")
-        code = grpc.StatusCode.INTERNAL
-    elif code == grpc.StatusCode.UNAVAILABLE:
-        log.warning("unavailable: %s", str(exc)[:MAX_MESSAGE_CHARS])
-    msg = str(exc)
-    if isinstance(exc, LookupError) and msg.startswith("'") and msg.endswith("'"):
-        msg = msg[1:-1]  # KeyError quotes its message
-    if code == grpc.StatusCode.INTERNAL:
-        msg = "internal error (logged by the controller)"  # never leak internals to the caller
-    msg = (msg or type(exc).__name__)[:MAX_MESSAGE_CHARS]
+    code, msg = describe(exc)
     if isinstance(exc, Overloaded):
-        await context.abort(code, msg, trailing_metadata=_retry_details(code, msg, exc.retry_after_s))
+        # The google.rpc.Status trailer (`grpc-status-details-bin`) carries a RetryInfo.
+        details = rpc_status(code, msg, exc.retry_after_s).SerializeToString()
+        await context.abort(code, msg, trailing_metadata=(("grpc-status-details-bin", details),))
     await context.abort(code, msg)
 
 

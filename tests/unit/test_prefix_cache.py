@@ -156,3 +156,26 @@ def test_live_simulated_engine_models_the_cache_over_prompt_token_chains():
     assert not eng.stats().prefix.blocks
     plain = SimEngine(prof, [SimModel("m", 10**9)], active_model="m", clock=EventClock())
     assert plain.stats().prefix is None
+
+
+def test_chain_keys_are_stable_and_match_block_by_block_hashing():
+    """This test verifies that:
+    1. chain_keys (the prompt packed once) gives the ids chain_key gives block by block;
+    2. the ids are the ones earlier code gave (engines and controllers of other versions
+       must name a prefix the same way), negative ids and a `blocks` bound included."""
+    import random
+
+    from qlmserve.operations.prefix_cache import chain_key, chain_keys
+
+    rng = random.Random(1)
+    toks = [rng.randrange(-5, 2**31 - 1) for _ in range(1000)]
+    keys = chain_keys(toks, 16)
+    parent = 0
+    for i, k in enumerate(keys):
+        parent = chain_key(parent, toks[i * 16:(i + 1) * 16])
+        assert k == parent
+    assert len(keys) == 62 and keys[:2] == [3130564252474011210, 4701472027121081301]
+    assert keys[-1] == 18218284984112474781 and chain_keys(toks, 7, 5)[-1] == 169502940409767746
+    assert chain_key(123, toks[:9]) == 888027325361635665
+    assert chain_keys(list(range(1, 257)), 16)[-1] == 12414785487084734828
+    assert chain_keys(toks[:15], 16) == []
