@@ -31,6 +31,7 @@ not idle until the next re-plan while requests it could serve wait elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
 
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
 from qlmserve.operations.batching import batch_limit
@@ -55,7 +56,7 @@ class _Room:
 
 
 def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int) -> tuple[list[Assignment], list[Operation]]:
-    groups = {g.group_id: g for g in snapshot.groups}
+    groups = snapshot.by_group_id
     planned_loads = {op.worker_id: op.model for op in plan.operations if isinstance(op, LoadModel)}
     # Requests the plan takes off a device (eviction, KV swap-out) free their slots for the
     # requests it dispatches with them, and those it swaps back in take slots: the worker
@@ -129,11 +130,12 @@ def _latency_sensitive_first(plan: Plan, groups: dict, rooms: dict[str, _Room]) 
     others could start them now. Requests are taken in the plan's order, queue heads first."""
     out: list[Assignment] = []
     order = []
+    # Every queued group is looked at each tick (thousands at depth): find the few
+    # latency-sensitive ones with one pass over the groups and set lookups per queue.
+    ls = {gid for gid, g in groups.items() if g.latency_sensitive}
     for wid, q in plan.virtual_queues.items():
-        for pos, gid in enumerate(q):
-            g = groups.get(gid)
-            if g is not None and g.latency_sensitive:
-                order.append((pos, g.deadline, gid, wid))
+        for pos, gid in compress(enumerate(q), map(ls.__contains__, q)):
+            order.append((pos, groups[gid].deadline, gid, wid))
     for _pos, _dl, gid, wid in sorted(order):
         g = groups[gid]
         for rid in g.request_ids:

@@ -69,6 +69,17 @@ class GroupState:
     def total_prompt_tokens(self) -> int:
         return sum(self.prompt_tokens)
 
+    def at(self, worker_id: str | None, position: int) -> GroupState:
+        """The same group at another place in the plan. A copy of the fields (and of the
+        cached deadline) without dataclasses.replace, which runs __init__ again: the
+        snapshot builder moves every group behind a started one, thousands a tick at depth."""
+        new = object.__new__(type(self))
+        d = self.__dict__.copy()
+        d["worker_id"] = worker_id
+        d["position"] = position
+        object.__setattr__(new, "__dict__", d)
+        return new
+
 
 @dataclass(frozen=True)
 class RunningRequest:
@@ -178,10 +189,12 @@ class ClusterSnapshot:
         raise KeyError(worker_id)
 
     def group(self, group_id: str) -> GroupState:
-        for g in self.groups:
-            if g.group_id == group_id:
-                return g
-        raise KeyError(group_id)
+        return self.by_group_id[group_id]
+
+    @cached_property  # the planning head, dispatch and the policies look groups up every tick
+    def by_group_id(self) -> dict[str, GroupState]:
+        """group_id -> group, in the snapshot's order."""
+        return {g.group_id: g for g in self.groups}
 
     def lengths(self, model: str, slo_class: str) -> LengthStats:
         return self.length_stats.get((model, slo_class), DEFAULT_LENGTHS)

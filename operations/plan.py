@@ -4,6 +4,7 @@ that carries it out (controller actuation, or the simulator)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import count, repeat
 
 from qlmserve.operations.ops import Operation
 
@@ -40,7 +41,10 @@ class Plan:
 
     def placement(self) -> dict[str, tuple[str, int]]:
         """group_id -> (worker_id, position in its virtual queue)."""
-        return {gid: (wid, i) for wid, q in self.virtual_queues.items() for i, gid in enumerate(q)}
+        out: dict[str, tuple[str, int]] = {}
+        for wid, q in self.virtual_queues.items():  # read every tick, thousands of groups at depth
+            out.update(zip(q, zip(repeat(wid), count())))
+        return out
 
     def ops_for(self, worker_id: str) -> list[Operation]:
         return [op for op in self.operations if op.worker_id == worker_id]

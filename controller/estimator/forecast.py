@@ -265,7 +265,9 @@ class Forecaster:
                 continue
             k = len(order)
             order.append(wid)
-            for gid in queue:
+            # Queues may name groups this snapshot does not hold (the tails behind a planning
+            # head, thousands at depth): skip those at C speed (work_on would say None).
+            for gid in filter(self.groups.__contains__, queue):
                 gw = self.work_on(gid, wid)
                 if gw is not None:
                     gws.append(gw)
@@ -278,7 +280,7 @@ class Forecaster:
             out = {}
             for wid in order:
                 cur = self.cursor(wid, wid in prot, wid in clr)
-                for gid in virtual_queues[wid]:
+                for gid in filter(self.groups.__contains__, virtual_queues[wid]):
                     gw = self.work_on(gid, wid)
                     if gw is not None:
                         out[gid] = GroupForecast(gid, wid, cur.push(gw), gw.slack_s)

@@ -56,7 +56,7 @@ class SchedulingPolicy(ABC):
             queues = last_solved.virtual_queues
             if head is not None:
                 live = {g.group_id for g in snapshot.groups}
-                queues = {wid: [gid for gid in q if gid in live] for wid, q in queues.items()}
+                queues = {wid: list(filter(live.__contains__, q)) for wid, q in queues.items()}
             plan = Plan(virtual_queues=queues, source="kept",
                         latency_sensitive_first=last_solved.latency_sensitive_first,
                         predicted_attainment=last_solved.predicted_attainment)

@@ -6,7 +6,8 @@ Each tick does what controller/core.py does against Redis, here against memory:
     plan = self.scheduler.solve(snapshot)     # the registered policy, unchanged
     self._apply(plan, snapshot)               # operations, then controller/dispatch.py
 
-Requests join groups with controller/grouping.py's `choose_group`; finished requests
+Requests join groups with controller/grouping.py's `choose_group` (qlmserve/sim/waiting.py
+keeps the groups and their views as they change); finished requests
 feed the learned output-length distribution the RWT estimator reads; a request at risk
 (latency-sensitive, or a TTFT target under ten ticks) wakes the tick at once, as in the
 controller. Time is the `EventClock`'s. The planner runs on a WorkSolveClock
@@ -21,15 +22,13 @@ report how long the run and the planner took.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qlmserve.controller.cluster_view import (
     ClusterView,
-    GroupView,
     RequestView,
     StateCache,
     WorkerView,
@@ -41,7 +40,6 @@ from qlmserve.controller.cluster_view import (
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import LengthLearner, RecentMoments
 from qlmserve.controller.estimator.service_model import reset_table_cache
-from qlmserve.controller.grouping import OpenGroup, choose_group
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, LengthStats, WorkerState
@@ -53,6 +51,7 @@ from qlmserve.sim.clock import EventClock, Timer
 from qlmserve.sim.fleet import Fleet
 from qlmserve.sim.metrics import SimResult
 from qlmserve.sim.request import SimRequest, SimStatus
+from qlmserve.sim.waiting import WaitingGroups
 from qlmserve.sim.worker import SimWorker
 from qlmserve.traces import WorkloadRequest
 
@@ -74,32 +73,6 @@ class SimOptions:
     probe_times: Sequence[float] = ()  # record tokens produced by these times (SimResult.tokens_at)
     observers: Sequence[PlanObserver] = ()
     progress: Callable[[float, int, int], None] | None = None  # (sim time, finished, total) each tick
-
-
-@dataclass(eq=False)
-class _Group:
-    group_id: str
-    model: str
-    slo_class: str
-    created_at: float
-    joined: int = 0  # requests that ever joined (the grouping rule's size)
-    waiting: list[SimRequest] = field(default_factory=list)  # by arrival
-    arrivals: list[float] = field(default_factory=list)  # parallel to waiting (for bisect)
-    version: int = 0
-    view: GroupView | None = None  # the view of `view_version` (rebuilt when the group changes)
-    view_version: int = -1
-
-    def add(self, r: SimRequest) -> None:
-        i = bisect.bisect_right(self.arrivals, r.arrival)
-        self.arrivals.insert(i, r.arrival)
-        self.waiting.insert(i, r)
-        self.version += 1
-
-    def remove(self, r: SimRequest) -> None:
-        i = self.waiting.index(r)
-        del self.waiting[i]
-        del self.arrivals[i]
-        self.version += 1
 
 
 class _Lengths:
@@ -159,9 +132,7 @@ class Simulation:
         self.allowed_kinds = {k for name in policy.planner.operations for k in OPS_BY_POLICY_NAME[name]}
         self.requests = self._make_requests(workload)
         self.by_id = {r.rid: r for r in self.requests}
-        self.groups: dict[str, _Group] = {}
-        self.open_groups: dict[tuple[str, str], _Group] = {}
-        self._group_seq = 0
+        self.waiting = WaitingGroups(policy)  # the waiting groups and their views (qlmserve/sim/waiting.py)
         self.lengths = _Lengths(policy, self.options.state_refresh_s)
         self.last_plan = Plan.make_empty()
         self._positions: dict[str, tuple[str, int]] = {}
@@ -261,7 +232,7 @@ class Simulation:
         while self._next_arrival < len(self.requests) and self.requests[self._next_arrival].arrival <= now:
             r = self.requests[self._next_arrival]
             self._next_arrival += 1
-            self._join_group(r, now)
+            self.waiting.join(r, now)
             slo = self.cfg.slo_classes[r.slo_class]
             if slo.latency_sensitive or slo.ttft_s <= self.tick_s * 10:
                 urgent = True
@@ -272,20 +243,6 @@ class Simulation:
             # wake-ups coalesce within `wake_min_gap_s` of the previous tick.
             self._wake_pending = True
             self.clock.call_at(max(now, self._busy_until + self.options.wake_min_gap_s), self._wake_tick)
-
-    def _join_group(self, r: SimRequest, now: float) -> None:
-        key = (r.model, r.slo_class)
-        og = self.open_groups.get(key)
-        gid = choose_group(OpenGroup(og.group_id, og.created_at, og.joined) if og else None, now, self.cfg.grouping)
-        if gid is None:
-            self._group_seq += 1
-            og = _Group(f"{r.model}|{r.slo_class}|{self._group_seq}", r.model, r.slo_class, now)
-            self.open_groups[key] = og
-            self.groups[og.group_id] = og
-        og.joined += 1
-        r.group_id = og.group_id
-        r.status = SimStatus.WAITING
-        og.add(r)
 
     def _regular_tick(self) -> None:
         self._regular_timer = None
@@ -350,35 +307,19 @@ class Simulation:
     def _snapshot(self, now: float) -> ClusterSnapshot:
         """The controller's snapshot rules (controller/cluster_view.py) over this fleet's view.
         Views of unchanged groups and workers are kept, so their states are reused."""
-        for gid in list(self.groups):
-            g = self.groups[gid]
-            if not g.waiting and self.open_groups.get((g.model, g.slo_class)) is not g:
-                del self.groups[gid]
-        view = ClusterView(now=now, groups=tuple(self._group_view(g) for g in self.groups.values() if g.waiting),
+        self._states.discard(self.waiting.forget_empty())
+        view = ClusterView(now=now, groups=self.waiting.views(),
                            workers=tuple(self._worker_view(w, now) for w in self.workers.values()),
                            model_bytes=self.model_bytes)
         missed = missed_while_waiting(view, self.cfg)
         for rv in missed:  # a class that fails fast: the controller's rule, applied here
             r = self.by_id[rv.request_id]
-            self.groups[r.group_id].remove(r)
+            self.waiting.remove(r)
             r.status, r.failed, r.finished_at = SimStatus.FINISHED, True, now
             self._finished += 1
         view = without(view, {rv.request_id for rv in missed})
         workers = [self._states.worker(w, self.cfg, self.model_bytes) for w in view.workers]
-        snap = build_snapshot(view, self.cfg, self._positions, self.lengths.stats(now, workers), self._states)
-        self._states.forget(self.groups)
-        return snap
-
-    def _group_view(self, g: _Group) -> GroupView:
-        if g.view is None or g.view_version != g.version:
-            slo = self.cfg.slo_classes[g.slo_class]
-            g.view = GroupView(g.group_id, g.model, g.slo_class, g.created_at, tuple(
-                RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
-                            r.generated, r.first_token_at, False, slo.ttft_s, slo.latency_sensitive,
-                            r.hash_ids, r.session)
-                for r in g.waiting))
-            g.view_version = g.version
-        return g.view
+        return build_snapshot(view, self.cfg, self._positions, self.lengths.stats(now, workers), self._states)
 
     def _worker_view(self, w: SimWorker, now: float) -> WorkerView:
         # A worker's view is rebuilt when it changed (a request joined, finished, an
@@ -431,13 +372,13 @@ class Simulation:
         by_worker: dict[str, list[SimRequest]] = defaultdict(list)
         for a in assignments:
             r = self.by_id.get(a.request_id)
-            g = self.groups.get(a.group_id)
-            if r is None or g is None or r.status != SimStatus.WAITING or r.group_id != a.group_id:
+            if r is None or a.group_id not in self.waiting.groups or r.status != SimStatus.WAITING \
+                    or r.group_id != a.group_id:
                 continue  # taken or requeued since the snapshot
             w = self.workers.get(a.worker_id)
             if w is None or r.model != (w.loading_model or w.active_model):
                 continue
-            g.remove(r)
+            self.waiting.remove(r)
             self.group_first_dispatch.setdefault(a.group_id, now)
             by_worker[a.worker_id].append(r)
         for wid, reqs in by_worker.items():
@@ -468,12 +409,7 @@ class Simulation:
 
     def on_requeue(self, req: SimRequest, now: float, reason: str) -> None:
         self.requeued[reason] += 1
-        g = self.groups.get(req.group_id)
-        if g is None:
-            g = _Group(req.group_id, req.model, req.slo_class, req.arrival)
-            self.groups[req.group_id] = g
-        req.status = SimStatus.WAITING
-        g.add(req)
+        self.waiting.requeue(req)
 
     def on_worker_changed(self, worker: SimWorker) -> None:
         pass  # snapshots compare worker versions

@@ -133,12 +133,12 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
 
     # ---- the simulator's side: the same state on simulated workers ------------------------
     for rid, *_ in spec:
-        sim._join_group(by_id[rid], by_id[rid].arrival)
+        sim.waiting.join(by_id[rid], by_id[rid].arrival)
     rows = {r.request_id: r for r in (await store.get_requests(list(progress))).values()}
     sw0 = sim.workers[w0]
     for rid, n in progress.items():
         r = by_id[rid]
-        sim.groups[r.group_id].remove(r)
+        sim.waiting.remove(r)
         r.generated, r.first_token_at, r.worker_id = n, rows[rid].first_token_at, w0
         if rid == "s1":
             r.status = SimStatus.SWAPPED

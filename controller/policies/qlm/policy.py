@@ -86,7 +86,7 @@ class QlmPolicy(SchedulingPolicy):
             return bool(snapshot.groups)
         if self._last_solve_at is None or snapshot.now - self._last_solve_at >= self.max_plan_age_s:
             return True
-        queued = {gid for q in last_plan.virtual_queues.values() for gid in q}
+        queued = set().union(*last_plan.virtual_queues.values())  # every queued group: C-speed at depth
         if any(g.group_id not in queued for g in snapshot.groups):
             return True
         workers = {w.worker_id: w for w in snapshot.workers}
