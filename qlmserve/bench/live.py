@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from qlmserve.bench.load_search import SearchStep, find_load, parse_target
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.controller.leader import LEASE_TTL_S
 from qlmserve.controller.policy import PolicyConfig
@@ -63,6 +64,8 @@ class LiveOptions:
     tick_ms: float = 100.0
     traces_dir: str | None = None
     out: str = "out/bench/live"
+    find_load: str | None = None  # POLICY=ATTAINMENT: run at the load where the prediction meets it
+    predict_only: bool = False  # the simulator's prediction alone (seconds, not the live runs' minutes)
     timeout_s: float = 3600.0  # wall limit per policy run
 
 
@@ -267,26 +270,50 @@ def run(opts: LiveOptions, console) -> LiveReport:
     workers = opts.workers or sc.workers
     out_mean, out_std, prompt_mean = output_stats(sc, trace, opts.seed)
     cap = measure_capacity(sc, trace, workers, opts.window_s, opts.seed, opts.tick_ms, out_mean, out_std, prompt_mean)
-    mult = opts.load * cap["req_s"] / trace.rate
-    workload = scenario_workload(sc, trace, mult, opts.window_s, opts.seed)
+
+    def workload_at(ld: float) -> list[WorkloadRequest]:
+        return scenario_workload(sc, trace, ld * cap["req_s"] / trace.rate, opts.window_s, opts.seed)
+
+    def simulation(policy: str, workload: list[WorkloadRequest]) -> tuple[PolicyConfig, Simulation]:
+        cfg = sc.policy(policy, opts.operations, out_mean, out_std, opts.tick_ms, window_s=opts.window_s)
+        return cfg, Simulation(cfg, sc.fleet(workers), workload, policy_name=policy, options=SimOptions())
+
+    load, search = opts.load, None
+    if opts.find_load:  # the load where a baseline meets its target, on the simulator's prediction
+        baseline, _ops, target = parse_target(opts.find_load)
+
+        def attainment_at(ld: float) -> float:
+            return summarize(simulation(baseline, workload_at(ld))[1].run())["attainment"]
+
+        def report_step(st: SearchStep) -> None:
+            console.print(f"  load search {baseline} -> {target:.0%} (predicted): load {st.load:.3f}: "
+                          f"{100 * st.attainment:.1f}%")
+
+        load, steps = find_load(attainment_at, target, report=report_step)
+        search = {"baseline": baseline, "target": target, "load": load,
+                  "steps": [{"load": st.load, "attainment": st.attainment} for st in steps]}
+    workload = workload_at(load)
     report = LiveReport(setup={
         "scenario": sc.key, "title": sc.title, "workers": workers, "fleet": sc.fleet(workers).describe(),
-        "trace": str(trace_path), "load": opts.load, "window_s": opts.window_s, "seed": opts.seed,
-        "slowdown": opts.slowdown, "operations": opts.operations, "requests": len(workload), "capacity": cap,
-        "classes": sc.classes_for(opts.window_s), "class_mix": sc.class_mix,
+        "trace": str(trace_path), "load": load, "load_search": search, "window_s": opts.window_s,
+        "seed": opts.seed, "slowdown": opts.slowdown, "operations": opts.operations, "requests": len(workload),
+        "capacity": cap, "classes": sc.classes_for(opts.window_s), "class_mix": sc.class_mix,
         "note": f"the live stack ran {opts.slowdown:g}x slower than the fleet's profiles, with every duration "
                 f"(arrivals, SLOs, tick, solve budget, lease) scaled alike; figures are in the scenario's time"})
     with tempfile.TemporaryDirectory(prefix="qlm-live-") as tmp:
         for policy in opts.policies:
-            cfg = sc.policy(policy, opts.operations, out_mean, out_std, opts.tick_ms, window_s=opts.window_s)
-            sim = Simulation(cfg, sc.fleet(workers), workload, policy_name=policy, options=SimOptions())
+            cfg, sim = simulation(policy, workload)
             max_tokens = {r.rid: r.max_tokens for r in sim.requests}
             predicted = summarize(sim.run())
-            console.print(f"[{policy}] predicted {100 * predicted['attainment']:.1f}%; running live "
-                          f"({len(workload)} requests over {opts.window_s * opts.slowdown:.0f} s wall)...")
-            live = run_live(sc, policy, cfg, workload, max_tokens, workers, opts, Path(tmp) / policy)
-            console.print(f"[{policy}] live {100 * live['attainment']:.1f}%")
-            report.runs.append({"policy": policy, "live": live, "predicted": predicted})
+            run = {"policy": policy, "predicted": predicted}
+            if opts.predict_only:
+                console.print(f"[{policy}] predicted {100 * predicted['attainment']:.1f}%")
+            else:
+                console.print(f"[{policy}] predicted {100 * predicted['attainment']:.1f}%; running live "
+                              f"({len(workload)} requests over {opts.window_s * opts.slowdown:.0f} s wall)...")
+                run["live"] = run_live(sc, policy, cfg, workload, max_tokens, workers, opts, Path(tmp) / policy)
+                console.print(f"[{policy}] live {100 * run['live']['attainment']:.1f}%")
+            report.runs.append(run)
     return report
 
 
@@ -294,6 +321,11 @@ def print_report(console, report: LiveReport) -> None:
     from rich.table import Table
 
     st = report.setup
+    if st.get("load_search"):
+        ls = st["load_search"]
+        console.print(f"  load search: {ls['baseline']} predicted at "
+                      + ", ".join(f"{x['load']:.3f} -> {100 * x['attainment']:.1f}%" for x in ls["steps"])
+                      + f"; chose load {ls['load']:.3f} (target {100 * ls['target']:.0f}%)")
     console.print(f"[bold]qlm bench live[/bold]: scenario {st['scenario']} ({st['title']}); {st['fleet']}; "
                   f"load {st['load']:g} of measured capacity ({st['capacity']['req_s']:.2f} req/s), "
                   f"window {st['window_s']:g} s, {st['requests']} requests, seed {st['seed']}, operations "
@@ -305,7 +337,7 @@ def print_report(console, report: LiveReport) -> None:
                 *(f"TTFT {c} p50/p99 s" for c in classes), "missed p99 s", "unserved"):
         t.add_column(col, justify="right")
     for r in report.runs:
-        for kind in ("live", "predicted"):
+        for kind in [k for k in ("live", "predicted") if k in r]:
             s = r[kind]
             row = [r["policy"], kind, f"{100 * s['attainment']:.1f}"]
             row += [f"{100 * (s['classes'].get(c, {}).get('attainment') or 0):.1f}" for c in classes]
@@ -320,7 +352,7 @@ def print_report(console, report: LiveReport) -> None:
         t.add_section()
     console.print(t)
     by = {r["policy"]: r for r in report.runs}
-    if "qlm" in by:
+    if "qlm" in by and "live" in by["qlm"]:
         q = by["qlm"]
         gap = 100 * (q["live"]["attainment"] - q["predicted"]["attainment"])
         console.print(f"  QLM live - predicted: {gap:+.1f} points")
@@ -336,7 +368,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     opts = LiveOptions(scenario=args.scenario, policies=tuple(p for p in args.policies.split(",") if p),
                        load=args.load, workers=args.workers, window_s=args.window, slowdown=args.slowdown,
                        seed=args.seed, operations=args.ops == "on", tick_ms=args.tick_ms, traces_dir=args.traces_dir,
-                       out=args.out)
+                       out=args.out, find_load=args.find_load, predict_only=args.predict_only)
     report = run(opts, console)
     print_report(console, report)
     out = Path(args.out)
@@ -358,6 +390,10 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slowdown", type=float, default=4.0,
                    help="run the fleet this many times slower than real GPUs (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--find-load", metavar="POLICY=ATTAINMENT",
+                   help="search the load where POLICY's predicted attainment is ATTAINMENT (e.g. fcfs=0.5), "
+                        "every step printed, and run there instead of --load")
+    p.add_argument("--predict-only", action="store_true", help="print the simulator's prediction, skip the live runs")
     p.add_argument("--ops", default="on", choices=["on", "off"])
     p.add_argument("--tick-ms", type=float, default=100.0)
     p.add_argument("--traces-dir")
