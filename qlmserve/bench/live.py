@@ -166,15 +166,20 @@ async def _replay(address: str, outcomes: list[_Outcome], s: float) -> float:
             req = submit_request(o.w.model, prompt_token_ids=ids, slo_class=o.w.slo_class, max_tokens=o.max_tokens,
                                  user_id=o.w.user_id)
             o.submitted = time.perf_counter()
+
+            def on_chunk(res, chunk) -> None:
+                if res.token_ids and o.first_token is None:
+                    o.first_token = time.perf_counter()
+                o.tokens = len(res.token_ids)
+                if chunk.finished:
+                    o.finished = time.perf_counter()
+
+            # As a production client does: one idempotency key, a broken stream resumed at
+            # its offset (a stall of the loaded 2-core machine must not drop a request).
             try:
-                async for chunk in client.generate(req):
-                    if chunk.token_ids and o.first_token is None:
-                        o.first_token = time.perf_counter()
-                    o.tokens += len(chunk.token_ids)
-                    if chunk.finish_reason:
-                        o.finished = time.perf_counter()
+                await client.generate_reliably(req, on_chunk=on_chunk)
             except Exception as exc:  # noqa: BLE001 - counted as unserved, reported
-                o.error = str(exc)[:200]
+                o.error = f"{type(exc).__name__}: {str(exc)[:200]}"
 
         await asyncio.gather(*(one(o) for o in outcomes))
     return t0
@@ -232,7 +237,10 @@ def run_live(sc: Scenario, policy: str, cfg: PolicyConfig, workload: list[Worklo
         for f in logs:
             f.close()
         redis.stop()
-    return summarize(_as_result(policy, cfg, outcomes, t0, s, workers, wall))
+    out = summarize(_as_result(policy, cfg, outcomes, t0, s, workers, wall))
+    errors = [o.error for o in outcomes if o.error]
+    out["client_errors"] = {"count": len(errors), "examples": sorted(set(errors))[:5]}
+    return out
 
 
 def _as_result(policy: str, cfg: PolicyConfig, outcomes: list[_Outcome], t0: float, s: float, workers: int,
@@ -351,6 +359,10 @@ def print_report(console, report: LiveReport) -> None:
             t.add_row(*row)
         t.add_section()
     console.print(t)
+    for r in report.runs:
+        errs = r.get("live", {}).get("client_errors") or {}
+        if errs.get("count"):
+            console.print(f"  {r['policy']}: {errs['count']} requests failed at the client, e.g. {errs['examples'][0]}")
     by = {r["policy"]: r for r in report.runs}
     if "qlm" in by and "live" in by["qlm"]:
         q = by["qlm"]

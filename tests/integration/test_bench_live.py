@@ -27,6 +27,7 @@ def test_bench_live_runs_the_real_stack_beside_the_prediction(tmp_path):
     assert live["requests"] == predicted["requests"] > 0
     assert live["finished"] == live["requests"]
     assert sum(c["unserved"] for c in live["classes"].values()) == 0
+    assert live["client_errors"]["count"] == 0
     assert live["attainment"] == predicted["attainment"] == 1.0
     assert abs(live["throughput_tok_s"] - predicted["throughput_tok_s"]) / predicted["throughput_tok_s"] < 0.25
 
