@@ -34,6 +34,7 @@ from qlmserve.backends.factory import SimFleetWorker, create_engine
 from qlmserve.backends.token_sink import TokenSink
 from qlmserve.credentials import TlsOptions, open_channel
 from qlmserve.operations.costs import WorkerProfile
+from qlmserve.operations.detokenize import next_piece, streamed_text
 from qlmserve.operations.model_spec import ModelSpec
 from qlmserve.pb import worker_pb2, worker_pb2_grpc
 from qlmserve.redis_urls import redis_client
@@ -183,13 +184,10 @@ class EngineLoop(threading.Thread):
         return out
 
     def _detok(self, h: _Held) -> str:
-        tok = self.tokenizers.get(h.model)
-        if tok is None:
-            return ""
-        text = tok.decode(h.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(h.text):
+        piece = next_piece(self.tokenizers.get(h.model), h.ids, h.text)
+        if piece is None:
             return ""  # an incomplete UTF-8 sequence: wait for the next token
-        piece, h.text = text[len(h.text):], text
+        h.text += piece
         return piece
 
     def _flush(self) -> None:
@@ -425,9 +423,8 @@ class Worker:
             top_p=r.top_p if r.top_p > 0 else 1.0, seed=r.seed if r.HasField("seed") else None,
             stop_token_ids=tuple(r.stop_token_ids), latency_sensitive=r.latency_sensitive, priority=r.priority)
         held = _Held(r.attempt, r.model, ids=list(r.generated_token_ids))
-        tok = lt.tokenizers.get(r.model)
-        if tok is not None and held.ids:
-            held.text = tok.decode(held.ids, skip_special_tokens=True)
+        if held.ids:  # what its earlier attempts showed, so the stream goes on from there
+            held.text = streamed_text(lt.tokenizers.get(r.model), held.ids)
         with lt.lock:
             lt.held[r.request_id] = held
         try:

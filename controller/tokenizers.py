@@ -9,6 +9,8 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from qlmserve.operations import detokenize
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -45,10 +47,11 @@ class TokenizerCache:
         return list(tok.encode(text, add_special_tokens=True))
 
     def decode(self, model: str, ids: list[int]) -> str:
-        tok = self.get(model)
-        if tok is None:
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        return tok.decode(ids, skip_special_tokens=True)
+        return detokenize.decode(self.get(model), ids)
+
+    def streamed_text(self, model: str, ids: list[int]) -> str:
+        """The text a worker's stream of `ids` showed (operations/detokenize.py)."""
+        return detokenize.streamed_text(self.get(model), ids)
 
     def vocab_size(self, model: str) -> int | None:
         """None for byte-tokenized (simulated) models: any id is accepted."""

@@ -80,8 +80,9 @@ async def chunks(c: Controller, rid: str, offset: int) -> AsyncIterator[client_p
 
 
 async def _text(c: Controller, model: str, before: list[int], ids: list[int]) -> str:
-    """Text of `ids` as it reads after `before` (decoding them together keeps merges right)."""
+    """Text of `ids` as the worker's stream showed it after `before` (decoding them together
+    keeps merges right; an incomplete character at either end is held back alike)."""
     if model not in c.policy.models:
         return ""
-    dec = c.tokenizers.decode
-    return dec(model, before + ids)[len(dec(model, before)):]
+    text = c.tokenizers.streamed_text
+    return text(model, before + ids)[len(text(model, before)):]
