@@ -72,19 +72,21 @@ async def cluster(redis_server, tiny_models, reference, vllm_worker_qlm, tmp_pat
     proc = start_vllm_worker(vllm_worker_qlm, rt.address, "v0", logs, ("--preload", "tiny-moe", "--max-batch", "2"))
     c = Cluster(rt, QlmClient(rt.address, token=admin_token(data_dir_of(logs))), proc, logs)
 
-    async def watch_plans() -> None:
-        while True:
-            for op in rt.controller.last_plan.operations:
-                c.planned.add((op.worker_id, op.kind.value, getattr(op, "mode", "")))
-            await asyncio.sleep(0.01)
+    # Every plan's operations as the controller applies them (sampling last_plan missed a
+    # plan that a woken tick replaced within milliseconds, once in `make test`).
+    apply = rt.controller.apply
 
-    watcher = asyncio.create_task(watch_plans())
+    async def recording_apply(plan, snapshot) -> None:
+        for op in plan.operations:
+            c.planned.add((op.worker_id, op.kind.value, getattr(getattr(op, "mode", ""), "value", "")))
+        await apply(plan, snapshot)
+
+    rt.controller.apply = recording_apply
     try:
         await _wait_ready(c, "v0", "tiny-moe")
         await reference.ready()
         yield c
     finally:
-        watcher.cancel()
         await c.client.close()
         stop_group(proc)
         await rt.stop()
