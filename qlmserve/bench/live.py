@@ -151,7 +151,7 @@ async def _wait_workers(address: str, n: int, procs: list[subprocess.Popen], dat
             await asyncio.sleep(0.2)
 
 
-async def _replay(address: str, outcomes: list[_Outcome], s: float) -> float:
+async def _replay(address: str, outcomes: list[_Outcome], s: float, context: dict[str, int]) -> float:
     """Every request at its arrival times s (wall); returns the replay's start (wall)."""
     from qlmserve.backends.sim_model import code_output_length
     from qlmserve.client import QlmClient, submit_request
@@ -163,7 +163,10 @@ async def _replay(address: str, outcomes: list[_Outcome], s: float) -> float:
             await asyncio.sleep(max(0.0, t0 + o.w.arrival * s - time.perf_counter()))
             code = code_output_length(o.w.output_tokens)
             ids = code + [11] * max(0, o.w.prompt_tokens - len(code))
-            req = submit_request(o.w.model, prompt_token_ids=ids, slo_class=o.w.slo_class, max_tokens=o.max_tokens,
+            # A prompt shorter than the length code grows by it: keep within the context, as
+            # the controller requires (it refused 3 of 1,820 requests before this).
+            max_tokens = min(o.max_tokens, context[o.w.model] - len(ids))
+            req = submit_request(o.w.model, prompt_token_ids=ids, slo_class=o.w.slo_class, max_tokens=max_tokens,
                                  user_id=o.w.user_id)
             o.submitted = time.perf_counter()
 
@@ -223,7 +226,8 @@ def run_live(sc: Scenario, policy: str, cfg: PolicyConfig, workload: list[Worklo
         asyncio.run(_wait_workers(address, workers, procs, data_dir))
         outcomes = [_Outcome(w, max_tokens[w.request_id]) for w in workload]
         wall0 = time.perf_counter()
-        t0 = asyncio.run(asyncio.wait_for(_replay(address, outcomes, s), opts.timeout_s))
+        context = {m: spec.max_context for m, spec in cfg.models.items()}
+        t0 = asyncio.run(asyncio.wait_for(_replay(address, outcomes, s, context), opts.timeout_s))
         wall = time.perf_counter() - wall0
     finally:
         for p in procs[1:] + procs[:1]:  # workers first, then the controller
