@@ -358,18 +358,18 @@ class SimEngine(Engine):
             s.generated.append(tok)
             self.counters.tokens += 1
             if last:
-                events.append(TokenEvent(s.rid, tok, idx, True, s.finish_reason))
+                events.append(TokenEvent(s.id, tok, idx, True, s.finish_reason))
                 self._running.remove(s)
             else:
-                events.append(TokenEvent(s.rid, tok, idx))
+                events.append(TokenEvent(s.id, tok, idx))
         return events
 
     def _token(self, s: SimSeq, index: int, last: bool) -> int:
-        stops = s.req.stop_token_ids
+        stops = s.request.stop_token_ids
         if last and s.finish_reason == FinishReason.STOP and stops:
             return stops[0]
-        vocab = self._models[s.req.model].vocab_size
-        tok = stable_u64("tok", self.seed, s.rid, index) % vocab
+        vocab = self._models[s.request.model].vocab_size
+        tok = stable_u64("tok", self.seed, s.id, index) % vocab
         while tok in stops:
             tok = (tok + 1) % vocab
         return int(tok)
@@ -380,18 +380,18 @@ class SimEngine(Engine):
 
     def _remove(self, rid: str) -> SimSeq | None:
         for s in list(self._waiting):
-            if s.rid == rid:
+            if s.id == rid:
                 self._waiting.remove(s)
                 return s
         for s in self._running:
-            if s.rid == rid:
+            if s.id == rid:
                 self._running.remove(s)
                 return s
         return self._swapped.pop(rid, None)
 
     def _find_running(self, rid: str) -> SimSeq:
         for s in self._running:
-            if s.rid == rid:
+            if s.id == rid:
                 return s
         raise EngineError(f"request {rid} is not running on this engine")
 
@@ -432,8 +432,8 @@ class SimEngine(Engine):
         s = self._swapped.get(request_id)
         if s is None:
             raise EngineError(f"request {request_id} is not swapped out")
-        if s.req.model != self.active_model:
-            raise EngineError(f"request {request_id} needs model {s.req.model!r}; active is {self.active_model!r}")
+        if s.request.model != self.active_model:
+            raise EngineError(f"request {request_id} needs model {s.request.model!r}; active is {self.active_model!r}")
         if len(self._running) >= self.max_batch_size:
             raise EngineError(f"request {request_id}: no free batch slot to swap into")
         held = s.device_tokens
@@ -456,7 +456,7 @@ class SimEngine(Engine):
         if model == self.active_model:
             return OpCost(0.0, 0, "already active")
         if self._running or self._waiting or self._paused:
-            busy = [s.rid for s in self._running] + [s.rid for s in self._waiting]
+            busy = [s.id for s in self._running] + [s.id for s in self._waiting]
             raise EngineError(f"cannot load {model!r}: requests of {self.active_model!r} still hold the "
                               f"device ({', '.join(busy[:5])}); finish, evict or swap them out first")
         warm = self._is_warm(model)
@@ -511,9 +511,9 @@ class SimEngine(Engine):
             warm_models=sorted(m for m in self._warm if self._is_warm(m)),
             kv_capacity_tokens=self.kv_capacity_tokens,
             kv_used_tokens=self.kv_used_tokens,
-            running=[s.rid for s in self._running],
+            running=[s.id for s in self._running],
             swapped=sorted(self._swapped),
-            waiting=[s.rid for s in self._waiting],
+            waiting=[s.id for s in self._waiting],
             max_batch_size=self.max_batch_size,
             prefill_tokens_per_s=self._prefill_tps,
             decode_tokens_per_s=self._decode_tps,

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmserve.backends.engine import EngineRequest, FinishReason
+from qlmserve.backends.engine import EngineRequest, FinishReason, HoldsRequest
 
 
 @dataclass(eq=False)
-class SimSeq:
-    req: EngineRequest
+class SimSeq(HoldsRequest):
+    request: EngineRequest
     target_len: int  # tokens it will have produced when it finishes
     finish_reason: FinishReason
     generated: list[int]
@@ -19,22 +19,6 @@ class SimSeq:
     prefilled: bool = False  # KV on the device covers prompt + generated
     computed: int = 0  # while prefilling: tokens its earlier chunks prefilled
     blocks: tuple[int, ...] = ()  # chain keys of its prompt's full blocks (prefix cache on)
-
-    @property
-    def rid(self) -> str:
-        return self.req.request_id
-
-    @property
-    def latency_sensitive(self) -> bool:
-        return self.req.latency_sensitive
-
-    @property
-    def priority(self) -> int:
-        return self.req.priority
-
-    @property
-    def model(self) -> str:
-        return self.req.model
 
     @property
     def device_tokens(self) -> int:
@@ -48,7 +32,7 @@ class SimSeq:
 
     @property
     def kv_tokens(self) -> int:
-        return len(self.req.prompt_token_ids) + len(self.generated)
+        return len(self.request.prompt_token_ids) + len(self.generated)
 
 
 @dataclass(eq=False)

@@ -239,7 +239,7 @@ class SimEngineDriver(EngineDriver):
 
     def _progress(self) -> dict[str, tuple[int, int]]:
         seqs = [*self.engine._running, *self.engine._waiting]  # noqa: SLF001 - the engine's sequences
-        return {s.rid: (len(s.req.prompt_token_ids) if s.prefilled else s.computed, len(s.generated)) for s in seqs}
+        return {s.id: (len(s.request.prompt_token_ids) if s.prefilled else s.computed, len(s.generated)) for s in seqs}
 
 
 class Sink:
