@@ -21,6 +21,12 @@ best-effort request, on its planned worker or, when that one has no room, on any
 of its model that has: a latency-sensitive request that arrives when some worker could
 take it is running within one tick, whatever group it joined.
 
+Under a plan that serves late work last (Plan.late_last: QLM with planner.drop_hopeless),
+a best-effort request whose first token can no longer come by its deadline (its deadline
+is nearer than its own prefill on that worker) is passed over while on-time requests of
+the worker's queue wait, and takes the slots they leave: under overload a request served
+after its deadline is a miss that makes the next ones late too.
+
 Dispatch is work-conserving: a worker that has served its whole queue and still has
 free slots takes requests of its model that wait in other workers' queues beyond what
 those workers can start now, the next ones of each queue first. A plan is a forecast; when a
@@ -93,6 +99,7 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
             ops.append(resumed)
             slots -= len(resumed.request_ids)
         blocked = False
+        late: list[tuple[str, str]] = []  # (group, request) past their deadline, under Plan.late_last
         for gid in plan.virtual_queues.get(wid, []):
             g = groups.get(gid)
             if g is None:
@@ -107,18 +114,34 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
                     ops.append(LoadModel(wid, g.model, reason=f"head group {gid} needs {g.model}"))
                 blocked = True
                 break  # strict queue order: later groups wait for this one
-            for rid in g.request_ids:
+            for k, rid in enumerate(g.request_ids):
                 if slots + extra <= 0:
                     break
                 if rid in taken:
                     continue
+                if plan.late_last and _late(g, k, snapshot.now, w):
+                    late.append((gid, rid))
+                    continue
                 assignments.append(Assignment(wid, gid, rid))
                 slots -= 1
+        for gid, rid in late:
+            if slots <= 0:
+                break
+            assignments.append(Assignment(wid, gid, rid))
+            slots -= 1
         if slots > 0 and not blocked and w.active_model is not None:
             spare[wid] = slots
     if spare:
         assignments.extend(_backfill(plan, snapshot, groups, spare, assignments))
     return assignments, ops
+
+
+def _late(g, k: int, now: float, w: WorkerState | None) -> bool:
+    """Plan.late_last: whether best-effort request `k` of `g` can no longer have its first
+    token by its deadline (on `w`: its prefill there too)."""
+    if g.latency_sensitive:
+        return False
+    return g.arrivals[k] + g.ttft_s < now + (w.profile.prefill_time(g.prompt_tokens[k]) if w is not None else 0.0)
 
 
 def _latency_sensitive_first(plan: Plan, groups: dict, rooms: dict[str, _Room]) -> list[Assignment]:
@@ -181,7 +204,8 @@ def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[s
     """Free slots left after a worker's own queue take the waiting requests other queues
     cannot start now, of the worker's active model: the next ones of each queue first (the
     plan's own order is the policy's priority: FCFS's arrival order, EDF's deadlines,
-    QLM's plan), then earliest deadline first across queues."""
+    QLM's plan), then earliest deadline first across queues; under Plan.late_last the
+    requests past their deadline after every on-time one."""
     taken = {a.request_id for a in assignments}
     left: list[tuple[tuple, str, str, int]] = []  # (order, group, model, prompt tokens)
     for wid, queue in plan.virtual_queues.items():
@@ -192,7 +216,8 @@ def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[s
                 continue
             for k, rid in enumerate(g.request_ids):
                 if rid not in taken:
-                    left.append(((rank, g.deadline + (g.arrivals[k] - g.arrivals[0]), rid), gid, g.model,
+                    late = plan.late_last and _late(g, k, snapshot.now, None)
+                    left.append(((late, rank, g.deadline + (g.arrivals[k] - g.arrivals[0]), rid), gid, g.model,
                                  g.prompt_tokens[k]))
                     rank += 1
     if not left:
@@ -208,7 +233,7 @@ def _backfill(plan: Plan, snapshot: ClusterSnapshot, groups: dict, spare: dict[s
         for item in left:
             if n > 0 and item[2] == w.active_model and item[3] < kv_free:
                 kv_free -= item[3]
-                out.append(Assignment(wid, item[1], item[0][2]))
+                out.append(Assignment(wid, item[1], item[0][3]))
                 n -= 1
             else:
                 rest.append(item)

@@ -28,6 +28,10 @@ class Plan:
     # whether latency-sensitive requests take room on any worker before best-effort work
     # (controller/dispatch.py): set by policies whose order puts them first
     latency_sensitive_first: bool = False
+    # whether a best-effort request already past its deadline (its first token cannot come
+    # in time) waits behind every on-time request of its worker's queue (controller/
+    # dispatch.py): set by policies that serve hopeless work last (planner.drop_hopeless)
+    late_last: bool = False
 
     @classmethod
     def make_empty(cls) -> Plan:

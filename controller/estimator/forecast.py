@@ -39,9 +39,14 @@ class GroupForecast:
     attain: float | None = None  # attainment(), when computed in bulk by Forecaster.evaluate
 
     def meets(self, beta: float) -> bool:
-        """The chance constraint: the last request's TTFT beta-quantile is within the
-        oldest request's deadline (the group's tightest)."""
-        return self.timing.last.quantile(beta) <= min(self.slack_s)
+        """The chance constraint, per request at both ends of the group: the first and the
+        last request's TTFT beta-quantiles are within their own deadlines (TTFT and slack
+        both grow along the group, so the requests between follow). Judging the last
+        request against the oldest one's deadline, as before, called a 60-request
+        best-effort group late for its 2 s of arrivals; on ls2 at FCFS-50% the plans
+        it chose met fewer requests than the EDF base (77.7% against 82.9%)."""
+        return self.timing.first.quantile(beta) <= self.slack_s[0] and \
+            self.timing.last.quantile(beta) <= self.slack_s[-1]
 
     def attainment(self) -> float:
         """Expected fraction of the group's requests that meet their deadline."""
@@ -56,9 +61,11 @@ def meets_all(forecasts: Iterable[GroupForecast], beta: float) -> np.ndarray:
     fs = list(forecasts)
     if not fs:
         return np.zeros(0, dtype=bool)
-    q = quantile_array(np.array([f.timing.last.mean_s for f in fs]), np.array([f.timing.last.var_s2 for f in fs]),
-                       beta)
-    return q <= np.array([min(f.slack_s) for f in fs])
+    first = quantile_array(np.array([f.timing.first.mean_s for f in fs]),
+                           np.array([f.timing.first.var_s2 for f in fs]), beta)
+    last = quantile_array(np.array([f.timing.last.mean_s for f in fs]), np.array([f.timing.last.var_s2 for f in fs]),
+                          beta)
+    return (first <= np.array([f.slack_s[0] for f in fs])) & (last <= np.array([f.slack_s[-1] for f in fs]))
 
 
 def _starts_rows(tables: list[ReleaseTable], blk_of: np.ndarray, count: np.ndarray, tokens: np.ndarray,

@@ -59,6 +59,7 @@ class SchedulingPolicy(ABC):
                 queues = {wid: list(filter(live.__contains__, q)) for wid, q in queues.items()}
             plan = Plan(virtual_queues=queues, source="kept",
                         latency_sensitive_first=last_solved.latency_sensitive_first,
+                        late_last=last_solved.late_last,
                         predicted_attainment=last_solved.predicted_attainment)
             solved = False
         else:

@@ -34,6 +34,8 @@ def print_table(console, sc: Scenario, runs: list[dict]) -> None:
         table.add_column(col, justify="right" if col in ("load", "SLO %") else "left")
     for c in classes:
         table.add_column(f"{c} %", justify="right")
+    if sc.ls_class:
+        table.add_column(f"{sc.ls_class} within reach %", justify="right")
     table.add_column("goodput tok/s", justify="right")
     table.add_column("thrpt tok/s load/run", justify="right")
     for c in classes:
@@ -48,6 +50,11 @@ def print_table(console, sc: Scenario, runs: list[dict]) -> None:
         last_load = s["load"]
         row = [f"{s['load']:.2f}", s["policy"], "on" if s["operations"] else "off", _fmt(100 * s["attainment"])]
         row += [_fmt(100 * (s["classes"].get(c, {}).get("attainment") or 0)) for c in classes]
+        if sc.ls_class:
+            # LS requests whose own prefill fits their target (ls_within_reach), and how many do not
+            reach = s.get("ls_within_reach") or {}
+            row.append(f"{_fmt(100 * reach['attainment'])} ({reach['out_of_reach']} out)"
+                       if reach.get("attainment") is not None else "-")
         row += [f"{s['goodput_tok_s']:.0f}", f"{s['loaded_tok_s']:.0f}/{s['throughput_tok_s']:.0f}"]
         for c in classes:
             cc = s["classes"].get(c, {})

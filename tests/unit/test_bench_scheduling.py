@@ -93,3 +93,25 @@ def test_cli_registers_bench_commands():
     assert a.func.__name__ == "cmd_bench" and a.bench_command is None and a.jobs == 2
     assert p.parse_args(["bench", "calibrate", "--loads", "1.0"]).func.__name__ == "cmd_calibrate"
     assert p.parse_args(["bench", "sim", "--window", "60"]).func.__name__ == "cmd_sim"
+
+
+def test_latency_sensitive_attainment_within_reach_leaves_out_prompts_too_long_to_prefill():
+    """This test verifies that the LS figure "within reach" (issue 12, on prompt-heavy
+    traces) counts only LS requests whose own prefill on an idle worker fits the 2 s
+    target: a 30k-token Mistral-7B prompt on an A100 is out of reach and not counted, a
+    short one that met and a short one that missed are, and best-effort requests never are."""
+    from types import SimpleNamespace
+
+    from qlmserve.bench.scheduling import ls_within_reach
+
+    sc = SCENARIOS["ls2m"]
+    profile = sc.fleet(1).workers[0].models["mistral-7b"].profile
+    assert profile.prefill_time(30_000) > 2.0 > profile.prefill_time(500)
+
+    def req(cls, prompt, ttft):
+        return SimpleNamespace(slo_class=cls, model="mistral-7b", prompt_tokens=prompt, arrival=10.0,
+                               first_token_at=None if ttft is None else 10.0 + ttft)
+
+    got = ls_within_reach(sc, 8, [req("interactive", 30_000, 9.0), req("interactive", 500, 0.4),
+                                  req("interactive", 500, None), req("batch", 500, 0.1)])
+    assert got == {"requests": 3, "within_reach": 2, "out_of_reach": 1, "attainment": 0.5}

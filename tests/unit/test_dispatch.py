@@ -97,3 +97,24 @@ def test_latency_sensitive_requests_take_room_anywhere_before_best_effort_work()
     assert _taken(dispatch(plan, snap, 4)[0]) == {"w1": ["ls-0", "ls-1"]}
     fcfs = Plan({"w0": ["ls"], "w1": ["be"]})
     assert _taken(dispatch(fcfs, snap, 4)[0]) == {"w1": ["be-0", "be-1"]}
+
+
+def test_late_requests_wait_behind_on_time_ones_under_late_last():
+    """This test verifies that under Plan.late_last:
+    1. a best-effort request whose deadline has passed is passed over while an on-time
+       request of the worker's queue waits, even one behind it in the queue;
+    2. late requests take the slots the on-time ones leave, in queue order;
+    3. a worker backfilling from another queue takes that queue's on-time requests first;
+    4. without late_last the queue order stands (the baselines' behaviour)."""
+    late = GroupState("late", MODEL, "c", ("late-0", "late-1"), (0.0, 1.0), (100, 100), (256, 256), 10.0, 0, 1.0, False)
+    fresh = GroupState("fresh", MODEL, "c", ("fresh-0",), (25.0,), (100,), (256,), 10.0, 0, 1.0, False)
+    snap = ClusterSnapshot(30.0, (late, fresh), (_worker("w0", 3),), {}, {})
+    assert _taken(dispatch(Plan({"w0": ["late", "fresh"]}, late_last=True), snap, 4)[0]) == {"w0": ["fresh-0"]}
+    assert _taken(dispatch(Plan({"w0": ["late", "fresh"]}), snap, 4)[0]) == {"w0": ["late-0"]}
+    roomy = ClusterSnapshot(30.0, (late, fresh), (_worker("w0", 1),), {}, {})
+    assert _taken(dispatch(Plan({"w0": ["late", "fresh"]}, late_last=True), roomy, 4)[0]) == \
+        {"w0": ["fresh-0", "late-0", "late-1"]}
+    # w1 serves w0's queue beyond w0's (full) batch: the on-time request first
+    two = ClusterSnapshot(30.0, (late, fresh), (_worker("w0", 4), _worker("w1", 3)), {}, {})
+    assert _taken(dispatch(Plan({"w0": ["late", "fresh"], "w1": []}, late_last=True), two, 4)[0]) == \
+        {"w1": ["fresh-0"]}

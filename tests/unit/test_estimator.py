@@ -275,3 +275,20 @@ def test_free_slot_start_on_a_busy_device_waits_for_the_iteration_in_flight():
         assert bulk[gid].timing.first.mean_s == pytest.approx(t.first.mean_s)
         assert bulk[gid].timing.last.mean_s == pytest.approx(t.last.mean_s)
         assert bulk[gid].timing.last.var_s2 == pytest.approx(t.last.var_s2)
+
+
+def test_a_group_meets_when_each_end_meets_its_own_deadline():
+    """This test verifies that the chance constraint judges a group's first and last
+    requests against their own deadlines (both grow along the group): a best-effort group
+    of 2 s of arrivals whose last request starts 1 s after the oldest one's deadline but
+    within its own meets, alone and in bulk (meets_all); one whose first request misses its
+    own deadline, or whose last misses its own, does not."""
+    from qlmserve.controller.estimator import GroupForecast, GroupTiming, WaitEstimate, meets_all
+
+    def fc(first: float, last: float) -> GroupForecast:
+        return GroupForecast("g", "w", GroupTiming(WaitEstimate(first, 0.01), WaitEstimate(last, 0.01)),
+                             (10.0, 11.0, 12.0))
+
+    cases = [fc(5.0, 11.0), fc(10.5, 11.0), fc(5.0, 12.5)]
+    assert [f.meets(0.9) for f in cases] == [True, False, False]
+    assert meets_all(cases, 0.9).tolist() == [True, False, False]

@@ -211,6 +211,7 @@ class QlmPolicy(SchedulingPolicy):
         ops = derive_operations(snapshot, self.config, tick.fc, best.queues, best.protected, best.changes)
         self.charge_bookkeeping(snapshot)  # the operations and the plan's per-group fields
         plan = Plan(virtual_queues=best.queues, operations=ops, source=source, latency_sensitive_first=True,
+                    late_last=planner.drop_hopeless,
                     predicted_attainment={gid: f.attainment() for gid, f in best_score.forecasts.items()},
                     objective=best_score.primary, note="; ".join(x for x in (placed, note) if x), solve_time_s=self.clock.now() - t0)
         self._finish_s = 0.7 * self._finish_s + 0.3 * (self.clock.now() - t_finish)
@@ -332,7 +333,10 @@ class QlmPolicy(SchedulingPolicy):
             sw.events.append("repair gained" if cand_score.better_than(assembled_score) else "repair no gain")
         sw.lap("repair")
         size = f"{len(built.ctx.program.groups)} groups, {len(built.ctx.program.pairs)} pairs"
-        better = cand_score.better_than(tick.best_score)
+        # The chance method counts groups whose beta-quantile meets; a plan that counts more
+        # of them may still meet fewer requests in expectation (under overload it moved at-risk
+        # groups ahead of others that then missed). Such a plan is not taken.
+        better = cand_score.better_than(tick.best_score) and cand_score.expected >= tick.best_score.expected - 1e-9
         if better:
             tick.best, tick.best_score = cand, cand_score
         tried = set(built.ctx.group_ids) | set(built.ctx.unplaced)

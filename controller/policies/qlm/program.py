@@ -84,7 +84,7 @@ class Pair:
 class ProgramGroup:
     group_id: str
     value: float  # objective weight: class weight x requests
-    slack_s: float  # the oldest request's deadline - now
+    slack_s: float  # the last request's own deadline - now (the one its TTFT is held to)
     latency_sensitive: bool
     tokens_mean: float  # total decode tokens of its requests (for SAA draws)
     tokens_var: float

@@ -102,7 +102,7 @@ def program(tick: Tick, base: Decision, score: Score, at_risk: list[str], cap_pa
             f = score.forecasts.get(gid)
             if f is None:
                 continue
-            margin = min(f.slack_s) - f.timing.last.quantile(tick.beta)
+            margin = f.slack_s[-1] - f.timing.last.quantile(tick.beta)
             push = 1.5 * sum(a for dl, a in incoming if dl <= tick.groups[gid].deadline + 1e-9)
             if push > margin:
                 pulled[gid] = wid
@@ -211,7 +211,7 @@ def build(tick: Tick, base: Decision, cand: dict[str, list[WorkerState]], full: 
         remap = {old: new for new, old in enumerate(with_pair)}
         gids = [gids[i] for i in with_pair]
         pairs = [replace(pr, gi=remap[pr.gi]) for pr in pairs]
-    pgroups = [ProgramGroup(gid, tick.value[gid], min(tick.fc.groups[gid].slack_s),
+    pgroups = [ProgramGroup(gid, tick.value[gid], tick.fc.groups[gid].slack_s[-1],
                             tick.groups[gid].latency_sensitive, tick.fc.groups[gid].work.tokens,
                             tick.fc.groups[gid].work.var) for gid in gids]
     planner = tick.cfg.planner

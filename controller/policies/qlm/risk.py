@@ -56,8 +56,11 @@ def best_case_meets(tick: Tick, g: GroupState) -> bool:
     of one of its two best workers (with protection or a cleared batch where those
     are possible); if not it is hopeless."""
     gw = tick.fc.groups[g.group_id]
-    slack = min(gw.slack_s)
-    if slack <= 0:
+    # Judged per request at both ends of the group (its TTFT and its slack both grow along
+    # it, so one of the ends is the most favourable): a group whose oldest requests are
+    # late but whose newest can still meet is not hopeless.
+    first, last = gw.slack_s[0], gw.slack_s[-1]
+    if max(first, last) <= 0:
         return False
     for w in candidates_of(tick, g, 2):
         for protect, cleared in ((False, False), (True, False), (False, True)):
@@ -65,8 +68,8 @@ def best_case_meets(tick: Tick, g: GroupState) -> bool:
                 continue
             if cleared and not tick.can_clear(w):
                 continue
-            t = tick.fc.cursor(w.worker_id, protect, cleared).timing(gw).last
-            if t.prob_within(slack) >= 1.0 - tick.beta:
+            t = tick.fc.cursor(w.worker_id, protect, cleared).timing(gw)
+            if max(t.first.prob_within(first), t.last.prob_within(last)) >= 1.0 - tick.beta:
                 return True
     return False
 
