@@ -491,7 +491,8 @@ class Controller:
                                           list(self.workers)):
             self.lost_lease()  # another controller leads now: this plan must not be acted on
             return
-        assignments, mechanism_ops = dispatch(plan, snapshot, self.policy.max_running_per_worker)
+        assignments, mechanism_ops = dispatch(plan, snapshot, self.policy.max_running_per_worker,
+                                               may_preempt="preempt" in self.policy.planner.operations)
         for op in list(plan.operations) + mechanism_ops:
             self._send_operation(op)
         # All assignments in one pipeline, then their requests in one: a tick that starts

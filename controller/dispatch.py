@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from itertools import compress
 
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
-from qlmserve.operations.batching import batch_limit
+from qlmserve.operations.batching import PreemptionMode, batch_limit, prioritized
 from qlmserve.operations.ops import Capability, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
@@ -59,9 +59,39 @@ class _Room:
     worker: WorkerState
     slots: int  # batch slots (best-effort work fills only these)
     ls_extra: int  # room beyond the batch limit that latency-sensitive requests may take
+    prioritized: bool = False  # LS first at its engine (ITERATION / EXPERT, in force or planned)
+    switch_extra: int | None = None  # ls_extra under ITERATION, when dispatch may switch it there
+    ahead_ls: int = 0  # prompt tokens of LS requests handed over and not yet prefilled
+    ahead_all: int = 0  # the same of every request
+
+    def ls_start(self, tokens: int, slack_s: float) -> tuple[float, bool] | None:
+        """(about when an LS request of `tokens` prompt tokens handed over now gets its first
+        token, whether the worker must switch to ITERATION for it), or None when it has no
+        room. Its engine prefills first the LS prompts ahead (ITERATION / EXPERT) or every
+        prompt ahead (NONE), then its own (operations/batching.py, NOTE for the estimator;
+        the iteration in flight is left out, the same on every worker). A worker under NONE
+        switches only when the request would miss there and has time under ITERATION:
+        LS-only iterations pause the best-effort decode, and LS requests beyond the batch
+        limit push best-effort KV out (always switching cost 3 points on ls2)."""
+        t = self.worker.profile.prefill_time
+        if self.prioritized:
+            return (t(self.ahead_ls + tokens), False) if self.slots + self.ls_extra > 0 else None
+        w = self.worker
+        # under NONE each iteration also carries the running batch's decode step
+        chunks = -(-(self.ahead_all + tokens) // max(1, w.max_prefill_tokens))
+        plain = t(self.ahead_all + tokens) + chunks * w.profile.decode_step_time(max(1, w.active))
+        if self.switch_extra is None:
+            return (plain, False) if self.slots > 0 else None
+        if self.slots > 0 and plain <= slack_s:
+            return (plain, False)
+        return (t(self.ahead_ls + tokens), True) if self.slots + self.switch_extra > 0 else None
 
 
-def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int) -> tuple[list[Assignment], list[Operation]]:
+def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int,
+             may_preempt: bool = False) -> tuple[list[Assignment], list[Operation]]:
+    """The requests each worker takes now and the mechanism operations that go with them.
+    `may_preempt`: the policy enables the preempt operation, so a worker handed a
+    latency-sensitive request may be switched to iteration-level preemption for it."""
     groups = snapshot.by_group_id
     planned_loads = {op.worker_id: op.model for op in plan.operations if isinstance(op, LoadModel)}
     # Requests the plan takes off a device (eviction, KV swap-out) free their slots for the
@@ -85,11 +115,17 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int)
         if planned_loads.get(w.worker_id, w.active_model) != w.active_model:
             continue  # a planned model swap comes first; requests follow once it is done
         limit = min(w.max_batch_size, max_running_per_worker)
-        ls_extra = batch_limit(modes.get(w.worker_id, w.preemption_mode), True, limit) - limit
-        rooms[w.worker_id] = _Room(w, limit - (w.active - freed.get(w.worker_id, 0)), ls_extra)
+        mode = modes.get(w.worker_id, w.preemption_mode)
+        pending = [r for r in w.running if r.first_token_at is None and not r.swapped]
+        switch = may_preempt and not prioritized(mode) and w.supports(Capability.ITERATION_PREEMPTION)
+        rooms[w.worker_id] = _Room(
+            w, limit - (w.active - freed.get(w.worker_id, 0)), batch_limit(mode, True, limit) - limit,
+            prioritized(mode), batch_limit(PreemptionMode.ITERATION, True, limit) - limit if switch else None,
+            sum(r.prompt_tokens + r.generated_tokens for r in pending if r.latency_sensitive),
+            sum(r.prompt_tokens + r.generated_tokens for r in pending))
     taken: set[str] = set()
     if plan.latency_sensitive_first:
-        assignments += _latency_sensitive_first(plan, groups, rooms)
+        assignments += _latency_sensitive_first(plan, groups, rooms, snapshot.now, ops)
         taken = {a.request_id for a in assignments}
     for wid, room in rooms.items():
         w = room.worker
@@ -144,13 +180,19 @@ def _late(g, k: int, now: float, w: WorkerState | None) -> bool:
     return g.arrivals[k] + g.ttft_s < now + (w.profile.prefill_time(g.prompt_tokens[k]) if w is not None else 0.0)
 
 
-def _latency_sensitive_first(plan: Plan, groups: dict, rooms: dict[str, _Room]) -> list[Assignment]:
+def _latency_sensitive_first(plan: Plan, groups: dict, rooms: dict[str, _Room], now: float,
+                             ops: list[Operation]) -> list[Assignment]:
     """Plan.latency_sensitive_first: every waiting latency-sensitive request takes room before
     any best-effort request does, on its planned worker if that worker has room for it
-    (a free slot, or the engine's room beyond the batch limit), else on any worker of its
-    model that has (the most room first). A group is the planner's unit, not a worker's:
-    one holding many requests must not trickle through the slots of one worker while
-    others could start them now. Requests are taken in the plan's order, queue heads first."""
+    (a free slot, or the engine's room beyond the batch limit) and would give it its first
+    token in time, else on the worker of its model with room that would give it soonest
+    (_Room.ls_start; a worker under NONE is switched to ITERATION, in `ops`, when only that
+    gives it time). A group is the planner's unit, not a worker's: one holding many
+    requests must not trickle through the slots of one worker while others could start
+    them now, nor have its prompts prefilled one after another on one worker while others
+    could prefill them side by side (on a prompt-heavy trace, LS requests that missed 2 s
+    had waited for 26k tokens of other LS prompts on their worker, p50). Requests are taken
+    in the plan's order, queue heads first."""
     out: list[Assignment] = []
     order = []
     # Every queued group is looked at each tick (thousands at depth): find the few
@@ -161,14 +203,24 @@ def _latency_sensitive_first(plan: Plan, groups: dict, rooms: dict[str, _Room]) 
             order.append((pos, groups[gid].deadline, gid, wid))
     for _pos, _dl, gid, wid in sorted(order):
         g = groups[gid]
-        for rid in g.request_ids:
-            room = rooms.get(wid)
-            if room is None or room.worker.active_model != g.model or room.slots + room.ls_extra <= 0:
-                others = [r for r in rooms.values() if r.worker.active_model == g.model and r.slots + r.ls_extra > 0]
-                if not others:
-                    break
-                room = max(others, key=lambda r: (r.slots + r.ls_extra, r.worker.worker_id))
-            out.append(Assignment(room.worker.worker_id, gid, rid))
+        for k, rid in enumerate(g.request_ids):
+            tokens, slack = g.prompt_tokens[k], g.arrivals[k] + g.ttft_s - now
+            starts = {r.worker.worker_id: s for r in rooms.values() if r.worker.active_model == g.model
+                      and (s := r.ls_start(tokens, slack)) is not None}
+            if not starts:
+                break
+            best = min(starts, key=lambda x: (starts[x][0], -(rooms[x].slots + rooms[x].ls_extra), x))
+            chosen = wid if wid in starts and (starts[wid][0] <= slack or starts[wid][0] <= starts[best][0]) else best
+            room = rooms[chosen]
+            if starts[chosen][1]:
+                # It would wait behind the best-effort prompts admitted before it (on a
+                # prompt-heavy trace, 76k tokens of them, p50, for those that missed 2 s).
+                ops.append(SetPreemption(chosen, PreemptionMode.ITERATION, reason="a latency-sensitive request "
+                                                                                 "would miss behind best-effort prefill"))
+                room.prioritized, room.ls_extra, room.switch_extra = True, room.switch_extra, None
+            out.append(Assignment(chosen, gid, rid))
+            room.ahead_ls += tokens
+            room.ahead_all += tokens
             if room.slots > 0:
                 room.slots -= 1
             else:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qlmserve.bench.fluid_bound import fluid_bound, mix_capacity
 from qlmserve.bench.load_search import find_load, parse_target
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.bench.tables import (
@@ -182,6 +183,8 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
     out_mean, out_std, prompt_mean = output_stats(sc, trace, args.seed)
     cap_task = progress.add_task(f"[{sc.key}] measuring capacity", total=1)
     cap = measure_capacity(sc, trace, workers, window, args.seed, args.tick_ms, out_mean, out_std, prompt_mean)
+    mix = mix_capacity(sc, cap["output_tok_s"], lambda one: measure_capacity(
+        one, trace, workers, window, args.seed, args.tick_ms, *output_stats(one, trace, args.seed))["output_tok_s"])
     progress.update(cap_task, completed=1)
     searches = []
     if getattr(args, "find_load", None):
@@ -244,7 +247,9 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "drain": "every run continues after the window until all requests finish"
                  + (f" (at most {args.drain} s)" if args.drain is not None else ""),
         "output_tokens_mean": out_mean, "output_tokens_std": out_std, "prompt_tokens_mean": prompt_mean,
-        "capacity": cap, "policies": policies, "policies_missing": missing, "load_search": searches,
+        "capacity": cap, "mix_capacity": mix,
+        "fluid_bound": {f"{ld:.4f}": fluid_bound(sc, window, ld, cap["output_tok_s"], mix) for ld in loads} if mix else None,
+        "policies": policies, "policies_missing": missing, "load_search": searches,
         "operations": ["on" if m else "off" for m in ops_modes],
         "workload_at_lowest_load": describe_workload(sample),
         "wall_s": time.perf_counter() - t0,

@@ -183,6 +183,12 @@ def print_setup(console, setup: dict) -> None:
     console.print(f"  measured capacity {cap['output_tok_s']:.0f} output tok/s = {cap['req_s']:.2f} req/s "
                   f"({cap['method']}); outputs {setup['output_tokens_mean']:.0f} +- {setup['output_tokens_std']:.0f} "
                   f"tokens, prompts {setup['prompt_tokens_mean']:.0f}")
+    if setup.get("fluid_bound"):
+        mix = setup["mix_capacity"]
+        per = ", ".join(f"{m} {v:.0f}" for m, v in mix["per_model_tok_s"].items())
+        bounds = ", ".join(f"load {float(ld):.3f}: {100 * b:.1f}%" for ld, b in setup["fluid_bound"].items())
+        console.print(f"  fluid bound (qlmserve/bench/fluid_bound.py; fleet split by model shares {mix['mix_tok_s']:.0f} "
+                      f"output tok/s, one model alone: {per}): {bounds}")
     for s in setup.get("load_search", []):
         steps = ", ".join(f"{st['load']:.3f}: {100 * st['attainment']:.1f}%" for st in s["steps"])
         console.print(f"  load search: {s['baseline']} (operations {'on' if s['operations'] else 'off'}) at "

@@ -366,7 +366,8 @@ class Simulation:
                 self.ops_rejected[op.kind.value] += 1
                 continue
             self._route(op, now, touched)
-        assignments, mechanism_ops = dispatch(plan, snap, self.cfg.max_running_per_worker)
+        assignments, mechanism_ops = dispatch(plan, snap, self.cfg.max_running_per_worker,
+                                               may_preempt="preempt" in self.cfg.planner.operations)
         for op in mechanism_ops:
             self._route(op, now, touched)
         by_worker: dict[str, list[SimRequest]] = defaultdict(list)

@@ -118,3 +118,41 @@ def test_late_requests_wait_behind_on_time_ones_under_late_last():
     two = ClusterSnapshot(30.0, (late, fresh), (_worker("w0", 4), _worker("w1", 3)), {}, {})
     assert _taken(dispatch(Plan({"w0": ["late", "fresh"], "w1": []}, late_last=True), two, 4)[0]) == \
         {"w1": ["fresh-0"]}
+
+
+def _ls_worker(wid: str, pending_be: int, pending_ls: int = 0, mode=PreemptionMode.NONE) -> WorkerState:
+    """A worker with 4 slots whose running requests have not produced a token yet: best-effort
+    prompts of `pending_be` tokens and LS prompts of `pending_ls`."""
+    run = tuple(RunningRequest(f"{wid}-{k}{i}", "old", MODEL, "c", n, 0, 16, k == "ls", 0.0, None)
+                for k, n in (("be", pending_be), ("ls", pending_ls)) if n for i in range(1))
+    return WorkerState(wid, MODEL, frozenset(), 10**6, 0, 4, run, WorkerProfile(), preemption_mode=mode,
+                       max_prefill_tokens=2048)
+
+
+def test_latency_sensitive_requests_go_where_their_prompt_is_prefilled_in_time():
+    """This test verifies that under Plan.latency_sensitive_first, with prefill at 0.2 ms
+    per token (WorkerProfile's default):
+    1. an LS group's requests stay on their planned worker while it gives them their first
+       token in time, and spread to other workers once the prompts already handed over
+       there would make the next one late (they are prefilled one after another);
+    2. a worker under NONE with 30k best-effort prompt tokens ahead is switched to
+       ITERATION for an LS request that would miss behind them (may_preempt), and is not
+       when the policy does not enable preemption (it then stays on its planned worker, where
+       it waits least)."""
+    ls = GroupState("ls", MODEL, "i", ("ls-0", "ls-1", "ls-2"), (10.0,) * 3, (4000,) * 3, (16,) * 3, 2.0, 2,
+                    1.0, True)
+    snap = ClusterSnapshot(10.0, (ls,), (_ls_worker("w0", 0, mode=PreemptionMode.ITERATION),
+                                         _ls_worker("w1", 0, mode=PreemptionMode.ITERATION)), {}, {})
+    got = _taken(dispatch(Plan({"w0": ["ls"], "w1": []}, latency_sensitive_first=True), snap, 4)[0])
+    assert got == {"w0": ["ls-0", "ls-1"], "w1": ["ls-2"]}  # 4k, 8k tokens fit 2 s on w0; 12k not
+
+    one = GroupState("one", MODEL, "i", ("one-0",), (10.0,), (2000,), (16,), 2.0, 2, 1.0, True)
+    snap = ClusterSnapshot(10.0, (one,), (_ls_worker("w0", 30_000), _ls_worker("w1", 30_000, 9000)), {}, {})
+    plan = Plan({"w0": ["one"], "w1": []}, latency_sensitive_first=True)
+    assignments, ops = dispatch(plan, snap, 4, may_preempt=True)
+    assert _taken(assignments) == {"w0": ["one-0"]}
+    assert [(op.worker_id, op.mode) for op in ops if isinstance(op, SetPreemption)] == \
+        [("w0", PreemptionMode.ITERATION)]
+    assignments, ops = dispatch(plan, snap, 4)
+    assert _taken(assignments) == {"w0": ["one-0"]}
+    assert not [op for op in ops if isinstance(op, SetPreemption)]

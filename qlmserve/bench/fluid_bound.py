@@ -1,0 +1,46 @@
+"""The fluid bound of a scenario with one best-effort class at W/3 (ls2, ls2m, mm3, mm3m):
+the share of the offered work that any scheduler could have started by its deadline.
+
+Every request counts and runs to completion, so the work started on time is at most what
+the fleet produces until the last best-effort deadline, window + TTFT, at the best model
+placement: with model shares s_m and a fleet of one model m producing c_m output tokens
+per second at saturation, a fleet split to follow the shares produces 1 / sum(s_m / c_m).
+The bound is that capacity times (window + TTFT) over the output tokens offered. It is a
+fluid figure (it ignores the batch slots already running when a deadline passes, and that
+a scheduler favouring short outputs counts more requests per token), so a policy can pass
+it by a little; far below it a policy wastes capacity, far above it no target can be met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from qlmserve.bench.scenarios import Scenario
+
+
+def mix_capacity(sc: Scenario, capacity_tok_s: float, measure) -> dict | None:
+    """Output tokens per second of the fleet split across the models by their shares, from
+    one saturated single-model fleet per model (`measure(scenario)`: its output tokens/s;
+    a one-model scenario's own measured capacity is that already); None for scenarios
+    without one W/3 class."""
+    if sc.be_ttft_window_share is None:
+        return None
+    if len(sc.model_mix) == 1:
+        per_model = {m: capacity_tok_s for m in sc.model_mix}
+    else:
+        per_model = {m: measure(replace(sc, models=(m,), initial_models=(m,), model_mix={m: 1.0}, warm_models=()))
+                     for m in sc.model_mix}
+    total = sum(sc.model_mix.values())
+    tok_s = 1.0 / sum(share / total / per_model[m] for m, share in sc.model_mix.items())
+    return {"per_model_tok_s": per_model, "mix_tok_s": tok_s,
+            "method": "each model alone on the whole fleet (model-aware FCFS at saturation), split by the "
+                      "model shares"}
+
+
+def fluid_bound(sc: Scenario, window_s: float, load: float, capacity_tok_s: float, mix: dict | None) -> float | None:
+    """The bound at `load` (offered output tokens/s over `capacity_tok_s`, the measured
+    capacity the loads are relative to)."""
+    if mix is None:
+        return None
+    ttft = max(c["ttft_s"] for c in sc.classes_for(window_s).values() if not c.get("latency_sensitive"))
+    return min(1.0, mix["mix_tok_s"] * (window_s + ttft) / (load * capacity_tok_s * window_s))
