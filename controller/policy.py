@@ -49,7 +49,8 @@ class SloClass(_Strict):
     """Latency-sensitive requests may preempt best-effort ones inside a worker."""
     on_miss: Literal["run_late", "fail_fast"] = "run_late"
     """A request of this class still waiting when its TTFT target has passed can no longer
-    meet it: `run_late` serves it anyway (it counts as a miss), `fail_fast` fails it at once
+    meet it: `run_late` serves it anyway (it counts as a miss; under QLM's drop_hopeless after
+    the requests that can still meet theirs), `fail_fast` fails it at once
     (status FAILED, "TTFT target missed before it started"), freeing the capacity for
     requests that can still meet theirs."""
     admission: AdmissionLimits = AdmissionLimits()

@@ -77,6 +77,11 @@ def scenario_workload(sc: Scenario, trace: Trace, multiplier: float, window_s: f
         max_context=sc.max_context(), seed=seed))
 
 
+def offered_tok_s(sc: Scenario, trace: Trace, multiplier: float, window_s: float, seed: int) -> float:
+    """Output tokens per second the workload at this multiplier offers over the window."""
+    return sum(r.output_tokens for r in scenario_workload(sc, trace, multiplier, window_s, seed)) / window_s
+
+
 def output_stats(sc: Scenario, trace: Trace, seed: int) -> tuple[float, float, float]:
     """Mean and std of output tokens, mean prompt tokens, after clipping to the models' context."""
     wl = scenario_workload(sc, trace, 1.0, None, seed)  # type: ignore[arg-type]
@@ -248,7 +253,9 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
                  + (f" (at most {args.drain} s)" if args.drain is not None else ""),
         "output_tokens_mean": out_mean, "output_tokens_std": out_std, "prompt_tokens_mean": prompt_mean,
         "capacity": cap, "mix_capacity": mix,
-        "fluid_bound": {f"{ld:.4f}": fluid_bound(sc, window, ld, cap["output_tok_s"], mix) for ld in loads} if mix else None,
+        "fluid_bound": {f"{ld:.4f}": fluid_bound(sc, window, offered_tok_s(sc, trace, ld * cap["req_s"] / trace.rate,
+                                                                         window, args.seed), mix)
+                        for ld in loads} if mix else None,
         "policies": policies, "policies_missing": missing, "load_search": searches,
         "operations": ["on" if m else "off" for m in ops_modes],
         "workload_at_lowest_load": describe_workload(sample),

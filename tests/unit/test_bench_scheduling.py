@@ -115,3 +115,24 @@ def test_latency_sensitive_attainment_within_reach_leaves_out_prompts_too_long_t
     got = ls_within_reach(sc, 8, [req("interactive", 30_000, 9.0), req("interactive", 500, 0.4),
                                   req("interactive", 500, None), req("batch", 500, 0.1)])
     assert got == {"requests": 3, "within_reach": 2, "out_of_reach": 1, "attainment": 0.5}
+
+
+def test_fluid_bound_splits_the_fleet_by_model_shares():
+    """This test verifies that the fluid bound (qlmserve/bench/fluid_bound.py):
+    1. for one model is the measured capacity x (window + the best-effort TTFT) over the
+       output tokens offered, capped at 1;
+    2. for three models uses the fleet split by their shares (a model twice as slow takes
+       twice the workers), measured one model at a time;
+    3. is not given on prompt-heavy scenarios (ls2m) nor on those without a W/3 class (a)."""
+    from qlmserve.bench.fluid_bound import fluid_bound, mix_capacity
+
+    ls2 = SCENARIOS["ls2"]
+    mix = mix_capacity(ls2, 1000.0, measure=None)
+    assert mix["mix_tok_s"] == 1000.0
+    assert fluid_bound(ls2, 120.0, 2000.0, mix) == pytest.approx(1000 * 160 / (2000 * 120))
+    assert fluid_bound(ls2, 120.0, 100.0, mix) == 1.0
+    rates = {"llama-2-7b": 1000.0, "mistral-7b": 1000.0, "llama-2-13b": 500.0}
+    mm3 = mix_capacity(SCENARIOS["mm3"], 0.0, measure=lambda one: rates[one.models[0]])
+    assert mm3["mix_tok_s"] == pytest.approx(750.0)  # 8 workers: 2 + 2 + 4
+    assert mix_capacity(SCENARIOS["ls2m"], 1000.0, measure=None) is None
+    assert mix_capacity(SCENARIOS["a"], 1000.0, measure=None) is None
