@@ -10,6 +10,11 @@ The bound is that capacity times (window + TTFT) over the output tokens offered.
 fluid figure (it ignores the batch slots already running when a deadline passes, and that
 a scheduler favouring short outputs counts more requests per token), so a policy can pass
 it by a little; far below it a policy wastes capacity, far above it no target can be met.
+
+The count bound drops the shares: it takes the requests cheapest first (output tokens
+over their model's per-worker rate at saturation) while the fleet's worker-seconds until
+window + TTFT last. No scheduler, even one that knew every output length and ignored the
+deadlines inside the window, starts more requests on time.
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ def mix_capacity(sc: Scenario, capacity_tok_s: float, measure) -> dict | None:
     return {"per_model_tok_s": per_model, "mix_tok_s": tok_s,
             "method": "each model alone on the whole fleet (model-aware FCFS at saturation), split by the "
                       "model shares"}
+
+
+def count_bound(sc: Scenario, workers: int, window_s: float, requests, mix: dict | None) -> float | None:
+    """The count bound for a workload (`requests`: output_tokens and model each)."""
+    if mix is None or not requests:
+        return None
+    ttft = max(c["ttft_s"] for c in sc.classes_for(window_s).values() if not c.get("latency_sensitive"))
+    per_worker = {m: v / workers for m, v in mix["per_model_tok_s"].items()}
+    budget, n = workers * (window_s + ttft), 0
+    for cost in sorted(r.output_tokens / per_worker[r.model] for r in requests):
+        budget -= cost
+        if budget < 0:
+            break
+        n += 1
+    return n / len(requests)
 
 
 def fluid_bound(sc: Scenario, window_s: float, offered_tok_s: float, mix: dict | None) -> float | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlmserve.bench.fluid_bound import fluid_bound, mix_capacity
+from qlmserve.bench.fluid_bound import count_bound, fluid_bound, mix_capacity
 from qlmserve.bench.load_search import find_load, parse_target
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.bench.tables import (
@@ -77,9 +77,12 @@ def scenario_workload(sc: Scenario, trace: Trace, multiplier: float, window_s: f
         max_context=sc.max_context(), seed=seed))
 
 
-def offered_tok_s(sc: Scenario, trace: Trace, multiplier: float, window_s: float, seed: int) -> float:
-    """Output tokens per second the workload at this multiplier offers over the window."""
-    return sum(r.output_tokens for r in scenario_workload(sc, trace, multiplier, window_s, seed)) / window_s
+def bounds(sc: Scenario, trace: Trace, multiplier: float, workers: int, window_s: float, seed: int,
+           mix: dict) -> dict:
+    """The fluid and count bounds (bench/fluid_bound.py) of the workload at this multiplier."""
+    wl = scenario_workload(sc, trace, multiplier, window_s, seed)
+    return {"fluid": fluid_bound(sc, window_s, sum(r.output_tokens for r in wl) / window_s, mix),
+            "count": count_bound(sc, workers, window_s, wl, mix)}
 
 
 def output_stats(sc: Scenario, trace: Trace, seed: int) -> tuple[float, float, float]:
@@ -253,8 +256,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
                  + (f" (at most {args.drain} s)" if args.drain is not None else ""),
         "output_tokens_mean": out_mean, "output_tokens_std": out_std, "prompt_tokens_mean": prompt_mean,
         "capacity": cap, "mix_capacity": mix,
-        "fluid_bound": {f"{ld:.4f}": fluid_bound(sc, window, offered_tok_s(sc, trace, ld * cap["req_s"] / trace.rate,
-                                                                         window, args.seed), mix)
+        "fluid_bound": {f"{ld:.4f}": bounds(sc, trace, ld * cap["req_s"] / trace.rate, workers, window, args.seed, mix)
                         for ld in loads} if mix else None,
         "policies": policies, "policies_missing": missing, "load_search": searches,
         "operations": ["on" if m else "off" for m in ops_modes],

@@ -186,9 +186,11 @@ def print_setup(console, setup: dict) -> None:
     if setup.get("fluid_bound"):
         mix = setup["mix_capacity"]
         per = ", ".join(f"{m} {v:.0f}" for m, v in mix["per_model_tok_s"].items())
-        bounds = ", ".join(f"load {float(ld):.3f}: {100 * b:.1f}%" for ld, b in setup["fluid_bound"].items())
-        console.print(f"  fluid bound (qlmserve/bench/fluid_bound.py; fleet split by model shares {mix['mix_tok_s']:.0f} "
-                      f"output tok/s, one model alone: {per}): {bounds}")
+        bounds = ", ".join(f"load {float(ld):.3f}: {100 * b['fluid']:.1f}% (count {100 * b['count']:.1f}%)"
+                           if isinstance(b, dict) else f"load {float(ld):.3f}: {100 * b:.1f}%"  # files before the count
+                           for ld, b in setup["fluid_bound"].items())
+        console.print(f"  fluid bound, and count bound of cheapest-first (qlmserve/bench/fluid_bound.py; fleet split by "
+                      f"model shares {mix['mix_tok_s']:.0f} output tok/s, one model alone: {per}): {bounds}")
     for s in setup.get("load_search", []):
         steps = ", ".join(f"{st['load']:.3f}: {100 * st['attainment']:.1f}%" for st in s["steps"])
         console.print(f"  load search: {s['baseline']} (operations {'on' if s['operations'] else 'off'}) at "

@@ -136,3 +136,17 @@ def test_fluid_bound_splits_the_fleet_by_model_shares():
     assert mm3["mix_tok_s"] == pytest.approx(750.0)  # 8 workers: 2 + 2 + 4
     assert mix_capacity(SCENARIOS["ls2m"], 1000.0, measure=None) is None
     assert mix_capacity(SCENARIOS["a"], 1000.0, measure=None) is None
+
+
+def test_count_bound_takes_the_cheapest_requests_first():
+    """This test verifies that the count bound fills the fleet's worker-seconds until the
+    best-effort deadline of the window's end with the cheapest requests first: on one
+    worker at 10 tok/s for 120 + 40 s (1,600 tokens), outputs of 100, 500, 1100 and 2000
+    tokens give 2 of 4 (100 + 500; the 1100 no longer fits)."""
+    from types import SimpleNamespace
+
+    from qlmserve.bench.fluid_bound import count_bound
+
+    reqs = [SimpleNamespace(output_tokens=n, model="llama-2-7b") for n in (2000, 100, 1100, 500)]
+    mix = {"per_model_tok_s": {"llama-2-7b": 10.0}, "mix_tok_s": 10.0}
+    assert count_bound(SCENARIOS["ls2"], 1, 120.0, reqs, mix) == 0.5
