@@ -180,8 +180,10 @@ async def test_latency_sensitive_request_overtakes_a_best_effort_backlog(cluster
     # 400 tokens each (none reaches eos): a pair of them runs for seconds, far longer than
     # an LS request needs to reach the worker and start, even on a busy machine.
     backlog = [asyncio.create_task(_generate(c, "tiny-moe", 6 + i, 400)) for i in range(6)]
-    await wait_until(lambda: len(c.rt.controller.workers["v0"].report.running) >= 2, timeout_s=60,
-                     what="a full batch")
+    # A full batch that is decoding: two requests with tokens out. (Waiting for the report's
+    # running count alone once let the LS request in while both were still prefilling; their
+    # first tokens then came 19 and 30 ms after it was submitted and counted as overtaking.)
+    await wait_until(lambda: _streaming_on(c, "v0", 2, 1), timeout_s=60, interval=0.02, what="a full batch decoding")
     t_ls = time.time()
     ls = await asyncio.wait_for(_generate(c, "tiny-moe", 1, 6, slo_class="interactive"), 60)
     done = await asyncio.wait_for(asyncio.gather(*backlog), 300)
