@@ -43,11 +43,16 @@ def mix_capacity(sc: Scenario, capacity_tok_s: float, measure) -> dict | None:
                       "model shares"}
 
 
+def _be_ttft_s(sc: Scenario, window_s: float) -> float:
+    """The best-effort TTFT target (W/3): the window's last deadline is window + this."""
+    return max(c["ttft_s"] for c in sc.classes_for(window_s).values() if not c.get("latency_sensitive"))
+
+
 def count_bound(sc: Scenario, workers: int, window_s: float, requests, mix: dict | None) -> float | None:
     """The count bound for a workload (`requests`: output_tokens and model each)."""
     if mix is None or not requests:
         return None
-    ttft = max(c["ttft_s"] for c in sc.classes_for(window_s).values() if not c.get("latency_sensitive"))
+    ttft = _be_ttft_s(sc, window_s)
     per_worker = {m: v / workers for m, v in mix["per_model_tok_s"].items()}
     budget, n = workers * (window_s + ttft), 0
     for cost in sorted(r.output_tokens / per_worker[r.model] for r in requests):
@@ -64,5 +69,5 @@ def fluid_bound(sc: Scenario, window_s: float, offered_tok_s: float, mix: dict |
     load is scaled by, 8,832 tok/s against 1.48 x 5,563 on ls2)."""
     if mix is None:
         return None
-    ttft = max(c["ttft_s"] for c in sc.classes_for(window_s).values() if not c.get("latency_sensitive"))
+    ttft = _be_ttft_s(sc, window_s)
     return min(1.0, mix["mix_tok_s"] * (window_s + ttft) / (offered_tok_s * window_s))
