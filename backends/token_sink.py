@@ -24,9 +24,9 @@ class TokenSink:
         self.worker_id = worker_id
         self._append = client.register_script(scripts.APPEND_TOKENS)
 
-    def write(self, events: list[tuple[TokenEvent, int, str]]) -> set[str]:
-        """events: (token event, attempt, text piece). Returns the ids of requests Redis
-        refused because they no longer run here under that attempt."""
+    def write(self, events: list[tuple[TokenEvent, int, str]]) -> set[tuple[str, int]]:
+        """events: (token event, attempt, text piece). Returns (request id, attempt) of the
+        events Redis refused because that attempt no longer runs here."""
         if not events:
             return set()
         keys = [self.k.lengths, self.k.worker_running(self.worker_id), self.k.class_stats, self.k.unfinished,
@@ -36,4 +36,5 @@ class TokenSink:
             keys += [self.k.req(ev.request_id), self.k.ids(ev.request_id), self.k.stream(ev.request_id)]
             args += [ev.request_id, attempt, ev.index, ev.token_id, text, "1" if ev.finished else "0",
                      ev.finish_reason.value if ev.finish_reason else ""]
-        return {r.decode() if isinstance(r, bytes) else r for r in self._append(keys=keys, args=args)}
+        refused = (r.decode() if isinstance(r, bytes) else r for r in self._append(keys=keys, args=args))
+        return {(rid, int(attempt)) for rid, attempt in (r.rsplit("|", 1) for r in refused)}

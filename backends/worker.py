@@ -210,13 +210,19 @@ class EngineLoop(threading.Thread):
             self.sink = None
             time.sleep(0.2)
             return
-        for rid in refused:
-            # The controller gave this request to someone else (we were presumed dead).
-            log.info("request %s no longer ours: dropping it", rid)
-            self._drop(rid)
+        for rid, attempt in refused:
+            # The controller gave this attempt's request to someone else (we were presumed
+            # dead), or back to us as a newer attempt: drop this attempt, never a newer one.
+            log.info("request %s (attempt %d) no longer ours: dropping it", rid, attempt)
+            self._drop(rid, attempt)
 
-    def _drop(self, rid: str) -> None:
+    def _drop(self, rid: str, attempt: int | None = None) -> None:
+        """Stop a request; with `attempt`, only while that attempt is the one held here (a
+        stale write of an earlier attempt must not stop the request's current run)."""
         with self.lock:
+            h = self.held.get(rid)
+            if attempt is not None and h is not None and h.attempt != attempt:
+                return
             self.held.pop(rid, None)
         try:
             self.engine.abort(rid)

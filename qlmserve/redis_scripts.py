@@ -142,8 +142,8 @@ return attempt
 # KEYS[6+3i] request hash, KEYS[7+3i] ids string, KEYS[8+3i] stream
 # ARGV[1] - now, ARGV[2] - number of events, ARGV[3] - seconds to keep a finished request,
 # then per event 7 values: request id, attempt, index, token id, text, finished "1"/"0", reason
-# return the ids of requests whose events were refused because the request no longer runs
-# under that attempt on this worker (the worker drops them); duplicate indexes are skipped
+# return "<request id>|<attempt>" for each event refused because the request no longer runs
+# under that attempt on this worker (the worker drops that attempt); duplicate indexes are skipped
 # silently. The worker's running hash (KEYS[2]) must list the request under the attempt: a
 # worker's Redis ACL user reaches only its own running hash, so it cannot write for others.
 APPEND_TOKENS = """
@@ -192,7 +192,7 @@ for i = 0, n - 1 do
       end
     end
   elseif (not mine) or st[2] ~= attempt or not ((st[1] == 'running') or (st[1] == 'swapped')) then
-    refused[#refused + 1] = rid
+    refused[#refused + 1] = rid .. '|' .. attempt
   end
 end
 return refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -65,7 +66,7 @@ async def test_attempt_fencing_and_requeue(store: RedisStore, redis_url: str, pr
     assert await store.requeue("r", sub.group_id, "w1", 100.2)
     assert (await store.get_request("r")).status == RequestStatus.QUEUED
     assert await store.assign("r", sub.group_id, "w2", 100.3) == 2
-    assert sink1.write([(TokenEvent("r", 99, 1), 1, "zombie")]) == {"r"}
+    assert sink1.write([(TokenEvent("r", 99, 1), 1, "zombie")]) == {("r", 1)}
     sink2 = TokenSink(redis.Redis.from_url(redis_url), prefix, "w2")
     sink2.write([(TokenEvent("r", 12, 1), 2, "b"),
                  (TokenEvent("r", 13, 2, finished=True, finish_reason=FinishReason.LENGTH), 2, "c")])
@@ -77,6 +78,47 @@ async def test_attempt_fencing_and_requeue(store: RedisStore, redis_url: str, pr
     assert await store.worker_running("w2") == {}
     assert await store.unfinished_ids() == set()
 
+
+
+async def test_a_refused_stale_attempt_does_not_stop_the_newer_one(store: RedisStore, redis_url: str, prefix: str):
+    """This test verifies that when a worker's held write of attempt 1 is refused because the
+    request came back to the same worker as attempt 2 (the worker finished attempt 1 while
+    Redis was away, so its reconnect did not list it and the controller requeued it), the
+    worker drops attempt 1 only: attempt 2 keeps running and finishes the request. (Dropping
+    by request id left it `running` forever: `qlm bench chaos` hung on it.)"""
+    from qlmserve.backends.engine import EngineRequest
+    from qlmserve.backends.factory import create_engine
+    from qlmserve.backends.worker import EngineLoop, _Held
+    from qlmserve.operations.model_spec import ModelSpec
+
+    sub = await store.submit(_req("r"), 100.0, GroupingConfig())
+    assert await store.assign("r", sub.group_id, "w1", 100.1) == 1
+    assert await store.requeue("r", sub.group_id, "w1", 100.2)
+    assert await store.assign("r", sub.group_id, "w1", 100.3) == 2
+    engine = create_engine("sim", {"m": ModelSpec()}, max_batch_size=4)
+    engine.load_model("m")
+    loop = EngineLoop(engine, lambda: TokenSink(redis.Redis.from_url(redis_url), prefix, "w1"), {}, lambda *a: None)
+    loop.held["r"] = _Held(2, "m")
+    engine.add_request(EngineRequest(request_id="r", model="m", prompt_token_ids=[1, 2, 3], max_tokens=3))
+    loop._pending = [(TokenEvent("r", 7, 0), 1, "")]  # attempt 1's token, held through the outage
+    loop._flush()
+    assert loop._pending == [] and loop.held["r"].attempt == 2
+    loop.start()
+    try:
+        for _ in range(200):
+            if (await store.get_request("r")).status == RequestStatus.FINISHED:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.stop()
+        loop.join(5)
+    req = await store.get_request("r")
+    assert req.status == RequestStatus.FINISHED and req.attempts == 2
+    assert len(await store.generated_ids("r")) == 3
+    # and a refused write of the attempt the worker does hold still stops it
+    loop.held["x"] = _Held(1, "m")
+    loop._drop("x", 1)
+    assert "x" not in loop.held
 
 async def test_cancel_queued_and_running(store: RedisStore):
     """This test verifies that:
