@@ -27,7 +27,8 @@ Preemption modes (`set_preemption`):
   - NONE: admission in arrival order; a new request waits for the running iteration.
   - ITERATION: latency-sensitive (then higher-priority) requests are admitted first, and
     an iteration with latency-sensitive prefill prefills only them (their first token
-    does not wait for best-effort prefill or the decode step).
+    does not wait for best-effort prefill or the decode step), with 4x the budget
+    (operations.batching, LS_PREFILL_FACTOR).
   - EXPERT (QLLM): as ITERATION, and a latency-sensitive request that arrives while an
     iteration runs pauses it at the next layer boundary (iteration time / num_layers);
     its prefill runs and its first token is returned at once; the paused iteration

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from itertools import compress
 
 from qlmserve.controller.snapshot import ClusterSnapshot, WorkerState, leading_latency_sensitive
-from qlmserve.operations.batching import PreemptionMode, batch_limit, prioritized
+from qlmserve.operations.batching import PreemptionMode, batch_limit, ls_prefill_budget, prioritized
 from qlmserve.operations.ops import Capability, Evict, LoadModel, Operation, SetPreemption, SwapIn, SwapOut
 from qlmserve.operations.plan import Plan
 
@@ -67,15 +67,16 @@ class _Room:
     def ls_start(self, tokens: int, slack_s: float) -> tuple[float, bool] | None:
         """(about when an LS request of `tokens` prompt tokens handed over now gets its first
         token, whether the worker must switch to ITERATION for it), or None when it has no
-        room. Its engine prefills first the LS prompts ahead (ITERATION / EXPERT) or every
-        prompt ahead (NONE), then its own (operations/batching.py, NOTE for the estimator;
-        the iteration in flight is left out, the same on every worker). A worker under NONE
-        switches only when the request would miss there and has time under ITERATION:
+        room. Its engine prefills first the LS prompts ahead, in LS-only iterations
+        (ITERATION / EXPERT), or every prompt ahead (NONE), then its own
+        (operations/batching.py, NOTE for the estimator; the iteration in flight is left
+        out, the same on every worker). A worker under NONE switches only when the
+        request would miss there and has time under ITERATION:
         LS-only iterations pause the best-effort decode, and LS requests beyond the batch
         limit push best-effort KV out (always switching cost 3 points on ls2)."""
         t = self.worker.profile.prefill_time
         if self.prioritized:
-            return (t(self.ahead_ls + tokens), False) if self.slots + self.ls_extra > 0 else None
+            return (self._ls_only_s(tokens), False) if self.slots + self.ls_extra > 0 else None
         w = self.worker
         # under NONE each iteration also carries the running batch's decode step
         chunks = -(-(self.ahead_all + tokens) // max(1, w.max_prefill_tokens))
@@ -84,7 +85,14 @@ class _Room:
             return (plain, False) if self.slots > 0 else None
         if self.slots > 0 and plain <= slack_s:
             return (plain, False)
-        return (t(self.ahead_ls + tokens), True) if self.slots + self.switch_extra > 0 else None
+        return (self._ls_only_s(tokens), True) if self.slots + self.switch_extra > 0 else None
+
+    def _ls_only_s(self, tokens: int) -> float:
+        """Seconds of the LS-only iterations that prefill an LS prompt of `tokens`."""
+        p, w = self.worker.profile, self.worker
+        total = self.ahead_ls + tokens
+        chunks = -(-total // max(1, ls_prefill_budget(w.max_prefill_tokens)))
+        return p.prefill_time(total) + (chunks - 1) * p.prefill_base_s
 
 
 def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int,

@@ -23,9 +23,9 @@ engine describes its state in a `BatchView` and applies the `IterationPlan` that
   LS one waits and may join), the iteration is LS-only: LS chunks alone, no decode and
   no best-effort prefill, so the LS first token does not wait for them; best-effort
   prompts are chunked in the iterations after, beside the decode step of the running
-  sequences. An LS prompt longer than the budget is chunked too: it takes the whole
-  budget of consecutive LS-only iterations until its last chunk. Under NONE the budget
-  goes in admission order, LS or not (the vLLM default is class-blind).
+  sequences. An LS-only iteration has LS_PREFILL_FACTOR times the budget; a longer LS
+  prompt is chunked over consecutive LS-only iterations. Under NONE the budget goes in
+  admission order, LS or not (the vLLM default is class-blind).
 - Preemption victim (`preemption_victim`). When the KV cache cannot hold the next decode
   step, the latest-admitted best-effort sequence goes back to the waiting queue (its
   KV is recomputed later, as vLLM does); LS sequences only when no best-effort one is
@@ -41,13 +41,14 @@ than LS_BATCH_FACTOR x max_batch_size running, KV free) gets its first token aft
      running batch plus prefill_time(<= max_prefill_tokens) (under EXPERT a best-effort
      pass pauses at its next layer boundary instead, so only a layer of it, unless it
      has already been paused for max_pause_s: then it finishes first), then
-  2. LS-only iterations that prefill, max_prefill_tokens at a time, the LS prompt tokens
-     ahead of it (LS sequences already prefilling, then waiting LS ones of higher
-     priority or earlier arrival) and then its own prompt (prompt + tokens kept from an
-     earlier run); each such iteration takes prefill_time(its chunk tokens), with no
-     decode step. Its first token comes at the end of the one holding its last chunk.
+  2. LS-only iterations that prefill, ls_prefill_budget(max_prefill_tokens) at a time,
+     the LS prompt tokens ahead of it (LS sequences already prefilling, then waiting LS
+     ones of higher priority or earlier arrival) and then its own prompt (prompt +
+     tokens kept from an earlier run); each such iteration takes prefill_time(its chunk
+     tokens), with no decode step. Its first token comes at the end of the one holding
+     its last chunk.
 So TTFT <= in-flight iteration + sum over those iterations of prefill_time(chunk), with
-ceil((ahead + own) / max_prefill_tokens) iterations (each adds prefill_base_s). Under
+ceil((ahead + own) / ls_prefill_budget) iterations (each adds prefill_base_s). Under
 NONE it waits for everything ahead of it in arrival order; each iteration then carries
 <= max_prefill_tokens of prefill plus one decode step.
 """
@@ -74,6 +75,19 @@ LS_BATCH_FACTOR = 2
 
 # Prompt tokens one iteration may prefill (the policy's `max_prefill_tokens` default).
 DEFAULT_MAX_PREFILL_TOKENS = 2048
+
+# An LS-only iteration may prefill this many times `max_prefill_tokens`. The budget keeps
+# a mixed iteration short for the decode step it carries; an LS-only one carries none, and
+# only LS work that arrives meanwhile waits for it. Chunking a 19k-token LS prompt by 2,048
+# cost it nine extra iteration overheads (0.1 s on the A100 profiles): on ls2m at the
+# FCFS-50% load QLM met 94.4% of LS requests within reach, 98.0% with this factor 4
+# (`qlm bench --scenario ls2m`, README).
+LS_PREFILL_FACTOR = 4
+
+
+def ls_prefill_budget(max_prefill_tokens: int) -> int:
+    """Prompt tokens an LS-only iteration may prefill."""
+    return LS_PREFILL_FACTOR * max_prefill_tokens
 
 
 def batch_limit(mode: PreemptionMode | str, latency_sensitive: bool, max_batch_size: int) -> int:
@@ -188,7 +202,7 @@ def plan_iteration(view: BatchView[T], *, ls_only: bool = False) -> IterationPla
     if prioritized(view.mode):
         plan = _compose(view, [s for s in view.prefilling if s.latency_sensitive],
                         [s for s in admission_order(view.waiting, view.mode) if s.latency_sensitive],
-                        view.kv_free)
+                        view.kv_free, budget=ls_prefill_budget(view.max_prefill_tokens))
         if plan.prefill or ls_only:
             plan.ls_only = True
             return plan
@@ -210,11 +224,12 @@ def plan_iteration(view: BatchView[T], *, ls_only: bool = False) -> IterationPla
     return plan
 
 
-def _compose(view: BatchView[T], prefilling: Sequence[T], candidates: Sequence[T], kv_free: int) -> IterationPlan[T]:
+def _compose(view: BatchView[T], prefilling: Sequence[T], candidates: Sequence[T], kv_free: int,
+             budget: int | None = None) -> IterationPlan[T]:
     """Prefill chunks: the sequences already prefilling first, then new admissions, while
-    the iteration's prefill budget lasts."""
+    the iteration's prefill budget (`max_prefill_tokens` unless given) lasts."""
     plan: IterationPlan[T] = IterationPlan()
-    budget = view.max_prefill_tokens
+    budget = view.max_prefill_tokens if budget is None else budget
     for s in prefilling:
         if budget <= 0:
             break

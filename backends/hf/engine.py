@@ -24,8 +24,9 @@ NOTE(one step): a step first drains the inbox, then either
     `max_prefill_tokens` prompt tokens (longer prompts go a chunk per iteration; rows
     of very different lengths in passes of their own, forward.pack_rows), and a decode
     pass for the running ones. Under ITERATION / EXPERT, LS prefill runs
-    alone and step() returns right after it, so the worker streams its first token at
-    once; under EXPERT a BE pass may pause mid-way and step() returns early too.
+    alone (with 4x the budget) and step() returns right after it, so the worker
+    streams its first token at once; under EXPERT a BE pass may pause mid-way and
+    step() returns early too.
 
 NOTE(why prefill chunks and decode rows do not share a pass): they share an
 iteration (one step() runs the chunk pass, then the decode pass), as in vLLM's chunked

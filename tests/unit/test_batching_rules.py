@@ -26,6 +26,7 @@ from qlmserve.operations.batching import (
     admission_order,
     batch_limit,
     ls_can_start,
+    ls_prefill_budget,
     plan_iteration,
     preemption_victim,
 )
@@ -103,9 +104,9 @@ ROWS = [
     Row("iteration: LS prefill first, BE chunked behind it", ITER, (r1,), (Req("b1", 80), Req("l1", 20, ls=True)),
         (S({"l1": 20}), S({"b1": 32}, {"r1", "l1"}), S({"b1": 32}, {"r1", "l1"}), S({"b1": 16}, {"r1", "l1"})),
         budget=32),
-    Row("iteration: an LS prompt over the budget takes consecutive LS-only iterations", ITER, (r1,),
-        (Req("l1", 80, ls=True), Req("b1", 16)),
-        (S({"l1": 32}), S({"l1": 32}), S({"l1": 16}), S({"b1": 16}, {"r1", "l1"})), budget=32),
+    Row("iteration: an LS prompt over the LS-only budget (4x) takes consecutive LS-only iterations", ITER, (r1,),
+        (Req("l1", 150, ls=True), Req("b1", 16)),
+        (S({"l1": 64}), S({"l1": 64}), S({"l1": 22}), S({"b1": 16}, {"r1", "l1"})), budget=16),
     Row("none: the budget goes in arrival order, LS or not", NONE, (r1,), (Req("b1", 50), Req("l1", 20, ls=True)),
         (S({"b1": 32}, {"r1"}), S({"b1": 18, "l1": 14}, {"r1"}), S({"l1": 6}, {"r1", "b1"})), budget=32),
     Row("KV runs out: the latest-admitted best-effort request is preempted", NONE,
@@ -408,7 +409,8 @@ def test_pure_rules():
     (NONE, ["be:50", "ls:20"], [], 32, ["be:32"]),
     (NONE, ["ls:20"], ["be:18"], 32, ["be:18", "ls:14"]),
     (ITER, ["be:50", "ls:20"], [], 32, ["ls:20"]),  # LS alone
-    (ITER, ["ls:80"], [], 32, ["ls:32"]),
+    (ITER, ["ls:200"], [], 32, ["ls:128"]),  # an LS-only iteration: 4x the budget
+    (ITER, ["ls:90", "be:5"], ["ls2:50"], 32, ["ls2:50", "ls:78"]),  # 4x the budget, prefilling LS first
     (ITER, ["be:50", "ls:20"], ["ls2:5"], 32, ["ls2:5", "ls:20"]),  # prefilling LS first
     (ITER, ["be:50", "be2:20"], ["be3:10"], 32, ["be3:10", "be:22"]),
     (ITER, ["be:10", "be2:10"], [], 15, ["be:10", "be2:5"]),
@@ -417,7 +419,8 @@ def test_prefill_composition(mode, waiting, prefilling, budget, want):
     """This test verifies that: 1. an iteration prefills at most the budget; sequences
     already prefilling take it first, then new ones in admission order; 2. a prompt over
     what is left is chunked; 3. under ITERATION an iteration with LS work holds LS chunks
-    only; 4. under NONE LS and BE share the budget in arrival order."""
+    only, with 4x the budget; 4. under NONE LS and BE share the budget in arrival
+    order."""
     def seq(spec: str, prefilling: bool) -> Seq:
         name, n = spec.split(":")
         return Seq(name, prompt=int(n) + (7 if prefilling else 0), latency_sensitive=name.startswith("ls"),
@@ -426,5 +429,5 @@ def test_prefill_composition(mode, waiting, prefilling, budget, want):
     plan = plan_iteration(view(mode, [seq(w, False) for w in waiting], prefilling=[seq(p, True) for p in prefilling],
                                budget=budget))
     assert names(plan.prefill) == want
-    assert plan.prefill_tokens <= budget
+    assert plan.prefill_tokens <= (ls_prefill_budget(budget) if plan.ls_only else budget)
     assert plan.ls_only == (mode is ITER and any(n.startswith("ls") for n in want))

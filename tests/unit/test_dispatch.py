@@ -138,7 +138,10 @@ def test_latency_sensitive_requests_go_where_their_prompt_is_prefilled_in_time()
     2. a worker under NONE with 30k best-effort prompt tokens ahead is switched to
        ITERATION for an LS request that would miss behind them (may_preempt), and is not
        when the policy does not enable preemption (it then stays on its planned worker, where
-       it waits least)."""
+       it waits least);
+    3. the LS-only iterations that prefill the prompts ahead count an iteration's
+       overhead per 4 x 2,048 tokens: with 9,860 tokens ahead a 100-token prompt takes
+       two iterations, 2.002 s (late; 1.997 s as one), with 9,800 1.99 s (in time)."""
     ls = GroupState("ls", MODEL, "i", ("ls-0", "ls-1", "ls-2"), (10.0,) * 3, (4000,) * 3, (16,) * 3, 2.0, 2,
                     1.0, True)
     snap = ClusterSnapshot(10.0, (ls,), (_ls_worker("w0", 0, mode=PreemptionMode.ITERATION),
@@ -156,3 +159,10 @@ def test_latency_sensitive_requests_go_where_their_prompt_is_prefilled_in_time()
     assignments, ops = dispatch(plan, snap, 4)
     assert _taken(assignments) == {"w0": ["one-0"]}
     assert not [op for op in ops if isinstance(op, SetPreemption)]
+
+    short = GroupState("short", MODEL, "i", ("short-0",), (10.0,), (100,), (16,), 2.0, 2, 1.0, True)
+    for ahead, where in ((9_800, "w0"), (9_860, "w1")):
+        snap = ClusterSnapshot(10.0, (short,), (_ls_worker("w0", 0, ahead, mode=PreemptionMode.ITERATION),
+                                                _ls_worker("w1", 0, mode=PreemptionMode.ITERATION)), {}, {})
+        got = _taken(dispatch(Plan({"w0": ["short"], "w1": []}, latency_sensitive_first=True), snap, 4)[0])
+        assert got == {where: ["short-0"]}, ahead
