@@ -164,9 +164,15 @@ def ls_within_reach(sc: Scenario, workers: int, requests) -> dict | None:
     slo = sc.classes_for(sc.window_s)[sc.ls_class]["ttft_s"]
     ls = [r for r in requests if r.slo_class == sc.ls_class]
     reach = [r for r in ls if profiles[r.model].prefill_time(r.prompt_tokens) <= slo]
-    met = sum(1 for r in reach if r.first_token_at is not None and r.first_token_at - r.arrival <= slo)
+    missed = [r for r in reach if r.first_token_at is None or r.first_token_at - r.arrival > slo]
+    # Each miss within reach, for the question the figure raises: where did its time go?
+    misses = [{"request": r.rid, "prompt_tokens": r.prompt_tokens,
+               "own_prefill_s": round(profiles[r.model].prefill_time(r.prompt_tokens), 3),
+               "dispatch_wait_s": None if r.first_dispatch_at is None else round(r.first_dispatch_at - r.arrival, 3),
+               "ttft_s": None if r.first_token_at is None else round(r.first_token_at - r.arrival, 3),
+               "worker": r.worker_id} for r in missed[:50]]
     return {"requests": len(ls), "within_reach": len(reach), "out_of_reach": len(ls) - len(reach),
-            "attainment": met / len(reach) if reach else None}
+            "attainment": (len(reach) - len(missed)) / len(reach) if reach else None, "misses": misses}
 
 
 # ---------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def test_latency_sensitive_attainment_within_reach_leaves_out_prompts_too_long_t
     """This test verifies that the LS figure "within reach" (issue 12, on prompt-heavy
     traces) counts only LS requests whose own prefill on an idle worker fits the 2 s
     target: a 30k-token Mistral-7B prompt on an A100 is out of reach and not counted, a
-    short one that met and a short one that missed are, and best-effort requests never are."""
+    short one that met and a short one that missed are (the miss is listed, for where its
+    time went), and best-effort requests never are."""
     from types import SimpleNamespace
 
     from qlmserve.bench.scheduling import ls_within_reach
@@ -108,13 +109,16 @@ def test_latency_sensitive_attainment_within_reach_leaves_out_prompts_too_long_t
     profile = sc.fleet(1).workers[0].models["mistral-7b"].profile
     assert profile.prefill_time(30_000) > 2.0 > profile.prefill_time(500)
 
-    def req(cls, prompt, ttft):
-        return SimpleNamespace(slo_class=cls, model="mistral-7b", prompt_tokens=prompt, arrival=10.0,
-                               first_token_at=None if ttft is None else 10.0 + ttft)
+    def req(cls, prompt, ttft, rid="r"):
+        return SimpleNamespace(rid=rid, slo_class=cls, model="mistral-7b", prompt_tokens=prompt, arrival=10.0,
+                               first_token_at=None if ttft is None else 10.0 + ttft, first_dispatch_at=None,
+                               worker_id=None)
 
     got = ls_within_reach(sc, 8, [req("interactive", 30_000, 9.0), req("interactive", 500, 0.4),
-                                  req("interactive", 500, None), req("batch", 500, 0.1)])
+                                  req("interactive", 500, None, "late"), req("batch", 500, 0.1)])
+    misses = got.pop("misses")
     assert got == {"requests": 3, "within_reach": 2, "out_of_reach": 1, "attainment": 0.5}
+    assert [m["request"] for m in misses] == ["late"] and misses[0]["ttft_s"] is None  # the miss, listed
 
 
 def test_fluid_bound_splits_the_fleet_by_model_shares():
