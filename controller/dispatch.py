@@ -63,6 +63,7 @@ class _Room:
     switch_extra: int | None = None  # ls_extra under ITERATION, when dispatch may switch it there
     ahead_ls: int = 0  # prompt tokens of LS requests handed over and not yet prefilled
     ahead_all: int = 0  # the same of every request
+    in_flight_s: float = 0.0  # a best-effort iteration running now, whole (see _in_flight_s)
 
     def ls_start(self, tokens: int, slack_s: float) -> tuple[float, bool] | None:
         """(about when an LS request of `tokens` prompt tokens handed over now gets its first
@@ -76,7 +77,7 @@ class _Room:
         limit push best-effort KV out (always switching cost 3 points on ls2)."""
         t = self.worker.profile.prefill_time
         if self.prioritized:
-            return (self._ls_only_s(tokens), False) if self.slots + self.ls_extra > 0 else None
+            return (self.in_flight_s + self._ls_only_s(tokens), False) if self.slots + self.ls_extra > 0 else None
         w = self.worker
         # under NONE each iteration also carries the running batch's decode step
         chunks = -(-(self.ahead_all + tokens) // max(1, w.max_prefill_tokens))
@@ -85,7 +86,7 @@ class _Room:
             return (plain, False) if self.slots > 0 else None
         if self.slots > 0 and plain <= slack_s:
             return (plain, False)
-        return (self._ls_only_s(tokens), True) if self.slots + self.switch_extra > 0 else None
+        return (self.in_flight_s + self._ls_only_s(tokens), True) if self.slots + self.switch_extra > 0 else None
 
     def _ls_only_s(self, tokens: int) -> float:
         """Seconds of the LS-only iterations that prefill an LS prompt of `tokens`."""
@@ -93,6 +94,18 @@ class _Room:
         total = self.ahead_ls + tokens
         chunks = -(-total // max(1, ls_prefill_budget(w.max_prefill_tokens)))
         return p.prefill_time(total) + (chunks - 1) * p.prefill_base_s
+
+
+def _in_flight_s(w: WorkerState, mode: PreemptionMode, pending: list) -> float:
+    """The best-effort iteration a worker runs now, whole, that an LS request handed over
+    waits for before its LS-only iterations: a prefill chunk while a prompt is pending,
+    beside the decode step of its batch. None while LS prompts are prefilling there (the
+    iteration is theirs, in `ahead_ls`) or under EXPERT (the pass pauses at its next
+    layer). Under NONE its chunk is in `ahead_all` already."""
+    if not w.active or mode == PreemptionMode.EXPERT or any(r.latency_sensitive for r in pending):
+        return 0.0
+    chunk = min(sum(r.prompt_tokens + r.generated_tokens for r in pending), w.max_prefill_tokens)
+    return (w.profile.prefill_time(chunk) if chunk else 0.0) + w.profile.decode_step_time(w.active)
 
 
 def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int,
@@ -130,7 +143,7 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int,
             w, limit - (w.active - freed.get(w.worker_id, 0)), batch_limit(mode, True, limit) - limit,
             prioritized(mode), batch_limit(PreemptionMode.ITERATION, True, limit) - limit if switch else None,
             sum(r.prompt_tokens + r.generated_tokens for r in pending if r.latency_sensitive),
-            sum(r.prompt_tokens + r.generated_tokens for r in pending))
+            sum(r.prompt_tokens + r.generated_tokens for r in pending), _in_flight_s(w, mode, pending))
     taken: set[str] = set()
     if plan.latency_sensitive_first:
         assignments += _latency_sensitive_first(plan, groups, rooms, snapshot.now, ops)

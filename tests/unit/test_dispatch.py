@@ -166,3 +166,23 @@ def test_latency_sensitive_requests_go_where_their_prompt_is_prefilled_in_time()
                                                 _ls_worker("w1", 0, mode=PreemptionMode.ITERATION)), {}, {})
         got = _taken(dispatch(Plan({"w0": ["short"], "w1": []}, latency_sensitive_first=True), snap, 4)[0])
         assert got == {where: ["short-0"]}, ahead
+
+
+def test_an_ls_request_counts_the_best_effort_iteration_in_flight():
+    """This test verifies that dispatch counts the best-effort iteration a worker runs now
+    (a 2,048-token prefill chunk and a decode step, 0.42 s at WorkerProfile's default):
+    1. a 9,000-token LS prompt (1.805 s of prefill) planned on a worker under ITERATION
+       that is prefilling best-effort prompts goes to an idle worker instead, where it
+       meets 2 s;
+    2. with only LS prompts prefilling there (the iteration is theirs, already counted as
+       prompts ahead) nothing extra is counted: a 100-token LS prompt stays."""
+    ls = GroupState("ls", MODEL, "i", ("ls-0",), (10.0,), (9_000,), (16,), 2.0, 2, 1.0, True)
+    snap = ClusterSnapshot(10.0, (ls,), (_ls_worker("w0", 30_000, mode=PreemptionMode.ITERATION),
+                                         _ls_worker("w1", 0, mode=PreemptionMode.ITERATION)), {}, {})
+    got = _taken(dispatch(Plan({"w0": ["ls"], "w1": []}, latency_sensitive_first=True), snap, 4)[0])
+    assert got == {"w1": ["ls-0"]}
+    short = GroupState("short", MODEL, "i", ("short-0",), (10.0,), (100,), (16,), 2.0, 2, 1.0, True)
+    snap = ClusterSnapshot(10.0, (short,), (_ls_worker("w0", 0, 8_000, mode=PreemptionMode.ITERATION),
+                                            _ls_worker("w1", 0, mode=PreemptionMode.ITERATION)), {}, {})
+    got = _taken(dispatch(Plan({"w0": ["short"], "w1": []}, latency_sensitive_first=True), snap, 4)[0])
+    assert got == {"w0": ["short-0"]}
