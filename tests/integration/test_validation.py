@@ -209,7 +209,7 @@ async def test_workers_write_only_their_own_requests(redis_url: str, prefix: str
         assert await store.finish_early(req.request_id, RequestStatus.FAILED, 101.0, "forged", attempt=att,
                                         by_worker="w2") is None
         sink = TokenSink(redis.Redis.from_url(redis_url), prefix, "w2")
-        assert sink.write([(TokenEvent(req.request_id, 7, 0), att, "x")]) == {req.request_id}
+        assert sink.write([(TokenEvent(req.request_id, 7, 0), att, "x")]) == {(req.request_id, att)}
         assert await store.generated_ids(req.request_id) == []
         assert (await store.get_request(req.request_id)).status == RequestStatus.RUNNING
     finally:
