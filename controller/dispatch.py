@@ -70,9 +70,9 @@ class _Room:
         token, whether the worker must switch to ITERATION for it), or None when it has no
         room. Its engine prefills first the LS prompts ahead, in LS-only iterations
         (ITERATION / EXPERT), or every prompt ahead (NONE), then its own
-        (operations/batching.py, NOTE for the estimator; the iteration in flight is left
-        out, the same on every worker). A worker under NONE switches only when the
-        request would miss there and has time under ITERATION:
+        (operations/batching.py, NOTE for the estimator), after the best-effort iteration
+        in flight (`in_flight_s`). A worker under NONE switches only when the request would
+        miss there and has time under ITERATION:
         LS-only iterations pause the best-effort decode, and LS requests beyond the batch
         limit push best-effort KV out (always switching cost 3 points on ls2)."""
         t = self.worker.profile.prefill_time
@@ -96,15 +96,15 @@ class _Room:
         return p.prefill_time(total) + (chunks - 1) * p.prefill_base_s
 
 
-def _in_flight_s(w: WorkerState, mode: PreemptionMode, pending: list) -> float:
+def _in_flight_s(w: WorkerState, mode: PreemptionMode, ahead_ls: int, ahead_all: int) -> float:
     """The best-effort iteration a worker runs now, whole, that an LS request handed over
-    waits for before its LS-only iterations: a prefill chunk while a prompt is pending,
-    beside the decode step of its batch. None while LS prompts are prefilling there (the
-    iteration is theirs, in `ahead_ls`) or under EXPERT (the pass pauses at its next
-    layer). Under NONE its chunk is in `ahead_all` already."""
-    if not w.active or mode == PreemptionMode.EXPERT or any(r.latency_sensitive for r in pending):
+    waits for before its LS-only iterations: a prefill chunk while a prompt is pending
+    (`ahead_all` tokens), beside the decode step of its batch. None while LS prompts are
+    prefilling there (the iteration is theirs, in `ahead_ls`) or under EXPERT (the pass
+    pauses at its next layer). Under NONE its chunk is in `ahead_all` already."""
+    if not w.active or mode == PreemptionMode.EXPERT or ahead_ls:
         return 0.0
-    chunk = min(sum(r.prompt_tokens + r.generated_tokens for r in pending), w.max_prefill_tokens)
+    chunk = min(ahead_all, w.max_prefill_tokens)
     return (w.profile.prefill_time(chunk) if chunk else 0.0) + w.profile.decode_step_time(w.active)
 
 
@@ -138,12 +138,13 @@ def dispatch(plan: Plan, snapshot: ClusterSnapshot, max_running_per_worker: int,
         limit = min(w.max_batch_size, max_running_per_worker)
         mode = modes.get(w.worker_id, w.preemption_mode)
         pending = [r for r in w.running if r.first_token_at is None and not r.swapped]
+        ahead_ls = sum(r.prompt_tokens + r.generated_tokens for r in pending if r.latency_sensitive)
+        ahead_all = sum(r.prompt_tokens + r.generated_tokens for r in pending)
         switch = may_preempt and not prioritized(mode) and w.supports(Capability.ITERATION_PREEMPTION)
         rooms[w.worker_id] = _Room(
             w, limit - (w.active - freed.get(w.worker_id, 0)), batch_limit(mode, True, limit) - limit,
             prioritized(mode), batch_limit(PreemptionMode.ITERATION, True, limit) - limit if switch else None,
-            sum(r.prompt_tokens + r.generated_tokens for r in pending if r.latency_sensitive),
-            sum(r.prompt_tokens + r.generated_tokens for r in pending), _in_flight_s(w, mode, pending))
+            ahead_ls, ahead_all, _in_flight_s(w, mode, ahead_ls, ahead_all))
     taken: set[str] = set()
     if plan.latency_sensitive_first:
         assignments += _latency_sensitive_first(plan, groups, rooms, snapshot.now, ops)

@@ -110,10 +110,11 @@ def test_budget_of_one_token_with_requeued_request(tiny_models, device):
 
 def test_expert_pause_of_a_chunk_pass_runs_ls_chunks(tiny_models, device):
     """This test verifies that: 1. under EXPERT an LS request arriving while a BE prefill
-    chunk pass runs pauses it at the next stage boundary; 2. an LS prompt longer than its
-    budget (4x the budget) is then prefilled a chunk per step while the BE pass stays paused (a chunk
-    that is not its last returns no token); 3. the paused BE chunk pass then resumes
-    where it stopped, and every request equals generate()."""
+    chunk pass runs pauses it at the next stage boundary; 2. an LS prompt longer than an
+    LS-only iteration's budget (4x the budget) is then prefilled a chunk per step while
+    the BE pass stays paused (a chunk that is not its last returns no token); 3. the
+    paused BE chunk pass then resumes where it stopped, and every request equals
+    generate()."""
     folder = tiny_models["mixtral"]
     engine = make_engine({"m": ("mixtral", folder)}, device, preemption=PreemptionMode.EXPERT,
                          max_prefill_tokens=16)
