@@ -32,12 +32,15 @@ class SimGroup:
     created_at: float
     seq: int  # its place in the order groups opened (a reopened group: a new, later one)
     joined: int = 0  # requests that ever joined (the grouping rule's size)
-    waiting: list[SimRequest] = field(default_factory=list)  # by arrival
+    waiting: list[SimRequest] = field(default_factory=list)  # by arrival, requeued ones ahead
     arrivals: list[float] = field(default_factory=list)  # parallel to waiting (for bisect)
     view: GroupView | None = None
 
-    def add(self, r: SimRequest) -> None:
-        i = bisect.bisect_right(self.arrivals, r.arrival)
+    def add(self, r: SimRequest, head: bool = False) -> None:
+        """By arrival; at the head when `head` (a requeued request goes ahead of those
+        waiting, as the controller's REQUEUE script puts it). Arrivals join after every
+        request waiting, so the bisect finds the end whatever a requeue put at the head."""
+        i = 0 if head else bisect.bisect_right(self.arrivals, r.arrival)
         self.arrivals.insert(i, r.arrival)
         self.waiting.insert(i, r)
 
@@ -89,7 +92,7 @@ class WaitingGroups:
             g = SimGroup(r.group_id, r.model, r.slo_class, r.arrival, self._seq)
             self.groups[r.group_id] = g
         r.status = SimStatus.WAITING
-        g.add(r)
+        g.add(r, head=True)
         self._changed.add(g)
 
     def remove(self, r: SimRequest) -> None:
