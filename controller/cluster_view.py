@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from qlmserve.controller.estimator import LengthLearner, Moments
+from qlmserve.controller.length_band import LengthKey
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.request_order import depends_on_time, order_requests
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
@@ -49,6 +50,7 @@ class RequestView:
     latency_sensitive: bool = False
     prefix_blocks: tuple[int, ...] = ()  # its prompt's prefix block ids (operations/prefix_cache.py)
     session: str = ""  # stickiness key (the user, or the conversation)
+    length_band: int = 0  # its prompt's length band (controller/length_band.py), as submitted
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,8 @@ def without(view: ClusterView, request_ids: set[str]) -> ClusterView:
     return replace(view, groups=tuple(drop(g) for g in view.groups))
 
 
-def learned_lengths(policy: PolicyConfig, observed: Mapping[tuple[str, str], Moments],
-                    running: Iterable[RunningRequest]) -> dict[tuple[str, str], LengthStats]:
+def learned_lengths(policy: PolicyConfig, observed: Mapping[LengthKey, Moments],
+                    running: Iterable[RunningRequest]) -> dict[LengthKey, LengthStats]:
     """The output-length distribution the estimator reads: the policy's prior plus the
     observed (already forgotten) moments, with running requests as censored lengths."""
     return LengthLearner(policy, observed).length_stats(running)
@@ -144,14 +146,15 @@ def group_state(g: GroupView, policy: PolicyConfig, placement: Mapping[str, tupl
         latency_sensitive=slo.latency_sensitive if slo else (reqs[0].latency_sensitive if reqs else False),
         worker_id=wid, position=pos, created_at=g.created_at,
         prefix_blocks=tuple(r.prefix_blocks for r in reqs) if any(r.prefix_blocks for r in reqs) else (),
-        sessions=tuple(r.session for r in reqs) if any(r.session for r in reqs) else ())
+        sessions=tuple(r.session for r in reqs) if any(r.session for r in reqs) else (),
+        length_band=reqs[0].length_band if reqs else 0)  # one band per group (its open-group key)
 
 
 def running_request(r: RequestView, policy: PolicyConfig) -> RunningRequest:
     slo = policy.slo_classes.get(r.slo_class)
     return RunningRequest(r.request_id, r.group_id, r.model, r.slo_class, r.prompt_tokens, r.generated_tokens,
                           r.max_tokens, slo.latency_sensitive if slo else r.latency_sensitive, r.arrival,
-                          r.first_token_at, swapped=r.swapped, session=r.session)
+                          r.first_token_at, swapped=r.swapped, session=r.session, length_band=r.length_band)
 
 
 def host_ram_models(host_ram_bytes: int, model_bytes: Mapping[str, int], models: Iterable[str]) -> int:
@@ -237,7 +240,7 @@ class StateCache:
 
 
 def build_snapshot(view: ClusterView, policy: PolicyConfig, placement: Mapping[str, tuple[str, int]],
-                   length_stats: dict[tuple[str, str], LengthStats], cache: StateCache | None = None
+                   length_stats: dict[LengthKey, LengthStats], cache: StateCache | None = None
                    ) -> ClusterSnapshot:
     """The planner's input. `placement` is group -> (worker, position) in the last plan;
     `length_stats` comes from `learned_lengths`; `cache` reuses states of unchanged views."""

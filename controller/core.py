@@ -48,6 +48,7 @@ from qlmserve.controller.exceptions import (  # noqa: F401 - re-exported
     UnknownWorker,
     WorkerIdInUse,
 )
+from qlmserve.controller.length_band import length_band
 from qlmserve.controller.metrics import ControllerMetrics
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig, SloClass
@@ -103,11 +104,12 @@ class _Meta:
     latency_sensitive: bool
     session: str = ""  # stickiness key: the client's user_id
     prefix_blocks: tuple[int, ...] = ()  # its prompt's chain keys (controller/prefix_affinity.py)
+    length_band: int = 0  # controller/length_band.py, as stored at submission
 
 
 # The request hash fields a _Meta is read from (controller/request.py to_redis), + generated.
 _META_FIELDS = ("model", "slo_class", "group_id", "arrival", "prompt_tokens", "max_tokens", "ttft_slo", "ls",
-                "generated", "user_id")
+                "generated", "user_id", "length_band")
 
 
 class Controller:
@@ -224,7 +226,9 @@ class Controller:
         req = Request(request_id=RedisStore.new_request_id(), model=inp.model, slo_class=cls_name,
                       prompt_token_ids=ids, max_tokens=inp.max_tokens, arrival=now, ttft_slo_s=slo.ttft_s,
                       latency_sensitive=slo.latency_sensitive, priority=slo.priority, sampling=s,
-                      user_id=inp.user_id, tenant=inp.tenant)
+                      user_id=inp.user_id, tenant=inp.tenant,
+                      length_band=length_band(len(ids), self.policy.grouping.length_bands_per_octave,
+                                              slo.latency_sensitive))
         res = await self.store.submit(req, now, self.policy.grouping, inp.idempotency_key,
                                       admission.limits_for(self.policy, slo, inp.tenant))
         if res.refused is not None:
@@ -237,7 +241,7 @@ class Controller:
             self.metrics.submitted.labels(inp.model, cls_name).inc()
             self._meta[req.request_id] = _Meta(req.model, cls_name, res.group_id, now, len(ids), req.max_tokens,
                                                slo.ttft_s, slo.latency_sensitive, req.user_id,
-                                               prompt_blocks(ids, self.policy))
+                                               prompt_blocks(ids, self.policy), req.length_band)
             if slo.latency_sensitive or slo.ttft_s <= self.policy.tick_interval_ms / 1000 * 10:
                 self._wake.set()  # a request at risk: plan now, not at the next timer tick
         return res, len(ids)
@@ -403,7 +407,7 @@ class Controller:
         gen = self._waiting_generated.get(rid, 0) if generated is None else generated
         return RequestView(rid, m.group_id, m.model, m.slo_class, m.arrival, m.prompt_tokens, m.max_tokens, gen,
                            first_token_at, swapped, m.ttft_slo_s, m.latency_sensitive, m.prefix_blocks,
-                           m.session)
+                           m.session, m.length_band)
 
     def _prune_meta(self, snap: ClusterSnapshot) -> None:
         """The metadata cache holds the requests alive in this snapshot, no more: finished
@@ -444,12 +448,12 @@ class Controller:
         # The prompt itself only where dispatch keys prefixes (it is the largest field).
         keyed = self.policy.dispatch.prefix_block_tokens > 0
         rows = await self.store.request_fields(rids, _META_FIELDS + (("prompt",) if keyed else ()))
-        for rid, (model, cls, gid, arrival, prompt, max_tokens, ttft, ls, gen, user, *ids) in rows.items():
+        for rid, (model, cls, gid, arrival, prompt, max_tokens, ttft, ls, gen, user, band, *ids) in rows.items():
             if gen and int(gen):  # requeued with tokens: planned with them (cluster_view.group_state)
                 self._waiting_generated[rid] = int(gen)
             blocks = prompt_blocks([int(t) for t in ids[0].split(",") if t], self.policy) if ids and ids[0] else ()
             self._meta[rid] = _Meta(model, cls, gid or "", float(arrival), int(prompt), int(max_tokens), float(ttft),
-                                    ls == "1", user or "", blocks)
+                                    ls == "1", user or "", blocks, int(band or 0))
 
     def _update_gauges(self, snap: ClusterSnapshot) -> None:
         keys = [(m, c) for m in self.policy.models for c in self.policy.slo_classes]

@@ -135,6 +135,10 @@ class GroupingConfig(_Strict):
     """Requests of one (model, class) arriving within this window share a group."""
     max_group_size: int = Field(default=64, ge=1)
     """A group is closed once it holds this many requests."""
+    length_bands_per_octave: int = Field(default=2, ge=0, le=16)
+    """Requests also group by prompt length, in bands of 1/n octave, and the estimator learns
+    output lengths per band (controller/length_band.py); 0: by (model, class) only. A change
+    applies to requests submitted after it."""
 
 
 class RequestLimits(_Strict):

@@ -56,6 +56,7 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     user_id: str = ""
     tenant: str = ""  # whose quota it counts against (from the caller's credential)
+    length_band: int = 0  # its prompt's length band at submission (controller/length_band.py)
     status: RequestStatus = RequestStatus.QUEUED
     group_id: str = ""
     worker_id: str = ""
@@ -114,6 +115,7 @@ class Request:
             "user_id": self.user_id,
             "tenant": self.tenant,
             "cost": str(self.cost),
+            "length_band": str(self.length_band),
             "status": self.status.value,
             "group_id": self.group_id,
             "worker_id": "",
@@ -141,6 +143,7 @@ class Request:
             sampling=Sampling.from_json(h.get("sampling", "")),
             user_id=h.get("user_id", ""),
             tenant=h.get("tenant", ""),
+            length_band=int(h.get("length_band", "0")),
             status=RequestStatus(h.get("status", "queued")),
             group_id=h.get("group_id", ""),
             worker_id=h.get("worker_id", ""),

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from qlmserve.controller.length_band import CLASS_WIDE, LengthKey
 from qlmserve.operations.batching import DEFAULT_MAX_PREFILL_TOKENS, PreemptionMode, batch_limit
 from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import Capability, Operation, required_capability
@@ -55,6 +56,7 @@ class GroupState:
     # per request: its prompt's prefix block ids (() when no request has any), its session
     prefix_blocks: tuple[tuple[int, ...], ...] = ()
     sessions: tuple[str, ...] = ()
+    length_band: int = 0  # its requests' prompt-length band (controller/length_band.py)
 
     @property
     def size(self) -> int:
@@ -97,6 +99,7 @@ class RunningRequest:
     first_token_at: float | None  # None until its first token is out
     swapped: bool = False
     session: str = ""  # stickiness key (the user, or the conversation)
+    length_band: int = 0  # its prompt-length band (controller/length_band.py)
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,9 @@ class ClusterSnapshot:
     now: float
     groups: tuple[GroupState, ...]
     workers: tuple[WorkerState, ...]
-    # (model, slo_class) -> learned output-length distribution
-    length_stats: dict[tuple[str, str], LengthStats] = field(default_factory=dict)
+    # (model, slo_class, length band) -> learned output-length distribution; band 0 (CLASS_WIDE)
+    # is the whole class, what a band with nothing learned yet reads
+    length_stats: dict[LengthKey, LengthStats] = field(default_factory=dict)
     # model name -> weight bytes (model-swap cost)
     model_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -196,5 +200,8 @@ class ClusterSnapshot:
         """group_id -> group, in the snapshot's order."""
         return {g.group_id: g for g in self.groups}
 
-    def lengths(self, model: str, slo_class: str) -> LengthStats:
-        return self.length_stats.get((model, slo_class), DEFAULT_LENGTHS)
+    def lengths(self, model: str, slo_class: str, band: int = CLASS_WIDE) -> LengthStats:
+        st = self.length_stats.get((model, slo_class, band))
+        if st is None and band != CLASS_WIDE:
+            st = self.length_stats.get((model, slo_class, CLASS_WIDE))
+        return DEFAULT_LENGTHS if st is None else st

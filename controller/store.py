@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError
 
 from qlmserve import redis_scripts as scripts
 from qlmserve.controller.grouping import OpenGroup, choose_group
+from qlmserve.controller.length_band import CLASS_WIDE, LengthKey
 from qlmserve.controller.policy import GroupingConfig
 from qlmserve.controller.request import Request, RequestStatus
 from qlmserve.redis_keys import FINISHED_RETENTION_S, Keys
@@ -185,7 +186,7 @@ class RedisStore:
     async def _flush(self, batch: list[_Pending]) -> None:
         # Grouping reads the open group then writes; this is the only writer of this
         # controller's cached open groups (Redis keeps them for a restart).
-        keys = [self.k.open_group(p.req.model, p.req.slo_class) for p in batch]
+        keys = [self.k.open_group(p.req.model, p.req.slo_class, p.req.length_band) for p in batch]
         for key in dict.fromkeys(keys):
             if key not in self._open:
                 self._open[key] = await self._read_open_group(key)
@@ -400,14 +401,23 @@ class RedisStore:
         h = await self.r.hgetall(self.k.worker_running(wid))
         return {rid: int(a) for rid, a in h.items()}
 
-    async def length_counts(self) -> dict[tuple[str, str], tuple[float, float, float]]:
-        """(model, class) -> (n, sum, sumsq) of finished output lengths."""
+    async def length_counts(self) -> dict[LengthKey, tuple[float, float, float]]:
+        """(model, class, length band) -> (n, sum, sumsq) of finished output lengths. Fields
+        are "model|class|band|stat"; "model|class|stat" ones (written before bands) count
+        as the class's band 0."""
         h = await self.r.hgetall(self.k.lengths)
-        out: dict[tuple[str, str], list[float]] = {}
+        out: dict[LengthKey, list[float]] = {}
         for field, value in h.items():
-            model, cls, stat = field.rsplit("|", 2)
+            head, stat = field.rsplit("|", 1)
+            parts = head.rsplit("|", 2)
+            if len(parts) == 3 and parts[2].isdigit():
+                key = (parts[0], parts[1], int(parts[2]))
+            else:
+                model, cls = head.rsplit("|", 1)
+                key = (model, cls, CLASS_WIDE)
             idx = {"n": 0, "sum": 1, "sumsq": 2}[stat]
-            out.setdefault((model, cls), [0.0, 0.0, 0.0])[idx] = float(value)
+            acc = out.setdefault(key, [0.0, 0.0, 0.0])
+            acc[idx] += float(value)
         return {k: (v[0], v[1], v[2]) for k, v in out.items()}
 
     async def class_stats(self) -> dict[str, dict[str, int]]:

@@ -37,8 +37,8 @@ class Keys:
     def groups(self) -> str:  # zset: group ids with waiting requests, by creation time
         return f"{self.prefix}:groups"
 
-    def open_group(self, model: str, slo_class: str) -> str:  # string: the group new requests join
-        return f"{self.prefix}:open:{model}|{slo_class}"
+    def open_group(self, model: str, slo_class: str, band: int = 0) -> str:  # string: the group new requests join
+        return f"{self.prefix}:open:{model}|{slo_class}" + (f"|{band}" if band else "")  # band 0: as before bands
 
     def vq(self, wid: str) -> str:  # list: the worker's virtual queue (group ids, head first)
         return f"{self.prefix}:vq:{wid}"
@@ -54,7 +54,7 @@ class Keys:
         return f"{self.prefix}:workers"
 
     @property
-    def lengths(self) -> str:  # hash: "model|class|n|sum|sumsq" fields of finished output lengths
+    def lengths(self) -> str:  # hash: "model|class|band|n" (and |sum, |sumsq) of finished output lengths
         return f"{self.prefix}:lengths"
 
     @property

@@ -157,7 +157,7 @@ for i = 0, n - 1 do
   local tok, text, fin, reason = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local kreq, kids, kstream = KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3]
   local st = redis.call('HMGET', kreq, 'status', 'attempts', 'generated', 'model', 'slo_class',
-                        'arrival', 'ttft_slo', 'first_token_at')
+                        'arrival', 'ttft_slo', 'first_token_at', 'length_band')
   local mine = redis.call('HGET', KEYS[2], rid) == attempt
   if mine and (st[1] == 'running' or st[1] == 'swapped') and st[2] == attempt and tonumber(st[3]) == index then
     redis.call('APPEND', kids, tok .. ',')
@@ -173,7 +173,7 @@ for i = 0, n - 1 do
       redis.call('HSET', kreq, 'status', 'finished', 'finish_reason', reason, 'finish_at', now)
       redis.call('HDEL', KEYS[2], rid)
       redis.call('SREM', KEYS[4], rid)
-      local lk = st[4] .. '|' .. st[5]
+      local lk = st[4] .. '|' .. st[5] .. '|' .. (st[9] or '0')  -- the request's length band
       redis.call('HINCRBY', KEYS[1], lk .. '|n', 1)
       redis.call('HINCRBYFLOAT', KEYS[1], lk .. '|sum', index + 1)
       redis.call('HINCRBYFLOAT', KEYS[1], lk .. '|sumsq', (index + 1) * (index + 1))

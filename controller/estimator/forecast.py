@@ -141,7 +141,7 @@ class Forecaster:
         mix: dict[str, list[float]] = {}  # model -> [requests, sum of means, sum of E[L^2]]
         for g in groups:
             prompts.setdefault(g.model, []).extend(g.prompt_tokens)
-            st = snapshot.lengths(g.model, g.slo_class)
+            st = snapshot.lengths(g.model, g.slo_class, g.length_band)
             acc = mix.setdefault(g.model, [0.0, 0.0, 0.0])
             acc[0] += g.size
             acc[1] += g.size * st.mean
@@ -149,7 +149,7 @@ class Forecaster:
         for w in snapshot.workers:
             for r in w.running:
                 prompts.setdefault(r.model, []).append(r.prompt_tokens)
-        for (m, _c), st in snapshot.length_stats.items():
+        for (m, _c, _b), st in snapshot.length_stats.items():
             if m not in mix:
                 acc = mix.setdefault(m, [0.0, 0.0, 0.0])
             acc = mix[m]
@@ -169,10 +169,10 @@ class Forecaster:
             meter.charge("table_slot", TABLE_SLOTS_BUILT[0] - built)
 
     def group_work(self, g: GroupState) -> GroupWork:
-        key = (g.model, g.slo_class, g.max_tokens)
+        key = (g.model, g.slo_class, g.length_band, g.max_tokens)
         moments = self._decode_moments.get(key)
-        if moments is None:  # groups of one class with the same caps share their sums
-            st = self.snapshot.lengths(g.model, g.slo_class)
+        if moments is None:  # groups of one class and band with the same caps share their sums
+            st = self.snapshot.lengths(g.model, g.slo_class, g.length_band)
             moments = self._decode_moments[key] = group_decode_moments(st.mean, st.var, g.max_tokens)
         w = Work(len(g.request_ids), moments[0], moments[1], float(g.total_prompt_tokens))
         late = g.ttft_s - self.snapshot.now
@@ -200,7 +200,7 @@ class Forecaster:
         # requests are not ahead of the queue: they resume only into slots the queue leaves
         # spare (the swap-in rule in policies/op_rules.py).
         on_device = [r for w in snap.workers for r in w.running if not r.swapped]
-        stats = [snap.lengths(r.model, r.slo_class) for r in on_device]
+        stats = [snap.lengths(r.model, r.slo_class, r.length_band) for r in on_device]
         all_m, all_v = remaining_moments(np.array([s.mean for s in stats]), np.array([s.var for s in stats]),
                                          np.array([r.max_tokens for r in on_device], dtype=float),
                                          np.array([r.generated_tokens for r in on_device], dtype=float))

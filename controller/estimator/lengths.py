@@ -1,5 +1,5 @@
-"""Output lengths of (model, SLO class): learned online from finished requests on top of
-the policy's prior, forgotten with a half-life, with running requests counted as
+"""Output lengths of (model, SLO class, length band): learned online from finished requests
+on top of the policy's prior, forgotten with a half-life, with running requests counted as
 right-censored lengths; gamma-shaped (see the package docstring)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from scipy import special
 
 from qlmserve.controller.estimator.distributions import gamma_shape_scale
+from qlmserve.controller.length_band import CLASS_WIDE, LengthKey
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import DEFAULT_LENGTHS, LengthStats, RunningRequest
 from qlmserve.operations.model_spec import OutputPrior
@@ -70,23 +71,23 @@ class Moments:
         return cls(num("count"), num("sum"), num("sumsq"))
 
 
-def merge_moments(*parts: Mapping[tuple[str, str], Moments]) -> dict[tuple[str, str], Moments]:
+def merge_moments(*parts: Mapping[LengthKey, Moments]) -> dict[LengthKey, Moments]:
     """Sum several learner states (e.g. the one in Redis and this controller's unsaved delta)."""
-    out: dict[tuple[str, str], Moments] = {}
+    out: dict[LengthKey, Moments] = {}
     for part in parts:
         for key, m in part.items():
             out[key] = out.get(key, Moments()) + m
     return out
 
 
-def moments_key(model: str, slo_class: str) -> str:
-    """A readable, unambiguous string key for one (model, class): `["llama", "interactive"]`."""
-    return json.dumps([model, slo_class])
+def moments_key(model: str, slo_class: str, band: int = CLASS_WIDE) -> str:
+    """A readable, unambiguous string key for one (model, class, band): `["llama", "interactive", 0]`."""
+    return json.dumps([model, slo_class, band])
 
 
-def parse_moments_key(key: str | bytes) -> tuple[str, str]:
-    model, slo_class = json.loads(key.decode() if isinstance(key, bytes) else key)
-    return str(model), str(slo_class)
+def parse_moments_key(key: str | bytes) -> LengthKey:
+    model, slo_class, *band = json.loads(key.decode() if isinstance(key, bytes) else key)
+    return str(model), str(slo_class), int(band[0]) if band else CLASS_WIDE  # keys from before bands: the class
 
 
 class RecentMoments:
@@ -99,11 +100,11 @@ class RecentMoments:
 
     def __init__(self, half_life_s: float) -> None:
         self.half_life_s = half_life_s
-        self._seen: dict[tuple[str, str], Moments] = {}
-        self._recent: dict[tuple[str, str], Moments] = {}
+        self._seen: dict[LengthKey, Moments] = {}
+        self._recent: dict[LengthKey, Moments] = {}
         self._at: float | None = None
 
-    def update(self, now: float, cumulative: Mapping[tuple[str, str], Moments]) -> dict[tuple[str, str], Moments]:
+    def update(self, now: float, cumulative: Mapping[LengthKey, Moments]) -> dict[LengthKey, Moments]:
         if self.half_life_s <= 0:
             return dict(cumulative)
         f = 1.0 if self._at is None else 0.5 ** (max(0.0, now - self._at) / self.half_life_s)
@@ -118,53 +119,61 @@ class RecentMoments:
 
 
 class LengthLearner:
-    """Output-length distribution per (model, SLO class), learned online.
+    """Output-length distribution per (model, SLO class, length band), learned online.
 
+    A band's figure is the prior plus that band's observations; band 0 (CLASS_WIDE) reads
+    the prior plus every band's, and stands in for a band with none (controller/length_band.py).
     The state is the observed moments only; the policy's prior (ModelSpec.output_prior,
     a pseudo-count of `weight` requests with the prior mean and std) is added when the
     stats are read, so a policy reload that changes a prior takes effect at once and the
     persisted state never double-counts it."""
 
-    def __init__(self, config: PolicyConfig, observed: Mapping[tuple[str, str], Moments] | None = None) -> None:
+    def __init__(self, config: PolicyConfig, observed: Mapping[LengthKey, Moments] | None = None) -> None:
         self.config = config
-        self._observed: dict[tuple[str, str], Moments] = dict(observed or {})
+        self._observed: dict[LengthKey, Moments] = dict(observed or {})
 
     def _prior(self, model: str) -> OutputPrior:
         spec = self.config.models.get(model)
         return spec.output_prior if spec is not None else OutputPrior()
 
-    def observe(self, model: str, slo_class: str, output_tokens: int) -> Moments:
+    def observe(self, model: str, slo_class: str, output_tokens: int, band: int = CLASS_WIDE) -> Moments:
         """Record one finished request; returns the delta (for an atomic Redis increment)."""
         delta = Moments.of(output_tokens)
-        key = (model, slo_class)
+        key = (model, slo_class, band)
         self._observed[key] = self._observed.get(key, Moments()) + delta
         return delta
 
-    def stats(self, model: str, slo_class: str) -> LengthStats:
-        m = Moments.from_prior(self._prior(model)) + self._observed.get((model, slo_class), Moments())
-        return m.to_stats(DEFAULT_LENGTHS)
+    def stats(self, model: str, slo_class: str, band: int = CLASS_WIDE) -> LengthStats:
+        if band == CLASS_WIDE:
+            seen = sum((m for (km, kc, _b), m in self._observed.items() if (km, kc) == (model, slo_class)),
+                       Moments())
+        else:
+            seen = self._observed.get((model, slo_class, band), Moments())
+        return (Moments.from_prior(self._prior(model)) + seen).to_stats(DEFAULT_LENGTHS)
 
-    def length_stats(self, running: Iterable[RunningRequest] = ()) -> dict[tuple[str, str], LengthStats]:
-        """Every (model, class) of the policy plus any observed one: ClusterSnapshot.length_stats,
-        corrected for the requests still running (`with_running`)."""
-        keys = {(m, c) for m in self.config.models for c in self.config.slo_classes} | set(self._observed)
+    def length_stats(self, running: Iterable[RunningRequest] = ()) -> dict[LengthKey, LengthStats]:
+        """The whole class (band 0) of every (model, class) of the policy or observed, and every
+        observed band: ClusterSnapshot.length_stats, corrected for the requests still running
+        (`with_running`)."""
+        keys = ({(m, c, CLASS_WIDE) for m in self.config.models for c in self.config.slo_classes}
+                | {(m, c, CLASS_WIDE) for m, c, _b in self._observed} | set(self._observed))
         return with_running({k: self.stats(*k) for k in sorted(keys)}, running)
 
-    def state(self) -> dict[tuple[str, str], Moments]:
+    def state(self) -> dict[LengthKey, Moments]:
         return dict(self._observed)
 
-    def restore(self, state: Mapping[tuple[str, str], Moments]) -> None:
+    def restore(self, state: Mapping[LengthKey, Moments]) -> None:
         self._observed = dict(state)
 
-    def merge(self, state: Mapping[tuple[str, str], Moments]) -> None:
+    def merge(self, state: Mapping[LengthKey, Moments]) -> None:
         self._observed = merge_moments(self._observed, state)
 
     def dumps(self) -> dict[str, str]:
-        """One string per (model, class): `moments_key` -> JSON [count, sum, sumsq]."""
+        """One string per (model, class, band): `moments_key` -> JSON [count, sum, sumsq]."""
         return {moments_key(*k): json.dumps([m.count, m.total, m.total_sq]) for k, m in self._observed.items()}
 
     @staticmethod
-    def loads(data: Mapping[str | bytes, str | bytes]) -> dict[tuple[str, str], Moments]:
+    def loads(data: Mapping[str | bytes, str | bytes]) -> dict[LengthKey, Moments]:
         out = {}
         for k, v in data.items():
             c, s, ss = json.loads(v.decode() if isinstance(v, bytes) else v)
@@ -172,8 +181,8 @@ class LengthLearner:
         return out
 
 
-def with_running(stats: Mapping[tuple[str, str], LengthStats], running: Iterable[RunningRequest],
-                 max_rounds: int = 60, buckets: int = 16) -> dict[tuple[str, str], LengthStats]:
+def with_running(stats: Mapping[LengthKey, LengthStats], running: Iterable[RunningRequest],
+                 max_rounds: int = 60, buckets: int = 16) -> dict[LengthKey, LengthStats]:
     """Length stats that also count the requests still running, as right-censored lengths.
 
     Finished requests alone are a biased sample: short outputs finish first, so while a
@@ -185,10 +194,12 @@ def with_running(stats: Mapping[tuple[str, str], LengthStats], running: Iterable
     less than 0.1% (heavy censoring converges slowly: tens of rounds). The running requests
     are summarised as `buckets` groups of similar progress, so a round costs the same for
     a fleet of thousands as for one worker."""
-    by_key: dict[tuple[str, str], list[RunningRequest]] = {}
+    by_key: dict[LengthKey, list[RunningRequest]] = {}
     for r in running:
         if r.generated_tokens > 0:
-            by_key.setdefault((r.model, r.slo_class), []).append(r)
+            by_key.setdefault((r.model, r.slo_class, r.length_band), []).append(r)
+            if r.length_band != CLASS_WIDE:  # the whole class counts it too
+                by_key.setdefault((r.model, r.slo_class, CLASS_WIDE), []).append(r)
     out = dict(stats)
     for key, rs in by_key.items():
         st = stats.get(key)

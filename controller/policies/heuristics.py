@@ -73,7 +73,7 @@ class QueueTails:
         t = np.where(self.tail_model == j, self.same, self.switch[:, j]) if model_aware else self.same
         t = t + self.barred[:, j]
         if self.kv_check:
-            need = max(g.prompt_tokens) + self.fc.snapshot.lengths(g.model, g.slo_class).mean
+            need = max(g.prompt_tokens) + self.fc.snapshot.lengths(g.model, g.slo_class, g.length_band).mean
             if need > self.kv_min:
                 t[self.kv < need] = np.inf
         return t

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from qlmserve.controller.length_band import CLASS_WIDE
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, GroupState, LengthStats, RunningRequest, WorkerState
 from qlmserve.operations.costs import WorkerProfile
@@ -86,7 +87,7 @@ def random_snapshot(config: PolicyConfig, spec: InstanceSpec, seed: int) -> Clus
     for m in models:
         pr = config.models[m].output_prior
         for c in classes:
-            length_stats[(m, c)] = LengthStats(pr.mean, pr.std**2, pr.weight)
+            length_stats[(m, c, CLASS_WIDE)] = LengthStats(pr.mean, pr.std**2, pr.weight)
 
     workers: list[WorkerState] = []
     for i in range(spec.workers):
@@ -106,7 +107,7 @@ def random_snapshot(config: PolicyConfig, spec: InstanceSpec, seed: int) -> Clus
             n_run = int(rng.binomial(batch, spec.running_fill))
             for j in range(n_run):
                 c = str(rng.choice(classes, p=shares))
-                st = length_stats[(active, c)]
+                st = length_stats[(active, c, CLASS_WIDE)]
                 gen = int(rng.integers(1, max(2, int(2 * st.mean))))
                 running.append(RunningRequest(
                     request_id=f"w{i}-r{j}", group_id=f"w{i}-old{j}", model=active, slo_class=c,

@@ -19,16 +19,16 @@ import numpy as np
 from qlmserve.controller.estimator import Forecaster
 from qlmserve.controller.snapshot import ClusterSnapshot
 
-# (model, slo_class, max_tokens, generated_so_far, count, rng) -> `count` remaining output lengths
-LengthSampler = Callable[[str, str, int, int, int, np.random.Generator], np.ndarray]
+# (model, slo_class, length band, max_tokens, generated_so_far, count, rng) -> `count` remaining output lengths
+LengthSampler = Callable[[str, str, int, int, int, int, np.random.Generator], np.ndarray]
 
 
 def gamma_sampler(snapshot: ClusterSnapshot) -> LengthSampler:
     """Lengths drawn from the moment-matched gamma of the snapshot's own length stats."""
 
-    def draw(model: str, slo_class: str, max_tokens: int, generated: int, count: int,
+    def draw(model: str, slo_class: str, band: int, max_tokens: int, generated: int, count: int,
              rng: np.random.Generator) -> np.ndarray:
-        st = snapshot.lengths(model, slo_class)
+        st = snapshot.lengths(model, slo_class, band)
         if st.var <= 0:
             full = np.full(count, st.mean)
         else:
@@ -71,7 +71,7 @@ def replay_ttft(snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str
         for r in (() if wid in cleared else w.running):
             if r.swapped:  # resumes only into spare slots: not ahead of the queue
                 continue
-            rem = float(sampler(r.model, r.slo_class, r.max_tokens, r.generated_tokens, 1, rng)[0])
+            rem = float(sampler(r.model, r.slo_class, r.length_band, r.max_tokens, r.generated_tokens, 1, rng)[0])
             run_all.append(rem)
             if r.latency_sensitive:
                 run_ls.append(rem)
@@ -93,7 +93,7 @@ def replay_ttft(snapshot: ClusterSnapshot, virtual_queues: Mapping[str, list[str
                 model, prefill = g.model, 0.0
                 heap, heap_ls = _slots([], slots), _slots([], slots)
             use_ls = wid in protected and g.latency_sensitive
-            lengths = sampler(g.model, g.slo_class, max(g.max_tokens), 0, g.size, rng)
+            lengths = sampler(g.model, g.slo_class, g.length_band, max(g.max_tokens), 0, g.size, rng)
             lengths = np.minimum(lengths, np.asarray(g.max_tokens, dtype=float))
             ttft = np.empty(g.size)
             for i in range(g.size):

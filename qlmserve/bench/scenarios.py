@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlmserve.controller.policy import PolicyConfig
+from qlmserve.controller.policy import GroupingConfig, PolicyConfig
 from qlmserve.operations.ops import OPERATION_NAMES
 from qlmserve.operations.profiles import load_gpu_profiles
 from qlmserve.sim.fleet import Fleet, uniform_fleet
@@ -112,6 +112,9 @@ class Scenario:
             "slo_classes": self.classes_for(window_s if window_s is not None else self.window_s),
             "models": models,
             "planner": {"policy": policy, "operations": list(OPERATION_NAMES) if operations else []},
+            # Length bands are QLM's: the baselines group by (model, class) as they were defined
+            # (FCFS with bands serves a grouping window band by band, not in arrival order).
+            "grouping": {"length_bands_per_octave": GroupingConfig().length_bands_per_octave if policy == "qlm" else 0},
         })
 
 

@@ -40,6 +40,7 @@ from qlmserve.controller.cluster_view import (
 from qlmserve.controller.dispatch import dispatch
 from qlmserve.controller.estimator import LengthLearner, RecentMoments
 from qlmserve.controller.estimator.service_model import reset_table_cache
+from qlmserve.controller.length_band import LengthKey, length_band
 from qlmserve.controller.policies import SchedulingPolicy, create_policy
 from qlmserve.controller.policy import PolicyConfig
 from qlmserve.controller.snapshot import ClusterSnapshot, LengthStats, WorkerState
@@ -86,13 +87,13 @@ class _Lengths:
         self.learner = LengthLearner(cfg)
         self.recent = RecentMoments(cfg.planner.length_half_life_s)
         self.refresh_s = refresh_s
-        self._cache: dict[tuple[str, str], LengthStats] | None = None
+        self._cache: dict[LengthKey, LengthStats] | None = None
         self._read_at = -1e18
 
-    def observe(self, model: str, slo_class: str, tokens: int) -> None:
-        self.learner.observe(model, slo_class, tokens)
+    def observe(self, model: str, slo_class: str, band: int, tokens: int) -> None:
+        self.learner.observe(model, slo_class, tokens, band)
 
-    def stats(self, now: float, workers: Iterable[WorkerState]) -> dict[tuple[str, str], LengthStats]:
+    def stats(self, now: float, workers: Iterable[WorkerState]) -> dict[LengthKey, LengthStats]:
         if self._cache is None or now - self._read_at >= self.refresh_s:
             self._cache = learned_lengths(self.cfg, self.recent.update(now, self.learner.state()),
                                           [r for w in workers for r in w.running])
@@ -184,7 +185,9 @@ class Simulation:
                 prompt_tokens=w.prompt_tokens, output_tokens=max(1, min(w.output_tokens, max(1, limit))),
                 max_tokens=max(1, limit), arrival=w.arrival, ttft_s=slo.ttft_s, tpot_s=slo.tpot_s,
                 latency_sensitive=slo.latency_sensitive, priority=slo.priority, user_id=w.user_id,
-                session=w.prefix_id or w.user_id, hash_ids=w.hash_ids))
+                session=w.prefix_id or w.user_id, hash_ids=w.hash_ids,
+                length_band=length_band(w.prompt_tokens, self.cfg.grouping.length_bands_per_octave,
+                                        slo.latency_sensitive)))
         return out
 
     # ---- the run -------------------------------------------------------------------------------
@@ -336,7 +339,7 @@ class Simulation:
         def rv(r: SimRequest, extra: int = 0, swapped: bool = False) -> RequestView:
             return RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
                                r.generated + extra, r.first_token_at, swapped, r.ttft_s, r.latency_sensitive,
-                               r.hash_ids, r.session)
+                               r.hash_ids, r.session, r.length_band)
 
         running = [rv(r, prog.get(id(r), 0)) for r in w.running]
         running += [rv(r) for r in w.joining]
@@ -406,7 +409,7 @@ class Simulation:
 
     def on_finished(self, req: SimRequest, now: float) -> None:
         self._finished += 1
-        self.lengths.observe(req.model, req.slo_class, req.output_tokens)
+        self.lengths.observe(req.model, req.slo_class, req.length_band, req.output_tokens)
 
     def on_requeue(self, req: SimRequest, now: float, reason: str) -> None:
         self.requeued[reason] += 1

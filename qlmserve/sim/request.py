@@ -34,6 +34,7 @@ class SimRequest:
     user_id: str = ""
     session: str = ""  # stickiness key: the conversation (its first prefix block) or the user
     hash_ids: tuple[int, ...] = ()  # prompt prefix blocks (operations/prefix_cache.py)
+    length_band: int = 0  # its prompt's length band at arrival (controller/length_band.py)
     cached_tokens: int = 0  # prompt tokens its last admission found in the prefix cache
     status: SimStatus = SimStatus.WAITING
     generated: int = 0

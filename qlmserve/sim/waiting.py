@@ -7,8 +7,8 @@ each tick cost more than the rest of the tick. Here only the groups that changed
 the last tick (a request joined, left or came back) are looked at; the others keep
 their view object, so controller/cluster_view.py's StateCache keeps their states too.
 
-The rules are the ones the simulator always had: a request joins its (model, class)'s
-open group by controller/grouping.py's `choose_group`; a group with nothing waiting is
+The rules are the ones the simulator always had: a request joins its (model, class,
+length band)'s open group by controller/grouping.py's `choose_group`; a group with nothing waiting is
 forgotten at the next snapshot once it is no longer open (a request requeued to it
 later opens it again, at the end of the order).
 """
@@ -31,6 +31,7 @@ class SimGroup:
     slo_class: str
     created_at: float
     seq: int  # its place in the order groups opened (a reopened group: a new, later one)
+    length_band: int = 0
     joined: int = 0  # requests that ever joined (the grouping rule's size)
     waiting: list[SimRequest] = field(default_factory=list)  # by arrival, requeued ones ahead
     arrivals: list[float] = field(default_factory=list)  # parallel to waiting (for bisect)
@@ -57,7 +58,7 @@ class WaitingGroups:
     def __init__(self, cfg: PolicyConfig) -> None:
         self.cfg = cfg
         self.groups: dict[str, SimGroup] = {}  # every group not yet forgotten, in opening order
-        self.open_groups: dict[tuple[str, str], SimGroup] = {}
+        self.open_groups: dict[tuple[str, str, int], SimGroup] = {}  # by (model, class, length band)
         self._opened = 0  # groups opened by arrivals (their ids)
         self._seq = 0  # groups put in `groups` so far, reopened ones too (their order)
         self._changed: set[SimGroup] = set()  # since the last `views`
@@ -67,7 +68,7 @@ class WaitingGroups:
         self._views: list[GroupView] = []
 
     def join(self, r: SimRequest, now: float) -> None:
-        key = (r.model, r.slo_class)
+        key = (r.model, r.slo_class, r.length_band)
         og = self.open_groups.get(key)
         gid = choose_group(OpenGroup(og.group_id, og.created_at, og.joined) if og else None, now, self.cfg.grouping)
         if gid is None:
@@ -75,7 +76,8 @@ class WaitingGroups:
                 self._may_go.append(og)
             self._opened += 1
             self._seq += 1
-            og = SimGroup(f"{r.model}|{r.slo_class}|{self._opened}", r.model, r.slo_class, now, self._seq)
+            og = SimGroup(f"{r.model}|{r.slo_class}|{self._opened}", r.model, r.slo_class, now, self._seq,
+                          r.length_band)
             self.open_groups[key] = og
             self.groups[og.group_id] = og
         og.joined += 1
@@ -89,7 +91,7 @@ class WaitingGroups:
         g = self.groups.get(r.group_id)
         if g is None:
             self._seq += 1
-            g = SimGroup(r.group_id, r.model, r.slo_class, r.arrival, self._seq)
+            g = SimGroup(r.group_id, r.model, r.slo_class, r.arrival, self._seq, r.length_band)
             self.groups[r.group_id] = g
         r.status = SimStatus.WAITING
         g.add(r, head=True)
@@ -107,7 +109,7 @@ class WaitingGroups:
         """Forget the groups with nothing waiting that are no longer open; their ids."""
         gone = []
         for g in self._may_go:
-            if not g.waiting and self.groups.get(g.group_id) is g and self.open_groups.get((g.model, g.slo_class)) is not g:
+            if not g.waiting and self.groups.get(g.group_id) is g and self.open_groups.get((g.model, g.slo_class, g.length_band)) is not g:
                 del self.groups[g.group_id]
                 gone.append(g.group_id)
         self._may_go.clear()
@@ -136,5 +138,6 @@ class WaitingGroups:
         slo = self.cfg.slo_classes[g.slo_class]
         return GroupView(g.group_id, g.model, g.slo_class, g.created_at, tuple(
             RequestView(r.rid, r.group_id, r.model, r.slo_class, r.arrival, r.prompt_tokens, r.max_tokens,
-                        r.generated, r.first_token_at, False, slo.ttft_s, slo.latency_sensitive, r.hash_ids, r.session)
+                        r.generated, r.first_token_at, False, slo.ttft_s, slo.latency_sensitive, r.hash_ids, r.session,
+                        r.length_band)
             for r in g.waiting))

@@ -13,6 +13,7 @@ from qlmserve.backends.engine import TokenEvent
 from qlmserve.backends.token_sink import TokenSink
 from qlmserve.backends.worker import cost_to_pb
 from qlmserve.controller.core import Controller
+from qlmserve.controller.length_band import length_band
 from qlmserve.controller.request import Request
 from qlmserve.controller.service.convert import report_from_pb
 from qlmserve.controller.snapshot import ClusterSnapshot
@@ -119,7 +120,9 @@ async def test_controller_and_simulator_build_the_same_snapshot(redis_url: str, 
         max_tokens = by_id[rid].max_tokens  # what the client asked (the simulator's request holds it)
         req = Request(rid, model, cls, list(range(1, prompt + 1)), max_tokens, t0 + dt, slo.ttft_s,
                       latency_sensitive=slo.latency_sensitive, priority=slo.priority,
-                      user_id="u7" if rid in ("r1", "a2") else "")
+                      user_id="u7" if rid in ("r1", "a2") else "",
+                      length_band=length_band(prompt, policy.grouping.length_bands_per_octave,  # as Controller.submit
+                                              slo.latency_sensitive))
         gids[rid] = (await store.submit(req, t0 + dt, policy.grouping)).group_id
     h0, _ = await ctl.worker_connected(w0, "sim", "A100-80GB", MODELS, {})
     h1, _ = await ctl.worker_connected(w1, "sim", "A100-80GB", MODELS, {})

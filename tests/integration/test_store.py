@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 import redis
@@ -73,7 +74,7 @@ async def test_attempt_fencing_and_requeue(store: RedisStore, redis_url: str, pr
     req = await store.get_request("r")
     assert req.status == RequestStatus.FINISHED and req.finish_reason == "length" and req.attempts == 2
     assert await store.generated_ids("r") == [11, 12, 13]
-    assert await store.length_counts() == {("m", "batch"): (1.0, 3.0, 9.0)}
+    assert await store.length_counts() == {("m", "batch", 0): (1.0, 3.0, 9.0)}
     assert (await store.class_stats())["batch"] == {"finished": 1, "met": 1}
     assert await store.worker_running("w2") == {}
     assert await store.unfinished_ids() == set()
@@ -165,3 +166,22 @@ async def test_waiting_stream_readers_do_not_starve_the_control_plane(redis_url:
         await asyncio.gather(*readers, return_exceptions=True)
     finally:
         await st.close()
+
+
+async def test_requests_group_and_file_their_lengths_by_band(store: RedisStore, redis_url: str, prefix: str):
+    """This test verifies that:
+    1. requests of one (model, class) in one window share a group only within a length band;
+    2. a finished request's length is filed under its band;
+    3. fields written before bands ("model|class|stat") read as the class-wide band 0."""
+    g = GroupingConfig()
+    a = await store.submit(replace(_req("a"), length_band=3), 100.0, g)
+    b = await store.submit(replace(_req("b"), length_band=5), 100.1, g)
+    c = await store.submit(replace(_req("c"), length_band=3), 100.2, g)
+    assert a.group_id == c.group_id != b.group_id
+    assert (await store.get_request("b")).length_band == 5
+    assert await store.assign("b", b.group_id, "w1", 100.3) == 1
+    sink = TokenSink(redis.Redis.from_url(redis_url), prefix, "w1")
+    sink.write([(TokenEvent("b", 7, 0), 1, "x"),
+                (TokenEvent("b", 8, 1, finished=True, finish_reason=FinishReason.LENGTH), 1, "y")])
+    await store.r.hset(store.k.lengths, mapping={"m|batch|n": 2, "m|batch|sum": 10, "m|batch|sumsq": 50})
+    assert await store.length_counts() == {("m", "batch", 5): (1.0, 2.0, 4.0), ("m", "batch", 0): (2.0, 10.0, 50.0)}

@@ -64,7 +64,7 @@ def _one_worker_snapshot(cfg) -> ClusterSnapshot:
         sc = cfg.slo_classes[cls]
         groups.append(GroupState(gid, "llama-8b", cls, (gid,), (NOW - age,), (prompt,), (64,), sc.ttft_s,
                                  sc.priority, sc.weight, sc.latency_sensitive, worker_id="w0"))
-    stats = {("llama-8b", c): LengthStats(64.0, 32.0**2, 50) for c in cfg.slo_classes}
+    stats = {("llama-8b", c, 0): LengthStats(64.0, 32.0**2, 50) for c in cfg.slo_classes}
     return ClusterSnapshot(NOW, tuple(groups), (w,), stats, {})
 
 
@@ -97,7 +97,7 @@ def test_model_aware_and_oblivious_fcfs_differ_on_a_busy_fleet():
     w1 = WorkerState("w1", "mixtral-8x7b", frozenset(), 0, 0, 4, (), WorkerProfile())
     sc = cfg.slo_classes["batch"]
     g = GroupState("g", "llama-8b", "batch", ("q",), (NOW,), (100,), (64,), sc.ttft_s, sc.priority, sc.weight, False)
-    stats = {(m, c): LengthStats(64.0, 32.0**2, 50) for m in cfg.models for c in cfg.slo_classes}
+    stats = {(m, c, 0): LengthStats(64.0, 32.0**2, 50) for m in cfg.models for c in cfg.slo_classes}
     snap = ClusterSnapshot(NOW, (g,), (w0, w1), stats, {m: 26 * 2**30 for m in cfg.models})
     assert create_policy("fcfs", cfg).solve(snap).virtual_queues["w0"] == ["g"]
     assert create_policy("fcfs-oblivious", cfg).solve(snap).virtual_queues["w1"] == ["g"]
@@ -133,7 +133,7 @@ def test_baselines_preempt_for_latency_sensitive_groups_only_when_enabled():
         sc = cfg.slo_classes["interactive"]
         g = GroupState("ls", "mixtral-8x7b", "interactive", ("q",), (NOW - 1.0,), (100,), (64,), sc.ttft_s,
                        sc.priority, sc.weight, True)
-        stats = {(m, c): LengthStats(400.0, 20.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
+        stats = {(m, c, 0): LengthStats(400.0, 20.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
         snap = ClusterSnapshot(NOW, (g,), (replace(w),), stats, {})
         ops_out = create_policy("edf", cfg).solve(snap).operations
         assert any(isinstance(op, SetPreemption) and op.mode == "expert" for op in ops_out) == expect

@@ -39,7 +39,7 @@ def _running(rid: str, session: str) -> RunningRequest:
 
 
 def _snap(groups, workers) -> ClusterSnapshot:
-    return ClusterSnapshot(NOW, tuple(groups), tuple(workers), {("m", "chat"): LengthStats(64.0, 32.0**2, 50)}, {})
+    return ClusterSnapshot(NOW, tuple(groups), tuple(workers), {("m", "chat", 0): LengthStats(64.0, 32.0**2, 50)}, {})
 
 
 def _placed(plan) -> dict[str, str]:

@@ -47,16 +47,16 @@ def test_length_learner_blends_prior_and_observations():
     for _ in range(prior.weight):
         learner.observe(MODEL, CLASS, 400)
     assert learner.stats(MODEL, CLASS).mean == pytest.approx((prior.mean + 400) / 2)
-    assert learner.state()[(MODEL, CLASS)] == Moments(prior.weight, 400.0 * prior.weight, 160000.0 * prior.weight)
+    assert learner.state()[(MODEL, CLASS, 0)] == Moments(prior.weight, 400.0 * prior.weight, 160000.0 * prior.weight)
     again = LengthLearner(cfg, LengthLearner.loads(learner.dumps()))
     assert again.stats(MODEL, CLASS) == learner.stats(MODEL, CLASS)
-    m = learner.state()[(MODEL, CLASS)]
+    m = learner.state()[(MODEL, CLASS, 0)]
     assert Moments.from_fields({k: v.encode() for k, v in m.to_fields().items()}) == m
     other = LengthLearner(cfg)
     other.observe(MODEL, CLASS, 10)
     merged = merge_moments(learner.state(), other.state())
-    assert merged[(MODEL, CLASS)] == m + Moments.of(10)
-    assert set(learner.length_stats()) >= {(m, c) for m in cfg.models for c in cfg.slo_classes}
+    assert merged[(MODEL, CLASS, 0)] == m + Moments.of(10)
+    assert set(learner.length_stats()) >= {(m, c, 0) for m in cfg.models for c in cfg.slo_classes}
 
 
 def test_running_requests_correct_the_short_bias_of_finished_ones():
@@ -78,7 +78,7 @@ def test_running_requests_correct_the_short_bias_of_finished_ones():
                for i in range(int((lengths > t).sum()))]
     biased = learner.stats(MODEL, CLASS)
     assert biased.mean < 0.7 * true_mean
-    fixed = learner.length_stats(running)[(MODEL, CLASS)]
+    fixed = learner.length_stats(running)[(MODEL, CLASS, 0)]
     assert fixed.mean == pytest.approx(true_mean, rel=0.05)
     assert fixed.std == pytest.approx(true_std, rel=0.05)
     assert with_running({}, running) == {}  # nothing learned of that (model, class): nothing to correct
@@ -164,7 +164,7 @@ def test_queue_quantiles_are_calibrated_against_exact_replays(case: str):
     queues = {"w0": [g.group_id for g in snap.groups]}
     last = snap.groups[-1].group_id
     timing = Forecaster(snap).evaluate(queues)[last].timing
-    truth = gamma_sampler(ClusterSnapshot(0.0, (), (), {(MODEL, CLASS): snap.lengths(MODEL, CLASS)}, {}))
+    truth = gamma_sampler(ClusterSnapshot(0.0, (), (), {(MODEL, CLASS, 0): snap.lengths(MODEL, CLASS)}, {}))
     rng = np.random.default_rng(5)
     runs = [replay_ttft(snap, queues, truth, rng)[last] for _ in range(1500)]
     firsts = np.array([r[0] for r in runs])

@@ -37,7 +37,7 @@ def _worker(wid: str, model: str, running=(), warm=frozenset()) -> WorkerState:
 
 
 def _snap(cfg, groups, workers, now=NOW) -> ClusterSnapshot:
-    stats = {(m, c): LengthStats(100.0, 50.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
+    stats = {(m, c, 0): LengthStats(100.0, 50.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
     return ClusterSnapshot(now, tuple(groups), tuple(workers), stats, {m: 16 * 2**30 for m in cfg.models})
 
 

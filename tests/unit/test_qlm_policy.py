@@ -44,7 +44,7 @@ def _protection_case(model: str, ops: tuple[str, ...], host_kv: int | None = Non
     cfg = make_policy(2, operations=ops)
     # Best-effort outputs of about 400 tokens: the first slot frees in ~14 s, far past the
     # interactive group's 1.5 s of slack.
-    stats = {(m, c): LengthStats(400.0, 20.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
+    stats = {(m, c, 0): LengthStats(400.0, 20.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
     snap = ClusterSnapshot(NOW, (_group("ls", model, "interactive", 2, 0.5, cfg),),
                            (_busy_worker(model, host_kv=host_kv),), stats, {m: 16 * 2**30 for m in cfg.models})
     return cfg, snap
@@ -115,7 +115,7 @@ def _swap_case(ops: tuple[str, ...]) -> tuple[object, ClusterSnapshot]:
     w0 = WorkerState("w0", LLAMA, frozenset(), 10**6, 0, 16, (), WorkerProfile())
     w1 = WorkerState("w1", LLAMA, frozenset({MIXTRAL}), 10**6, 0, 16, (), WorkerProfile())
     groups = tuple(_group(f"g{i}", MIXTRAL, "standard", 3, 1.0, cfg) for i in range(3))
-    stats = {(m, c): LengthStats(100.0, 50.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
+    stats = {(m, c, 0): LengthStats(100.0, 50.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
     return cfg, ClusterSnapshot(NOW, groups, (w0, w1), stats, {m: 26 * 2**30 for m in cfg.models})
 
 

@@ -18,7 +18,9 @@ def _cfg(order: str, aging: float | None = None, batch: int = 16) -> PolicyConfi
         cls["aging_s"] = aging
     return PolicyConfig.model_validate({
         "max_running_per_worker": batch, "slo_classes": {"c": cls},
-        "models": {"llama-2-7b": {"max_context": 4096}}, "planner": {"policy": "fcfs", "operations": []}})
+        "models": {"llama-2-7b": {"max_context": 4096}}, "planner": {"policy": "fcfs", "operations": []},
+        # one group for prompts of any length: the order inside a group is what is tested
+        "grouping": {"length_bands_per_octave": 0}})
 
 
 def _rv(rid: str, arrival: float, prompt: int) -> RequestView:

@@ -42,7 +42,7 @@ def _case(model: str, ops: tuple[str, ...], supported: frozenset[Capability] | N
     sc = cfg.slo_classes["interactive"]
     group = GroupState("ls", model, "interactive", ("ls-0", "ls-1"), (NOW - 0.5,) * 2, (200,) * 2, (512,) * 2,
                        sc.ttft_s, sc.priority, sc.weight, sc.latency_sensitive)
-    stats = {(m, c): LengthStats(400.0, 20.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
+    stats = {(m, c, 0): LengthStats(400.0, 20.0**2, 100) for m in cfg.models for c in cfg.slo_classes}
     return cfg, ClusterSnapshot(NOW, (group,), (_busy(model, supported),), stats, {m: 16 * 2**30 for m in cfg.models})
 
 

@@ -93,7 +93,7 @@ class Tick:
         if not w.can_serve(g.model):
             return False
         if w.kv_capacity_tokens > 0:
-            mean_out = self.snap.lengths(g.model, g.slo_class).mean
+            mean_out = self.snap.lengths(g.model, g.slo_class, g.length_band).mean
             if max(g.prompt_tokens) + mean_out > w.kv_capacity_tokens:
                 return False
         return True
