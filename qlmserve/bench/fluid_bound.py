@@ -15,6 +15,12 @@ The count bound drops the shares: it takes the requests cheapest first (output t
 over their model's per-worker rate at saturation) while the fleet's worker-seconds until
 window + TTFT last. No scheduler, even one that knew every output length and ignored the
 deadlines inside the window, starts more requests on time.
+
+On prompt-heavy scenarios (output_bound False) the prefill bound does the same with each
+request's prefill seconds (its prompt at the per-token rate of its model on one worker,
+the pass's fixed cost left out), leaving out the latency-sensitive requests whose own
+prefill on an idle worker exceeds their TTFT. It ignores prefix-cache hits, which save
+prefill, so a scheduler reusing prefixes could pass it; nothing else could.
 """
 
 from __future__ import annotations
@@ -71,3 +77,22 @@ def fluid_bound(sc: Scenario, window_s: float, offered_tok_s: float, mix: dict |
         return None
     ttft = _be_ttft_s(sc, window_s)
     return min(1.0, mix["mix_tok_s"] * (window_s + ttft) / (offered_tok_s * window_s))
+
+
+def prefill_bound(sc: Scenario, workers: int, window_s: float, requests) -> float | None:
+    """The prefill bound for a workload (`requests`: prompt_tokens, model and slo_class each)."""
+    if sc.output_bound or sc.be_ttft_window_share is None or not requests:
+        return None
+    profiles = {}
+    for w in sc.fleet(workers).workers:
+        for m, spec in w.models.items():
+            profiles.setdefault(m, spec.profile)
+    ttft = {c: v["ttft_s"] for c, v in sc.classes_for(window_s).items()}
+    reach = [r for r in requests if profiles[r.model].prefill_time(r.prompt_tokens) <= ttft[r.slo_class]]
+    budget, n = workers * (window_s + _be_ttft_s(sc, window_s)), 0
+    for cost in sorted(profiles[r.model].prefill_per_token_s * r.prompt_tokens for r in reach):
+        budget -= cost
+        if budget < 0:
+            break
+        n += 1
+    return n / len(requests)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlmserve.bench.fluid_bound import count_bound, fluid_bound, mix_capacity
+from qlmserve.bench.fluid_bound import count_bound, fluid_bound, mix_capacity, prefill_bound
 from qlmserve.bench.load_search import find_load, parse_target
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.bench.tables import (
@@ -264,6 +264,9 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
         "capacity": cap, "mix_capacity": mix,
         "fluid_bound": {f"{ld:.4f}": bounds(sc, trace, ld * cap["req_s"] / trace.rate, workers, window, args.seed, mix)
                         for ld in loads} if mix else None,
+        "prefill_bound": {f"{ld:.4f}": prefill_bound(sc, workers, window, scenario_workload(
+            sc, trace, ld * cap["req_s"] / trace.rate, window, args.seed)) for ld in loads}
+        if not sc.output_bound and sc.be_ttft_window_share is not None else None,
         "policies": policies, "policies_missing": missing, "load_search": searches,
         "operations": ["on" if m else "off" for m in ops_modes],
         "workload_at_lowest_load": describe_workload(sample),

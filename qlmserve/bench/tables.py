@@ -191,6 +191,10 @@ def print_setup(console, setup: dict) -> None:
                            for ld, b in setup["fluid_bound"].items())
         console.print(f"  fluid bound, and count bound of cheapest-first (qlmserve/bench/fluid_bound.py; fleet split by "
                       f"model shares {mix['mix_tok_s']:.0f} output tok/s, one model alone: {per}): {bounds}")
+    if setup.get("prefill_bound"):
+        bounds = ", ".join(f"load {float(ld):.3f}: {100 * b:.1f}%" for ld, b in setup["prefill_bound"].items())
+        console.print(f"  prefill bound of cheapest-first (qlmserve/bench/fluid_bound.py; prefill seconds, interactive "
+                      f"requests out of reach left out, prefix-cache hits ignored): {bounds}")
     for s in setup.get("load_search", []):
         steps = ", ".join(f"{st['load']:.3f}: {100 * st['attainment']:.1f}%" for st in s["steps"])
         console.print(f"  load search: {s['baseline']} (operations {'on' if s['operations'] else 'off'}) at "

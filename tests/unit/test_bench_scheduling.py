@@ -154,3 +154,22 @@ def test_count_bound_takes_the_cheapest_requests_first():
     reqs = [SimpleNamespace(output_tokens=n, model="llama-2-7b") for n in (2000, 100, 1100, 500)]
     mix = {"per_model_tok_s": {"llama-2-7b": 10.0}, "mix_tok_s": 10.0}
     assert count_bound(SCENARIOS["ls2"], 1, 120.0, reqs, mix) == 0.5
+
+
+def test_prefill_bound_takes_the_cheapest_prefills_first_and_leaves_out_ls_beyond_reach():
+    """This test verifies that the prefill bound (prompt-heavy scenarios) fills one worker's
+    120 + 40 s with the cheapest prefills first, at the model's per-token rate: with six
+    best-effort prompts of 30 s each, five fit (150 s) and the sixth does not; a
+    latency-sensitive prompt of 3 s (beyond its 2 s target) never counts, a short one
+    does; it is None on scenarios that have the output-token bounds."""
+    from types import SimpleNamespace
+
+    from qlmserve.bench.fluid_bound import prefill_bound
+
+    sc = SCENARIOS["ls2m"]
+    rate = sc.fleet(1).workers[0].models["mistral-7b"].profile.prefill_per_token_s
+    reqs = [SimpleNamespace(prompt_tokens=int(30.0 / rate), model="mistral-7b", slo_class="batch") for _ in range(6)]
+    reqs += [SimpleNamespace(prompt_tokens=int(3.0 / rate), model="mistral-7b", slo_class="interactive"),
+             SimpleNamespace(prompt_tokens=100, model="mistral-7b", slo_class="interactive")]
+    assert prefill_bound(sc, 1, 120.0, reqs) == 6 / 8
+    assert prefill_bound(SCENARIOS["ls2"], 1, 120.0, reqs) is None
