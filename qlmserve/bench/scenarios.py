@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlmserve.controller.policy import GroupingConfig, PolicyConfig
+from qlmserve.controller.policy import PolicyConfig
 from qlmserve.operations.ops import OPERATION_NAMES
 from qlmserve.operations.profiles import load_gpu_profiles
 from qlmserve.sim.fleet import Fleet, uniform_fleet
@@ -69,6 +69,10 @@ class Scenario:
     # not on prompt-heavy traces, where prefill is most of it (on ls2m QLM passed the
     # output-token figure by 9 points, favouring short prompts)
     output_bound: bool = False
+    # QLM's prompt-length bands (GroupingConfig.length_bands_per_octave): on for the one-model
+    # reference setups, where they help; off on three models, where they cost (mm3 at 1.72:
+    # 65.3% without, 57.7% with 2 per octave)
+    length_bands_per_octave: int = 0
     extra: dict = field(default_factory=dict)
 
     def classes_for(self, window_s: float) -> dict[str, dict]:
@@ -114,7 +118,7 @@ class Scenario:
             "planner": {"policy": policy, "operations": list(OPERATION_NAMES) if operations else []},
             # Length bands are QLM's: the baselines group by (model, class) as they were defined
             # (FCFS with bands serves a grouping window band by band, not in arrival order).
-            "grouping": {"length_bands_per_octave": GroupingConfig().length_bands_per_octave if policy == "qlm" else 0},
+            "grouping": {"length_bands_per_octave": self.length_bands_per_octave if policy == "qlm" else 0},
         })
 
 
@@ -132,7 +136,7 @@ SCENARIOS: dict[str, Scenario] = {
         trace="azure2023_conv.csv", gpu="A100-80GB", workers=8, models=("llama-2-7b",),
         initial_models=("llama-2-7b",), model_mix={"llama-2-7b": 1.0}, classes=REFERENCE_CLASSES,
         class_mix={"interactive": 0.2, "batch": 0.8}, loads=(1.0, 1.5, 2.0), window_s=300.0,
-        be_ttft_window_share=1 / 3, output_bound=True,
+        be_ttft_window_share=1 / 3, output_bound=True, length_bands_per_octave=2,
         notes="20% latency-sensitive (TTFT 2 s), 80% best-effort with TTFT W/3 (100 s for a 5-minute window); "
               "every request runs to completion and counts."),
     "ls2m": Scenario(
@@ -140,7 +144,7 @@ SCENARIOS: dict[str, Scenario] = {
         trace="mooncake_fast25_synthetic.jsonl", gpu="A100-80GB", workers=8, models=("mistral-7b",),
         initial_models=("mistral-7b",), model_mix={"mistral-7b": 1.0}, classes=REFERENCE_CLASSES,
         class_mix={"interactive": 0.2, "batch": 0.8}, loads=(1.0, 1.5, 2.0), window_s=300.0,
-        be_ttft_window_share=1 / 3,
+        be_ttft_window_share=1 / 3, length_bands_per_octave=2,
         notes="Mooncake prompts (mean ~15k tokens, outputs of tens of tokens) clipped to Mistral-7B's 32k context; "
               "20% latency-sensitive at 2 s, 80% best-effort at W/3."),
     "mm3": Scenario(

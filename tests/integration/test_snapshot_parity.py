@@ -51,7 +51,7 @@ def _policy():
                         "batch": {"ttft_s": 60.0, "priority": 0}},
         "models": {m: {"kind": "llama", "max_context": t.model(m).max_context,
                        "weight_bytes": t.model(m).weight_bytes} for m in MODELS},
-        "grouping": {"window_s": 2.0, "max_group_size": 3},
+        "grouping": {"window_s": 2.0, "max_group_size": 3, "length_bands_per_octave": 2},  # bands reach both
         "planner": {"policy": "edf"},
         # The simulator's requests carry trace block ids, not token ids: prompts are not keyed here.
         "dispatch": {"prefix_block_tokens": 0},

@@ -74,7 +74,7 @@ def test_requests_of_one_class_group_by_band():
     2. the snapshot's groups carry their band (what the estimator reads lengths by)."""
     cfg = PolicyConfig.model_validate({
         "slo_classes": {"c": {"ttft_s": 30.0}}, "models": {"m": {"max_context": 4096}},
-        "planner": {"policy": "fcfs", "operations": []}})
+        "grouping": {"length_bands_per_octave": 2}, "planner": {"policy": "fcfs", "operations": []}})
     w = WaitingGroups(cfg)
     per = cfg.grouping.length_bands_per_octave
     for rid, p in (("a", 600), ("b", 800), ("c", 700), ("d", 1000)):
