@@ -6,7 +6,8 @@ the Azure conversation trace prompts of 700-1,400 tokens produce ~370 output tok
 (median 400), the rest ~100; a (model, class) learner predicts ~210 for every request
 (`qlm bench --scenario ls2`). Past capacity the planner drops the groups it expects to
 cost most first, and with bands it can tell which those are: on ls2 at the FCFS-50% load
-QLM met 85.6% with bands of half an octave against 79.4% without.
+QLM met 86.1% with bands of half an octave against 79.4% without. On three models (mm3 at
+1.72) they cost it 65.3 -> 57.7%, for a reason not yet found: the policy default is off.
 
 A band is half-open in log2 of the prompt: with `per_octave` = 2, band 19 holds prompts
 of 2^9 to 2^9.5 tokens (512-724). Band 0 stands for the class as a whole: every request
