@@ -79,14 +79,16 @@ def fluid_bound(sc: Scenario, window_s: float, offered_tok_s: float, mix: dict |
     return min(1.0, mix["mix_tok_s"] * (window_s + ttft) / (offered_tok_s * window_s))
 
 
+def has_prefill_bound(sc: Scenario) -> bool:
+    """Whether the scenario gets the prefill bound: prompt-heavy, one W/3 best-effort class."""
+    return not sc.output_bound and sc.be_ttft_window_share is not None
+
+
 def prefill_bound(sc: Scenario, workers: int, window_s: float, requests) -> float | None:
     """The prefill bound for a workload (`requests`: prompt_tokens, model and slo_class each)."""
-    if sc.output_bound or sc.be_ttft_window_share is None or not requests:
+    if not has_prefill_bound(sc) or not requests:
         return None
-    profiles = {}
-    for w in sc.fleet(workers).workers:
-        for m, spec in w.models.items():
-            profiles.setdefault(m, spec.profile)
+    profiles = sc.model_profiles(workers)
     ttft = {c: v["ttft_s"] for c, v in sc.classes_for(window_s).items()}
     reach = [r for r in requests if profiles[r.model].prefill_time(r.prompt_tokens) <= ttft[r.slo_class]]
     budget, n = workers * (window_s + _be_ttft_s(sc, window_s)), 0

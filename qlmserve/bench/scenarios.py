@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qlmserve.controller.policy import PolicyConfig
+from qlmserve.operations.costs import WorkerProfile
 from qlmserve.operations.ops import OPERATION_NAMES
 from qlmserve.operations.profiles import load_gpu_profiles
 from qlmserve.sim.fleet import Fleet, uniform_fleet
@@ -95,6 +96,14 @@ class Scenario:
         ws = tuple(replace(w, host_kv_tokens=int(self.host_kv_gb * (1 << 30))
                            // w.models[w.initial_model].profile.kv_bytes_per_token) for w in fl.workers)
         return replace(fl, workers=ws)
+
+    def model_profiles(self, workers: int | None = None) -> dict[str, WorkerProfile]:
+        """Each model's cost profile on this scenario's fleet (the first worker serving it)."""
+        out: dict[str, WorkerProfile] = {}
+        for w in self.fleet(workers).workers:
+            for m, spec in w.models.items():
+                out.setdefault(m, spec.profile)
+        return out
 
     def max_context(self) -> dict[str, int]:
         t = load_gpu_profiles()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlmserve.bench.fluid_bound import count_bound, fluid_bound, mix_capacity, prefill_bound
+from qlmserve.bench.fluid_bound import count_bound, fluid_bound, has_prefill_bound, mix_capacity, prefill_bound
 from qlmserve.bench.load_search import find_load, parse_target
 from qlmserve.bench.scenarios import SCENARIOS, Scenario
 from qlmserve.bench.tables import (
@@ -157,10 +157,7 @@ def ls_within_reach(sc: Scenario, workers: int, requests) -> dict | None:
     LS prompts cannot meet a 2 s target whatever the scheduler does)."""
     if not sc.ls_class:
         return None
-    profiles = {}
-    for w in sc.fleet(workers).workers:
-        for m, spec in w.models.items():
-            profiles.setdefault(m, spec.profile)
+    profiles = sc.model_profiles(workers)
     slo = sc.classes_for(sc.window_s)[sc.ls_class]["ttft_s"]
     ls = [r for r in requests if r.slo_class == sc.ls_class]
     reach = [r for r in ls if profiles[r.model].prefill_time(r.prompt_tokens) <= slo]
@@ -266,7 +263,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, console, progress) -> d
                         for ld in loads} if mix else None,
         "prefill_bound": {f"{ld:.4f}": prefill_bound(sc, workers, window, scenario_workload(
             sc, trace, ld * cap["req_s"] / trace.rate, window, args.seed)) for ld in loads}
-        if not sc.output_bound and sc.be_ttft_window_share is not None else None,
+        if has_prefill_bound(sc) else None,
         "policies": policies, "policies_missing": missing, "load_search": searches,
         "operations": ["on" if m else "off" for m in ops_modes],
         "workload_at_lowest_load": describe_workload(sample),

@@ -8,9 +8,9 @@ the last tick (a request joined, left or came back) are looked at; the others ke
 their view object, so controller/cluster_view.py's StateCache keeps their states too.
 
 The rules are the ones the simulator always had: a request joins its (model, class,
-length band)'s open group by controller/grouping.py's `choose_group`; a group with nothing waiting is
-forgotten at the next snapshot once it is no longer open (a request requeued to it
-later opens it again, at the end of the order).
+length band)'s open group by controller/grouping.py's `choose_group`; a group with
+nothing waiting is forgotten at the next snapshot once it is no longer open (a request
+requeued to it later opens it again, at the end of the order).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class WaitingGroups:
         """Forget the groups with nothing waiting that are no longer open; their ids."""
         gone = []
         for g in self._may_go:
-            if not g.waiting and self.groups.get(g.group_id) is g and self.open_groups.get((g.model, g.slo_class, g.length_band)) is not g:
+            still_open = self.open_groups.get((g.model, g.slo_class, g.length_band)) is g
+            if not g.waiting and self.groups.get(g.group_id) is g and not still_open:
                 del self.groups[g.group_id]
                 gone.append(g.group_id)
         self._may_go.clear()
