@@ -42,6 +42,11 @@ class SchedulingPolicy(ABC):
         tell (QLM's estimator predicts no new violation) saves the solve; by default, solve."""
         return True
 
+    def observe(self, snapshot: ClusterSnapshot) -> None:
+        """Called every tick with the whole snapshot (a deep queue not yet cut to its
+        planning head): a policy that learns from what it sees (QLM's arrival history)
+        records it here."""
+
     def next_plan(self, snapshot: ClusterSnapshot, last_solved: Plan | None) -> tuple[Plan, bool]:
         """The plan of this tick and whether it was solved: a fresh solve, or the last solved
         plan's queues kept (source "kept", no operations: those were carried out already).
@@ -49,6 +54,7 @@ class SchedulingPolicy(ABC):
         A policy that `plans_a_head` plans only the head of deep queues (horizon.py)."""
         t0 = self.clock.now()
         self.clock.meter.charge("tick")
+        self.observe(snapshot)
         head = planning_head(snapshot, last_solved) if self.plans_a_head else None
         if head is not None:
             snapshot = head.snapshot

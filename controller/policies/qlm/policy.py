@@ -16,6 +16,7 @@ from qlmserve.controller.policies.qlm.program import ProgramModel
 from qlmserve.controller.policies.qlm.program_build import assemble, program, run_solver
 from qlmserve.controller.policies.qlm.repair import repair
 from qlmserve.controller.policies.qlm.risk import groups_at_risk, hopeless_last
+from qlmserve.controller.policies.qlm.shed import ArrivalHistory, costly_groups
 from qlmserve.controller.policies.qlm.tick import Tick
 from qlmserve.controller.policies.registry import register
 from qlmserve.controller.policy import PolicyConfig
@@ -74,8 +75,13 @@ class QlmPolicy(SchedulingPolicy):
         # Re-solve at least this often even when nothing is predicted to miss.
         self.max_plan_age_s = max(1.0, 10 * config.tick_interval_ms / 1000.0)
         self.placement = PlacementState()  # model placement's memory (model_placement "rule")
+        self.arrivals = ArrivalHistory()  # what recent arrivals say is coming (shed.py)
 
-    # ---- the controller's two calls -------------------------------------------------------
+    # ---- the controller's calls ------------------------------------------------------------
+
+    def observe(self, snapshot: ClusterSnapshot) -> None:
+        self.clock.meter.charge("group", len(snapshot.groups))
+        self.arrivals.observe(snapshot)
 
     def needs_replan(self, snapshot: ClusterSnapshot, last_plan: Plan | None) -> bool:
         """Whether this tick must solve, or the last plan may stand: yes when a group has no
@@ -145,7 +151,10 @@ class QlmPolicy(SchedulingPolicy):
         # scheduling from scratch too; the better one is the base. (2) Groups that meet their SLO in the
         # base keep their place; groups that cannot meet it even at the head of their
         # best workers (with protection or a cleared batch) are hopeless: served last
-        # when drop_hopeless, else left where they are. (3) The program takes the groups
+        # when drop_hopeless, else left where they are. Under overload (shed_costly), the
+        # groups Moore-Hodgson's rule gives up on their model's fleet, given the work the
+        # recent arrivals say is coming, are served last too, even when every group meets
+        # in the base plan (shed.py). (3) The program takes the groups
         # at risk (the rest, most valuable first, as many as the budget allows; not those
         # it already tried and could not rescue within max_plan_age_s), each with its K
         # best candidate workers, plus the kept groups whose slack they could consume;
@@ -281,9 +290,17 @@ class QlmPolicy(SchedulingPolicy):
         tick.best, tick.best_score = base, base_score
         solved = f"qlm-{planner.method}"
         fallback = "fallback-edf" if cold else "last-plan"
-        if base_score.primary >= tick.max_value - 1e-9:
+        at_risk, hopeless = groups_at_risk(tick, base, base_score)  # nothing to do when every group meets
+        # Even then: the base plan may meet every waiting group by spending the capacity
+        # that the requests arriving next need (shed.py).
+        shed = costly_groups(tick, tick.hopeless, self.arrivals) if planner.drop_hopeless and planner.shed_costly \
+            else set()
+        if base_score.primary >= tick.max_value - 1e-9 and not shed:
             return solved, "every group meets its SLO in the base plan"
-        at_risk, hopeless = groups_at_risk(tick, base, base_score)
+        if shed:
+            tick.hopeless |= shed
+            hopeless = hopeless + sorted(shed.difference(hopeless))
+            at_risk = [gid for gid in at_risk if gid not in shed]
         if planner.drop_hopeless and hopeless:
             moved = hopeless_last(tick, base, hopeless)
             if moved.queues != base.queues:
