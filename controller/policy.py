@@ -86,11 +86,14 @@ class PlannerConfig(_Strict):
     drop_hopeless: bool = True
     """QLM: serve work that can no longer meet its SLO last, behind every request that still
     can (run late; a class with on_miss: fail_fast fails it instead): groups that cannot
-    meet anywhere go to the tail of their queue, and a best-effort request already past its
-    deadline waits behind the on-time ones of its worker (Plan.late_last). Serving the late
-    ones first spends capacity on misses and makes the next ones late: on ls2 at the FCFS-50%
-    load QLM met 79.0% without this and 81.7% with it (EDF alone 45.2%, EDF serving late
-    requests last 81.6%)."""
+    meet anywhere go to the tail of their queue, and a request whose first token can no
+    longer come by its deadline waits behind the on-time ones of its worker
+    (Plan.late_last); a latency-sensitive one too (a prompt whose prefill alone outlasts
+    its target). Serving the late ones first spends capacity on misses and makes the next
+    ones late: on ls2 at the FCFS-50% load QLM met 79.0% without this and 81.7% with it
+    (EDF alone 45.2%, EDF serving late requests last 81.6%); on ls2m at that load the 56
+    interactive prompts out of reach of 2 s need 157 s of prefill, a sixth of the fleet's
+    960 worker-seconds of the window, which serving them first took from requests on time."""
     shed_costly: bool = True
     """QLM, with drop_hopeless: when a model's fleet cannot serve its waiting work and the
     work the last 90 s of arrivals say is coming before their deadlines, the costliest

@@ -120,6 +120,25 @@ def test_late_requests_wait_behind_on_time_ones_under_late_last():
         {"w1": ["fresh-0"]}
 
 
+def test_latency_sensitive_requests_out_of_reach_are_served_late_under_late_last():
+    """This test verifies that under Plan.late_last (QLM, drop_hopeless):
+    1. a latency-sensitive request whose own prefill (12k tokens: 2.4 s at 0.2 ms a token)
+       outlasts its 2 s target is not served first: it waits behind the on-time
+       best-effort request of its worker's queue, while an in-reach latency-sensitive
+       request beside it in the same group still goes first;
+    2. it takes a slot the on-time requests leave;
+    3. without late_last (strict priority) it is served first, as before."""
+    ls = GroupState("ls", MODEL, "c", ("ls-0", "ls-1"), (29.9, 29.9), (12_000, 100), (16, 16), 2.0, 1, 1.0, True)
+    be = GroupState("be", MODEL, "c", ("be-0",), (25.0,), (100,), (256,), 10.0, 0, 1.0, False)
+    full = ClusterSnapshot(30.0, (ls, be), (_worker("w0", 2),), {}, {})
+    plan = Plan({"w0": ["ls", "be"]}, latency_sensitive_first=True, late_last=True)
+    assert _taken(dispatch(plan, full, 4)[0]) == {"w0": ["ls-1", "be-0"]}
+    roomy = ClusterSnapshot(30.0, (ls, be), (_worker("w0", 0),), {}, {})
+    assert _taken(dispatch(plan, roomy, 4)[0]) == {"w0": ["ls-1", "be-0", "ls-0"]}
+    strict = Plan({"w0": ["ls", "be"]}, latency_sensitive_first=True)
+    assert _taken(dispatch(strict, full, 4)[0])["w0"][:2] == ["ls-0", "ls-1"]
+
+
 def _ls_worker(wid: str, pending_be: int, pending_ls: int = 0, mode=PreemptionMode.NONE) -> WorkerState:
     """A worker with 4 slots whose running requests have not produced a token yet: best-effort
     prompts of `pending_be` tokens and LS prompts of `pending_ls`."""
