@@ -100,8 +100,8 @@ class PlannerConfig(_Strict):
     best-effort groups (the most work per unit of weight) are served last, as hopeless
     ones are (Moore-Hodgson's rule on the fleet in the fluid limit:
     controller/policies/qlm/shed.py); only where most of the fleet's work is prefill,
-    known at arrival. On ls2m (Mooncake) at the FCFS-50% load QLM met 85.3% with it,
-    78.8% without."""
+    known at arrival. On ls2m (Mooncake) at the FCFS-50% load `qlm bench --scenario ls2m`
+    measured QLM at 84.7% with it (commit 7df3805), 75.3% without (158d838)."""
     model_placement: Literal["program", "rule"] = "program"
     """QLM: who decides which model each worker serves. "program": the stochastic program
     picks model swaps per worker (a worker with no kept queue drains, clears or loads);

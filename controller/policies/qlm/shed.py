@@ -69,6 +69,7 @@ class ArrivalHistory:
         self.seconds: deque[tuple[int, Bucket]] = deque()  # (second, its buckets), oldest first
         self.seen_until: float | None = None
         self.first_seen: float | None = None  # the earliest arrival the first snapshot showed
+        self.totals: Bucket = {}  # the sums of `seconds` (what costly_groups' condition reads)
 
     def span_s(self, now: float) -> float:
         """Seconds the history covers (at least MIN_SPAN_S, at most the horizon)."""
@@ -109,17 +110,23 @@ class ArrivalHistory:
         if self.first_seen is None:
             self.first_seen = min([now, *(float(sec) for sec in new)])
         for sec in sorted(new):
+            _merge(self.totals, new[sec], 1)
             if self.seconds and self.seconds[-1][0] == sec:
-                last = self.seconds[-1][1]
-                for k, b in new[sec].items():
-                    acc = last.setdefault(k, [0, 0])
-                    acc[0] += b[0]
-                    acc[1] += b[1]
+                _merge(self.seconds[-1][1], new[sec], 1)
             else:
                 self.seconds.append((sec, new[sec]))
         while self.seconds and self.seconds[0][0] < now - self.horizon_s:
-            self.seconds.popleft()
+            _merge(self.totals, self.seconds.popleft()[1], -1)
         self.seen_until = now
+
+
+def _merge(into: Bucket, other: Bucket, sign: int) -> None:
+    for k, (n, prompt) in other.items():
+        acc = into.setdefault(k, [0, 0])
+        acc[0] += sign * n
+        acc[1] += sign * prompt
+        if acc[0] == 0:
+            del into[k]
 
 
 def _add(into: dict[int, Bucket], at: float, key: tuple[str, str, int], prompt: int) -> None:
@@ -130,7 +137,6 @@ def _add(into: dict[int, Bucket], at: float, key: tuple[str, str, int], prompt: 
 
 def costly_groups(tick: Tick, skip: set[str], history: ArrivalHistory | None) -> set[str]:
     """Best-effort groups (not in `skip`) that Moore-Hodgson drops on their model's fleet."""
-    heads = tick.heads
     now = tick.snap.now
     by_model: dict[str, list[str]] = {}
     for gid, g in tick.groups.items():
@@ -138,11 +144,10 @@ def costly_groups(tick: Tick, skip: set[str], history: ArrivalHistory | None) ->
             by_model.setdefault(g.model, []).append(gid)
     shed: set[str] = set()
     for model, gids in sorted(by_model.items()):
-        j = heads.midx.get(model)
-        fleet = [i for i in range(len(heads.wids)) if j is not None and heads.tail_model[i] == j]
+        fleet = [w.worker_id for w in tick.live if (w.loading_model or w.active_model) == model]
         if not fleet:
             continue  # no worker holds the model: where it goes is the program's model swap
-        wms = [tick.fc.workers[heads.wids[i]] for i in fleet]
+        wms = [tick.fc.workers[wid] for wid in fleet]
 
         # Seconds of the fluid fleet (k workers) per request, prompt token and output token:
         # each worker's rates, averaged, over k.
@@ -150,34 +155,41 @@ def costly_groups(tick: Tick, skip: set[str], history: ArrivalHistory | None) ->
         per_prompt = sum(wm.worker.profile.prefill_per_token_s for wm in wms) / len(wms) ** 2
         per_out = sum(wm.step_s / wm.slots for wm in wms) / len(wms) ** 2
 
-        def job(due: float, key: str, w: Work, value: float, ls: bool, gid: str) -> tuple:
-            pre = w.count * per_req + w.prompt * per_prompt  # as WorkerModel.prefill_s
-            return due, key, pre + w.tokens * per_out, w.count, value, pre, None if ls else gid
+        def cost(w: Work) -> tuple[float, float]:
+            """(prefill, all) of the work, in seconds of the fluid fleet (as WorkerModel.prefill_s)."""
+            pre = w.count * per_req + w.prompt * per_prompt
+            return pre, pre + w.tokens * per_out
 
-        jobs = []
-        for gid in gids:
-            gw = tick.fc.groups[gid]
-            # judged at the newest request's deadline: the fluid finishes the whole group by then
-            jobs.append(job(gw.slack_s[-1], gid, gw.work, tick.value[gid], gw.group.latency_sensitive, gid))
+        def expected_work(cls: str, band: int, n: int, prompt: int) -> Work:
+            return Work(n, tick.snap.lengths(model, cls, band).mean * n, 0.0, float(prompt))
+
+        waiting = [(gid, tick.fc.groups[gid]) for gid in gids]
+        coming = [] if history is None else [(k, b) for k, b in history.totals.items() if k[0] == model]
+        tick.policy.clock.meter.charge("group", len(waiting) + len(coming))
+        sums = [cost(gw.work) for _, gw in waiting] + [cost(expected_work(c, band, *b)) for (_, c, band), b in coming]
+        if sum(p for p, _ in sums) < PREFILL_SHARE * sum(a for _, a in sums):
+            continue  # the costs are mostly outputs not produced yet: a guess to give requests up for
+        # jobs: (deadline from now, tie-break, fleet seconds, requests, value, droppable group:
+        # "" for expected arrivals, None for latency-sensitive work)
+        jobs = [(gw.slack_s[-1], gid, cost(gw.work)[1], gw.group.size, tick.value[gid],
+                 None if gw.group.latency_sensitive else gid) for gid, gw in waiting]  # at the newest request's deadline
         if history is not None:
             for ahead, (m, cls, band), (n, prompt) in history.expected(now):
                 sc = tick.cfg.slo_classes.get(cls)
                 if m != model or sc is None:
                     continue
-                w = Work(n, tick.snap.lengths(m, cls, band).mean * n, 0.0, float(prompt))
-                jobs.append(job(ahead + sc.ttft_s, f"~{ahead:09.3f}|{cls}|{band}", w, sc.weight * n,
-                                sc.latency_sensitive, ""))
+                jobs.append((ahead + sc.ttft_s, f"~{ahead:09.3f}|{cls}|{band}", cost(expected_work(cls, band, n, prompt))[1],
+                             n, sc.weight * n, None if sc.latency_sensitive else ""))
         tick.policy.clock.meter.charge("group", len(jobs))
-        if sum(j[5] for j in jobs) < PREFILL_SHARE * sum(j[2] for j in jobs):
-            continue  # the costs are mostly outputs not produced yet: a guess to give requests up for
-        shed |= _moore_hodgson(jobs, float(np.min(heads.same[fleet])))  # from the fleet's first free slot
+        first_free = float(np.min(tick.heads.same[[tick.windex[wid] for wid in fleet]]))
+        shed |= _moore_hodgson(jobs, first_free)
     return shed
 
 
 def _moore_hodgson(jobs: list[tuple], clock: float) -> set[str]:
     """The waiting groups Moore-Hodgson gives up. Jobs are (deadline, key, fleet seconds,
-    requests, value, of which prefill, group id; "" for expected arrivals, None for
-    latency-sensitive work, which is never given up), taken in deadline order. When one is
+    requests, value, group id; "" for expected arrivals, None for latency-sensitive work,
+    which is never given up), taken in deadline order. When one is
     late, requests of the costliest job taken so far (the most work per value) are given
     up, as many as the lateness needs. A group is given up when at least half of its
     requests are (a group of 17 given up whole for the lateness of two short requests
@@ -187,7 +199,7 @@ def _moore_hodgson(jobs: list[tuple], clock: float) -> set[str]:
     taken: list[tuple[float, bool, str, float, int]] = []
     dropped: dict[str, int] = {}
     size: dict[str, int] = {}  # waiting groups' requests
-    for due, key, s, n, value, _pre, gid in sorted(jobs, key=lambda x: (x[0], x[1])):
+    for due, key, s, n, value, gid in sorted(jobs, key=lambda x: (x[0], x[1])):
         clock += s
         if gid is not None:
             heapq.heappush(taken, (-s / max(value, 1e-9), gid != "", key, s / n, n))
