@@ -37,7 +37,7 @@ def test_history_counts_each_arrival_once_and_forgets_old_ones():
     """This test verifies that:
     1. a request is counted in the snapshot whose clock first passes its arrival, whether it
        waits in a group or already runs, and not again in later snapshots;
-    2. seconds older than the horizon are forgotten;
+    2. seconds older than the horizon are forgotten, from the running sums too;
     3. the expected arrivals repeat a history shorter than the horizon as often as it fits."""
     cfg = make_policy(1)
     h = ArrivalHistory(horizon_s=60.0)
@@ -47,11 +47,12 @@ def test_history_counts_each_arrival_once_and_forgets_old_ones():
     counts = {sec: sum(b[0] for b in buckets.values()) for sec, buckets in h.seconds}
     assert counts == {5: 1, 9: 1, 11: 2}
     assert h.seconds[-1][1][(MODEL, "standard", 0)] == [2, 400]  # requests, prompt tokens
+    assert h.totals == {(MODEL, "standard", 0): [4, 600]}
     # Two seconds seen, less than MIN_SPAN_S: the 10 s are repeated six times over 60 s.
     ahead = sorted(a for a, _k, _b in h.expected(12.0))
     assert len(ahead) == 18 and ahead[0] == pytest.approx(3.0) and ahead[-1] <= 60.0
     h.observe(_snapshot(80.0, []))
-    assert [sec for sec, _ in h.seconds] == []
+    assert [sec for sec, _ in h.seconds] == [] and h.totals == {}
 
 
 def test_moore_hodgson_serves_the_costly_group_last_under_overload():
