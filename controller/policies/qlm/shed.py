@@ -171,15 +171,17 @@ def costly_groups(tick: Tick, skip: set[str], history: ArrivalHistory | None) ->
             continue  # the costs are mostly outputs not produced yet: a guess to give requests up for
         # jobs: (deadline from now, tie-break, fleet seconds, requests, value, droppable group:
         # "" for expected arrivals, None for latency-sensitive work)
+        # a waiting group is judged at its newest request's deadline
         jobs = [(gw.slack_s[-1], gid, cost(gw.work)[1], gw.group.size, tick.value[gid],
-                 None if gw.group.latency_sensitive else gid) for gid, gw in waiting]  # at the newest request's deadline
+                 None if gw.group.latency_sensitive else gid) for gid, gw in waiting]
         if history is not None:
             for ahead, (m, cls, band), (n, prompt) in history.expected(now):
                 sc = tick.cfg.slo_classes.get(cls)
                 if m != model or sc is None:
                     continue
-                jobs.append((ahead + sc.ttft_s, f"~{ahead:09.3f}|{cls}|{band}", cost(expected_work(cls, band, n, prompt))[1],
-                             n, sc.weight * n, None if sc.latency_sensitive else ""))
+                work = cost(expected_work(cls, band, n, prompt))[1]
+                jobs.append((ahead + sc.ttft_s, f"~{ahead:09.3f}|{cls}|{band}", work, n, sc.weight * n,
+                             None if sc.latency_sensitive else ""))
         tick.policy.clock.meter.charge("group", len(jobs))
         first_free = float(np.min(tick.heads.same[[tick.windex[wid] for wid in fleet]]))
         shed |= _moore_hodgson(jobs, first_free)
@@ -189,9 +191,9 @@ def costly_groups(tick: Tick, skip: set[str], history: ArrivalHistory | None) ->
 def _moore_hodgson(jobs: list[tuple], clock: float) -> set[str]:
     """The waiting groups Moore-Hodgson gives up. Jobs are (deadline, key, fleet seconds,
     requests, value, group id; "" for expected arrivals, None for latency-sensitive work,
-    which is never given up), taken in deadline order. When one is
-    late, requests of the costliest job taken so far (the most work per value) are given
-    up, as many as the lateness needs. A group is given up when at least half of its
+    which is never given up), taken in deadline order. When one is late, requests of the
+    costliest job taken so far (the most work per value) are given up, as many as the
+    lateness needs. A group is given up when at least half of its
     requests are (a group of 17 given up whole for the lateness of two short requests
     would lose 15 that are on time)."""
     # max-heap of (-work per value, waiting?, key, work per request, requests left): at
