@@ -290,12 +290,13 @@ class QlmPolicy(SchedulingPolicy):
         tick.best, tick.best_score = base, base_score
         solved = f"qlm-{planner.method}"
         fallback = "fallback-edf" if cold else "last-plan"
-        at_risk, hopeless = groups_at_risk(tick, base, base_score)  # nothing to do when every group meets
-        # Even then: the base plan may meet every waiting group by spending the capacity
+        all_meet = base_score.primary >= tick.max_value - 1e-9  # then none is at risk or hopeless
+        at_risk, hopeless = ([], []) if all_meet else groups_at_risk(tick, base, base_score)
+        # Even when every group meets: the base plan may meet them by spending the capacity
         # that the requests arriving next need (shed.py).
         shed = costly_groups(tick, tick.hopeless, self.arrivals) if planner.drop_hopeless and planner.shed_costly \
             else set()
-        if base_score.primary >= tick.max_value - 1e-9 and not shed:
+        if all_meet and not shed:
             return solved, "every group meets its SLO in the base plan"
         if shed:
             tick.hopeless |= shed
